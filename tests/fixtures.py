@@ -1,0 +1,185 @@
+"""Toy models for tests: tiny real ONNX graphs and model repository entries built in tmp_path.
+
+The graphs are small but real: onnxruntime runs them, so tests exercise the actual runtime.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.contract import (
+    ImagePreprocessing,
+    ModelSpec,
+    TensorSpec,
+    TextPreprocessing,
+    Variant,
+    write_model_spec,
+)
+
+OPSET = 18
+TINY_IMAGE_SIZE = 8
+TINY_VOCAB = ["good", "great", "fine", "love", "bad", "awful", "boring", "hate", "movie", "the", "a", "plot"]
+POSITIVE_WORDS = {"good", "great", "fine", "love"}
+NEGATIVE_WORDS = {"bad", "awful", "boring", "hate"}
+
+
+def tiny_image_graph(num_classes: int = 3, size: int = TINY_IMAGE_SIZE, seed: int = 0) -> onnx.ModelProto:
+    """pixel_values [N,3,size,size] -> per-channel mean -> linear -> logits [N,num_classes]."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(3, num_classes)).astype(np.float32) * 4
+    bias = rng.normal(size=(num_classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["pixel_values", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "weight"], ["scores"]),
+        helper.make_node("Add", ["scores", "bias"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_image",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        initializer=[
+            numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(bias, "bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def tiny_text_graph(vocab_size: int, num_classes: int = 2, dim: int = 4) -> onnx.ModelProto:
+    """input_ids, attention_mask [N,S] -> embedding -> masked mean -> linear -> logits [N,K].
+
+    The embedding puts positive words on +1 and negative words on -1 in dimension 0, so the
+    graph is a real (if tiny) sentiment classifier whose answers tests can predict.
+    """
+    emb = np.zeros((vocab_size, dim), dtype=np.float32)
+    for word_id, word in enumerate(tiny_vocab()):
+        if word in POSITIVE_WORDS:
+            emb[word_id, 0] = 1.0
+        elif word in NEGATIVE_WORDS:
+            emb[word_id, 0] = -1.0
+    emb[:, 1] = 0.01
+    weight = np.zeros((dim, num_classes), dtype=np.float32)
+    weight[0] = np.linspace(-3, 3, num_classes)
+    nodes = [
+        helper.make_node("Gather", ["embedding", "input_ids"], ["vectors"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask_f", "last_axis"], ["mask3"]),
+        helper.make_node("Mul", ["vectors", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask_f", "seq_axis"], ["count"], keepdims=1),
+        helper.make_node("Max", ["count", "one"], ["safe_count"]),
+        helper.make_node("Div", ["summed", "safe_count"], ["pooled"]),
+        helper.make_node("MatMul", ["pooled", "weight"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_text",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        initializer=[
+            numpy_helper.from_array(emb, "embedding"),
+            numpy_helper.from_array(weight, "weight"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "last_axis"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
+            numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def tiny_vocab() -> list[str]:
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *TINY_VOCAB]
+
+
+def write_tiny_tokenizer(path: Path) -> Path:
+    """A word-level ``tokenizers`` JSON: lowercase, whitespace split, [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {word: i for i, word in enumerate(tiny_vocab())}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tokenizer.save(str(path))
+    return path
+
+
+def publish_tiny_image_model(
+    repository: Path, name: str = "tiny-image", version: int = 1, num_classes: int = 3, seed: int = 0
+) -> Path:
+    """Writes ``<repository>/<name>/<version>/`` with a tiny image graph and its model.json."""
+    version_dir = repository / name / str(version)
+    version_dir.mkdir(parents=True)
+    onnx.save(tiny_image_graph(num_classes, seed=seed), version_dir / "model.onnx")
+    spec = ModelSpec(
+        name=name,
+        version=version,
+        task="image-classification",
+        labels=tuple(f"class_{i}" for i in range(num_classes)),
+        inputs=(TensorSpec("pixel_values", "FP32", (-1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, num_classes)),),
+        variants={"fp32": Variant("model.onnx", "fp32", (version_dir / "model.onnx").stat().st_size)},
+        max_batch_size=8,
+        image=ImagePreprocessing(
+            height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+        ),
+        source={"note": "tiny test graph"},
+    )
+    write_model_spec(version_dir, spec)
+    return version_dir
+
+
+def publish_tiny_text_model(repository: Path, name: str = "tiny-text", version: int = 1) -> Path:
+    """Writes ``<repository>/<name>/<version>/`` with a tiny sentiment graph and tokenizer."""
+    version_dir = repository / name / str(version)
+    version_dir.mkdir(parents=True)
+    write_tiny_tokenizer(version_dir / "tokenizer.json")
+    onnx.save(tiny_text_graph(len(tiny_vocab())), version_dir / "model.onnx")
+    spec = ModelSpec(
+        name=name,
+        version=version,
+        task="text-classification",
+        labels=("negative", "positive"),
+        inputs=(
+            TensorSpec("input_ids", "INT64", (-1, -1)),
+            TensorSpec("attention_mask", "INT64", (-1, -1)),
+        ),
+        outputs=(TensorSpec("logits", "FP32", (-1, 2)),),
+        variants={"fp32": Variant("model.onnx", "fp32", (version_dir / "model.onnx").stat().st_size)},
+        max_batch_size=8,
+        text=TextPreprocessing(max_length=16),
+        source={"note": "tiny test graph"},
+    )
+    write_model_spec(version_dir, spec)
+    return version_dir
+
+
+def copy_version(src: Path, dst_version: int) -> Path:
+    """Copies a version folder to a new version number (rewriting model.json's version)."""
+    import json
+
+    dst = src.parent / str(dst_version)
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    meta["version"] = dst_version
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst

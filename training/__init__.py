@@ -1,0 +1,1 @@
+"""Training: fine-tune offline pretrained backbones (EfficientNet-Lite, MiniLM) to new tasks."""
