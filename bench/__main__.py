@@ -1,0 +1,51 @@
+"""fineserve-bench: benchmarks that print their figures and write JSON (not tests).
+
+    fineserve-bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
+    fineserve-bench load  --target 127.0.0.1:8001 ...        load generator against a server
+    fineserve-bench train ...                               the training results table
+
+Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from export.contract import ModelSpecError
+
+COMMANDS = {
+    "raw": ("bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
+    "load": ("bench.loadgen", "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)"),
+    "train": ("bench.train_results", "train the result recipes and print the accuracy table"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fineserve-bench {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines.append(__doc__.strip().splitlines()[0])
+    lines += ["", "commands:"] + [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines.append("\nRun `fineserve-bench COMMAND --help` for a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        result: int = module.main(rest)
+    except (ModelSpecError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

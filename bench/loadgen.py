@@ -1,0 +1,145 @@
+"""A bounded async gRPC load generator for a running fineserve (loopback only).
+
+    fineserve-bench load --target 127.0.0.1:8001 --model-dir models/fashion/1 \
+        --protocol kserve --kind tensor --concurrency 32 --items 1 --seconds 10
+
+Each of ``--concurrency`` workers sends one request at a time for ``--seconds``; the report gives
+throughput (items/s), latency percentiles and errors by gRPC status code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import struct
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.inputs import encoded_items, tensor_batch
+from bench.stats import latency_summary, write_json
+from export.contract import ModelSpec, read_model_spec
+from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
+from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+
+DATATYPES = {"float32": "FP32", "int64": "INT64"}
+LOOPBACK = ("127.", "localhost", "[::1]")
+
+
+def kserve_request(spec: ModelSpec, kind: str, items: int, seq_len: int, bytes_input: str) -> Any:
+    request = grpc_service_pb2.ModelInferRequest(model_name=spec.name)
+    if kind == "tensor":
+        for name, array in tensor_batch(spec, items, seq_len).items():
+            request.inputs.add(name=name, datatype=DATATYPES[str(array.dtype)], shape=list(array.shape))
+            request.raw_input_contents.append(array.tobytes())
+    else:
+        payload = b"".join(struct.pack("<I", len(item)) + item for item in encoded_items(spec, items))
+        request.inputs.add(name=bytes_input, datatype="BYTES", shape=[items])
+        request.raw_input_contents.append(payload)
+    return request
+
+
+def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, kind: str, items: int) -> tuple[Any, Any]:
+    stub = fineserve_pb2_grpc.FineserveStub(channel)
+    if spec.text is not None:
+        texts = [item.decode() for item in encoded_items(spec, items)]
+        return stub.AnalyzeSentiment, fineserve_pb2.AnalyzeSentimentRequest(model=spec.name, texts=texts)
+    if kind == "tensor":
+        (array,) = tensor_batch(spec, items).values()
+        images = [
+            fineserve_pb2.ImageInput(tensor=fineserve_pb2.Tensor(shape=list(a.shape), fp32_data=a.tobytes()))
+            for a in array
+        ]
+    else:
+        images = [fineserve_pb2.ImageInput(encoded=item) for item in encoded_items(spec, items)]
+    return stub.Classify, fineserve_pb2.ClassifyRequest(model=spec.name, images=images, top_k=1)
+
+
+async def run_load(args: argparse.Namespace, spec: ModelSpec) -> dict[str, Any]:
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
+        if args.protocol == "kserve":
+            method: Any = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            bytes_input = args.bytes_input or ("images" if spec.image is not None else "texts")
+            request = kserve_request(spec, args.kind, args.items, args.seq_len, bytes_input)
+        else:
+            method, request = fineserve_call(channel, spec, args.kind, args.items)
+        await method(request, timeout=30)  # one call first: fail fast on a wrong setup
+        latencies: list[float] = []
+        codes: Counter[str] = Counter()
+        end = time.perf_counter() + args.seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                try:
+                    await method(request, timeout=args.timeout)
+                    latencies.append(time.perf_counter() - start)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    codes[err.code().name] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - started
+    return {
+        "concurrency": args.concurrency,
+        "items_per_request": args.items,
+        "seconds": elapsed,
+        "requests_ok": codes["OK"],
+        "items_per_s": codes["OK"] * args.items / elapsed,
+        "codes": dict(codes),
+        **latency_summary(latencies),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fineserve-bench load", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="127.0.0.1:8001", help="server address (loopback only)")
+    parser.add_argument("--model-dir", type=Path, required=True, help="the served version folder (shapes)")
+    parser.add_argument("--protocol", choices=["kserve", "fineserve"], default="kserve")
+    parser.add_argument(
+        "--kind",
+        choices=["tensor", "bytes"],
+        default="tensor",
+        help="ready tensors, or encoded images / texts the server preprocesses",
+    )
+    parser.add_argument("--bytes-input", default=None, help="KServe BYTES input name (default images/texts)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--items", type=int, default=1, help="items per request")
+    parser.add_argument("--seq-len", type=int, default=64, help="text tensors: tokens per text")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration (bounded)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not args.target.startswith(LOOPBACK):
+        parser.error("--target must be a loopback address: this benchmark only loads local servers")
+    if not 0 < args.seconds <= 600 or not 1 <= args.concurrency <= 4096:
+        parser.error("--seconds must be in (0, 600] and --concurrency in 1..4096")
+    spec = read_model_spec(args.model_dir)
+    try:
+        result = asyncio.run(run_load(args, spec))
+    except grpc.aio.AioRpcError as err:  # the first call failed: wrong target, model or input
+        print(f"error: {args.target}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    latency = f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
+    print(
+        f"{spec.name} {args.protocol}/{args.kind} c={args.concurrency} items={args.items}: "
+        f"{result['items_per_s']:.1f} items/s, {latency}, codes {result['codes']}"
+    )
+    write_json(
+        args.json,
+        {
+            "benchmark": "load",
+            "model": spec.name,
+            "protocol": args.protocol,
+            "kind": args.kind,
+            "target": args.target,
+            **result,
+        },
+    )
+    return 0

@@ -1,0 +1,99 @@
+"""The baseline: raw onnxruntime ``session.run`` on a published model, per batch size.
+
+    fineserve-bench raw --model-dir models/fashion/1 --variant fp32 --batch-sizes 1,8,32 \
+        --seconds 5 --json bench/results/raw-fashion.json
+
+Same thread settings as the server's defaults unless given. On CUDA the session must really run
+on the CUDA execution provider: the benchmark fails rather than silently measuring the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.inputs import tensor_batch
+from bench.stats import latency_summary, write_json
+from export.contract import read_model_spec
+
+
+def make_session(path: Path, provider: str, intra_threads: int, inter_threads: int) -> Any:
+    if provider == "cuda":
+        # onnxruntime-gpu finds the CUDA/cuDNN libraries that torch brings, when present.
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_threads
+    options.inter_op_num_threads = inter_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    if provider == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"error: CUDA requested but the session runs on {session.get_providers()}")
+    return session
+
+
+def measure(session: Any, feeds: dict[str, Any], seconds: float) -> dict[str, float]:
+    for _ in range(3):  # warm up: first runs allocate and pick kernels
+        session.run(None, feeds)
+    latencies = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        session.run(None, feeds)
+        latencies.append(time.perf_counter() - start)
+    batch = len(next(iter(feeds.values())))
+    total = sum(latencies)
+    return {
+        "batch": batch,
+        "runs": len(latencies),
+        "items_per_s": batch * len(latencies) / total,
+        **latency_summary(latencies),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fineserve-bench raw", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="<repo>/<model>/<version>")
+    parser.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"], help="graph variant")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider")
+    parser.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated batch sizes")
+    parser.add_argument("--seq-len", type=int, default=64, help="text models: tokens per text")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size")
+    parser.add_argument("--intra-threads", type=int, default=0, help="0 = onnxruntime's default")
+    parser.add_argument("--inter-threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    spec = read_model_spec(args.model_dir)
+    path = args.model_dir / spec.variant(args.variant).file
+    session = make_session(path, args.provider, args.intra_threads, args.inter_threads)
+    rows = []
+    print(f"{spec.name} v{spec.version} {args.variant} on {session.get_providers()[0]}")
+    print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        row = measure(session, tensor_batch(spec, batch, args.seq_len), args.seconds)
+        rows.append(row)
+        figures = f"{row['items_per_s']:>10.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
+        print(f"{batch:>6} {figures}", flush=True)
+    best = max(rows, key=lambda r: r["items_per_s"])
+    print(f"best: {best['items_per_s']:.1f} items/s at batch {best['batch']}")
+    write_json(
+        args.json,
+        {
+            "benchmark": "raw",
+            "model": spec.name,
+            "version": spec.version,
+            "variant": args.variant,
+            "provider": session.get_providers()[0],
+            "rows": rows,
+        },
+    )
+    return 0
