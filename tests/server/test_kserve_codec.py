@@ -1,0 +1,384 @@
+"""KServe v2 converters, without a server: numpy <-> protobuf, and every check on a request."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from export.contract import ModelSpec, read_model_spec
+from server import kserve_codec as codec
+from server.errors import InvalidInput
+from server.pb.inference import grpc_service_pb2 as pb
+from server.pb.inference import model_config_pb2 as mc
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelSpec]:
+    repository = tmp_path_factory.mktemp("codec") / "models"
+    return {
+        "image": read_model_spec(publish_tiny_image_model(repository)),
+        "text": read_model_spec(publish_tiny_text_model(repository)),
+    }
+
+
+def request_with(*tensors: tuple[str, str, list[int], bytes]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    for name, datatype, shape, raw in tensors:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def raw(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def invalid(match: str) -> pytest.RaisesContext[InvalidInput]:
+    return pytest.raises(InvalidInput, match=match)
+
+
+# --- BYTES ----------------------------------------------------------------------------------------
+
+
+def test_bytes_elements_round_trip_with_empty_and_binary_items() -> None:
+    items = [b"", b"\x00\xff\x00", "héllo".encode(), b"x" * 1000]
+    encoded = codec.encode_bytes_elements(items)
+    assert encoded[:4] == struct.pack("<I", 0)
+    assert codec.decode_bytes_elements(encoded, len(items), "t") == items
+
+
+def test_bytes_elements_must_fill_the_buffer_exactly() -> None:
+    encoded = codec.encode_bytes_elements([b"ab", b"cd"])
+    with invalid("end after 2 elements, but the shape needs 3"):
+        codec.decode_bytes_elements(encoded, 3, "t")
+    with invalid("6 bytes after the 1 elements"):
+        codec.decode_bytes_elements(encoded, 1, "t")
+    with invalid("element 1 claims 2 bytes but only 1 remain"):
+        codec.decode_bytes_elements(encoded[:-1], 2, "t")
+    with invalid("end after 0 elements"):
+        codec.decode_bytes_elements(b"\x01\x00", 1, "t")
+
+
+# --- raw and typed contents -----------------------------------------------------------------------
+
+
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from(
+            [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_]
+        ),
+        shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
+    )
+)
+def test_raw_round_trip_is_exact(array: np.ndarray) -> None:
+    datatype = codec.datatype_of(array)
+    decoded = codec.decode_raw("x", datatype, list(array.shape), raw(array))
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_raw_length_must_match_the_shape() -> None:
+    data = raw(np.zeros((2, 3), np.float32))
+    with invalid(r"input 'x': raw contents have 24 bytes, but shape \[2, 4\] of FP32 needs 32"):
+        codec.decode_raw("x", "FP32", [2, 4], data)
+    with invalid("negative dimension"):
+        codec.decode_raw("x", "FP32", [-1, 3], data)
+    with invalid("datatype 'FLOAT' is not supported"):
+        codec.decode_raw("x", "FLOAT", [2, 3], data)
+    with invalid("BF16 is not supported"):
+        codec.decode_raw("x", "BF16", [2, 3], data)
+    with invalid("elements, over"):
+        codec.decode_raw("x", "FP32", [1 << 20, 1 << 20], data)
+
+
+def test_typed_contents_decode_by_datatype() -> None:
+    contents = pb.InferTensorContents(int64_contents=[1, 2, 3, 4, 5, 6])
+    out = codec.decode_contents("ids", "INT64", [2, 3], contents)
+    np.testing.assert_array_equal(out, np.arange(1, 7, dtype=np.int64).reshape(2, 3))
+    assert out.dtype == np.int64
+    floats = codec.decode_contents("x", "FP32", [2], pb.InferTensorContents(fp32_contents=[0.5, -1]))
+    assert floats.dtype == np.float32 and floats.tolist() == [0.5, -1.0]
+    small = codec.decode_contents("x", "INT8", [2], pb.InferTensorContents(int_contents=[-128, 127]))
+    assert small.dtype == np.int8
+    texts = codec.decode_contents("t", "BYTES", [2], pb.InferTensorContents(bytes_contents=[b"a", b"bc"]))
+    assert texts.tolist() == [b"a", b"bc"]
+
+
+def test_typed_contents_errors_name_the_problem() -> None:
+    with invalid(r"contents.int64_contents has 5 elements, but shape \[2, 3\] needs 6"):
+        codec.decode_contents("ids", "INT64", [2, 3], pb.InferTensorContents(int64_contents=[1] * 5))
+    with invalid("belongs in contents.int64_contents, not fp32_contents"):
+        codec.decode_contents(
+            "ids", "INT64", [1], pb.InferTensorContents(int64_contents=[1], fp32_contents=[1])
+        )
+    with invalid("outside the range of INT8"):
+        codec.decode_contents("x", "INT8", [1], pb.InferTensorContents(int_contents=[300]))
+    with invalid("FP16 has no typed contents field"):
+        codec.decode_contents("x", "FP16", [1], pb.InferTensorContents())
+    with invalid("datatype 'NOPE' is not supported"):
+        codec.decode_contents("x", "NOPE", [1], pb.InferTensorContents())
+
+
+def test_decode_inputs_checks_the_request_as_a_whole() -> None:
+    ids = raw(np.ones((1, 2), np.int64))
+    two = request_with(("a", "INT64", [1, 2], ids), ("b", "INT64", [1, 2], ids))
+    assert [i.name for i in codec.decode_inputs(two)] == ["a", "b"]
+    with invalid("the request has no inputs"):
+        codec.decode_inputs(pb.ModelInferRequest(model_name="m"))
+    with invalid("input 'a' appears more than once"):
+        codec.decode_inputs(request_with(("a", "INT64", [1, 2], ids), ("a", "INT64", [1, 2], ids)))
+    missing_raw = request_with(("a", "INT64", [1, 2], ids))
+    missing_raw.inputs.add(name="b", datatype="INT64", shape=[1, 2])
+    with invalid("raw_input_contents has 1 entries but the request has 2 inputs"):
+        codec.decode_inputs(missing_raw)
+    both = request_with(("a", "INT64", [1, 2], ids))
+    both.inputs[0].contents.int64_contents.extend([1, 1])
+    with invalid("input 'a': sets both contents and raw_input_contents"):
+        codec.decode_inputs(both)
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="a", datatype="INT64", shape=[1, 2]).contents.int64_contents.extend([7, 8])
+    assert codec.decode_inputs(typed)[0].array.tolist() == [[7, 8]]
+
+
+# --- a model's interface and the checks against it ------------------------------------------------
+
+
+def decoded(*tensors: tuple[str, str, np.ndarray]) -> list[codec.RequestInput]:
+    return [codec.RequestInput(name, datatype, array) for name, datatype, array in tensors]
+
+
+def pixels(n: int, size: int = TINY_IMAGE_SIZE) -> np.ndarray:
+    return np.zeros((n, 3, size, size), np.float32)
+
+
+def texts(*items: bytes) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = list(items)
+    return array
+
+
+def test_interface_has_both_input_forms_and_probabilities(specs: dict[str, ModelSpec]) -> None:
+    image = codec.interface_of(specs["image"])
+    assert [t.name for t in image.tensor_inputs] == ["pixel_values"]
+    assert (image.encoded_input.name, image.encoded_input.datatype) == ("images", "BYTES")
+    assert image.output_names == ("logits", "probabilities")
+    assert image.max_batch_size == 8
+    assert codec.interface_of(specs["image"], max_batch_size=4).max_batch_size == 4
+    assert codec.interface_of(specs["image"], max_batch_size=64).max_batch_size == 8
+    text = codec.interface_of(specs["text"])
+    assert text.encoded_input.name == "texts"
+    assert [t.name for t in text.tensor_inputs] == ["input_ids", "attention_mask"]
+
+
+def test_check_inputs_accepts_either_form(specs: dict[str, ModelSpec]) -> None:
+    image = codec.interface_of(specs["image"])
+    tensors = codec.check_inputs(image, "m", decoded(("pixel_values", "FP32", pixels(2))))
+    assert isinstance(tensors, codec.TensorRequest) and tensors.batch_size == 2
+    encoded = codec.check_inputs(image, "m", decoded(("images", "BYTES", texts(b"png1", b"png2"))))
+    assert isinstance(encoded, codec.EncodedRequest) and encoded.items == [b"png1", b"png2"]
+    column = codec.check_inputs(image, "m", decoded(("images", "BYTES", texts(b"a", b"b").reshape(2, 1))))
+    assert isinstance(column, codec.EncodedRequest) and column.batch_size == 2
+    text = codec.interface_of(specs["text"])
+    ids = np.ones((3, 5), np.int64)
+    both = codec.check_inputs(
+        text, "m", decoded(("attention_mask", "INT64", ids), ("input_ids", "INT64", ids))
+    )
+    assert isinstance(both, codec.TensorRequest) and set(both.inputs) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize(
+    ("model", "tensors", "message"),
+    [
+        ("image", [("pixel_values", "FP32", pixels(1)), ("images", "BYTES", texts(b"x"))], "not both"),
+        ("image", [("pixels", "FP32", pixels(1))], "has no input 'pixels'; it takes either 'images'"),
+        ("text", [("input_ids", "INT64", np.ones((1, 4), np.int64))], "missing input 'attention_mask'"),
+        (
+            "image",
+            [("pixel_values", "FP64", pixels(1).astype(np.float64))],
+            "datatype must be FP32, got FP64",
+        ),
+        ("image", [("pixel_values", "FP32", pixels(1)[0])], "must have 4 dimensions"),
+        ("image", [("pixel_values", "FP32", pixels(1, size=9))], "dimension 2 must be 8"),
+        ("image", [("pixel_values", "FP32", pixels(0))], "the batch is empty"),
+        ("image", [("pixel_values", "FP32", pixels(9))], "batch size 9 is over the model's max_batch_size 8"),
+        ("image", [("images", "BYTES", texts())], "the batch is empty"),
+        ("image", [("images", "BYTES", texts(*[b"x"] * 9))], "batch size 9 is over"),
+        ("image", [("images", "UINT8", np.zeros(3, np.uint8))], "datatype must be BYTES, got UINT8"),
+        ("text", [("texts", "BYTES", texts(b"a", b"b").reshape(1, 2))], r"must be \[N\] \(or \[N, 1\]\)"),
+        (
+            "text",
+            [
+                ("input_ids", "INT64", np.ones((2, 4), np.int64)),
+                ("attention_mask", "INT64", np.ones((2, 5), np.int64)),
+            ],
+            r"'attention_mask' has shape \[2, 5\] but 'input_ids' has \[2, 4\]",
+        ),
+        (
+            "text",
+            [
+                ("input_ids", "INT64", np.ones((2, 0), np.int64)),
+                ("attention_mask", "INT64", np.ones((2, 0), np.int64)),
+            ],
+            "empty dimension 1",
+        ),
+    ],
+)
+def test_check_inputs_rejects(
+    specs: dict[str, ModelSpec], model: str, tensors: list[tuple[str, str, np.ndarray]], message: str
+) -> None:
+    with invalid(message):
+        codec.check_inputs(codec.interface_of(specs[model]), "m", decoded(*tensors))
+
+
+def test_requested_outputs(specs: dict[str, ModelSpec]) -> None:
+    interface = codec.interface_of(specs["image"])
+    request = pb.ModelInferRequest()
+    assert codec.requested_outputs(request, interface) == ["logits", "probabilities"]
+    request.outputs.add(name="probabilities")
+    assert codec.requested_outputs(request, interface) == ["probabilities"]
+    request.outputs.add(name="probabilities")
+    with invalid("'probabilities' is requested more than once"):
+        codec.requested_outputs(request, interface)
+    unknown = pb.ModelInferRequest()
+    unknown.outputs.add(name="scores")
+    with invalid("requested output 'scores' does not exist"):
+        codec.requested_outputs(unknown, interface)
+    classified = pb.ModelInferRequest()
+    classified.outputs.add(name="logits").parameters["classification"].int64_param = 2
+    with invalid("parameter 'classification' is not supported"):
+        codec.requested_outputs(classified, interface)
+
+
+def test_request_parameters_and_version() -> None:
+    request = pb.ModelInferRequest()
+    assert codec.request_timeout_us(request.parameters) is None
+    request.parameters["timeout"].int64_param = 1500
+    assert codec.request_timeout_us(request.parameters) == 1500
+    request.parameters["timeout"].string_param = "1s"
+    with invalid("'timeout' must be an integer"):
+        codec.request_timeout_us(request.parameters)
+    request.parameters["timeout"].int64_param = -5
+    with invalid("must be > 0 microseconds"):
+        codec.request_timeout_us(request.parameters)
+    request.parameters["priority"].uint64_param = 1
+    codec.check_request_parameters(request.parameters)
+    request.parameters["sequence_id"].int64_param = 3
+    with invalid("sequence batching is not supported"):
+        codec.check_request_parameters(request.parameters)
+    assert codec.parse_version("") is None
+    assert codec.parse_version("12") == 12
+    for bad in ("0", "-1", "v1", "1.0"):
+        with invalid("must be a positive integer"):
+            codec.parse_version(bad)
+
+
+# --- responses ------------------------------------------------------------------------------------
+
+
+def test_encode_outputs_raw_little_endian_in_requested_order() -> None:
+    logits = np.arange(6, dtype=np.float32).reshape(2, 3)
+    probabilities = np.full((2, 3), 1 / 3, np.float32)
+    response = pb.ModelInferResponse()
+    codec.encode_outputs(
+        {"logits": logits, "probabilities": probabilities}, ["probabilities", "logits"], response
+    )
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("probabilities", "FP32", [2, 3]),
+        ("logits", "FP32", [2, 3]),
+    ]
+    assert not response.outputs[0].HasField("contents")
+    assert response.raw_output_contents[1] == logits.astype("<f4").tobytes()
+    labels = pb.ModelInferResponse()
+    codec.encode_outputs({"labels": texts(b"cat", b"")}, ["labels"], labels)
+    assert labels.outputs[0].datatype == "BYTES"
+    assert codec.decode_bytes_elements(labels.raw_output_contents[0], 2, "x") == [b"cat", b""]
+
+
+def test_model_metadata(specs: dict[str, ModelSpec]) -> None:
+    meta = codec.model_metadata("tiny-text", [1, 3], codec.interface_of(specs["text"]))
+    assert meta.name == "tiny-text" and list(meta.versions) == ["1", "3"]
+    assert meta.platform == "onnxruntime_onnx"
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input_ids", "INT64", [-1, -1]),
+        ("attention_mask", "INT64", [-1, -1]),
+        ("texts", "BYTES", [-1]),
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("logits", "FP32", [-1, 2]),
+        ("probabilities", "FP32", [-1, 2]),
+    ]
+
+
+def test_model_config(specs: dict[str, ModelSpec]) -> None:
+    spec = specs["image"]
+    facts = codec.ServingFacts("CPUExecutionProvider", "fp32", (2, 4), 2000)
+    config = codec.model_config(spec, codec.interface_of(spec, max_batch_size=4), facts)
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+        "tiny-image",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        4,
+    )
+    pixel, images = config.input
+    assert (pixel.name, pixel.data_type, list(pixel.dims), pixel.format, pixel.optional) == (
+        "pixel_values",
+        mc.TYPE_FP32,
+        [3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE],
+        mc.ModelInput.FORMAT_NCHW,
+        True,
+    )
+    assert (images.name, images.data_type, list(images.dims), images.optional) == (
+        "images",
+        mc.TYPE_STRING,
+        [1],
+        True,
+    )
+    assert images.HasField("reshape") and list(images.reshape.shape) == []
+    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [3]), ("probabilities", [3])]
+    assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    gpu = codec.model_config(
+        spec, codec.interface_of(spec), codec.ServingFacts("CUDAExecutionProvider", "fp16")
+    )
+    assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert gpu.parameters["variant"].string_value == "fp16"
+    assert json.loads(config.parameters["labels"].string_value) == list(spec.labels)
+    assert config.parameters["task"].string_value == "image-classification"
+
+
+def test_model_statistics_conversion() -> None:
+    from server.model import BatchStats, Duration, ModelStats
+
+    stats = ModelStats(
+        name="m",
+        version=2,
+        last_inference_ms=123,
+        inference_count=5,
+        execution_count=2,
+        success=Duration(3, 300),
+        fail=Duration(1, 10),
+        queue=Duration(3, 30),
+        compute_input=Duration(3, 1),
+        compute_infer=Duration(3, 2),
+        compute_output=Duration(3, 3),
+        batch_stats=(BatchStats(4, Duration(1, 4), Duration(1, 5), Duration(1, 6)),),
+    )
+    out = codec.model_statistics(stats)
+    assert (out.name, out.version, out.last_inference, out.inference_count, out.execution_count) == (
+        "m",
+        "2",
+        123,
+        5,
+        2,
+    )
+    assert (out.inference_stats.success.count, out.inference_stats.success.ns) == (3, 300)
+    assert out.inference_stats.fail.count == 1 and out.inference_stats.compute_output.ns == 3
+    assert out.batch_stats[0].batch_size == 4 and out.batch_stats[0].compute_infer.ns == 5
