@@ -1,0 +1,98 @@
+"""``fineserve-train`` / ``python -m training``: a YAML recipe, overrides, one run folder.
+
+Thin on purpose: argument parsing and error reporting here, the work in ``training.run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.backbones import UnknownBackboneError
+from training.checkpoint import CheckpointError
+from training.config import (
+    FIELD_HELP,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    load_recipe,
+    parse_override,
+    recipe_path,
+)
+from training.datasets import DatasetError
+
+DESCRIPTION = """Fine-tune a pretrained backbone on a dataset and write a run folder:
+best.pt + metadata.json (+ tokenizer.json for text), last.pt (resume state), metrics.jsonl,
+args.yaml, learning_curves.png, confusion_matrix.png.
+
+Values come from the recipe (a name in training/configs/ such as fashion, digits, sentiment,
+or a path to a .yaml file), then from --KEY VALUE options, then from --set KEY=VALUE (values are
+YAML: 1e-3, true, null, [a, b]). Rerunning the same command after an interruption resumes from
+OUTPUT_DIR/last.pt. Under torchrun the same command trains data-parallel."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fineserve-train",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recipe", help="recipe name (training/configs/NAME.yaml) or path to a YAML recipe")
+    parser.add_argument("--output-dir", required=True, type=Path, help="the run folder to write (created)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe key (repeatable)",
+    )
+    options = parser.add_argument_group("recipe keys (each overrides the recipe; default in brackets)")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        options.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"key_{f.name}",
+            metavar="VALUE",
+            default=None,
+            help=f"{FIELD_HELP.get(f.name, '')} [{getattr(defaults, f.name)}]".replace("%", "%%"),
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = load_recipe(recipe_path(args.recipe))
+    for f in dataclasses.fields(TrainConfig):
+        raw = getattr(args, f"key_{f.name}")
+        if raw is not None:
+            values[f.name] = parse_override(f"{f.name}={raw}")[1]
+    for text in args.overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return build_config(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        from training.run import train  # heavy imports (torch, transformers) after the config is valid
+
+        train(cfg, args.output_dir)
+    except (ConfigError, DatasetError, CheckpointError, UnknownBackboneError, FloatingPointError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"error: interrupted; rerun the same command to resume from {args.output_dir}/last.pt",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""One typed training configuration: YAML recipe -> CLI overrides -> checked once, up front.
+
+Every field carries its help text in ``FIELD_HELP`` so ``--help`` explains each option; rules
+that involve several fields live in ``TrainConfig.check`` (not where the values are used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from training.backbones import BACKBONES
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STRATEGIES = ("linear-probe", "partial", "full", "gradual")
+SCHEDULES = ("cosine", "linear", "constant")
+DATASETS = ("fashion-mnist", "mnist-subset", "digits", "rotten-tomatoes", "imagefolder", "text-file")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot describe a run; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    backbone: str = "efficientnet-lite0"
+    pretrained: bool = True
+    dataset: str = "fashion-mnist"
+    data_path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None
+    train_samples: int | None = None
+    val_samples: int | None = None
+    test_samples: int | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    image_size: int | None = None
+    max_length: int | None = None
+    num_layers: int | None = None
+    # --- how: strategy
+    strategy: str = "full"
+    trainable_blocks: int = 2
+    layer_decay: float = 0.75
+    unfreeze_every: int = 1
+    # --- optimisation
+    epochs: int = 3
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    amp: bool = True
+    hflip: bool = False
+    crop_padding: int = 0
+    max_steps_per_epoch: int | None = None
+    early_stopping_patience: int | None = None
+    # --- distillation
+    teacher: str | None = None
+    distill_alpha: float = 0.7
+    distill_temperature: float = 4.0
+    student_layers: list[int] | None = None
+    # --- calibration, run control
+    calibrate: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = True
+    save_every_steps: int = 0
+    log_every: int = 20
+    progress: bool = True
+    data_cache: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> TrainConfig:
+        """Raises ``ConfigError`` for any value or combination that cannot run."""
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone: {self.backbone!r} is not one of {', '.join(sorted(BACKBONES))}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        text_backbone = BACKBONES[self.backbone].kind == "text"
+        text_data = self.dataset in ("rotten-tomatoes", "text-file")
+        if text_backbone != text_data:
+            kind = "text" if text_backbone else "image"
+            raise ConfigError(f"dataset: {self.dataset!r} does not fit the {kind} backbone {self.backbone!r}")
+        if self.dataset in ("imagefolder", "text-file") and not self.data_path:
+            raise ConfigError(f"data_path: dataset {self.dataset!r} needs data_path")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "trainable_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "distill_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not (0 < self.layer_decay <= 1):
+            raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
+        if not (0 <= self.warmup_fraction < 1):
+            raise ConfigError(f"warmup_fraction: must be in [0, 1), got {self.warmup_fraction}")
+        if not (0 <= self.label_smoothing < 1):
+            raise ConfigError(f"label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not (0 <= self.distill_alpha <= 1):
+            raise ConfigError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
+        if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1):
+            raise ConfigError("val_fraction/test_fraction: must be fractions in (0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("val_fraction + test_fraction: must leave training data (< 1)")
+        if self.image_size is not None and (text_backbone or self.image_size < 32):
+            raise ConfigError("image_size: only for image backbones, and at least 32 pixels")
+        if self.max_length is not None and (not text_backbone or self.max_length < 4):
+            raise ConfigError("max_length: only for text backbones, and at least 4 tokens")
+        if self.num_layers is not None and not text_backbone:
+            raise ConfigError("num_layers: only for text backbones")
+        if self.student_layers is not None and not self.teacher:
+            raise ConfigError("student_layers: only with a teacher (distillation)")
+        if self.teacher and self.strategy == "linear-probe":
+            raise ConfigError(
+                "teacher: distillation needs a strategy that trains the student, not linear-probe"
+            )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigError("labels: has duplicates")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_HELP: dict[str, str] = {
+    "backbone": "pretrained network: efficientnet-lite0/1/2 (images) or minilm-l6 (text)",
+    "pretrained": "start from the offline pretrained weights; false = same architecture, random init",
+    "dataset": f"one of {', '.join(DATASETS)}",
+    "data_path": "imagefolder: root with one folder per class; text-file: a .csv or .jsonl file",
+    "text_column": "text-file: the column/key holding the text",
+    "label_column": "text-file: the column/key holding the label",
+    "labels": "expected class names; the run fails if the data's labels differ (order = output order)",
+    "train_samples": "use at most this many training examples (seeded subset; quick recipes)",
+    "val_samples": "validate on at most this many examples (seeded subset)",
+    "test_samples": "evaluate on at most this many test examples (seeded subset)",
+    "val_fraction": "share of the data held out for validation (early stopping, calibration)",
+    "test_fraction": "share held out for testing where the dataset has no official test split",
+    "image_size": "training/serving resolution in pixels (default: the backbone's native size)",
+    "max_length": "tokens per text after truncation (default: the backbone's 128)",
+    "num_layers": "text: keep only the first N encoder layers (smaller, faster model)",
+    "strategy": "linear-probe (frozen backbone, cached features), partial (last trainable_blocks "
+    "blocks), full (all layers, layer-wise decayed LRs), gradual (unfreeze one block per unfreeze_every)",
+    "trainable_blocks": "partial: how many of the last blocks/layers train besides the head",
+    "layer_decay": "full/gradual: LR multiplier per block below the head (1 = same LR everywhere)",
+    "unfreeze_every": "gradual: epochs between unfreezing the next-lower block",
+    "epochs": "passes over the training data",
+    "batch_size": "examples per optimiser step per process (times grad_accum)",
+    "eval_batch_size": "examples per forward pass when evaluating and caching features",
+    "lr": "peak learning rate of the top backbone block",
+    "head_lr": "peak learning rate of the new head (default: lr)",
+    "weight_decay": "AdamW decoupled weight decay (not applied to biases and norm weights)",
+    "warmup_fraction": "share of the optimiser steps spent in linear warmup",
+    "schedule": "LR decay after warmup: cosine, linear or constant",
+    "label_smoothing": "cross-entropy label smoothing",
+    "grad_clip": "clip the global gradient norm to this (null = off)",
+    "grad_accum": "accumulate gradients over this many batches per optimiser step",
+    "amp": "mixed precision (bfloat16 autocast) on CUDA; ignored on CPU",
+    "hflip": "images: random horizontal flips while training",
+    "crop_padding": "images: pad by this many pixels and random-crop back (0 = off)",
+    "max_steps_per_epoch": "stop each epoch after this many batches (smoke tests)",
+    "early_stopping_patience": "stop after this many epochs without a better validation accuracy",
+    "teacher": "distillation: run folder of a fine-tuned teacher with the same labels",
+    "distill_alpha": "distillation: weight of the soft-target loss (1 - alpha on the hard labels)",
+    "distill_temperature": "distillation: softmax temperature of the soft targets",
+    "student_layers": "text distillation: teacher layers copied into the student (default: every 2nd)",
+    "calibrate": "fit a softmax temperature on the validation split (stored with the checkpoint)",
+    "seed": "seed of splits, subsets, shuffling, init and augmentation",
+    "deterministic": "deterministic kernels (torch.use_deterministic_algorithms); slower",
+    "device": "auto (CUDA if present), cpu or cuda",
+    "threads": "CPU threads for torch (default: torch's choice)",
+    "resume": "continue from OUTPUT_DIR/last.pt if it exists",
+    "save_every_steps": "also write last.pt every N optimiser steps (0 = at epoch ends only)",
+    "log_every": "print a progress line every N optimiser steps",
+    "progress": "show tqdm progress bars",
+    "data_cache": "where fetched data and cached features go (default $FINESERVE_DATA_CACHE or data-cache/)",
+    "extra": "free-form notes recorded with the run",
+}
+
+
+def recipe_path(recipe: str) -> Path:
+    """``fashion`` -> ``training/configs/fashion.yaml``; a path is taken as it is."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} does not exist")
+        return path
+    named = CONFIG_DIR / f"{recipe}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {known} (or give a .yaml path)")
+    return named
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value (``lr=1e-3``, ``labels=[a, b]``, ``teacher=null``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().replace("-", "_"), value
+
+
+def build_config(values: dict[str, Any]) -> TrainConfig:
+    """Checks key names and value types, then the cross-field rules."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r}; see --help for the known keys")
+    defaults = TrainConfig()
+    coerced = {k: _coerce(k, v, getattr(defaults, k), str(fields[k].type)) for k, v in values.items()}
+    return TrainConfig(**coerced).check()
+
+
+def _coerce(key: str, value: Any, default: Any, type_text: str) -> Any:
+    if value is None:
+        if "None" in type_text:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    if type_text.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if type_text.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if type_text.startswith("float"):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if type_text.startswith("str"):
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if type_text.startswith("list[str]"):
+        if isinstance(value, list) and value:
+            return [str(v) for v in value]
+        raise ConfigError(f"{key}: expected a non-empty list, got {value!r}")
+    if type_text.startswith("list[int]"):
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return value
+        raise ConfigError(f"{key}: expected a non-empty list of integers, got {value!r}")
+    if type_text.startswith("dict"):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    return value  # pragma: no cover - every field type is handled above
