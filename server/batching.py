@@ -1,0 +1,283 @@
+"""Dynamic batching: requests for one model version merged into batches, run off the event loop.
+
+A ``Batcher`` has two settings that matter, ``max_batch_size`` (rows) and ``max_batch_time``
+(seconds the first request waits for company); optional preferred batch sizes end the wait early.
+Each request gets its own future. What a full queue does: the request is rejected at once
+with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
+deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run.
+If running a batch fails, every request in it gets the error. One batch runs at a time per
+batcher (per model version): while it runs, the next batch fills up, which is what makes
+batches grow under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InferenceFailed,
+    Overloaded,
+    ServerShuttingDown,
+    ServingError,
+)
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+# Merges the inputs of several requests into one batch (concatenating, padding as the model needs).
+Collate = Callable[[Sequence[Tensors]], Tensors]
+RunBatch = Callable[[Tensors], Tensors]
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """How one batch went, for statistics: rows and nanoseconds per stage."""
+
+    batch_size: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass(frozen=True)
+class BatchedResult:
+    """One request's slice of its batch's outputs, and how long it waited in the queue."""
+
+    outputs: Tensors
+    queue_ns: int
+    batch: BatchTiming
+
+
+@dataclass
+class _Pending:
+    inputs: Tensors
+    rows: int
+    deadline: float | None
+    is_cancelled: Callable[[], bool] | None
+    future: asyncio.Future[BatchedResult]
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+
+    def dropped_reason(self, now: float) -> ServingError | None:
+        if self.future.done():  # cancelled by the caller's task
+            return None
+        if self.is_cancelled is not None and self.is_cancelled():
+            return Cancelled("request cancelled by the client")
+        if self.deadline is not None and now >= self.deadline:
+            return DeadlineExceeded("deadline passed while the request was queued; it was not run")
+        return None
+
+
+class Batcher:
+    """Merges concurrent requests for one model version into batches.
+
+    Create it inside the running event loop (``start``): its queue belongs to that loop.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: RunBatch,
+        collate: Collate,
+        executor: concurrent.futures.Executor,
+        *,
+        max_batch_size: int,
+        max_batch_time: float,
+        max_queue_size: int,
+        preferred_batch_sizes: Sequence[int] = (),
+        on_batch: Callable[[BatchTiming], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_batch_time = max_batch_time
+        self.max_queue_size = max_queue_size
+        self.preferred_batch_sizes = frozenset(preferred_batch_sizes)
+        self._run = run
+        self._on_batch = on_batch
+        self._collate = collate
+        self._executor = executor
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._carry: _Pending | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._running_rows = 0
+
+    def start(self) -> None:
+        """Creates the queue and the batching task in the running loop."""
+        self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not yet in a running batch)."""
+        waiting = self._queue.qsize() if self._queue is not None else 0
+        return waiting + (1 if self._carry is not None else 0)
+
+    async def submit(
+        self,
+        inputs: Tensors,
+        rows: int,
+        *,
+        deadline: float | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> BatchedResult:
+        """Queues one request of ``rows`` rows (1..max_batch_size) and waits for its outputs.
+
+        Raises:
+            Overloaded: the queue is full (at once, without waiting).
+            DeadlineExceeded: the deadline passed before the request ran.
+            Cancelled: ``is_cancelled`` said so before the request ran.
+            ServerShuttingDown: the batcher is closing.
+            InferenceFailed: the batch it was in failed.
+        """
+        if self._queue is None or self._closing:
+            raise ServerShuttingDown(f"model {self.name} is shutting down")
+        if not 1 <= rows <= self.max_batch_size:
+            raise ValueError(f"rows {rows} outside 1..{self.max_batch_size}")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        pending = _Pending(inputs, rows, deadline, is_cancelled, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull:
+            raise Overloaded(
+                f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later"
+            ) from None
+        return await pending.future
+
+    async def close(self) -> None:
+        """Stops taking requests, lets the queued ones run, then stops the batching task."""
+        self._closing = True
+        if self._queue is not None:
+            while self.queue_depth or self._running_rows:
+                await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # --- the batching task ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            live = self._drop_unrunnable(batch)
+            if live:
+                self._running_rows = sum(p.rows for p in live)
+                try:
+                    await self._run_batch(live)
+                finally:
+                    self._running_rows = 0
+
+    async def _next_batch(self) -> list[_Pending]:
+        assert self._queue is not None
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        batch, rows = [first], first.rows
+        give_up_at = time.monotonic() + self.max_batch_time
+        while rows < self.max_batch_size and rows not in self.preferred_batch_sizes:
+            if self._queue.empty():
+                wait = give_up_at - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), wait)
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if rows + item.rows > self.max_batch_size:
+                self._carry = item  # starts the next batch
+                break
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    def _drop_unrunnable(self, batch: list[_Pending]) -> list[_Pending]:
+        now = time.monotonic()
+        live = []
+        for pending in batch:
+            reason = pending.dropped_reason(now)
+            if reason is not None:
+                pending.future.set_exception(reason)
+            elif not pending.future.done():
+                live.append(pending)
+        return live
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        started_ns = time.perf_counter_ns()
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, timing = await loop.run_in_executor(self._executor, self._collate_run_split, batch)
+        except ServingError as err:
+            _fail_all(batch, err)
+            return
+        except Exception:
+            log.exception("model %s: batch of %d requests failed", self.name, len(batch))
+            _fail_all(batch, InferenceFailed(f"model {self.name}: inference failed; see the server log"))
+            return
+        if self._on_batch is not None:
+            self._on_batch(timing)
+        for pending, result in zip(batch, outputs, strict=True):
+            if not pending.future.done():
+                queue_ns = started_ns - pending.enqueued_ns
+                pending.future.set_result(BatchedResult(result, queue_ns, timing))
+
+    def _collate_run_split(self, batch: list[_Pending]) -> tuple[list[Tensors], BatchTiming]:
+        # Runs in the executor: merging, inference and slicing all stay off the event loop.
+        t0 = time.perf_counter_ns()
+        merged = self._collate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
+        t1 = time.perf_counter_ns()
+        outputs = self._run(merged)
+        t2 = time.perf_counter_ns()
+        pieces: list[Tensors] = []
+        start = 0
+        for pending in batch:
+            stop = start + pending.rows
+            pieces.append({name: value[start:stop] for name, value in outputs.items()})
+            start = stop
+        t3 = time.perf_counter_ns()
+        rows = sum(p.rows for p in batch)
+        return pieces, BatchTiming(rows, t1 - t0, t2 - t1, t3 - t2)
+
+
+def _fail_all(batch: list[_Pending], err: ServingError) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(err)
+
+
+def concat_padded(pad_values: dict[str, int | float]) -> Collate:
+    """A collate function: concatenates along the batch axis; inputs named in ``pad_values`` are
+    right-padded on axis 1 to the longest request first (token ids, attention masks)."""
+
+    def collate(requests: Sequence[Tensors]) -> Tensors:
+        merged: Tensors = {}
+        for name in requests[0]:
+            parts = [r[name] for r in requests]
+            if name in pad_values and parts[0].ndim >= 2:
+                longest = max(p.shape[1] for p in parts)
+                parts = [_pad_axis1(p, longest, pad_values[name]) for p in parts]
+            merged[name] = np.concatenate(parts, axis=0)
+        return merged
+
+    return collate
+
+
+def _pad_axis1(array: np.ndarray, length: int, value: int | float) -> np.ndarray:
+    missing = length - array.shape[1]
+    if missing == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[1] = (0, missing)
+    return np.pad(array, widths, constant_values=value)

@@ -1,0 +1,226 @@
+"""The server's one typed settings object, validated at startup.
+
+Sources, highest precedence first: command-line flags (passed as keyword arguments), environment
+variables prefixed ``FINESERVE_`` (e.g. ``FINESERVE_GRPC_PORT=9001``; lists and maps as JSON), a
+YAML file (``--config FILE`` or ``FINESERVE_CONFIG_FILE``), then the defaults below. Every field
+has its documentation under it: ``docs/serving.md`` and ``--help`` are made from these.
+Rules that involve several fields are checked here, in the model, not where the values are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "FINESERVE_"
+
+Device = Literal["auto", "cuda", "cpu"]
+PrecisionChoice = Literal["auto", "fp32", "fp16", "int8"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+VersionPolicy = Literal["latest", "all", "specific"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told; one instance is built at startup and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+    config_file: Path | None = None
+    """A YAML file of settings (keys are the field names below); flags and environment win over it."""
+
+    # --- where and what -------------------------------------------------------------------------
+    model_repository: Path = Path("models")
+    """The model repository folder: ``<model>/<version>/model.json`` plus graph files."""
+    grpc_host: str = "[::]"
+    """Address the gRPC server binds to (``[::]`` = every interface, IPv4 and IPv6)."""
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """gRPC port for both services (fineserve.v1 and KServe v2); 0 picks a free port."""
+    metrics_host: str = "0.0.0.0"
+    """Address the Prometheus metrics HTTP server binds to."""
+    metrics_port: int = Field(default=8002, ge=-1, le=65535)
+    """Prometheus metrics port (``/metrics``); 0 picks a free port, -1 turns metrics serving off."""
+
+    # --- execution providers and sessions -------------------------------------------------------
+    device: Device = "auto"
+    """``auto``: CUDA when onnxruntime offers it, else CPU (logged as a warning). ``cuda``: CUDA or
+    refuse to start. ``cpu``: CPU only."""
+    precision: PrecisionChoice = "auto"
+    """Which graph variant of model.json to serve. ``auto``: fp16 on CUDA, int8 if present on CPU
+    when ``prefer_int8_on_cpu`` is set, else fp32. A named variant the model lacks falls back to
+    fp32, with a warning."""
+    prefer_int8_on_cpu: bool = False
+    """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
+    intra_op_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads inside one operator; 0 lets onnxruntime choose (one per core)."""
+    inter_op_threads: int = Field(default=0, ge=0)
+    """onnxruntime threads across independent operators; 0 lets onnxruntime choose."""
+    graph_optimization: GraphOptimization = "all"
+    """onnxruntime graph optimisation level."""
+    cuda_mem_limit_bytes: int = Field(default=0, ge=0)
+    """CUDA arena memory limit per session in bytes; 0 = no limit."""
+    cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
+    """cuDNN convolution algorithm search (EXHAUSTIVE is fastest at run time, slowest to load)."""
+    io_binding: bool = True
+    """On CUDA, run through onnxruntime IO binding (outputs stay on the device until copied once)."""
+
+    # --- dynamic batching -----------------------------------------------------------------------
+    max_batch_size: int = Field(default=64, ge=1)
+    """Cap on rows per batch; a model's own ``max_batch_size`` from model.json applies if lower."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    """How long the first request of a batch waits for others to join it."""
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Batch sizes worth running at once without waiting out the delay (e.g. ``[8, 16]``)."""
+    max_queue_size: int = Field(default=128, ge=1)
+    """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
+
+    # --- limits on requests ---------------------------------------------------------------------
+    max_image_pixels: int = Field(default=25_000_000, ge=1)
+    """Largest image (width x height) decoded; checked from the header, before decoding."""
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1)
+    """Largest total of encoded items (images or texts) in one request."""
+    max_items_per_request: int = Field(default=256, ge=1)
+    """Most images or texts in one request."""
+    max_text_chars: int = Field(default=10_000, ge=1)
+    """Longest text, in characters, before tokenisation."""
+    preprocess_threads: int = Field(default=0, ge=0)
+    """Threads that decode and resize images; 0 = one per CPU core."""
+
+    # --- repository -----------------------------------------------------------------------------
+    repository_poll_s: float = Field(default=5.0, ge=0)
+    """How often the repository is scanned for new versions; 0 turns polling off."""
+    version_policy: VersionPolicy = "latest"
+    """Which versions are served: the newest ``latest_versions``, ``all``, or ``specific_versions``."""
+    latest_versions: int = Field(default=1, ge=1)
+    """With ``version_policy=latest``: how many of the newest versions are served."""
+    specific_versions: dict[str, list[int]] = Field(default_factory=dict)
+    """With ``version_policy=specific``: model name -> the versions to serve."""
+    allow_model_control: bool = True
+    """Allow the explicit load/unload RPCs; when off they answer PERMISSION_DENIED."""
+    warmup: bool = True
+    """Run each version once on synthetic input before it is marked ready."""
+
+    # --- transport ------------------------------------------------------------------------------
+    max_receive_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest gRPC message the server accepts."""
+    max_send_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Largest gRPC message the server sends."""
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM: how long in-flight requests get to finish before they are cancelled."""
+
+    # --- logging --------------------------------------------------------------------------------
+    log_level: LogLevel = "INFO"
+    """Log level of the server's own loggers."""
+    log_json: bool = False
+    """Log one JSON object per line (for log collectors) instead of plain text."""
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
+        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"preferred_batch_sizes {too_big} must each be in 1..max_batch_size ({self.max_batch_size})"
+            )
+        if self.max_request_bytes > self.max_receive_message_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) cannot exceed "
+                f"max_receive_message_bytes ({self.max_receive_message_bytes})"
+            )
+        if self.version_policy == "specific" and not self.specific_versions:
+            raise ValueError("version_policy 'specific' needs specific_versions (model -> versions)")
+        if self.version_policy != "specific" and self.specific_versions:
+            raise ValueError("specific_versions is set but version_policy is not 'specific'")
+        if self.grpc_port and self.grpc_port == self.metrics_port:
+            raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        if self.device == "cuda" and self.precision == "int8":
+            raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) beat the environment, which beats the YAML file, which beats defaults.
+        assert isinstance(init_settings, InitSettingsSource)
+        return init_settings, env_settings, _YamlFileSource(settings_cls, init_settings)
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by the ``config_file`` flag or ``FINESERVE_CONFIG_FILE``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: InitSettingsSource) -> None:
+        super().__init__(settings_cls)
+        path = init_settings.init_kwargs.get("config_file") or os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+        self._values = _read_yaml(Path(path)) if path else {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SettingsError(f"config file {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping of setting names to values")
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown settings {', '.join(map(str, unknown))}")
+    return data
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the setting and says why (one line each)."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Builds the settings from flags (``overrides``, None values ignored), environment and file.
+
+    Raises:
+        SettingsError: an unreadable config file or a value out of its rules; the message lists
+            every problem, one per line, each naming its setting.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as err:
+        raise SettingsError(_describe(err)) from None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(x) for x in problem["loc"]) or "settings"
+        lines.append(f"{where}: {problem['msg']}")
+    return "\n".join(lines)

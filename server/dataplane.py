@@ -1,0 +1,406 @@
+"""The serving core, transport-agnostic: both gRPC services call this and nothing below it.
+
+It speaks numpy arrays and our dataclasses; protobuf and grpc stop at the transports. Inputs
+are validated against the model's declared inputs before anything is queued; requests larger
+than the model's batch size are split into batch-sized chunks that are queued together.
+Deadlines are absolute ``time.monotonic()`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.contract import ModelSpec
+from server.batching import BatchedResult, Tensors
+from server.config import Settings
+from server.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    PermissionDenied,
+    ServingError,
+    status_of,
+)
+from server.metrics import Metrics
+from server.model import NUMPY_DTYPES, ModelStats, ServedVersion
+from server.preprocess import check_items
+from server.repository import Repository, VersionState
+from server.runtime import choose_provider
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataPlane", "InferResult", "ModelHandle", "ModelIndexEntry", "ModelStats"]
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A resolved, READY model version: what a transport needs to describe it and its outputs."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    provider: str
+    variant: str
+    # Every READY version of this model, ascending.
+    versions: tuple[int, ...]
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class ModelIndexEntry:
+    """One model version in the repository and its state (READY, LOADING, UNAVAILABLE, FAILED)."""
+
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+    provider: str = ""
+    variant: str = ""
+    spec: ModelSpec | None = None
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """Raw graph outputs (e.g. logits) with the batch axis, one row per item, request order."""
+
+    handle: ModelHandle
+    outputs: dict[str, np.ndarray]
+
+
+class DataPlane:
+    """Resolves models, validates and preprocesses inputs, batches, runs, and keeps statistics."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.provider = choose_provider(settings)
+        self.metrics.provider.info({"provider": self.provider, "device": settings.device})
+        log.info("execution provider: %s", self.provider)
+        # Inference runs here, one batch at a time per model version; image decoding on its own
+        # pool so a batch run never waits behind decoding, and vice versa.
+        cores = os.cpu_count() or 1
+        self._infer_pool = concurrent.futures.ThreadPoolExecutor(max(4, cores), thread_name_prefix="infer")
+        self._image_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.preprocess_threads or cores, thread_name_prefix="decode"
+        )
+        self.repository = Repository(
+            settings, self.provider, self.metrics, self._infer_pool, self._image_pool
+        )
+        self._started = False
+        self._closing = False
+        self._poll_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads and warms up every model the policy selects, then starts polling for versions."""
+        await self.repository.sync()
+        self._started = True
+        if self.settings.repository_poll_s > 0:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+
+    async def close(self) -> None:
+        """Stops polling, lets queued requests finish, releases the sessions."""
+        self._closing = True
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await self.repository.close()
+        self._infer_pool.shutdown(wait=False, cancel_futures=True)
+        self._image_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                await self.repository.sync()
+            except Exception:
+                log.exception("repository poll failed; will retry")
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return not self._closing
+
+    def ready(self) -> bool:
+        """All models the policy selects are loaded and warmed (and we are not shutting down)."""
+        if not self._started or self._closing:
+            return False
+        for name in self.repository.model_names():
+            if not self.repository.unloaded(name) and not self.repository.served.get(name):
+                return False
+        return True
+
+    def model_ready(self, name: str, version: int | None) -> bool:
+        try:
+            self.resolve(name, version)
+        except ServingError:
+            return False
+        return True
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None) -> ModelHandle:
+        """The READY version asked for (None or 0: the newest READY one).
+
+        Raises:
+            ModelNotFound: no such model, or no such version on disk.
+            ModelNotReady: it exists but is loading, failed, unloaded or not selected.
+        """
+        return self._handle(self._served(name, version))
+
+    def _served(self, name: str, version: int | None) -> ServedVersion:
+        served = self.repository.served.get(name, {})
+        if version:
+            if version in served:
+                return served[version]
+        elif served:
+            return served[max(served)]
+        on_disk = self.repository.versions_on_disk(name)
+        if not on_disk:
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        if version and version not in on_disk:
+            raise ModelNotFound(f"model {name!r} has no version {version} (has {_versions(on_disk)})")
+        what = f"model {name!r} version {version}" if version else f"model {name!r}"
+        for status in self.repository.status(name):
+            if status.version == (version or max(on_disk)) and status.state != VersionState.READY:
+                raise ModelNotReady(f"{what} is {status.state.value.lower()}")
+        raise ModelNotReady(f"{what} is not ready")
+
+    def _handle(self, served: ServedVersion) -> ModelHandle:
+        return ModelHandle(
+            name=served.spec.name,
+            version=served.spec.version,
+            spec=served.spec,
+            provider=served.provider,
+            variant=served.variant,
+            versions=tuple(sorted(self.repository.served.get(served.spec.name, {}))),
+            max_batch_size=served.max_batch_size,
+        )
+
+    def index(self) -> list[ModelIndexEntry]:
+        """Every model version on disk or served, with its state; sorted by name and version."""
+        entries = []
+        for name in sorted(set(self.repository.model_names()) | set(self.repository.served)):
+            for status in self.repository.status(name):
+                served = status.served
+                entries.append(
+                    ModelIndexEntry(
+                        name=name,
+                        version=status.version,
+                        state=status.state.value,
+                        reason=status.reason,
+                        provider=served.provider if served else "",
+                        variant=served.variant if served else "",
+                        spec=served.spec if served else None,
+                    )
+                )
+        return entries
+
+    async def load(self, name: str) -> None:
+        """Serves ``name`` (again). Raises PermissionDenied when model control is off."""
+        self._check_control("load")
+        await self.repository.load(name)
+        if not self.repository.served.get(name):
+            raise ModelNotReady(f"model {name!r} failed to load; see the server log")
+
+    async def unload(self, name: str) -> None:
+        self._check_control("unload")
+        await self.repository.unload(name)
+
+    def _check_control(self, what: str) -> None:
+        if not self.settings.allow_model_control:
+            raise PermissionDenied(f"model {what} is disabled on this server (allow_model_control=false)")
+
+    def statistics(self, name: str | None, version: int | None) -> list[ModelStats]:
+        """Statistics of every served version, or of one model (and version) by name."""
+        if name:
+            if version:
+                return [self._served(name, version).stats.snapshot()]
+            self._served(name, None)  # raises for unknown or unready models
+            served = self.repository.served.get(name, {})
+            return [served[v].stats.snapshot() for v in sorted(served)]
+        return [
+            versions[v].stats.snapshot()
+            for _, versions in sorted(self.repository.served.items())
+            for v in sorted(versions)
+        ]
+
+    # --- inference ------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        version: int | None,
+        inputs: dict[str, np.ndarray],
+        *,
+        deadline: float | None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> InferResult:
+        """Runs ready tensors (with the batch axis) through the model; returns its raw outputs.
+
+        Raises:
+            InvalidInput: names, dtypes or shapes that do not match the model's inputs.
+            ModelNotFound, ModelNotReady, Overloaded, DeadlineExceeded, Cancelled, InferenceFailed.
+        """
+        served = self._served(name, version)
+
+        async def prepare() -> tuple[Tensors, int]:
+            return _validate(served.spec, inputs)
+
+        return await self._run(served, deadline, is_cancelled, prepare)
+
+    async def infer_encoded(
+        self,
+        name: str,
+        version: int | None,
+        items: Sequence[bytes],
+        *,
+        deadline: float | None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> InferResult:
+        """Preprocesses encoded images (image models) or UTF-8 texts (text models), then runs them.
+
+        Raises:
+            LimitExceeded: too many items, bytes, pixels or characters (the message names the limit).
+            InvalidInput: an undecodable image or invalid UTF-8, naming the item.
+            ModelNotFound, ModelNotReady, Overloaded, DeadlineExceeded, Cancelled, InferenceFailed.
+        """
+        served = self._served(name, version)
+        limits = served.preprocess.limits
+        check_items(items, limits)
+
+        async def prepare() -> tuple[Tensors, int]:
+            tensors = await asyncio.to_thread(served.preprocess, list(items))
+            return tensors, len(items)
+
+        return await self._run(served, deadline, is_cancelled, prepare)
+
+    def probabilities(self, handle: ModelHandle, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: softmax of ``logits / temperature`` over the last axis."""
+        scaled = np.asarray(logits, dtype=np.float64) / handle.spec.temperature
+        scaled -= scaled.max(axis=-1, keepdims=True)
+        exp = np.exp(scaled)
+        probabilities: np.ndarray = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+        return probabilities
+
+    async def _run(
+        self,
+        served: ServedVersion,
+        deadline: float | None,
+        is_cancelled: Callable[[], bool] | None,
+        prepare: Callable[[], Awaitable[tuple[Tensors, int]]],
+    ) -> InferResult:
+        # Counted before the first await: a version switch waits for this request to finish.
+        served.in_flight += 1
+        started = time.perf_counter_ns()
+        spec = served.spec
+        try:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed before the request was processed")
+            tensors, rows = await prepare()
+            results = await self._submit_chunks(served, tensors, rows, deadline, is_cancelled)
+        except BaseException as err:
+            elapsed = time.perf_counter_ns() - started
+            served.stats.record_request(False, elapsed)
+            code = status_of(err)[0] if isinstance(err, Exception) else "CANCELLED"
+            self.metrics.requests.labels(spec.name, str(spec.version), "error", code).inc()
+            raise
+        finally:
+            served.in_flight -= 1
+        elapsed = time.perf_counter_ns() - started
+        outputs = {key: np.concatenate([r.outputs[key] for r in results]) for key in results[0].outputs}
+        first = results[0]
+        served.stats.record_request(
+            True,
+            elapsed,
+            sum(r.queue_ns for r in results),
+            (first.batch.input_ns, first.batch.infer_ns, first.batch.output_ns),
+        )
+        labels = (spec.name, str(spec.version))
+        self.metrics.requests.labels(*labels, "ok", "OK").inc()
+        self.metrics.latency.labels(*labels).observe(elapsed / 1e9)
+        self.metrics.queue_latency.labels(*labels).observe(first.queue_ns / 1e9)
+        for r in results:
+            self.metrics.batch_size.labels(*labels).observe(r.batch.batch_size)
+        return InferResult(self._handle(served), outputs)
+
+    async def _submit_chunks(
+        self,
+        served: ServedVersion,
+        tensors: Tensors,
+        rows: int,
+        deadline: float | None,
+        is_cancelled: Callable[[], bool] | None,
+    ) -> list[BatchedResult]:
+        size = served.max_batch_size
+        chunks = [
+            ({k: v[start : start + size] for k, v in tensors.items()}, min(size, rows - start))
+            for start in range(0, rows, size)
+        ]
+        submits = [
+            served.batcher.submit(chunk, n, deadline=deadline, is_cancelled=is_cancelled)
+            for chunk, n in chunks
+        ]
+        if len(submits) == 1:
+            return [await submits[0]]
+        return list(await asyncio.gather(*submits))
+
+
+def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, int]:
+    """Checks tensors against the model's declared inputs; returns them and the batch size."""
+    declared = {t.name: t for t in spec.inputs}
+    missing = sorted(set(declared) - set(inputs))
+    unknown = sorted(set(inputs) - set(declared))
+    if missing or unknown:
+        raise InvalidInput(
+            f"model {spec.name!r} takes inputs {sorted(declared)}; missing {missing}, unknown {unknown}"
+        )
+    rows: int | None = None
+    shapes_by_declared: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for name, tensor in declared.items():
+        array = inputs[name]
+        want = NUMPY_DTYPES.get(tensor.datatype)
+        if want is None or array.dtype != want:
+            raise InvalidInput(
+                f"input {name!r}: datatype {_datatype(array.dtype)} but the model takes {tensor.datatype}"
+            )
+        if array.ndim != len(tensor.shape) or any(
+            d not in (-1, actual) for d, actual in zip(tensor.shape[1:], array.shape[1:], strict=False)
+        ):
+            raise InvalidInput(
+                f"input {name!r}: shape {list(array.shape)} but the model takes {list(tensor.shape)}"
+            )
+        if array.shape[0] < 1:
+            raise InvalidInput(f"input {name!r}: the batch axis is empty")
+        if rows is not None and array.shape[0] != rows:
+            raise InvalidInput(f"inputs disagree on the batch size ({rows} vs {array.shape[0]} in {name!r})")
+        rows = array.shape[0]
+        # Inputs declared alike (e.g. input_ids and attention_mask) must arrive alike.
+        previous = shapes_by_declared.setdefault(tensor.shape, array.shape)
+        if previous != array.shape:
+            raise InvalidInput(f"input {name!r}: shape {list(array.shape)} differs from {list(previous)}")
+    assert rows is not None
+    return inputs, rows
+
+
+def _datatype(dtype: np.dtype[np.generic]) -> str:
+    for name, candidate in NUMPY_DTYPES.items():
+        if candidate == dtype:
+            return name
+    return str(dtype)
+
+
+def _versions(versions: Sequence[int]) -> str:
+    return ", ".join(map(str, versions)) or "none"

@@ -1,0 +1,222 @@
+"""One served model version: its session, preprocessing, batcher and statistics, built together.
+
+The batcher is attached here, around the session, not built into it: the session only runs
+batches. Statistics are kept in the KServe ModelStatistics shape (counts and nanoseconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.contract import ModelSpec
+from server.batching import Batcher, BatchTiming, Collate, concat_padded
+from server.config import Settings
+from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
+from server.runtime import ModelSession, choose_variant
+
+log = logging.getLogger(__name__)
+
+# KServe v2 datatype -> numpy dtype, for the datatypes model.json may declare.
+NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "FP32": np.dtype(np.float32),
+    "FP16": np.dtype(np.float16),
+    "INT64": np.dtype(np.int64),
+    "INT32": np.dtype(np.int32),
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+}
+WARMUP_SEQUENCE_LENGTH = 8
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A KServe StatisticDuration: how many, and their total nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def plus(self, ns: int, count: int = 1) -> Duration:
+        return Duration(self.count + count, self.ns + ns)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Per batch size: how many batches of that size ran and their total stage durations."""
+
+    batch_size: int
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What KServe's ModelStatistics message needs, for one model version."""
+
+    name: str
+    version: int
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batch_stats: tuple[BatchStats, ...]
+
+
+@dataclass
+class StatsRecorder:
+    """Accumulates a version's statistics; only touched from the event loop thread."""
+
+    name: str
+    version: int
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = Duration()
+    fail: Duration = Duration()
+    queue: Duration = Duration()
+    compute_input: Duration = Duration()
+    compute_infer: Duration = Duration()
+    compute_output: Duration = Duration()
+    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+
+    def record_batch(self, timing: BatchTiming) -> None:
+        self.execution_count += 1
+        self.inference_count += timing.batch_size
+        self.last_inference_ms = int(time.time() * 1000)
+        i, n, o = self.batches.get(timing.batch_size, (Duration(), Duration(), Duration()))
+        self.batches[timing.batch_size] = (
+            i.plus(timing.input_ns),
+            n.plus(timing.infer_ns),
+            o.plus(timing.output_ns),
+        )
+
+    def record_request(
+        self, ok: bool, total_ns: int, queue_ns: int = 0, timings: tuple[int, int, int] = (0, 0, 0)
+    ) -> None:
+        if not ok:
+            self.fail = self.fail.plus(total_ns)
+            return
+        self.success = self.success.plus(total_ns)
+        self.queue = self.queue.plus(queue_ns)
+        self.compute_input = self.compute_input.plus(timings[0])
+        self.compute_infer = self.compute_infer.plus(timings[1])
+        self.compute_output = self.compute_output.plus(timings[2])
+
+    def snapshot(self) -> ModelStats:
+        return ModelStats(
+            name=self.name,
+            version=self.version,
+            last_inference_ms=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            success=self.success,
+            fail=self.fail,
+            queue=self.queue,
+            compute_input=self.compute_input,
+            compute_infer=self.compute_infer,
+            compute_output=self.compute_output,
+            batch_stats=tuple(
+                BatchStats(size, *durations) for size, durations in sorted(self.batches.items())
+            ),
+        )
+
+
+class ServedVersion:
+    """A loaded model version: session + preprocessing + batcher + statistics.
+
+    ``in_flight`` counts requests that resolved this version and have not finished; the
+    repository retires a version only once it drops to zero, so a version switch drops nothing.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        provider: str,
+        settings: Settings,
+        *,
+        infer_pool: concurrent.futures.Executor,
+        image_pool: concurrent.futures.Executor,
+    ) -> None:
+        self.spec = spec
+        self.path = path
+        variant = choose_variant(spec, provider, settings)
+        self.variant = variant.precision
+        self.session = ModelSession(path / variant.file, provider, settings)
+        self.provider = self.session.provider
+        graph_inputs = {meta.name for meta in self.session.inputs}
+        declared = {t.name for t in spec.inputs}
+        if graph_inputs != declared:
+            raise ValueError(
+                f"model.json declares inputs {sorted(declared)} but {variant.file} has {sorted(graph_inputs)}"
+            )
+        limits = Limits(
+            settings.max_image_pixels,
+            settings.max_request_bytes,
+            settings.max_items_per_request,
+            settings.max_text_chars,
+        )
+        self.preprocess: ImagePreprocessor | TextPreprocessor
+        collate: Collate
+        if spec.image is not None:
+            self.preprocess = ImagePreprocessor(spec.inputs[0].name, spec.image, limits, image_pool)
+            collate = concat_padded({})
+        else:
+            assert spec.text is not None
+            self.preprocess = TextPreprocessor(
+                path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
+            )
+            collate = concat_padded(self.preprocess.pad_values)
+        self.max_batch_size = min(spec.max_batch_size, settings.max_batch_size)
+        self.stats = StatsRecorder(spec.name, spec.version)
+        self.batcher = Batcher(
+            f"{spec.name}/{spec.version}",
+            self.session.run,
+            collate,
+            infer_pool,
+            max_batch_size=self.max_batch_size,
+            max_batch_time=settings.max_queue_delay_ms / 1000.0,
+            max_queue_size=settings.max_queue_size,
+            preferred_batch_sizes=[b for b in settings.preferred_batch_sizes if b <= self.max_batch_size],
+            on_batch=self.stats.record_batch,
+        )
+        self.in_flight = 0
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    def warmup(self) -> None:
+        """Blocking: one run at batch size 1 on synthetic input, so the first request is not slow."""
+        inputs = {}
+        for tensor in self.spec.inputs:
+            shape = [1] + [d if d > 0 else WARMUP_SEQUENCE_LENGTH for d in tensor.shape[1:]]
+            dtype = NUMPY_DTYPES.get(tensor.datatype, np.dtype(np.float32))
+            inputs[tensor.name] = np.ones(shape, dtype=dtype)
+        started = time.perf_counter()
+        self.session.run(inputs)
+        log.info(
+            "model %s version %d warmed up in %.1f ms on %s (%s)",
+            self.spec.name,
+            self.spec.version,
+            (time.perf_counter() - started) * 1000,
+            self.provider,
+            self.variant,
+        )
+
+    async def close(self) -> None:
+        """Waits for the requests that resolved this version, then stops its batcher."""
+        while self.in_flight:
+            await asyncio.sleep(0.01)
+        await self.batcher.close()

@@ -1,0 +1,172 @@
+"""Turning client items into model inputs, as the version's model.json says: images and texts.
+
+Images: the size is read from the header and checked against ``max_image_pixels`` before any
+pixel is decoded (decompression bombs); large JPEGs are decoded at a reduced scale (libjpeg's
+DCT scaling via ``Image.draft``) when the target is much smaller; resize, crop, normalise and
+layout are whole-array numpy operations; items are decoded in parallel on a thread pool
+(Pillow releases the GIL while decoding and resizing).
+Texts: the ``tokenizers`` library reads tokenizer.json; no torch or transformers here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
+
+from export.contract import ImagePreprocessing, ModelSpec, TextPreprocessing
+from server.errors import InvalidInput, LimitExceeded
+
+Tensors = dict[str, np.ndarray]
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; each breach raises ``LimitExceeded`` naming the setting."""
+
+    max_image_pixels: int
+    max_request_bytes: int
+    max_items_per_request: int
+    max_text_chars: int
+
+
+def check_items(items: Sequence[bytes], limits: Limits) -> None:
+    """The limits every encoded request obeys, checked before any decoding."""
+    if not items:
+        raise InvalidInput("the request has no items")
+    if len(items) > limits.max_items_per_request:
+        raise LimitExceeded(
+            f"{len(items)} items exceed max_items_per_request ({limits.max_items_per_request})"
+        )
+    total = sum(len(item) for item in items)
+    if total > limits.max_request_bytes:
+        raise LimitExceeded(f"{total} bytes of items exceed max_request_bytes ({limits.max_request_bytes})")
+
+
+class ImagePreprocessor:
+    """Encoded images -> the model's float32 input batch (``[N, C, H, W]`` or ``[N, H, W, C]``)."""
+
+    def __init__(
+        self, input_name: str, config: ImagePreprocessing, limits: Limits, pool: concurrent.futures.Executor
+    ) -> None:
+        self.input_name = input_name
+        self.config = config
+        self.limits = limits
+        self._pool = pool
+        self._mean = np.asarray(config.mean, dtype=np.float32) * 255.0
+        # (x / 255 - mean) / std == (x - 255 mean) * (1 / (255 std)): one subtract, one multiply.
+        self._scale = 1.0 / (np.asarray(config.std, dtype=np.float32) * 255.0)
+        self._short_side = round(max(config.height, config.width) / config.crop_fraction)
+
+    def __call__(self, items: Sequence[bytes]) -> Tensors:
+        """Blocking: call from a worker thread. Raises ``InvalidInput``/``LimitExceeded``."""
+        arrays = list(self._pool.map(self._one, range(len(items)), items))
+        return {self.input_name: np.stack(arrays)}
+
+    def _one(self, index: int, data: bytes) -> np.ndarray:
+        pixels = self._decode(index, data)
+        array = (np.asarray(pixels, dtype=np.float32) - self._mean) * self._scale
+        if self.config.channel_order == "BGR":
+            array = array[..., ::-1]
+        if self.config.layout == "NCHW":
+            array = array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array)
+
+    def _decode(self, index: int, data: bytes) -> Image.Image:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            width, height = image.size
+            if width * height > self.limits.max_image_pixels:
+                raise LimitExceeded(
+                    f"item {index}: {width}x{height} = {width * height} pixels exceed max_image_pixels "
+                    f"({self.limits.max_image_pixels})"
+                )
+            if image.format == "JPEG":
+                # Decode at 1/2, 1/4 or 1/8 scale when the result is still >= the resize target.
+                image.draft("RGB", (self._short_side, self._short_side))
+            return self._resize_crop(image.convert("RGB"))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise LimitExceeded(
+                f"item {index}: image exceeds max_image_pixels ({self.limits.max_image_pixels})"
+            ) from None
+        except LimitExceeded:
+            raise
+        except (OSError, ValueError, SyntaxError) as err:
+            # Unidentified or truncated images; Pillow's message stays in the log, not the reply.
+            raise InvalidInput(f"item {index}: not a decodable JPEG, PNG or WebP image") from err
+
+    def _resize_crop(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        scale = self._short_side / min(width, height)
+        size = (max(self.config.width, round(width * scale)), max(self.config.height, round(height * scale)))
+        image = image.resize(size, _RESAMPLE[self.config.interpolation])
+        left = (size[0] - self.config.width) // 2
+        top = (size[1] - self.config.height) // 2
+        return image.crop((left, top, left + self.config.width, top + self.config.height))
+
+
+class TextPreprocessor:
+    """UTF-8 texts -> ``input_ids`` and ``attention_mask`` (int64, padded to the longest text)."""
+
+    def __init__(
+        self, tokenizer_path: Path, config: TextPreprocessing, input_names: Sequence[str], limits: Limits
+    ):
+        self.limits = limits
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length=config.max_length)
+        self.pad_id = _pad_id(self.tokenizer)
+        self.tokenizer.enable_padding(pad_id=self.pad_id)
+        self.input_names = tuple(input_names)
+
+    def __call__(self, items: Sequence[bytes]) -> Tensors:
+        """Blocking (tokenizers runs its own threads). Raises ``InvalidInput``/``LimitExceeded``."""
+        texts = []
+        for index, item in enumerate(items):
+            try:
+                text = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"item {index}: not valid UTF-8 text") from None
+            if len(text) > self.limits.max_text_chars:
+                limit = self.limits.max_text_chars
+                raise LimitExceeded(f"item {index}: {len(text)} characters exceed max_text_chars ({limit})")
+            texts.append(text)
+        encodings = self.tokenizer.encode_batch(texts)
+        tensors = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {name: tensors[name] for name in self.input_names}
+
+    @property
+    def pad_values(self) -> dict[str, int | float]:
+        return {"input_ids": self.pad_id, "attention_mask": 0, "token_type_ids": 0}
+
+
+def _pad_id(tokenizer: Tokenizer) -> int:
+    for token in ("[PAD]", "<pad>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def text_inputs_supported(spec: ModelSpec) -> bool:
+    """Whether every graph input of a text model is one the tokenizer produces."""
+    return all(t.name in ("input_ids", "attention_mask", "token_type_ids") for t in spec.inputs)

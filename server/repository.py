@@ -1,0 +1,210 @@
+"""The model repository at run time: which versions are served, loading, polling, switching.
+
+Which versions: the version policy (newest N, all, or specific ones). A version is loaded
+(session, preprocessing, batcher), warmed up, and only then marked READY; an older version is
+retired only after its replacement is READY, and only once the requests that already resolved it
+have finished. A version that fails to load is marked FAILED (with the reason, in the log and the
+index) and the previous one keeps serving; it is not retried until its folder changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.contract import ModelSpecError, list_models, list_versions, read_model_spec
+from server.config import Settings
+from server.errors import ModelNotFound
+from server.metrics import Metrics
+from server.model import ServedVersion
+
+log = logging.getLogger(__name__)
+
+
+class VersionState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    name: str
+    version: int
+    state: VersionState
+    reason: str = ""
+    served: ServedVersion | None = None
+
+
+class Repository:
+    """Loads and serves the versions the policy picks; ``sync`` brings it in line with the disk."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        provider: str,
+        metrics: Metrics,
+        infer_pool: concurrent.futures.Executor,
+        image_pool: concurrent.futures.Executor,
+    ) -> None:
+        self.root = settings.model_repository
+        self._settings = settings
+        self._provider = provider
+        self._metrics = metrics
+        self._infer_pool = infer_pool
+        self._image_pool = image_pool
+        # name -> version -> the loaded version; only READY versions are in here.
+        self.served: dict[str, dict[int, ServedVersion]] = {}
+        self._loading: set[tuple[str, int]] = set()
+        # (name, version) -> (reason, folder mtime when it failed): not retried until it changes.
+        self._failed: dict[tuple[str, int], tuple[str, float]] = {}
+        self._unloaded: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    # --- what is on disk and what should be served ----------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return list_models(self.root)
+
+    def versions_on_disk(self, name: str) -> list[int]:
+        return list_versions(self.root / name)
+
+    def unloaded(self, name: str) -> bool:
+        return name in self._unloaded
+
+    def _wanted(self, name: str, on_disk: list[int]) -> list[int]:
+        if name in self._unloaded:
+            return []
+        usable = [v for v in on_disk if not self._still_failed(name, v)]
+        policy = self._settings.version_policy
+        if policy == "all":
+            return usable
+        if policy == "specific":
+            chosen = set(self._settings.specific_versions.get(name, []))
+            return [v for v in usable if v in chosen]
+        return usable[-self._settings.latest_versions :]
+
+    def _still_failed(self, name: str, version: int) -> bool:
+        failed = self._failed.get((name, version))
+        return failed is not None and failed[1] == _mtime(self.root / name / str(version))
+
+    def status(self, name: str) -> list[VersionStatus]:
+        """Every version of ``name`` on disk or served, oldest first, with its state."""
+        served = self.served.get(name, {})
+        statuses = []
+        for version in sorted(set(self.versions_on_disk(name)) | set(served)):
+            if version in served:
+                statuses.append(VersionStatus(name, version, VersionState.READY, served=served[version]))
+            elif (name, version) in self._loading:
+                statuses.append(VersionStatus(name, version, VersionState.LOADING))
+            elif (name, version) in self._failed:
+                statuses.append(
+                    VersionStatus(name, version, VersionState.FAILED, self._failed[(name, version)][0])
+                )
+            else:
+                why = "unloaded" if name in self._unloaded else "not selected by the version policy"
+                statuses.append(VersionStatus(name, version, VersionState.UNAVAILABLE, why))
+        return statuses
+
+    # --- bringing the served set in line --------------------------------------------------------
+
+    async def sync(self) -> None:
+        """Loads what the policy wants and is not loaded; retires what it no longer wants."""
+        async with self._lock:
+            names = set(self.model_names()) | set(self.served)
+            for name in sorted(names):
+                await self._sync_model(name)
+
+    async def load(self, name: str) -> None:
+        """Serves ``name`` again after an unload (or loads it now); raises ModelNotFound."""
+        async with self._lock:
+            if not self.versions_on_disk(name):
+                raise ModelNotFound(f"model {name!r} is not in the repository")
+            self._unloaded.discard(name)
+            for key in [k for k in self._failed if k[0] == name]:
+                del self._failed[key]  # an explicit load retries failed versions
+            await self._sync_model(name)
+
+    async def unload(self, name: str) -> None:
+        """Stops serving ``name`` (requests already running finish); polling leaves it unloaded."""
+        async with self._lock:
+            if name not in self.served and not self.versions_on_disk(name):
+                raise ModelNotFound(f"model {name!r} is not in the repository")
+            self._unloaded.add(name)
+            await self._sync_model(name)
+
+    async def close(self) -> None:
+        async with self._lock:
+            for name in list(self.served):
+                for version in list(self.served[name]):
+                    await self._retire(name, version)
+
+    async def _sync_model(self, name: str) -> None:
+        on_disk = self.versions_on_disk(name)
+        served = self.served.setdefault(name, {})
+        while True:
+            wanted = self._wanted(name, on_disk)
+            to_load = [v for v in wanted if v not in served]
+            if not to_load:
+                break
+            for version in to_load:
+                await self._load(name, version)
+        # Retire only now: every replacement that could load is READY.
+        for version in [v for v in served if v not in wanted]:
+            await self._retire(name, version)
+        if not served:
+            del self.served[name]
+
+    async def _load(self, name: str, version: int) -> None:
+        path = self.root / name / str(version)
+        self._loading.add((name, version))
+        try:
+            served = await asyncio.to_thread(self._build, path)
+            served.start()
+        except Exception as err:  # a bad version must never take the server down
+            reason = (
+                str(err) if isinstance(err, ModelSpecError | ValueError) else f"{type(err).__name__}: {err}"
+            )
+            log.error("model %s version %d failed to load: %s", name, version, reason)
+            self._failed[(name, version)] = (reason, _mtime(path))
+            return
+        finally:
+            self._loading.discard((name, version))
+        self.served.setdefault(name, {})[version] = served
+        self._metrics.model_ready.labels(name, str(version)).set(1)
+        self._metrics.watch_queue(name, version, lambda: served.batcher.queue_depth)
+        log.info("model %s version %d READY (%s, %s)", name, version, served.provider, served.variant)
+
+    def _build(self, path: Path) -> ServedVersion:
+        spec = read_model_spec(path)
+        served = ServedVersion(
+            spec,
+            path,
+            self._provider,
+            self._settings,
+            infer_pool=self._infer_pool,
+            image_pool=self._image_pool,
+        )
+        if self._settings.warmup:
+            served.warmup()
+        return served
+
+    async def _retire(self, name: str, version: int) -> None:
+        served = self.served.get(name, {}).pop(version, None)
+        if served is None:
+            return
+        self._metrics.unwatch_queue(name, version)
+        await served.close()
+        log.info("model %s version %d retired", name, version)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0

@@ -1,0 +1,163 @@
+"""onnxruntime sessions: which execution provider, which graph variant, and running a batch.
+
+The provider is decided once, explicitly: CUDA asked for but not offered by the installed
+onnxruntime is an error (``device=cuda``) or a logged warning (``device=auto``), never a silent
+fallback; and after a session is made, ``session.get_providers()`` is checked, because
+onnxruntime itself drops to CPU when a CUDA library is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.contract import ModelSpec, Variant
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# onnxruntime's type strings -> numpy dtypes, for the types our graphs use.
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+class ProviderUnavailable(RuntimeError):
+    """CUDA was required but onnxruntime cannot use it here."""
+
+
+def choose_provider(settings: Settings) -> str:
+    """The execution provider every session will use, decided once at startup.
+
+    Raises:
+        ProviderUnavailable: ``device=cuda`` and the installed onnxruntime has no CUDA provider.
+    """
+    available = ort.get_available_providers()
+    if settings.device == "cpu":
+        return CPU
+    if CUDA in available:
+        return CUDA
+    if settings.device == "cuda":
+        raise ProviderUnavailable(
+            f"device=cuda but onnxruntime {ort.__version__} offers only {', '.join(available)}; "
+            "install onnxruntime-gpu (the 'gpu' extra) or run with --device cpu"
+        )
+    log.warning(
+        "CUDA execution provider not available (onnxruntime offers %s): serving on CPU", ", ".join(available)
+    )
+    return CPU
+
+
+def choose_variant(spec: ModelSpec, provider: str, settings: Settings) -> Variant:
+    """The graph variant to serve for this provider and configuration (see ``Settings.precision``)."""
+    if settings.precision != "auto":
+        wanted = settings.precision
+    elif provider == CUDA:
+        wanted = "fp16"
+    elif settings.prefer_int8_on_cpu:
+        wanted = "int8"
+    else:
+        wanted = "fp32"
+    if wanted in spec.variants:
+        return spec.variants[wanted]
+    fallback = "fp32" if "fp32" in spec.variants else sorted(spec.variants)[0]
+    if settings.precision != "auto" or provider == CUDA:
+        log.warning(
+            "model %s version %d has no %s variant; serving %s", spec.name, spec.version, wanted, fallback
+        )
+    return spec.variants[fallback]
+
+
+@dataclass(frozen=True)
+class InputMeta:
+    """A graph input as the session reports it: shape entries are ints, or None when dynamic."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]
+
+
+class ModelSession:
+    """One onnxruntime session of one graph file, run on one provider.
+
+    ``run`` is thread-safe (onnxruntime sessions are) and blocking: callers run it off the
+    event loop. Inputs are cast to the dtypes the graph declares, so an fp16 graph with fp16
+    inputs takes the same float32 tensors as the fp32 graph.
+    """
+
+    def __init__(self, path: Path, provider: str, settings: Settings) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = settings.inter_op_threads
+        options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
+        providers: list[Any] = [CPU]
+        if provider == CUDA:
+            cuda_options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+            if settings.cuda_mem_limit_bytes:
+                cuda_options["gpu_mem_limit"] = settings.cuda_mem_limit_bytes
+            providers = [(CUDA, cuda_options), CPU]
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        used = self.session.get_providers()
+        if used[0] != provider:
+            # onnxruntime falls back to CPU without raising when CUDA libraries are missing.
+            raise ProviderUnavailable(
+                f"{path}: asked for {provider}, onnxruntime gave {used[0]} (see its log)"
+            )
+        self.provider = provider
+        self.path = path
+        self.inputs = tuple(
+            InputMeta(i.name, np.dtype(_ORT_DTYPES.get(i.type, np.float32)), _shape(i.shape))
+            for i in self.session.get_inputs()
+        )
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._use_io_binding = provider == CUDA and settings.io_binding
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch; returns every graph output as a host numpy array."""
+        feed = {meta.name: np.ascontiguousarray(inputs[meta.name], dtype=meta.dtype) for meta in self.inputs}
+        if self._use_io_binding:
+            return self._run_bound(feed)
+        outputs = self.session.run(list(self.output_names), feed)
+        return {name: _as_float32(value) for name, value in zip(self.output_names, outputs, strict=True)}
+
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Outputs are allocated on the device and copied to the host once, after the run,
+        # instead of onnxruntime's per-output host allocation on every call.
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.copy_outputs_to_cpu()
+        return {name: _as_float32(value) for name, value in zip(self.output_names, outputs, strict=True)}
+
+
+def _shape(shape: Any) -> tuple[int | None, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    # fp16 graphs answer in float16; clients and the softmax get float32 either way.
+    array = np.asarray(value)
+    return array.astype(np.float32) if array.dtype == np.float16 else array
