@@ -1,23 +1,24 @@
 """The KServe v2 / Open Inference Protocol gRPC service (grpc.aio), over the core's DataPlane.
 
-Each RPC converts the request (``kserve_codec``), calls the DataPlane, converts the reply; errors
-become statuses in one place (``_abort``; in a stream, ``error_message`` on the response).
+Each RPC converts the request (``kserve_codec``), calls the DataPlane, converts the reply.
+Exceptions become statuses in ``server.grpc_status`` (``@grpc_errors``); in a stream, a failed
+request answers with ``error_message`` and the stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from typing_extensions import override
 
 from server import kserve_codec as codec
-from server.errors import InvalidInput, ModelNotFound, status_of
+from server.errors import InvalidInput
+from server.grpc_status import cancelled_of, deadline_of, grpc_errors, to_status
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.inference import model_config_pb2 as mc
@@ -26,9 +27,9 @@ if TYPE_CHECKING:
     from server.config import Settings
     from server.dataplane import DataPlane, ModelHandle
 
-log = logging.getLogger(__name__)
-
 SERVER_NAME = "fineserve"
+# Only what this server really does: repository index/load/unload, ModelConfig, ModelStatistics,
+# raw (binary) tensor contents, and request parameters (``timeout``).
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -50,99 +51,87 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- health and metadata --------------------------------------------------------------------
 
     @override
+    @grpc_errors
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._dataplane.live())
 
     @override
+    @grpc_errors
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._dataplane.ready())
 
     @override
+    @grpc_errors
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS))
 
     @override
+    @grpc_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        try:
-            version = codec.parse_version(request.version)
-            ready = self._dataplane.model_ready(request.name, version)
-        except ModelNotFound:
-            # The protocol's answer for a model it does not know is "not ready", not an error.
-            ready = False
-        except Exception as err:
-            await _abort(context, err)
-        return pb.ModelReadyResponse(ready=ready)
+        # An unknown model is "not ready", not an error (as the protocol's servers answer).
+        version = codec.parse_version(request.version)
+        return pb.ModelReadyResponse(ready=self._dataplane.model_ready(request.name, version))
 
     @override
+    @grpc_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        try:
-            handle = self._resolve(request.name, request.version)
-            return codec.model_metadata(handle.name, handle.versions, self._interface(handle))
-        except Exception as err:
-            await _abort(context, err)
+        handle = self._resolve(request.name, request.version)
+        return codec.model_metadata(handle.name, handle.versions, self._interface(handle))
 
     @override
+    @grpc_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        try:
-            handle = self._resolve(request.name, request.version)
-            interface = self._interface(handle)
-            facts = codec.ServingFacts(
-                provider=handle.provider,
-                variant=handle.variant,
-                preferred_batch_sizes=tuple(
-                    b for b in self._settings.preferred_batch_sizes if b <= interface.max_batch_size
-                ),
-                max_queue_delay_us=round(self._settings.max_queue_delay_ms * 1000),
-            )
-            config = codec.model_config(handle.spec, interface, facts)
-            config.version_policy.CopyFrom(self._version_policy(handle.name))
-            return pb.ModelConfigResponse(config=config)
-        except Exception as err:
-            await _abort(context, err)
+        handle = self._resolve(request.name, request.version)
+        interface = self._interface(handle)
+        facts = codec.ServingFacts(
+            provider=handle.provider,
+            variant=handle.variant,
+            preferred_batch_sizes=tuple(
+                b for b in self._settings.preferred_batch_sizes if b <= interface.max_batch_size
+            ),
+            max_queue_delay_us=round(self._settings.max_queue_delay_ms * 1000),
+        )
+        config = codec.model_config(handle.spec, interface, facts)
+        config.version_policy.CopyFrom(self._version_policy(handle.name))
+        return pb.ModelConfigResponse(config=config)
 
     @override
+    @grpc_errors
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        try:
-            version = codec.parse_version(request.version)
-            if version is not None and not request.name:
-                raise InvalidInput("a model version needs a model name")
-            stats = self._dataplane.statistics(request.name or None, version)
-            return pb.ModelStatisticsResponse(model_stats=[codec.model_statistics(s) for s in stats])
-        except Exception as err:
-            await _abort(context, err)
+        version = codec.parse_version(request.version)
+        if version is not None and not request.name:
+            raise InvalidInput("a model version needs a model name")
+        stats = self._dataplane.statistics(request.name or None, version)
+        return pb.ModelStatisticsResponse(model_stats=[codec.model_statistics(s) for s in stats])
 
     # --- inference ------------------------------------------------------------------------------
 
     @override
+    @grpc_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        try:
-            deadline = _deadline(request, context.time_remaining())
-            return await self._infer(request, deadline, context.cancelled)
-        except Exception as err:
-            await _abort(context, err)
+        return await self._infer(request, context)
 
     @override
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently (so they can share batches); each answers as it finishes, a
-        failed one with ``error_message`` while the stream goes on. ``id`` pairs them up."""
+        """Requests run concurrently (so they can share batches) and each answers when it is done,
+        a failed one with ``error_message`` while the stream goes on; ``id`` pairs them up."""
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                deadline = _deadline(request, context.time_remaining())
-                result = await self._infer(request, deadline, context.cancelled)
+                result = await self._infer(request, context)
                 await responses.put(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as err:
-                _, message = _status(err)
+                _, message = to_status(err)
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
@@ -169,9 +158,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, deadline: float, is_cancelled: Callable[[], bool]
-    ) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        deadline = _deadline(request.parameters, deadline_of(context))
+        is_cancelled = cancelled_of(context)
         codec.check_request_parameters(request.parameters)
         version = codec.parse_version(request.model_version)
         handle = self._dataplane.resolve(request.model_name, version)
@@ -201,49 +190,41 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- repository -----------------------------------------------------------------------------
 
     @override
+    @grpc_errors
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        try:
-            _check_repository_name(request.repository_name)
-            entries = self._dataplane.index()
-            models = [
+        _check_repository_name(request.repository_name)
+        return pb.RepositoryIndexResponse(
+            models=[
                 pb.RepositoryIndexResponse.ModelIndex(
                     name=e.name, version=str(e.version), state=e.state, reason=e.reason
                 )
-                for e in entries
+                for e in self._dataplane.index()
                 if not request.ready or e.state == "READY"
             ]
-            return pb.RepositoryIndexResponse(models=models)
-        except Exception as err:
-            await _abort(context, err)
+        )
 
     @override
+    @grpc_errors
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            _check_repository_name(request.repository_name)
-            _check_no_load_parameters(request.parameters)
-            await self._dataplane.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-        except Exception as err:
-            await _abort(context, err)
+        _check_repository_name(request.repository_name)
+        _check_no_load_parameters(request.parameters)
+        await self._dataplane.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
     @override
+    @grpc_errors
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            _check_repository_name(request.repository_name)
-            # tritonclient always sends unload_dependents; we have no ensembles, so it is moot.
-            _check_no_load_parameters(
-                {k: v for k, v in request.parameters.items() if k != "unload_dependents"}
-            )
-            await self._dataplane.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-        except Exception as err:
-            await _abort(context, err)
+        _check_repository_name(request.repository_name)
+        # tritonclient always sends unload_dependents; with no ensembles it changes nothing.
+        _check_no_load_parameters({k: v for k, v in request.parameters.items() if k != "unload_dependents"})
+        await self._dataplane.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -251,7 +232,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._dataplane.resolve(name, codec.parse_version(version))
 
     def _interface(self, handle: ModelHandle) -> codec.ModelInterface:
-        return codec.interface_of(handle.spec, max_batch_size=self._settings.max_batch_size)
+        return codec.interface_of(handle.spec, max_batch_size=handle.max_batch_size)
 
     def _version_policy(self, name: str) -> mc.ModelVersionPolicy:
         policy = self._settings.version_policy
@@ -260,19 +241,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if policy == "specific":
             versions = self._settings.specific_versions.get(name, [])
             return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=versions))
-        return mc.ModelVersionPolicy(
-            latest=mc.ModelVersionPolicy.Latest(num_versions=self._settings.latest_versions)
-        )
+        latest = mc.ModelVersionPolicy.Latest(num_versions=self._settings.latest_versions)
+        return mc.ModelVersionPolicy(latest=latest)
 
 
-def _deadline(request: pb.ModelInferRequest, grpc_remaining: float | None) -> float:
-    """Absolute ``time.monotonic()`` deadline: the sooner of the gRPC deadline and ``timeout``."""
-    now = time.monotonic()
-    bounds = [now + grpc_remaining] if grpc_remaining is not None else []
-    timeout_us = codec.request_timeout_us(request.parameters)
+def _deadline(parameters: Mapping[str, pb.InferParameter], grpc_deadline: float | None) -> float | None:
+    """Absolute ``time.monotonic()`` deadline: the sooner of the gRPC deadline and ``timeout`` (µs)."""
+    timeout_us = codec.request_timeout_us(parameters)
+    bounds = [] if grpc_deadline is None else [grpc_deadline]
     if timeout_us is not None:
-        bounds.append(now + timeout_us / 1e6)
-    return min(bounds, default=float("inf"))
+        bounds.append(time.monotonic() + timeout_us / 1e6)
+    return min(bounds, default=None)
 
 
 def _check_repository_name(name: str) -> None:
@@ -282,24 +261,11 @@ def _check_repository_name(name: str) -> None:
         )
 
 
-def _check_no_load_parameters(parameters: Any) -> None:
+def _check_no_load_parameters(parameters: Mapping[str, Any]) -> None:
     for key in parameters:
         raise InvalidInput(
             f"parameter {key!r} is not supported: models load from the repository as published (model.json)"
         )
-
-
-def _status(err: BaseException) -> tuple[str, str]:
-    code, message = status_of(err)
-    if code == "INTERNAL":
-        log.error("KServe request failed", exc_info=err)
-    return code, message
-
-
-async def _abort(context: Context, err: BaseException) -> NoReturn:
-    code, message = _status(err)
-    await context.abort(grpc.StatusCode[code], message)
-    raise AssertionError("unreachable: context.abort raises")
 
 
 def add_to_server(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> None:
