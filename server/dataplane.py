@@ -25,6 +25,7 @@ from server.config import Settings
 from server.errors import (
     DeadlineExceeded,
     InvalidInput,
+    LimitExceeded,
     ModelNotFound,
     ModelNotReady,
     PermissionDenied,
@@ -257,7 +258,11 @@ class DataPlane:
         served = self._served(name, version)
 
         async def prepare() -> tuple[Tensors, int]:
-            return _validate(served.spec, inputs)
+            tensors, rows = _validate(served.spec, inputs)
+            limit = self.settings.max_items_per_request
+            if rows > limit:
+                raise LimitExceeded(f"{rows} items exceed max_items_per_request ({limit})")
+            return tensors, rows
 
         return await self._run(served, deadline, is_cancelled, prepare)
 

@@ -1,0 +1,89 @@
+"""``fineserve-serve`` (= ``python -m server``): read settings, run the server until SIGTERM.
+
+Every setting has a flag (``--grpc-port 9001`` for ``grpc_port``); flags beat environment
+variables (``FINESERVE_GRPC_PORT``), which beat the YAML file (``--config FILE``). Maps
+(``specific_versions``) are set in the file or environment only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from server.config import Settings, SettingsError, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fineserve-serve",
+        description="Serve the model repository over gRPC (fineserve.v1 and KServe v2), with metrics.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--config" if name == "config_file" else "--" + name.replace("_", "-")
+        kind = _flag_kind(field.annotation)
+        if kind is None:
+            continue
+        help_text = " ".join((field.description or "").split())
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif kind is list:
+            parser.add_argument(flag, dest=name, nargs="*", type=int, default=None, help=help_text)
+        else:
+            choices = _choices(field.annotation)
+            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+    return parser
+
+
+def _flag_kind(annotation: Any) -> type | None:
+    """bool, list, str-like, or None for settings that have no flag (maps)."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return bool
+    if origin is list:
+        return list
+    if origin is dict:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        return str
+    return str
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(x) for x in typing.get_args(annotation)]
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(**vars(args))
+    except SettingsError as err:
+        for line in str(err).splitlines():
+            print(f"fineserve-serve: error: {line}", file=sys.stderr)
+        return 2
+    # Imported after the settings are valid: a bad flag answers fast, without loading grpc or onnxruntime.
+    from server.app import configure_logging, serve
+    from server.runtime import ProviderUnavailable
+
+    configure_logging(settings)
+    try:
+        asyncio.run(serve(settings))
+    except ProviderUnavailable as err:
+        print(f"fineserve-serve: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"fineserve-serve: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The one place where the server's parts are built and wired together.
+
+A grpc.aio server carries our fineserve.v1 service, the KServe v2 service, the standard health
+service and reflection; a Prometheus HTTP server carries the metrics. Lifecycle: the port opens
+with health NOT_SERVING, models load and warm up, health turns SERVING (and follows readiness
+afterwards, e.g. while a model reloads); on stop, health turns NOT_SERVING first, new calls are
+refused, in-flight calls get ``shutdown_grace_s`` to finish, then the models are released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import kserve
+from server.config import Settings
+from server.dataplane import DataPlane
+from server.grpc_api import FineserveServicer
+from server.metrics import Metrics
+from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
+from server.pb.inference import grpc_service_pb2
+
+log = logging.getLogger(__name__)
+
+FINESERVE_SERVICE = fineserve_pb2.DESCRIPTOR.services_by_name["Fineserve"].full_name
+KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# "" is the whole server, as health checkers ask by default.
+HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
+_HEALTH_FOLLOW_S = 1.0
+
+
+class Server:
+    """The assembled server. ``start`` returns once models are loaded and the ports are bound."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.dataplane = DataPlane(settings, self.metrics)
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+                ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            ]
+        )
+        fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
+        kserve.add_to_server(self.grpc, self.dataplane, settings)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (FINESERVE_SERVICE, KSERVE_SERVICE, health_service, reflection.SERVICE_NAME), self.grpc
+        )
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        self.grpc_port = self.grpc.add_insecure_port(address)
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC to {address}")
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self._set_health(serving=False)
+        await self.grpc.start()
+        log.info("gRPC listening on port %d (health NOT_SERVING until models are ready)", self.grpc_port)
+        if self.settings.metrics_port >= 0:
+            self._metrics_server, self.metrics_port = self.metrics.serve(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+        await self.dataplane.start()
+        await self._set_health(serving=self.dataplane.ready())
+        self._follow_task = asyncio.get_running_loop().create_task(self._follow_readiness())
+        log.info(
+            "server ready: %s", "SERVING" if self.dataplane.ready() else "NOT_SERVING (some models not ready)"
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follow_task
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await self.dataplane.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("server stopped")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, status)
+
+    async def _follow_readiness(self) -> None:
+        # Readiness changes after startup (a model unloaded, a reload failing): health follows.
+        serving = self.dataplane.ready()
+        while True:
+            await asyncio.sleep(_HEALTH_FOLLOW_S)
+            now = self.dataplane.ready()
+            if now != serving:
+                serving = now
+                await self._set_health(serving)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs the server until SIGTERM or SIGINT, then stops it gracefully."""
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if settings.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("server").setLevel(settings.log_level)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
