@@ -107,20 +107,21 @@ class Batcher:
         self._executor = executor
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
+        # Requests submitted and not yet running: in the queue, or in the batch being formed.
+        self._waiting = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._running_rows = 0
 
     def start(self) -> None:
         """Creates the queue and the batching task in the running loop."""
-        self._queue = asyncio.Queue(maxsize=self.max_queue_size)
+        self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher:{self.name}")
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting (not yet in a running batch)."""
-        waiting = self._queue.qsize() if self._queue is not None else 0
-        return waiting + (1 if self._carry is not None else 0)
+        """Requests waiting: queued, or in the batch being formed (not yet running)."""
+        return self._waiting
 
     async def submit(
         self,
@@ -145,13 +146,11 @@ class Batcher:
             raise ValueError(f"rows {rows} outside 1..{self.max_batch_size}")
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
+        if self._waiting >= self.max_queue_size:
+            raise Overloaded(f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later")
         pending = _Pending(inputs, rows, deadline, is_cancelled, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(pending)
-        except asyncio.QueueFull:
-            raise Overloaded(
-                f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later"
-            ) from None
+        self._queue.put_nowait(pending)
+        self._waiting += 1
         return await pending.future
 
     async def close(self) -> None:
@@ -171,6 +170,7 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
+            self._waiting -= len(batch)
             live = self._drop_unrunnable(batch)
             if live:
                 self._running_rows = sum(p.rows for p in live)

@@ -1,0 +1,166 @@
+"""The batcher alone (no gRPC): merging, a full queue, deadlines, cancellation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from server.batching import Batcher, Tensors, concat_padded
+from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded
+
+
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        yield executor
+
+
+class Doubler:
+    """A batch function that records the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        self.batches.append(len(inputs["x"]))
+        return {"y": inputs["x"] * 2}
+
+
+def make(run: Doubler, pool: concurrent.futures.Executor, **options: float) -> Batcher:
+    settings = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16} | options
+    return Batcher(
+        "test",
+        run,
+        concat_padded({}),
+        pool,
+        max_batch_size=int(settings["max_batch_size"]),
+        max_batch_time=settings["max_batch_time"],
+        max_queue_size=int(settings["max_queue_size"]),
+    )
+
+
+def rows(*values: float) -> Tensors:
+    return {"x": np.array(values, dtype=np.float32)}
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_rows(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> list[np.ndarray]:
+        run = Doubler()
+        batcher = make(run, pool)
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit(rows(1, 2), 2), batcher.submit(rows(3), 1), batcher.submit(rows(4, 5, 6), 3)
+        )
+        await batcher.close()
+        assert run.batches == [6]
+        return [r.outputs["y"] for r in results]
+
+    got = asyncio.run(scenario())
+    assert [g.tolist() for g in got] == [[2, 4], [6], [8, 10, 12]]
+
+
+def test_batches_never_exceed_max_batch_size(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> list[int]:
+        run = Doubler()
+        batcher = make(run, pool, max_batch_size=4)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(rows(i, i), 2) for i in range(5)))
+        await batcher.close()
+        return run.batches
+
+    batches = asyncio.run(scenario())
+    assert sum(batches) == 10
+    assert max(batches) <= 4
+
+
+def test_a_full_queue_rejects_at_once(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> None:
+        batcher = make(Doubler(), pool, max_queue_size=2, max_batch_time=0.3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        second = asyncio.ensure_future(batcher.submit(rows(2), 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 2
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="queue full"):
+            await batcher.submit(rows(3), 1)
+        assert time.monotonic() - started < 0.05
+        assert [(await f).outputs["y"].tolist() for f in (first, second)] == [[2], [4]]
+        assert batcher.queue_depth == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_and_cancelled_requests_are_not_run(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> None:
+        run = Doubler()
+        batcher = make(run, pool, max_batch_time=0.2)
+        batcher.start()
+        expired = asyncio.ensure_future(batcher.submit(rows(1), 1, deadline=time.monotonic() + 0.05))
+        cancelled = asyncio.ensure_future(batcher.submit(rows(2), 1, is_cancelled=lambda: True))
+        aborted = asyncio.ensure_future(batcher.submit(rows(3), 1))
+        kept = asyncio.ensure_future(batcher.submit(rows(4), 1))
+        await asyncio.sleep(0.01)
+        aborted.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        with pytest.raises(Cancelled):
+            await cancelled
+        assert (await kept).outputs["y"].tolist() == [8]
+        assert run.batches == [1]
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_batch_fails_every_request_in_it(pool: concurrent.futures.Executor) -> None:
+    def broken(inputs: Tensors) -> Tensors:
+        raise RuntimeError("boom (internal detail)")
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            "test", broken, concat_padded({}), pool, max_batch_size=8, max_batch_time=0.05, max_queue_size=8
+        )
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit(rows(1), 1), batcher.submit(rows(2), 1), return_exceptions=True
+        )
+        assert all(isinstance(r, InferenceFailed) for r in results)
+        assert "boom" not in str(results[0])
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> float:
+        batcher = Batcher(
+            "test",
+            Doubler(),
+            concat_padded({}),
+            pool,
+            max_batch_size=8,
+            max_batch_time=5.0,
+            max_queue_size=8,
+            preferred_batch_sizes=[2],
+        )
+        batcher.start()
+        started = time.monotonic()
+        await asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1))
+        elapsed = time.monotonic() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 1.0
+
+
+def test_padding_collate_pads_token_axes() -> None:
+    collate = concat_padded({"input_ids": 0})
+    merged = collate([{"input_ids": np.array([[5, 6, 7]])}, {"input_ids": np.array([[8]])}])
+    assert merged["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
