@@ -1,0 +1,201 @@
+"""Serving behaviour end to end: batching across clients, overload, deadlines, version switches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from server.errors import ModelNotFound, PermissionDenied
+from server.pb.fineserve.v1 import fineserve_pb2 as pb
+from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model
+from tests.server.running import RunningServer
+
+
+def tensor_request(image: np.ndarray, version: int = 0) -> pb.ClassifyRequest:
+    tensor = pb.Tensor(shape=list(image.shape), fp32_data=np.ascontiguousarray(image, "<f4").tobytes())
+    return pb.ClassifyRequest(
+        model="tiny-image", version=version, images=[pb.ImageInput(tensor=tensor)], top_k=3
+    )
+
+
+def scores(reply: pb.ClassifyResponse) -> list[tuple[int, float]]:
+    return [(s.index, s.score) for s in reply.results[0].labels]
+
+
+def publish_atomically(version_dir: Path, new_version: int) -> Path:
+    """Copies a version under a hidden name, then renames it into place: readers never see half."""
+    staging = version_dir.parent / f".tmp-{new_version}"
+    shutil.copytree(version_dir, staging)
+    meta = json.loads((staging / "model.json").read_text())
+    meta["version"] = new_version
+    (staging / "model.json").write_text(json.dumps(meta))
+    final = version_dir.parent / str(new_version)
+    os.rename(staging, final)
+    return final
+
+
+def test_concurrent_clients_are_batched_and_get_unbatched_results(tiny_repository: Path) -> None:
+    images = (
+        np.random.default_rng(0).normal(size=(24, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)
+    )
+    with (
+        RunningServer(tiny_repository, max_queue_delay_ms=0) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = pb_grpc.FineserveStub(ch)
+        alone = [scores(stub.Classify(tensor_request(image))) for image in images]
+    with (
+        RunningServer(tiny_repository, max_queue_delay_ms=50) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = pb_grpc.FineserveStub(ch)
+        with ThreadPoolExecutor(len(images)) as clients:
+            together = list(clients.map(lambda image: scores(stub.Classify(tensor_request(image))), images))
+        [stats] = server.server.dataplane.statistics("tiny-image", 1)
+    assert together == alone  # identical labels and identical float scores
+    assert max(b.batch_size for b in stats.batch_stats) > 1
+    assert stats.inference_count == len(images)
+    assert stats.execution_count < len(images)
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once(tiny_repository: Path) -> None:
+    image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
+    settings = {"max_queue_size": 2, "max_queue_delay_ms": 1500}
+    with RunningServer(tiny_repository, **settings) as server, grpc.insecure_channel(server.target) as ch:
+        stub = pb_grpc.FineserveStub(ch)
+        waiting = [stub.Classify.future(tensor_request(image)) for _ in range(2)]
+        time.sleep(0.3)  # both are now waiting for the batch to fill
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Classify(tensor_request(image))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in caught.value.details()
+        assert time.monotonic() - started < 0.5
+        assert all(len(f.result(timeout=10).results) == 1 for f in waiting)
+
+
+def test_expired_and_cancelled_requests_are_dropped_unrun(tiny_repository: Path) -> None:
+    image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
+    with (
+        RunningServer(tiny_repository, max_queue_delay_ms=600) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = pb_grpc.FineserveStub(ch)
+        kept = stub.Classify.future(tensor_request(image))
+        cancelled = stub.Classify.future(tensor_request(image))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Classify(tensor_request(image), timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        cancelled.cancel()
+        assert len(kept.result(timeout=10).results) == 1
+        [stats] = server.server.dataplane.statistics("tiny-image", None)
+        assert stats.inference_count == 1  # only the request nobody gave up on ran
+        assert stats.fail.count == 2
+        # The server itself answers DEADLINE_EXCEEDED when a deadline is already spent on arrival.
+        deadline_passed = time.monotonic() - 1
+        code = server.call(_status_of_infer(server, deadline_passed))
+        assert code == "DEADLINE_EXCEEDED"
+
+
+async def _status_of_infer(server: RunningServer, deadline: float) -> str:
+    from server.errors import status_of
+
+    image = np.zeros((1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
+    try:
+        await server.server.dataplane.infer("tiny-image", None, {"pixel_values": image}, deadline=deadline)
+    except Exception as err:
+        return status_of(err)[0]
+    return "OK"
+
+
+def test_new_version_published_while_a_client_loops_fails_no_request(tiny_repository: Path) -> None:
+    image = np.ones((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
+    versions_seen: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    with (
+        RunningServer(tiny_repository, repository_poll_s=0.1) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = pb_grpc.FineserveStub(ch)
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    versions_seen.append(stub.Classify(tensor_request(image), timeout=5).version)
+                except grpc.RpcError as err:
+                    failures.append(f"{err.code()}: {err.details()}")
+
+        with ThreadPoolExecutor(3) as clients:
+            for _ in range(3):
+                clients.submit(loop)
+            time.sleep(0.3)
+            publish_atomically(tiny_repository / "tiny-image" / "1", 2)
+            deadline = time.monotonic() + 10
+            while (not versions_seen or versions_seen[-1] != 2) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            stop.set()
+        index = {(e.name, e.version): e.state for e in server.server.dataplane.index()}
+    assert failures == []
+    assert versions_seen[0] == 1 and versions_seen[-1] == 2
+    assert index[("tiny-image", 2)] == "READY" and index[("tiny-image", 1)] == "UNAVAILABLE"
+
+
+def test_a_version_that_fails_to_load_leaves_the_previous_one_serving(tiny_repository: Path) -> None:
+    with (
+        RunningServer(tiny_repository, repository_poll_s=0.1) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        stub = pb_grpc.FineserveStub(ch)
+        broken = publish_atomically(tiny_repository / "tiny-image" / "1", 2)
+        (broken / "model.onnx").write_bytes(b"not a graph")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {e.version: e for e in server.server.dataplane.index() if e.name == "tiny-image"}
+            if states[2].state == "FAILED":
+                break
+            time.sleep(0.05)
+        assert states[2].state == "FAILED" and states[2].reason
+        assert states[1].state == "READY"
+        reply = stub.Classify(tensor_request(np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)))
+        assert reply.version == 1
+        assert server.server.dataplane.ready()
+
+
+def test_load_and_unload(tiny_repository: Path) -> None:
+    with RunningServer(tiny_repository, repository_poll_s=0) as server:
+        dataplane = server.server.dataplane
+        server.call(dataplane.unload("tiny-text"))
+        assert not dataplane.model_ready("tiny-text", None)
+        assert dataplane.ready()  # an unloaded model is not expected to be ready
+        server.call(dataplane.load("tiny-text"))
+        assert dataplane.model_ready("tiny-text", 1)
+        with pytest.raises(ModelNotFound):
+            server.call(dataplane.load("nope"))
+    with (
+        RunningServer(tiny_repository, allow_model_control=False) as server,
+        pytest.raises(PermissionDenied, match="allow_model_control"),
+    ):
+        server.call(server.server.dataplane.unload("tiny-text"))
+
+
+def test_version_policy_all_serves_every_version(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    for version in (1, 2, 3):
+        publish_tiny_image_model(root, version=version, seed=version)
+    with RunningServer(root, version_policy="all") as server:
+        assert server.server.dataplane.resolve("tiny-image", None).versions == (1, 2, 3)
+    with RunningServer(root, version_policy="specific", specific_versions={"tiny-image": [2]}) as server:
+        handle = server.server.dataplane.resolve("tiny-image", None)
+        assert (handle.version, handle.versions) == (2, (2,))
