@@ -1,0 +1,295 @@
+"""Test harness for the KServe v2 service: the real server in a subprocess, tritonclient in another.
+
+The server runs as ``python -m server ... --grpc-port 0`` and reports its port in its log.
+
+tritonclient ships its own compiled ``inference`` protos; our generated ``server.pb.inference``
+registers the same symbols, and the two cannot live in one Python process (protobuf raises
+"duplicate symbol"). The test process imports ours (through the server code and other tests),
+so every tritonclient call runs in a spawned child: ``Triton`` submits the functions below to a
+one-process pool. They import tritonclient lazily, so importing this module is harmless, and
+they return plain data (numpy arrays, dicts, tuples), never tritonclient objects.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# (name, datatype, array) for one input.
+Input = tuple[str, str, np.ndarray]
+_clients: dict[str, Any] = {}
+
+
+class TritonError(Exception):
+    """A failed call as tritonclient reported it: the gRPC status name and the server's message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Inferred:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: dict[str, np.ndarray]
+
+
+# --- run in the child -----------------------------------------------------------------------------
+
+
+def _client(url: str) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    if url not in _clients:
+        _clients[url] = grpcclient.InferenceServerClient(url)
+    return _clients[url]
+
+
+def _error(err: Exception) -> tuple[str, str, str]:
+    status = getattr(err, "status", lambda: None)() or "UNKNOWN"
+    message = getattr(err, "message", lambda: str(err))() or ""
+    return ("error", str(status).removeprefix("StatusCode."), message)
+
+
+def _inputs(inputs: list[Input]) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
+    built = []
+    for name, datatype, array in inputs:
+        item = grpcclient.InferInput(name, list(array.shape), datatype)
+        item.set_data_from_numpy(array)
+        built.append(item)
+    return built
+
+
+def _outputs(names: list[str] | None) -> list[Any] | None:
+    import tritonclient.grpc as grpcclient
+
+    return None if names is None else [grpcclient.InferRequestedOutput(n) for n in names]
+
+
+def _inferred(result: Any) -> Inferred:
+    response = result.get_response()
+    return Inferred(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
+        outputs={o.name: result.as_numpy(o.name) for o in response.outputs},
+    )
+
+
+def call(url: str, method: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """Any InferenceServerClient method; message results come back as JSON dicts."""
+    try:
+        return ("ok", getattr(_client(url), method)(*args, **kwargs))
+    except Exception as err:
+        return _error(err)
+
+
+def infer(
+    url: str, model: str, inputs: list[Input], outputs: list[str] | None, **kwargs: Any
+) -> tuple[Any, ...]:
+    try:
+        result = _client(url).infer(model, _inputs(inputs), outputs=_outputs(outputs), **kwargs)
+        return ("ok", _inferred(result))
+    except Exception as err:
+        return _error(err)
+
+
+def stream(url: str, requests: list[dict[str, Any]], timeout_s: float) -> list[tuple[Any, ...]]:
+    """Sends every request on one stream; returns one result per request, in arrival order."""
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue[tuple[Any, ...]] = queue.Queue()
+
+    def callback(result: Any, error: Any) -> None:
+        answers.put(_error(error) if error is not None else ("ok", _inferred(result)))
+
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=callback)
+    try:
+        for r in requests:
+            client.async_stream_infer(
+                r["model"],
+                _inputs(r["inputs"]),
+                outputs=_outputs(r.get("outputs")),
+                request_id=r.get("id", ""),
+            )
+        results = []
+        end = time.monotonic() + timeout_s
+        while len(results) < len(requests) and time.monotonic() < end:
+            try:
+                results.append(answers.get(timeout=0.1))
+            except queue.Empty:
+                continue
+        return results
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def raw_infer(url: str, request: dict[str, Any], raw: list[bytes]) -> tuple[Any, ...]:
+    """A hand-built ModelInferRequest (JSON form, plus raw contents) sent with tritonclient's own
+    compiled stubs: for what tritonclient's API never sends (typed contents, inconsistent raw)."""
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    message = json_format.ParseDict(request, service_pb2.ModelInferRequest())
+    message.raw_input_contents.extend(raw)
+    with grpc.insecure_channel(url) as channel:
+        try:
+            response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=30)
+        except grpc.RpcError as err:
+            return ("error", err.code().name, err.details())
+    outputs = {
+        o.name: (o.datatype, list(o.shape), r)
+        for o, r in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    return ("ok", outputs)
+
+
+def descriptors() -> dict[str, bytes]:
+    """tritonclient's compiled protos, as serialized FileDescriptorProtos."""
+    from google.protobuf import descriptor_pb2
+    from tritonclient.grpc import model_config_pb2, service_pb2
+
+    out = {}
+    for module in (service_pb2, model_config_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        out[module.DESCRIPTOR.name] = proto.SerializeToString()
+    return out
+
+
+# --- used in the test process ---------------------------------------------------------------------
+
+
+class Triton:
+    """A tritonclient living in a child process; methods raise TritonError on a failed call."""
+
+    def __init__(self, url: str = "") -> None:
+        self.url = url
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._pool.submit(func, *args, **kwargs).result(timeout=60)
+
+    @staticmethod
+    def _unwrap(answer: tuple[Any, ...]) -> Any:
+        if answer[0] == "error":
+            raise TritonError(answer[1], answer[2])
+        return answer[1]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._unwrap(self._run(call, self.url, method, *args, **kwargs))
+
+    def infer(
+        self, model: str, inputs: list[Input], outputs: list[str] | None = None, **kwargs: Any
+    ) -> Inferred:
+        answer: Inferred = self._unwrap(self._run(infer, self.url, model, inputs, outputs, **kwargs))
+        return answer
+
+    def stream(self, requests: list[dict[str, Any]], timeout_s: float = 30) -> list[Inferred | TritonError]:
+        answers = self._run(stream, self.url, requests, timeout_s)
+        return [a[1] if a[0] == "ok" else TritonError(a[1], a[2]) for a in answers]
+
+    def raw_infer(self, request: dict[str, Any], raw: list[bytes] | None = None) -> dict[str, Any]:
+        return self._unwrap(self._run(raw_infer, self.url, request, raw or []))  # type: ignore[no-any-return]
+
+    def descriptors(self) -> dict[str, bytes]:
+        found: dict[str, bytes] = self._run(descriptors)
+        return found
+
+    def wait_ready(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            answer = self._run(call, self.url, "is_server_ready", client_timeout=2)
+            if answer == ("ok", True):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"server at {self.url} not ready after {timeout_s} s")
+
+
+# --- the server under test ------------------------------------------------------------------------
+
+_PORT_LINE = re.compile(r"gRPC listening on port (\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    log: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"localhost:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log[-lines:])
+
+
+@contextmanager
+def running_server(
+    repository: Path, *flags: str, env: dict[str, str] | None = None, timeout_s: float = 60
+) -> Iterator[ServerProcess]:
+    """``python -m server`` on a free port (0), stopped with SIGTERM at the end."""
+    command = [
+        sys.executable, "-m", "server", "--model-repository", str(repository),
+        "--grpc-port", "0", "--metrics-port", "-1", "--repository-poll-s", "0", *flags,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    log: list[str] = []
+    port: list[int] = []
+    found = threading.Event()
+
+    def read_log() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line.rstrip())
+            match = _PORT_LINE.search(line)
+            if match and not port:
+                port.append(int(match.group(1)))
+                found.set()
+        found.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    try:
+        if not found.wait(timeout_s) or not port:
+            raise RuntimeError("the server did not report its port:\n" + "\n".join(log[-30:]))
+        yield ServerProcess(process, port[0], log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
