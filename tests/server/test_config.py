@@ -1,0 +1,73 @@
+"""Settings: precedence of flags, environment and file; rules checked at startup; the CLI's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.__main__ import build_parser, main
+from server.config import Settings, SettingsError, load_settings
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    settings = load_settings()
+    assert (settings.grpc_port, settings.metrics_port) == (8001, 8002)
+
+
+def test_flags_beat_environment_which_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_batch_size: 4\nmax_queue_delay_ms: 7\nlog_level: DEBUG\n")
+    monkeypatch.setenv("FINESERVE_MAX_QUEUE_DELAY_MS", "3")
+    monkeypatch.setenv("FINESERVE_PREFERRED_BATCH_SIZES", "[2, 4]")
+    settings = load_settings(config_file=config, log_level="ERROR")
+    assert settings.max_batch_size == 4  # file
+    assert settings.max_queue_delay_ms == 3  # environment over file
+    assert settings.log_level == "ERROR"  # flag over file
+    assert settings.preferred_batch_sizes == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"preferred_batch_sizes": [16], "max_batch_size": 8}, "preferred_batch_sizes [16]"),
+        (
+            {"max_request_bytes": 10_000, "max_receive_message_bytes": 5000},
+            "cannot exceed max_receive_message_bytes",
+        ),
+        ({"version_policy": "specific"}, "needs specific_versions"),
+        ({"grpc_port": 9000, "metrics_port": 9000}, "both 9000"),
+        ({"device": "cuda", "precision": "int8"}, "int8"),
+        ({"device": "cpu", "precision": "fp16"}, "fp16"),
+        ({"grpc_port": 70000}, "grpc_port"),
+        ({"max_queue_size": 0}, "max_queue_size"),
+        ({"device": "tpu"}, "device"),
+        ({"no_such_setting": 1}, "no_such_setting"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_setting(values: dict[str, object], words: str) -> None:
+    with pytest.raises(SettingsError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(**values)
+
+
+def test_config_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpc_prot: 1\n")
+    with pytest.raises(SettingsError, match="unknown settings grpc_prot"):
+        load_settings(config_file=bad)
+    with pytest.raises(SettingsError, match=r"missing\.yaml"):
+        load_settings(config_file=tmp_path / "missing.yaml")
+
+
+def test_every_setting_is_documented_and_has_a_flag_or_file_entry() -> None:
+    flags = {action.dest for action in build_parser()._actions}
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"{name} has no documentation"
+        assert name in flags or name == "specific_versions", f"{name} has no flag"
+
+
+def test_cli_answers_a_bad_value_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--grpc-port", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("fineserve-serve: error: grpc_port: Input should be a valid integer")

@@ -1,0 +1,135 @@
+"""``python -m server`` as a process: startup, metrics over HTTP, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.pb.fineserve.v1 import fineserve_pb2 as pb
+from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from tests.fixtures import TINY_IMAGE_SIZE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    def __init__(self, repository: Path, *flags: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "server",
+            "--model-repository",
+            str(repository),
+            "--grpc-host",
+            "localhost",
+        ]
+        self.process = subprocess.Popen(
+            [*command, "--grpc-port", "0", "--metrics-port", "0", *flags],
+            cwd=REPO_ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if found := re.search(pattern, line):
+                    return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the server log:\n{''.join(self.lines)}")
+
+
+def test_sigterm_turns_health_not_serving_and_lets_in_flight_requests_finish(tiny_repository: Path) -> None:
+    # The open Watch stream is itself an in-flight call: it holds shutdown for the whole grace.
+    flags = ("--max-queue-delay-ms", "1500", "--repository-poll-s", "0", "--shutdown-grace-s", "2")
+    server = ServerProcess(tiny_repository, *flags)
+    try:
+        port = int(server.wait_for(r"gRPC listening on port (\d+)")[1])
+        server.wait_for("server ready: SERVING")
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            statuses: list[int] = []
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            watcher = threading.Thread(target=_collect, args=(watch, statuses), daemon=True)
+            watcher.start()
+            stub = pb_grpc.FineserveStub(channel)
+            image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), "<f4")
+            request = pb.ClassifyRequest(
+                model="tiny-image",
+                images=[pb.ImageInput(tensor=pb.Tensor(shape=[3, 8, 8], fp32_data=image.tobytes()))],
+            )
+            in_flight = stub.Classify.future(request, timeout=20)  # waits 1.5 s for company
+            time.sleep(0.3)
+            server.process.send_signal(signal.SIGTERM)
+            reply = in_flight.result(timeout=20)
+            assert len(reply.results) == 1
+            assert server.process.wait(timeout=20) == 0
+            watcher.join(5)
+        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+        log = "".join(server.lines)
+        assert "shutting down: health NOT_SERVING" in log and "server stopped" in log
+        assert "Traceback" not in log
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def _collect(watch: Iterator[health_pb2.HealthCheckResponse], statuses: list[int]) -> None:
+    # The server cancels the stream when the grace period ends.
+    with contextlib.suppress(grpc.RpcError):
+        statuses.extend(reply.status for reply in watch)
+
+
+def test_metrics_are_served_over_http(tiny_repository: Path) -> None:
+    server = ServerProcess(tiny_repository, "--repository-poll-s", "0")
+    try:
+        port = int(server.wait_for(r"gRPC listening on port (\d+)")[1])
+        metrics_port = int(server.wait_for(r"metrics on http://[^:]+:(\d+)/")[1])
+        server.wait_for("server ready")
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            stub = pb_grpc.FineserveStub(channel)
+            stub.AnalyzeSentiment(pb.AnalyzeSentimentRequest(model="tiny-text", texts=["good", "bad"]))
+        with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5) as page:
+            text = page.read().decode()
+        assert 'fineserve_requests_total{code="OK",model="tiny-text",outcome="ok",version="1"} 1.0' in text
+        assert 'fineserve_execution_info{device="auto",provider="CPUExecutionProvider"} 1.0' in text
+        assert 'fineserve_queue_depth{model="tiny-image",version="1"} 0.0' in text
+        assert "fineserve_batch_size_bucket" in text
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=20)
+
+
+def test_a_bad_flag_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--max-batch-size", "0"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fineserve-serve: error: max_batch_size: Input should be greater than or equal to 1"
+    ]
