@@ -78,6 +78,7 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = True
     save_every_steps: int = 0
+    stop_after_steps: int | None = None
     log_every: int = 20
     progress: bool = True
     data_cache: str | None = None
@@ -188,6 +189,7 @@ FIELD_HELP: dict[str, str] = {
     "threads": "CPU threads for torch (default: torch's choice)",
     "resume": "continue from OUTPUT_DIR/last.pt if it exists",
     "save_every_steps": "also write last.pt every N optimiser steps (0 = at epoch ends only)",
+    "stop_after_steps": "save last.pt and stop as if interrupted after N optimiser steps (tests resume)",
     "log_every": "print a progress line every N optimiser steps",
     "progress": "show tqdm progress bars",
     "data_cache": "where fetched data and cached features go (default $FINESERVE_DATA_CACHE or data-cache/)",
@@ -258,6 +260,11 @@ def _coerce(key: str, value: Any, default: Any, type_text: str) -> Any:
     if type_text.startswith("float"):
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if type_text.startswith("str"):
         if isinstance(value, str | int | float) and not isinstance(value, bool):

@@ -50,7 +50,16 @@ from training.loop import (
 METRICS = "metrics.jsonl"
 ARGS = "args.yaml"
 # Keys that may change between an interrupted run and its resume.
-RESUMABLE_CHANGES = {"epochs", "progress", "log_every", "resume", "save_every_steps", "device", "threads"}
+RESUMABLE_CHANGES = {
+    "stop_after_steps",
+    "epochs",
+    "progress",
+    "log_every",
+    "resume",
+    "save_every_steps",
+    "device",
+    "threads",
+}
 
 
 def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
@@ -220,7 +229,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
                 f"epoch {epoch + 1}/{cfg.epochs} step {progress.step} loss {step_loss:.4f} lr {lr:.2e}",
                 progress.step,
             )
-            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0 and ctx.main:
+            stop = cfg.stop_after_steps is not None and progress.step >= cfg.stop_after_steps
+            if ctx.main and (stop or (cfg.save_every_steps and progress.step % cfg.save_every_steps == 0)):
                 save_state(
                     last,
                     model=model,
@@ -229,6 +239,9 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
                     progress=progress,
                     config=cfg.to_dict(),
                 )
+            if stop:
+                distributed.barrier(ctx)
+                raise KeyboardInterrupt(f"stop_after_steps={cfg.stop_after_steps} reached")
 
         train_loss = train_one_epoch(
             module=module,

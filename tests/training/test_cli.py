@@ -1,0 +1,107 @@
+"""The command line: one-line errors with a non-zero exit for bad recipes, data and labels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.__main__ import build_parser, config_from_args, main
+from training.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FINESERVE_DATA_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args, "--output-dir", str(tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_bad_config_value_is_a_one_line_error(tmp_path: Path) -> None:
+    line = one_line_error(run_cli("digits", "--set", "strategy=everything", tmp_path=tmp_path))
+    assert "strategy" in line and "linear-probe" in line
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"dataset: imagefolder\ndata_path: {tmp_path / 'nowhere'}\nimage_size: 32\n")
+    line = one_line_error(run_cli(str(recipe), tmp_path=tmp_path))
+    assert "nowhere" in line and "does not exist" in line
+
+
+def test_label_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "digits.yaml"
+    recipe.write_text('dataset: digits\nlabels: ["0", "1", "2", "cat"]\nimage_size: 32\n')
+    line = one_line_error(run_cli(str(recipe), tmp_path=tmp_path))
+    assert "label mismatch" in line and "cat" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuchrecipe"], "unknown recipe 'nosuchrecipe'"),
+        (["digits", "--set", "learning_rate=1"], "unknown key 'learning_rate'"),
+        (["digits", "--epochs", "two"], "epochs: expected an integer"),
+        (["digits", "--set", "lr=0"], "lr: must be > 0"),
+        (["sentiment", "--set", "dataset=digits"], "does not fit the text backbone"),
+        (["digits", "--set", "teacher=x", "--set", "strategy=linear-probe"], "teacher: distillation"),
+        (["digits", "--set", "val_fraction=0.6", "--set", "test_fraction=0.5"], "must leave training data"),
+    ],
+)
+def test_config_errors_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main([*args, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_overrides_apply_in_order_recipe_then_options_then_set(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["fashion", "--output-dir", str(tmp_path), "--epochs", "5", "--set", "epochs=7", "--lr", "5e-4"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.epochs == 7 and cfg.lr == 5e-4 and cfg.dataset == "fashion-mnist"
+    with pytest.raises(ConfigError, match="key=value"):
+        config_from_args(build_parser().parse_args(["fashion", "--output-dir", "x", "--set", "novalue"]))
+
+
+def test_help_explains_each_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--strategy",
+        "--layer-decay",
+        "--grad-accum",
+        "--teacher",
+        "--set",
+        "linear-probe",
+        "last.pt",
+    ):
+        assert option in out
+
+
+def test_quick_recipes_are_valid() -> None:
+    for name in ("fashion", "digits", "sentiment"):
+        cfg = config_from_args(build_parser().parse_args([name, "--output-dir", "x"]))
+        assert cfg.labels is not None and len(cfg.labels) >= 2

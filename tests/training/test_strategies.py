@@ -1,0 +1,95 @@
+"""Each strategy trains a few steps on a tiny subset: the loss falls, frozen weights stay put,
+and the run folder is what export reads (load_checkpoint reproduces the test accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import losses, tiny_image_config, tiny_text_config
+from training import layers
+from training.backbones import create_model
+from training.checkpoint import load_checkpoint
+from training.data import ImagePipeline
+from training.datasets import sklearn_digits
+from training.run import train
+
+
+def frozen_state(model: torch.nn.Module, trainable_blocks: int) -> dict[str, torch.Tensor]:
+    """Parameters and buffers (BatchNorm running statistics too) of the blocks that must not change."""
+    blocks = layers.blocks(model)
+    frozen = blocks[: len(blocks) - trainable_blocks]
+    ids = {id(t) for block in frozen for t in [*block.parameters(), *block.buffers()]}
+    return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items() if id(v) in ids}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "changes", "frozen_blocks_from_top"),
+    [
+        ("linear-probe", {"head_lr": 2e-2, "epochs": 3}, 0),
+        ("partial", {"trainable_blocks": 2}, 2),
+        ("full", {"layer_decay": 0.8}, None),
+        ("gradual", {"unfreeze_every": 1, "head_lr": 1e-2}, 1),
+    ],
+)
+def test_image_strategy_loss_falls_and_frozen_weights_stay(
+    tmp_path: Path, strategy: str, changes: dict, frozen_blocks_from_top: int | None
+) -> None:
+    cfg = tiny_image_config(tmp_path, strategy=strategy, **changes)
+    run = tmp_path / "run"
+    metrics = train(cfg, run)
+
+    history = losses(run)
+    assert history[-1] < history[0], history
+    model, meta = load_checkpoint(run)
+    if frozen_blocks_from_top is not None:
+        pretrained = create_model("efficientnet-lite0", 10, image_size=32)
+        # gradual: 2 epochs unfreeze 0 then 1 block, so only the top block may have changed
+        expected = frozen_state(pretrained, frozen_blocks_from_top)
+        got = model.state_dict()
+        assert expected
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), f"{strategy}: frozen {key} changed"
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    # The exported-to-be model reproduces the recorded test accuracy on the recorded split.
+    assert meta.split["test"] == 48 and meta.task == "image-classification"
+    assert meta.preprocessing["image"]["height"] == 32 and meta.model_args == {"image_size": 32}
+    assert meta.temperature > 0 and "test_ece_after" in meta.calibration
+    assert {"args.yaml", "learning_curves.png", "confusion_matrix.png", "last.pt"} <= {
+        p.name for p in run.iterdir()
+    }
+
+
+def test_loaded_checkpoint_reproduces_test_accuracy(tmp_path: Path) -> None:
+    cfg = tiny_image_config(tmp_path, strategy="partial", epochs=1, test_samples=None)
+    run = tmp_path / "run"
+    metrics = train(cfg, run)
+    model, meta = load_checkpoint(run)
+    raw = sklearn_digits()
+    # Rebuild the test split the way the run recorded it (seeded permutation).
+    order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(meta.seed))
+    test_idx = order[: meta.split["test"]]
+    pre = meta.preprocessing["image"]
+    pipeline = ImagePipeline(pre["height"], tuple(pre["mean"]), tuple(pre["std"]))
+    with torch.no_grad():
+        predicted = model(pipeline(raw.images[test_idx], train=False)).argmax(1)
+    accuracy = float((predicted == raw.labels[test_idx]).float().mean())
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert json.loads((run / "metadata.json").read_text())["labels"] == [str(i) for i in range(10)]
+
+
+def test_text_partial_loss_falls_and_tokenizer_travels(tmp_path: Path, text_file: Path) -> None:
+    cfg = tiny_text_config(tmp_path, text_file, strategy="partial", trainable_blocks=2)
+    run = tmp_path / "run"
+    train(cfg, run)
+    history = losses(run)
+    assert history[-1] < history[0], history
+    model, meta = load_checkpoint(run)
+    assert meta.task == "text-classification" and meta.labels == ["neg", "pos"]
+    assert meta.preprocessing == {"text": {"tokenizer_file": "tokenizer.json", "max_length": 16}}
+    assert meta.model_args == {"num_layers": 2}
+    assert (run / "tokenizer.json").is_file()
+    assert len(model.bert.encoder.layer) == 2
