@@ -122,9 +122,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently (so they can share batches) and each answers when it is done,
-        a failed one with ``error_message`` while the stream goes on; ``id`` pairs them up."""
+        a failed one with ``error_message`` while the stream goes on; ``id`` pairs them up.
+
+        At most ``max_queue_size`` requests of one stream are in flight: past that the stream
+        stops reading, and gRPC flow control slows the client down instead of memory filling up.
+        """
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self._settings.max_queue_size)
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
@@ -136,10 +141,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
                 await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+            finally:
+                slots.release()
 
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
+                    await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)

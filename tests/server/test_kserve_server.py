@@ -426,10 +426,13 @@ def test_repository_index_unload_and_load(triton: Triton) -> None:
     )
 
 
-def test_model_control_can_be_disabled(tmp_path: Path) -> None:
+def test_model_control_off_and_stream_backpressure(tmp_path: Path) -> None:
+    """A second server: load/unload disabled, and a queue of 2 requests per model. A stream of
+    many requests is throttled to the queue (none rejected), while plain calls would overflow it."""
     repository = tmp_path / "models"
     publish_tiny_text_model(repository)
-    with running_server(repository, "--no-allow-model-control") as server:
+    flags = ("--no-allow-model-control", "--max-queue-size", "2", "--max-queue-delay-ms", "20")
+    with running_server(repository, *flags) as server:
         client = Triton(server.url)
         try:
             client.wait_ready(60)
@@ -439,5 +442,16 @@ def test_model_control_can_be_disabled(tmp_path: Path) -> None:
                 assert caught.value.code == "PERMISSION_DENIED"
                 assert "allow_model_control" in caught.value.message
             assert client.call("is_model_ready", "tiny-text") is True
+            requests = [
+                {
+                    "model": TEXT,
+                    "inputs": [("texts", "BYTES", strings(f"good movie {i}".encode()))],
+                    "id": str(i),
+                }
+                for i in range(24)
+            ]
+            answers = client.stream(requests)
+            assert [a for a in answers if isinstance(a, TritonError)] == []
+            assert sorted(int(a.id) for a in answers if isinstance(a, Inferred)) == list(range(24))
         finally:
             client.close()
