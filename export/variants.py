@@ -1,0 +1,141 @@
+"""Graph variants of a validated fp32 graph, and the size and CPU latency of each.
+
+- fp16: for the CUDA execution provider. Inputs and outputs stay fp32 so clients and the server
+  do not change; numerically fragile ops (normalisations, softmax, reductions) stay fp32. It also
+  runs on onnxruntime's CPU provider, which is where this machine checks it, but on CPU it is
+  not faster: it is meant for GPUs.
+- int8 for CPU: dynamic quantisation for text (activation ranges are computed per batch, fine
+  for matmul-heavy BERT), static QDQ with calibration data for images (convolutions need fixed
+  activation scales to run in int8).
+- BERT graphs first get onnxruntime's transformer fusions (Attention, SkipLayerNormalization,
+  EmbedLayerNormalization, BiasGelu).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from export.validate import open_session
+
+# Kept in fp32 in the fp16 graph: onnxconverter-common's defaults plus the ops whose fp16
+# accumulation loses accuracy (variance, exp-sums, large reductions).
+FP16_KEEP_FP32_OPS: tuple[str, ...] = (
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "EmbedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceL2",
+    "Pow",
+    "Sqrt",
+    "Erf",
+)
+
+
+def optimize_bert(src: Path, dst: Path, *, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """onnxruntime's BERT fusions; returns the count of each fused op."""
+    from onnxruntime.transformers import optimizer
+
+    model = optimizer.optimize_model(
+        str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size
+    )
+    model.save_model_to_file(str(dst))
+    return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+
+
+def make_fp16(src: Path, dst: Path) -> None:
+    """fp32 graph -> fp16 weights and compute, fp32 inputs/outputs, fragile ops kept fp32.
+
+    Standard-domain graphs go through onnxconverter-common. Graphs with onnxruntime's fused ops
+    (com.microsoft Attention, SkipLayerNormalization, ...) go through onnxruntime's fork of the
+    same converter, which knows those ops' type constraints: onnxconverter-common leaves
+    Attention with fp16 weights but an fp32 mask, which onnxruntime refuses to load.
+    """
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32_OPS]))
+    if any(node.domain == "com.microsoft" for node in model.graph.node):
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        fused = OnnxModel(model)
+        fused.convert_float_to_float16(keep_io_types=True, op_block_list=block)
+        fused.save_model_to_file(str(dst))
+        return
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    onnx.save(converted, str(dst))
+
+
+def make_int8_dynamic(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Fused ops (Attention, ...) are outside the default domain, where shape inference gives up:
+    # tell the quantiser their tensors are float.
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over an iterable of input dicts."""
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def make_int8_static(src: Path, dst: Path, calibration: Iterable[dict[str, np.ndarray]]) -> None:
+    """Static QDQ quantisation, per-channel weights, activation ranges from ``calibration``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(_Batches, CalibrationDataReader):
+        pass
+
+    prepared = dst.with_name(dst.stem + ".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(dst),
+            Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def measure_cpu_latency(path: Path, feed: dict[str, np.ndarray], runs: int = 30, warmup: int = 5) -> float:
+    """Median wall time of one ``run`` at the given batch, in ms, on onnxruntime's CPU provider."""
+    session = open_session(path)
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return round(statistics.median(times), 3)
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "size_bytes": path.stat().st_size}
