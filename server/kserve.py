@@ -28,9 +28,16 @@ if TYPE_CHECKING:
     from server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
-# Only what this server really does: repository index/load/unload, ModelConfig, ModelStatistics,
-# raw (binary) tensor contents, and request parameters (``timeout``).
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data", "parameters")
+# Only what this server really does: top-k classification outputs, repository index/load/unload,
+# ModelConfig, ModelStatistics, raw (binary) tensor contents, request parameters (``timeout``).
+EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",
+    "parameters",
+)
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -186,13 +193,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request.model_name, version, form.inputs, deadline=deadline, is_cancelled=is_cancelled
             )
         outputs = dict(result.outputs)
-        if codec.PROBABILITIES in wanted:
+        if any(w.name == codec.PROBABILITIES for w in wanted):
             logits = outputs[result.handle.spec.outputs[0].name]
             outputs[codec.PROBABILITIES] = self._dataplane.probabilities(result.handle, logits)
         response = pb.ModelInferResponse(
             model_name=result.handle.name, model_version=str(result.handle.version), id=request.id
         )
-        codec.encode_outputs(outputs, wanted, response)
+        selected = codec.select_outputs(outputs, wanted, result.handle.spec.labels)
+        codec.encode_outputs(selected, [w.name for w in wanted], response)
         return response
 
     # --- repository -----------------------------------------------------------------------------

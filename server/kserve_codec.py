@@ -389,23 +389,64 @@ def _check_batch_size(interface: ModelInterface, batch_size: int) -> None:
         )
 
 
-def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) -> list[str]:
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output to return; ``class_count`` > 0 asks for the classification extension's top-k."""
+
+    name: str
+    class_count: int = 0
+
+
+def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) -> list[RequestedOutput]:
     """The outputs to return: those requested, in request order, else all of them."""
     if not request.outputs:
-        return list(interface.output_names)
-    names: list[str] = []
+        return [RequestedOutput(name) for name in interface.output_names]
+    wanted: list[RequestedOutput] = []
     for output in request.outputs:
         where = f"requested output {output.name!r}"
         if output.name not in interface.output_names:
             known = ", ".join(repr(n) for n in interface.output_names)
             raise InvalidInput(f"{where} does not exist (outputs: {known})")
-        if output.name in names:
+        if any(w.name == output.name for w in wanted):
             raise InvalidInput(f"{where} is requested more than once")
-        for key in output.parameters:
-            if key == "classification" or key.startswith("shared_memory"):
+        class_count = 0
+        for key, param in output.parameters.items():
+            if key != "classification":
                 raise InvalidInput(f"{where}: parameter {key!r} is not supported")
-        names.append(output.name)
-    return names
+            if param.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+                raise InvalidInput(
+                    f"{where}: parameter 'classification' must be an integer (how many classes)"
+                )
+            class_count = int(param.int64_param or param.uint64_param)
+            if class_count < 1:
+                raise InvalidInput(f"{where}: parameter 'classification' must be >= 1, got {class_count}")
+        wanted.append(RequestedOutput(output.name, class_count))
+    return wanted
+
+
+def classify(scores: NDArray[np.generic], class_count: int, labels: Sequence[str]) -> NDArray[np.object_]:
+    """The classification extension: per row, the top ``class_count`` classes (at most all of
+    them), best first, each as ``b"<score>:<index>:<label>"`` (score printed like C's ``%f``)."""
+    rows = np.asarray(scores).reshape(len(scores), -1)
+    k = min(class_count, rows.shape[1])
+    # Stable sort on the negated scores: ties keep the lower class index first.
+    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    out = np.empty((rows.shape[0], k), dtype=np.object_)
+    for r, indices in enumerate(order):
+        for c, index in enumerate(indices.tolist()):
+            label = labels[index] if index < len(labels) else ""
+            out[r, c] = f"{float(rows[r, index]):f}:{index}:{label}".encode()
+    return out
+
+
+def select_outputs(
+    outputs: Mapping[str, NDArray[np.generic]], wanted: Sequence[RequestedOutput], labels: Sequence[str]
+) -> dict[str, NDArray[np.generic]]:
+    """The arrays to return, by name: as computed, or as top-k classifications where asked."""
+    return {
+        w.name: classify(outputs[w.name], w.class_count, labels) if w.class_count else outputs[w.name]
+        for w in wanted
+    }
 
 
 def request_timeout_us(parameters: Mapping[str, pb.InferParameter]) -> int | None:

@@ -79,10 +79,13 @@ def _inputs(inputs: list[Input]) -> list[Any]:
     return built
 
 
-def _outputs(names: list[str] | None) -> list[Any] | None:
+def _outputs(names: list[str | tuple[str, int]] | None) -> list[Any] | None:
+    """Output names, or (name, class_count) pairs for the classification extension."""
     import tritonclient.grpc as grpcclient
 
-    return None if names is None else [grpcclient.InferRequestedOutput(n) for n in names]
+    if names is None:
+        return None
+    return [grpcclient.InferRequestedOutput(*((n,) if isinstance(n, str) else n)) for n in names]
 
 
 def _inferred(result: Any) -> Inferred:

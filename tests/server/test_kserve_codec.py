@@ -240,9 +240,10 @@ def test_check_inputs_rejects(
 def test_requested_outputs(specs: dict[str, ModelSpec]) -> None:
     interface = codec.interface_of(specs["image"])
     request = pb.ModelInferRequest()
-    assert codec.requested_outputs(request, interface) == ["logits", "probabilities"]
+    everything = codec.requested_outputs(request, interface)
+    assert everything == [codec.RequestedOutput("logits"), codec.RequestedOutput("probabilities")]
     request.outputs.add(name="probabilities")
-    assert codec.requested_outputs(request, interface) == ["probabilities"]
+    assert codec.requested_outputs(request, interface) == [codec.RequestedOutput("probabilities")]
     request.outputs.add(name="probabilities")
     with invalid("'probabilities' is requested more than once"):
         codec.requested_outputs(request, interface)
@@ -252,8 +253,31 @@ def test_requested_outputs(specs: dict[str, ModelSpec]) -> None:
         codec.requested_outputs(unknown, interface)
     classified = pb.ModelInferRequest()
     classified.outputs.add(name="logits").parameters["classification"].int64_param = 2
-    with invalid("parameter 'classification' is not supported"):
+    assert codec.requested_outputs(classified, interface) == [codec.RequestedOutput("logits", 2)]
+    classified.outputs[0].parameters["classification"].int64_param = 0
+    with invalid("'classification' must be >= 1, got 0"):
         codec.requested_outputs(classified, interface)
+    classified.outputs[0].parameters["classification"].string_param = "2"
+    with invalid("'classification' must be an integer"):
+        codec.requested_outputs(classified, interface)
+    shared = pb.ModelInferRequest()
+    shared.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "r"
+    with invalid("parameter 'shared_memory_region' is not supported"):
+        codec.requested_outputs(shared, interface)
+
+
+def test_classification_is_top_k_best_first() -> None:
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], np.float32)
+    top2 = codec.classify(scores, 2, ["cat", "dog", "fox"])
+    assert top2.tolist() == [
+        [b"0.700000:1:dog", b"0.200000:2:fox"],
+        [b"0.500000:0:cat", b"0.250000:1:dog"],  # a tie keeps the lower index first
+    ]
+    assert codec.classify(scores, 10, ["cat", "dog", "fox"]).shape == (2, 3)
+    wanted = [codec.RequestedOutput("probabilities", 1), codec.RequestedOutput("logits")]
+    selected = codec.select_outputs({"probabilities": scores, "logits": scores * 2}, wanted, ["a", "b", "c"])
+    assert selected["probabilities"].tolist() == [[b"0.700000:1:b"], [b"0.500000:0:a"]]
+    np.testing.assert_array_equal(selected["logits"], scores * 2)
 
 
 def test_request_parameters_and_version() -> None:

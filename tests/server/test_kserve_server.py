@@ -25,6 +25,8 @@ from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_ti
 from tests.server.kserve_harness import Inferred, ServerProcess, Triton, TritonError, running_server
 
 TOLERANCE = 1e-5
+IMAGE = "tiny-image"
+TEXT = "tiny-text"
 RNG = np.random.default_rng(7)
 
 
@@ -116,7 +118,9 @@ def test_live_ready_and_server_metadata(triton: Triton) -> None:
     meta = triton.call("get_server_metadata", as_json=True)
     assert meta["name"] == "fineserve"
     assert meta["version"]
-    assert {"model_repository", "model_configuration", "statistics"} <= set(meta["extensions"])
+    assert {"classification", "model_repository", "model_configuration", "statistics"} <= set(
+        meta["extensions"]
+    )
 
 
 def test_model_ready(triton: Triton) -> None:
@@ -213,6 +217,20 @@ def test_only_requested_outputs_come_back(triton: Triton) -> None:
     np.testing.assert_allclose(result.outputs["probabilities"].sum(axis=1), 1.0, atol=TOLERANCE)
 
 
+def test_classification_extension_returns_top_k_labels(triton: Triton) -> None:
+    batch = pixels(2)
+    plain = triton.infer(IMAGE, [("pixel_values", "FP32", batch)], outputs=["probabilities"])
+    top = triton.infer(IMAGE, [("pixel_values", "FP32", batch)], outputs=[("probabilities", 2), "logits"])
+    assert top.outputs["probabilities"].shape == (2, 2)
+    assert top.outputs["logits"].shape == (2, 3)
+    for row, probabilities in zip(top.outputs["probabilities"], plain.outputs["probabilities"], strict=True):
+        best = np.argsort(-probabilities)[:2]
+        parsed = [item.decode().split(":") for item in row]
+        assert [int(index) for _, index, _ in parsed] == best.tolist()
+        assert [label for _, _, label in parsed] == [f"class_{i}" for i in best]
+        np.testing.assert_allclose([float(v) for v, _, _ in parsed], probabilities[best], atol=1e-6)
+
+
 def test_typed_contents_are_accepted(triton: Triton, repository: Path) -> None:
     """tritonclient always sends raw contents; other clients may send typed ``contents``."""
     ids = [2, 4, 5, 3]
@@ -262,8 +280,6 @@ def test_statistics_count_up(triton: Triton) -> None:
 
 # --- errors: each answered with its status, and the server keeps serving -------------------------
 
-IMAGE = "tiny-image"
-TEXT = "tiny-text"
 IDS = np.ones((1, 4), np.int64)
 
 
