@@ -468,6 +468,13 @@ def test_model_control_off_and_stream_backpressure(tmp_path: Path) -> None:
             ]
             answers = client.stream(requests)
             assert [a for a in answers if isinstance(a, TritonError)] == []
-            assert sorted(int(a.id) for a in answers if isinstance(a, Inferred)) == list(range(24))
+            results = {int(a.id): a for a in answers if isinstance(a, Inferred)}
+            assert sorted(results) == list(range(24))
+            # Batched together, each answer is still exactly its unbatched run.
+            for i, result in results.items():
+                expected = run_graph(repository / TEXT / "1", token_tensors(repository, f"good movie {i}"))
+                assert_outputs(result, expected)
+            stats = client.call("get_inference_statistics", TEXT, as_json=True)["model_stats"][0]
+            assert max(int(b["batch_size"]) for b in stats["batch_stats"]) == 2
         finally:
             client.close()
