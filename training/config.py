@@ -46,6 +46,7 @@ class TrainConfig:
     # --- how: strategy
     strategy: str = "full"
     trainable_blocks: int = 2
+    bn_momentum: float | None = 0.1
     layer_decay: float = 0.75
     unfreeze_every: int = 1
     # --- optimisation
@@ -109,6 +110,8 @@ class TrainConfig:
         for name in ("lr", "distill_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.bn_momentum is not None and not (0 < self.bn_momentum <= 1):
+            raise ConfigError(f"bn_momentum: must be in (0, 1], got {self.bn_momentum}")
         if not (0 < self.layer_decay <= 1):
             raise ConfigError(f"layer_decay: must be in (0, 1], got {self.layer_decay}")
         if not (0 <= self.warmup_fraction < 1):
@@ -160,6 +163,8 @@ FIELD_HELP: dict[str, str] = {
     "strategy": "linear-probe (frozen backbone, cached features), partial (last trainable_blocks "
     "blocks), full (all layers, layer-wise decayed LRs), gradual (unfreeze one block per unfreeze_every)",
     "trainable_blocks": "partial: how many of the last blocks/layers train besides the head",
+    "bn_momentum": "momentum of the BatchNorm running statistics while fine-tuning (null = the backbone's "
+    "own; EfficientNet-Lite ships 0.01, too slow to follow a new domain in a short run)",
     "layer_decay": "full/gradual: LR multiplier per block below the head (1 = same LR everywhere)",
     "unfreeze_every": "gradual: epochs between unfreezing the next-lower block",
     "epochs": "passes over the training data",

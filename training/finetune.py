@@ -43,6 +43,16 @@ def gradual_trainable_blocks(epoch: int, unfreeze_every: int, num_blocks: int) -
     return min(num_blocks, epoch // unfreeze_every)
 
 
+def set_batchnorm_momentum(model: nn.Module, momentum: float | None) -> None:
+    """Running statistics must follow the new domain: the TF-ported EfficientNet-Lite uses
+    momentum 0.01, which in a few hundred steps leaves eval-mode statistics mostly ImageNet's."""
+    if momentum is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 def train_mode(model: nn.Module) -> None:
     """``model.train()``, except that fully frozen blocks and frozen norm layers stay in eval."""
     model.train()

@@ -1,18 +1,33 @@
-"""PNG plots of a run: learning curves and the test confusion matrix (matplotlib, no display)."""
+"""PNG plots of a run: learning curves and the test confusion matrix (matplotlib, no display).
+
+matplotlib is imported when a plot is drawn: a bare GPU box without it still trains
+(``available()`` tells the run to skip the plots, and says so).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def learning_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
@@ -34,6 +49,7 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, names: list[
 
 
 def confusion_plot(matrix: torch.Tensor, names: list[str], path: Path, title: str) -> Path:
+    plt = _pyplot()
     k = len(names)
     size = max(4.0, 0.6 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))

@@ -162,6 +162,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
 
     # --- strategy: what trains, on what -------------------------------------------------------
     num_blocks = len(layers.blocks(model))
+    finetune.set_batchnorm_momentum(model, cfg.bn_momentum)
     finetune.set_trainable_blocks(
         model, finetune.initial_trainable_blocks(cfg.strategy, cfg.trainable_blocks, num_blocks)
     )
@@ -344,8 +345,11 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     write_metadata(output_dir, meta)
     if is_text:
         shutil.copyfile(tokenizer_file(cfg.backbone), output_dir / TOKENIZER)
-    plots.learning_curves(progress.history, output_dir / "learning_curves.png")
-    plots.confusion_plot(matrix, names, output_dir / "confusion_matrix.png", f"{cfg.dataset} test")
+    if plots.available():
+        plots.learning_curves(progress.history, output_dir / "learning_curves.png")
+        plots.confusion_plot(matrix, names, output_dir / "confusion_matrix.png", f"{cfg.dataset} test")
+    else:
+        say("plots skipped: matplotlib is not installed (pip install -e '.[train]')")
     say(f"test accuracy {meta.metrics['test_accuracy']:.4f}; temperature {meta.temperature:.3f}; "
         f"run folder {output_dir}")  # fmt: skip
     distributed.teardown(ctx)
