@@ -258,9 +258,13 @@ def model_from_checkpoint(run_dir: Path) -> ModelToExport:
         training.checkpoint.CheckpointError: missing or malformed run folder.
         UnsupportedModelError: a task this exporter does not handle.
     """
-    from training.checkpoint import checkpoint_sha256, load_checkpoint
+    from training.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint
 
-    model, meta = load_checkpoint(run_dir)
+    try:
+        model, meta = load_checkpoint(run_dir)
+    except RuntimeError as err:  # load_state_dict: weights of another shape or architecture
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{run_dir}: best.pt does not fit the recorded model ({first})") from None
     if meta.task not in ("image-classification", "text-classification"):
         raise UnsupportedModelError(f"{run_dir}: unsupported task {meta.task!r}")
     image = text = None
