@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     """onnxruntime threads inside one operator; 0 lets onnxruntime choose (one per core)."""
     inter_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads across independent operators; 0 lets onnxruntime choose."""
+    intra_op_spinning: bool = False
+    """Let onnxruntime's idle threads spin-wait for work. Off by default: they would burn the cores
+    the gRPC server and image decoding need."""
     graph_optimization: GraphOptimization = "all"
     """onnxruntime graph optimisation level."""
     cuda_mem_limit_bytes: int = Field(default=0, ge=0)

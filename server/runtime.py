@@ -110,6 +110,9 @@ class ModelSession:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
+        spinning = "1" if settings.intra_op_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         providers: list[Any] = [CPU]
         if provider == CUDA:
             cuda_options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
