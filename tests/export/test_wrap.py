@@ -1,0 +1,146 @@
+"""Bring your own model: foreign ONNX classifiers become checked repository entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from export.contract import ImagePreprocessing, TextPreprocessing, list_versions, read_model_spec
+from export.examples import UNLABELLED, Examples, text_examples
+from export.pipeline import ExportSettings
+from export.validate import DynamicAxesError, ValueMismatchError, open_session
+from export.wrap import WrapError, wrap_onnx
+from tests.fixtures import (
+    TINY_IMAGE_SIZE,
+    tiny_image_graph,
+    tiny_text_graph,
+    tiny_vocab,
+    write_tiny_tokenizer,
+)
+
+PREP = ImagePreprocessing(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def foreign_image_graph(scale: float = 1.0) -> onnx.ModelProto:
+    """The tiny image graph as another tool would name it, with an extra label output."""
+    graph = tiny_image_graph()
+    for i, init in enumerate(graph.graph.initializer):
+        if init.name == "weight":
+            graph.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(init) * scale, "weight")
+            )
+    renames = {"pixel_values": "float_input", "logits": "scores_out"}
+    for node in graph.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    graph.graph.input[0].name = "float_input"
+    graph.graph.output[0].name = "scores_out"
+    graph.graph.node.append(onnx.helper.make_node("ArgMax", ["scores_out"], ["label"], axis=1, keepdims=0))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"]))
+    onnx.checker.check_model(graph)
+    return graph
+
+
+def _examples(n: int = 10) -> tuple[Examples, np.ndarray]:
+    pixels = np.random.default_rng(2).normal(size=(n, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)
+    weights = {i.name: numpy_helper.to_array(i) for i in tiny_image_graph().graph.initializer}
+    reference = pixels.mean(axis=(2, 3)) @ weights["weight"] + weights["bias"]  # computed independently
+    return Examples({"pixel_values": pixels}, np.full(n, UNLABELLED), "noise"), reference
+
+
+def test_foreign_image_classifier_is_renamed_checked_and_published(tmp_path: Path) -> None:
+    onnx.save(foreign_image_graph(), tmp_path / "foreign.onnx")
+    examples, reference = _examples()
+    published = wrap_onnx(
+        tmp_path / "foreign.onnx",
+        tmp_path / "models",
+        "byom",
+        task="image-classification",
+        labels=("a", "b", "c"),
+        image=PREP,
+        examples=examples,
+        reference=reference,
+        settings=ExportSettings(variants=("fp32", "fp16"), max_batch_size=4),
+    )
+    spec = read_model_spec(published.version_dir)
+    assert [t.name for t in spec.inputs] == ["pixel_values"] and [t.name for t in spec.outputs] == ["logits"]
+    assert spec.source["original_names"] == {"float_input": "pixel_values", "scores_out": "logits"}
+    assert spec.variants["fp32"].checks["max_abs_diff"] <= 1e-4 and "fp16" in spec.variants
+    session = open_session(published.version_dir / "model.onnx")
+    assert [o.name for o in session.get_outputs()] == ["logits"]  # the label output was dropped
+
+
+def test_damaged_foreign_graph_fails_against_its_reference_and_publishes_nothing(tmp_path: Path) -> None:
+    onnx.save(foreign_image_graph(scale=1.01), tmp_path / "damaged.onnx")
+    examples, reference = _examples()
+    with pytest.raises(ValueMismatchError):
+        wrap_onnx(
+            tmp_path / "damaged.onnx",
+            tmp_path / "models",
+            "byom",
+            task="image-classification",
+            labels=("a", "b", "c"),
+            image=PREP,
+            examples=examples,
+            reference=reference,
+        )
+    assert list_versions(tmp_path / "models" / "byom") == []
+    assert list((tmp_path / "models" / "byom").iterdir()) == []
+
+
+def test_foreign_text_classifier_with_tokenizer(tmp_path: Path) -> None:
+    onnx.save(tiny_text_graph(len(tiny_vocab())), tmp_path / "text.onnx")
+    tokenizer = write_tiny_tokenizer(tmp_path / "tokenizer.json")
+    prep = TextPreprocessing(max_length=16)
+    texts = ["a great movie", "awful boring plot", "i love the plot", "bad", "fine", "the movie"]
+    examples = text_examples(texts, [1, 0, 1, 0, 1, UNLABELLED], tokenizer, prep, "snippets")
+    published = wrap_onnx(
+        tmp_path / "text.onnx",
+        tmp_path / "models",
+        "tiny-sentiment",
+        task="text-classification",
+        labels=("negative", "positive"),
+        text=prep,
+        tokenizer_path=tokenizer,
+        examples=examples,
+        settings=ExportSettings(variants=("fp32", "int8"), max_batch_size=4),
+    )
+    spec = read_model_spec(published.version_dir)
+    assert spec.variants["fp32"].checks["reference_accuracy"] == 1.0  # the tiny graph is right on all 5
+    assert spec.source["reference"].startswith("none")
+    assert (published.version_dir / "tokenizer.json").is_file()
+
+
+def test_wrap_refuses_graphs_that_do_not_fit(tmp_path: Path) -> None:
+    onnx.save(foreign_image_graph(), tmp_path / "foreign.onnx")
+    common = {"labels": ("a", "b", "c"), "image": PREP}
+    with pytest.raises(WrapError, match="4 labels"):
+        wrap_onnx(
+            tmp_path / "foreign.onnx",
+            tmp_path / "m",
+            "x",
+            task="image-classification",
+            **{**common, "labels": ("a", "b", "c", "d")},
+        )
+    with pytest.raises(WrapError, match="integer input_ids"):
+        wrap_onnx(
+            tmp_path / "foreign.onnx",
+            tmp_path / "m",
+            "x",
+            task="text-classification",
+            labels=("a", "b", "c"),
+            tokenizer_path=tmp_path / "t.json",
+        )
+    (tmp_path / "junk.onnx").write_bytes(b"not a graph")
+    with pytest.raises(WrapError, match="not a valid ONNX model"):
+        wrap_onnx(tmp_path / "junk.onnx", tmp_path / "m", "x", task="image-classification", **common)
+    fixed = foreign_image_graph()
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(fixed, tmp_path / "fixed.onnx")
+    with pytest.raises(DynamicAxesError):
+        wrap_onnx(tmp_path / "fixed.onnx", tmp_path / "m", "x", task="image-classification", **common)
+    assert list_versions(tmp_path / "m" / "x") == []
