@@ -147,7 +147,9 @@ class Batcher:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if self._waiting >= self.max_queue_size:
-            raise Overloaded(f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later")
+            raise Overloaded(
+                f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later"
+            )
         pending = _Pending(inputs, rows, deadline, is_cancelled, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         self._waiting += 1
