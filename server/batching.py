@@ -283,3 +283,37 @@ def _pad_axis1(array: np.ndarray, length: int, value: int | float) -> np.ndarray
     widths = [(0, 0)] * array.ndim
     widths[1] = (0, missing)
     return np.pad(array, widths, constant_values=value)
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below ``max_batch_size``, and ``max_batch_size`` itself."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def padded_to_buckets(run: RunBatch, buckets: Sequence[int]) -> RunBatch:
+    """Wraps a batch function so it only ever sees the batch sizes in ``buckets``.
+
+    Rows are padded with zeros up to the next bucket and the outputs cut back. On CUDA every new
+    input shape costs onnxruntime a slow first run (kernel and cuDNN algorithm selection, memory
+    planning); with buckets, the few shapes are all warmed up at load and a stream of
+    varying batch sizes never pays that again.
+    """
+    ordered = sorted(buckets)
+
+    def run_padded(inputs: Tensors) -> Tensors:
+        rows = len(next(iter(inputs.values())))
+        target = next((b for b in ordered if b >= rows), rows)
+        if target == rows:
+            return run(inputs)
+        padded = {
+            name: np.concatenate([value, np.zeros((target - rows, *value.shape[1:]), dtype=value.dtype)])
+            for name, value in inputs.items()
+        }
+        return {name: value[:rows] for name, value in run(padded).items()}
+
+    return run_padded

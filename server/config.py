@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(default=128, ge=1)
     """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
 
+    pad_batches: Literal["auto", "on", "off"] = "auto"
+    """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
+    onnxruntime sees only a few shapes, each warmed up at load. ``auto``: on with CUDA, where every
+    new shape costs a slow first run; off on CPU, where padding only costs compute."""
+
     # --- limits on requests ---------------------------------------------------------------------
     max_image_pixels: int = Field(default=25_000_000, ge=1)
     """Largest image (width x height) decoded; checked from the header, before decoding."""

@@ -105,18 +105,21 @@ def images_from_request(
     arrays = [tensor_from_message(i, image.tensor) for i, image in enumerate(images)]
     if len({a.shape for a in arrays}) > 1:
         raise InvalidInput(f"image tensors differ in shape: {sorted({a.shape for a in arrays})}")
-    return None, {spec.inputs[0].name: np.stack(arrays)}
+    batch = arrays[0][np.newaxis] if len(arrays) == 1 else np.stack(arrays)
+    return None, {spec.inputs[0].name: batch}
 
 
 def tensor_from_message(index: int, tensor: pb.Tensor) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     if not shape or any(d < 1 for d in shape):
         raise InvalidInput(f"image {index}: tensor shape {list(shape)} must be non-empty with positive sizes")
+    data = tensor.fp32_data  # each access copies the bytes out of the message: read it once
     expected = math.prod(shape) * 4
-    if len(tensor.fp32_data) != expected:
-        got = len(tensor.fp32_data)
-        raise InvalidInput(f"image {index}: shape {list(shape)} needs {expected} bytes of float32, got {got}")
-    return np.frombuffer(tensor.fp32_data, dtype="<f4").reshape(shape)
+    if len(data) != expected:
+        raise InvalidInput(
+            f"image {index}: shape {list(shape)} needs {expected} bytes of float32, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype="<f4").reshape(shape)
 
 
 def classify_response(handle: ModelHandle, probabilities: np.ndarray, top_k: int) -> pb.ClassifyResponse:

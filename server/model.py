@@ -16,10 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from export.contract import ModelSpec
-from server.batching import Batcher, BatchTiming, Collate, concat_padded
+from server.batching import (
+    Batcher,
+    BatchTiming,
+    Collate,
+    RunBatch,
+    batch_buckets,
+    concat_padded,
+    padded_to_buckets,
+)
 from server.config import Settings
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
-from server.runtime import ModelSession, choose_variant
+from server.runtime import CUDA, ModelSession, choose_variant
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +189,15 @@ class ServedVersion:
             collate = concat_padded(self.preprocess.pad_values)
         self.max_batch_size = min(spec.max_batch_size, settings.max_batch_size)
         self.stats = StatsRecorder(spec.name, spec.version)
+        pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
+        # The batch sizes warmup runs: with padding, every size a batch can have.
+        self.warmup_batch_sizes = batch_buckets(self.max_batch_size) if pad else (1,)
+        run: RunBatch = (
+            padded_to_buckets(self.session.run, self.warmup_batch_sizes) if pad else self.session.run
+        )
         self.batcher = Batcher(
             f"{spec.name}/{spec.version}",
-            self.session.run,
+            run,
             collate,
             infer_pool,
             max_batch_size=self.max_batch_size,
@@ -198,18 +212,21 @@ class ServedVersion:
         self.batcher.start()
 
     def warmup(self) -> None:
-        """Blocking: one run at batch size 1 on synthetic input, so the first request is not slow."""
-        inputs = {}
-        for tensor in self.spec.inputs:
-            shape = [1] + [d if d > 0 else WARMUP_SEQUENCE_LENGTH for d in tensor.shape[1:]]
-            dtype = NUMPY_DTYPES.get(tensor.datatype, np.dtype(np.float32))
-            inputs[tensor.name] = np.ones(shape, dtype=dtype)
+        """Blocking: runs each batch size the version will see on synthetic input, so no request
+        pays for a first run."""
         started = time.perf_counter()
-        self.session.run(inputs)
+        for rows in self.warmup_batch_sizes:
+            inputs = {}
+            for tensor in self.spec.inputs:
+                shape = [rows] + [d if d > 0 else WARMUP_SEQUENCE_LENGTH for d in tensor.shape[1:]]
+                dtype = NUMPY_DTYPES.get(tensor.datatype, np.dtype(np.float32))
+                inputs[tensor.name] = np.ones(shape, dtype=dtype)
+            self.session.run(inputs)
         log.info(
-            "model %s version %d warmed up in %.1f ms on %s (%s)",
+            "model %s version %d warmed up (batch sizes %s) in %.1f ms on %s (%s)",
             self.spec.name,
             self.spec.version,
+            ",".join(map(str, self.warmup_batch_sizes)),
             (time.perf_counter() - started) * 1000,
             self.provider,
             self.variant,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from server.batching import Batcher, Tensors, concat_padded
+from server.batching import Batcher, Tensors, batch_buckets, concat_padded, padded_to_buckets
 from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded
 
 
@@ -164,3 +164,14 @@ def test_padding_collate_pads_token_axes() -> None:
     collate = concat_padded({"input_ids": 0})
     merged = collate([{"input_ids": np.array([[5, 6, 7]])}, {"input_ids": np.array([[8]])}])
     assert merged["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+
+
+def test_bucket_padding_runs_only_bucket_sizes_and_cuts_outputs_back() -> None:
+    assert batch_buckets(24) == (1, 2, 4, 8, 16, 24)
+    assert batch_buckets(1) == (1,)
+    run = Doubler()
+    padded = padded_to_buckets(run, batch_buckets(24))
+    for rows in (1, 3, 5, 17, 24):
+        x = np.arange(rows, dtype=np.float32)
+        assert padded({"x": x})["y"].tolist() == (x * 2).tolist()
+    assert run.batches == [1, 4, 8, 24, 24]

@@ -44,7 +44,10 @@ def publish_atomically(version_dir: Path, new_version: int) -> Path:
     return final
 
 
-def test_concurrent_clients_are_batched_and_get_unbatched_results(tiny_repository: Path) -> None:
+@pytest.mark.parametrize("pad_batches", ["off", "on"])
+def test_concurrent_clients_are_batched_and_get_unbatched_results(
+    tiny_repository: Path, pad_batches: str
+) -> None:
     images = (
         np.random.default_rng(0).normal(size=(24, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)
     )
