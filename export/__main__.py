@@ -260,7 +260,11 @@ def _run_defaults(args: argparse.Namespace) -> None:
         else:
             train = f"trained in {result.train_seconds:.0f} s, " if result.train_seconds else ""
             version, seconds = result.published.spec.version, result.published.seconds
-            print(f"{result.name}: version {version} ({train}exported and checked in {seconds:.0f} s)")
+            rejected = result.published.spec.source.get("rejected_variants") or {}
+            left_out = f"; left out after a failed check: {', '.join(rejected)}" if rejected else ""
+            print(
+                f"{result.name}: version {version} ({train}exported and checked in {seconds:.0f} s){left_out}"
+            )
 
 
 class UsageError(ValueError):

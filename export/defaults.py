@@ -103,7 +103,10 @@ def build_defaults(
             log(f"{default.name}: already in {repository}, left alone")
             results.append(DefaultResult(default.name, "present"))
             continue
-        model_settings = replace(settings or ExportSettings(), variants=default.variants)
+        # fp16/int8 are extras: one that fails its check is left out (and recorded), not published.
+        model_settings = replace(
+            settings or ExportSettings(), variants=default.variants, optional_variants=("fp16", "int8")
+        )
         if default.recipe is None:
             item, examples = imagenet_model(log)
             published = export_and_publish(

@@ -7,6 +7,7 @@ check raises and the folder disappears, so nothing half-checked is ever publishe
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -55,6 +56,11 @@ class ExportSettings:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     latency_runs: int = 30
     fp32_tolerance: float = validate.FP32_TOLERANCE
+    fp16_min_agreement: float = validate.FP16_MIN_AGREEMENT
+    int8_max_drop_points: float = validate.INT8_MAX_DROP_POINTS
+    # Variants left out (and recorded in source.rejected_variants) when their check fails,
+    # instead of failing the whole export; fp32 is never optional.
+    optional_variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,15 +97,26 @@ def io_specs(
     return inputs, (TensorSpec(OUTPUT, "FP32", (-1, num_labels)),)
 
 
-def torch_logits(wrapped: nn.Module, examples: Examples, batch_size: int = 64) -> np.ndarray:
+def torch_logits(
+    wrapped: nn.Module, examples: Examples, batch_size: int = 64, dtype: torch.dtype = torch.float32
+) -> np.ndarray:
     """The PyTorch reference: logits of every example (text in per-batch padding)."""
     wrapped.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             feed = examples.take(slice(start, start + batch_size))
-            out.append(wrapped(*(torch.from_numpy(v) for v in feed.values())).float().numpy())
-    return np.concatenate(out)
+            tensors = [torch.from_numpy(v) for v in feed.values()]
+            tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+            out.append(wrapped(*tensors).double().numpy())
+    logits = np.concatenate(out)
+    return logits.astype(np.float32) if dtype == torch.float32 else logits
+
+
+def reference_error(wrapped: nn.Module, examples: Examples, reference: np.ndarray) -> float:
+    """How far PyTorch's own fp32 logits are from the exact (float64) ones on these examples."""
+    exact = torch_logits(copy.deepcopy(wrapped).double(), examples, dtype=torch.float64)
+    return float(np.abs(reference.astype(np.float64) - exact).max())
 
 
 def export_and_publish(
@@ -129,9 +146,10 @@ def export_and_publish(
         )
         log(f"{name}: exported with {exported.exporter} (opset {exported.opset})")
         reference = torch_logits(wrapped, examples)
+        error = reference_error(wrapped, examples, reference)
         fp32 = tmp / FILES["fp32"]
         fusions = _optimize(wrapped, item.task, raw, fp32)
-        checks = gate_variants(
+        gate = gate_variants(
             fp32,
             reference,
             examples,
@@ -140,6 +158,7 @@ def export_and_publish(
             settings=settings,
             calibration=calibration,
             task=item.task,
+            reference_fp32_error=error,
             log=log,
         )
         raw.unlink()
@@ -152,7 +171,7 @@ def export_and_publish(
             labels=item.labels,
             inputs=inputs,
             outputs=outputs,
-            variants=checks,
+            variants=gate.variants,
             max_batch_size=settings.max_batch_size,
             temperature=item.temperature,
             image=item.image,
@@ -162,6 +181,7 @@ def export_and_publish(
                 "exporter": exported.exporter,
                 "opset": exported.opset,
                 "graph_optimization": fusions,
+                "rejected_variants": gate.rejected,
                 "reference": "PyTorch eval-mode logits",
                 "examples": examples.source,
                 "latency": _latency_conditions(settings.latency_runs),
@@ -176,6 +196,13 @@ def export_and_publish(
     return Published(version_dir, published, seconds)
 
 
+@dataclass(frozen=True)
+class GateResult:
+    variants: dict[str, Variant]
+    # Optional variants whose check failed: precision -> {"check": error type, "message": ...}
+    rejected: dict[str, dict[str, str]]
+
+
 def gate_variants(
     fp32: Path,
     reference: np.ndarray,
@@ -186,44 +213,90 @@ def gate_variants(
     settings: ExportSettings,
     calibration: Examples | None,
     task: str,
+    reference_fp32_error: float | None = None,
     log: Any = print,
-) -> dict[str, Variant]:
+) -> GateResult:
     """Checks the fp32 graph against ``reference``, then builds and checks each other variant.
 
-    Used for our own exports and for wrapped ONNX models alike. Returns the ``variants`` entry.
+    Used for our own exports and for wrapped ONNX models alike.
+
+    Raises:
+        validate.ValidationError: the first failed check of a variant that is not optional.
     """
     latency_feed = examples.take(np.array([0]))
     made: dict[str, Variant] = {}
+    rejected: dict[str, dict[str, str]] = {}
     for precision in ("fp32", "fp16", "int8"):
         if precision not in settings.variants:
             continue
         path = fp32.with_name(FILES[precision])
-        if precision == "fp16":
-            variants.make_fp16(fp32, path)
-        elif precision == "int8" and task == "text-classification":
-            variants.make_int8_dynamic(fp32, path)
-        elif precision == "int8":
-            calib = calibration if calibration is not None else examples
-            batches = [calib.take(slice(i, i + 8)) for i in range(0, len(calib), 8)]
-            variants.make_int8_static(fp32, path, batches)
-        session = validate.open_session(path)
-        validate.check_interface(session, inputs, outputs)
-        if precision == "fp32":
-            figures = validate.check_fp32(
-                session, reference, examples, settings.max_batch_size, settings.fp32_tolerance
+        try:
+            figures = _build_and_check(
+                precision,
+                fp32,
+                path,
+                reference,
+                examples,
+                inputs,
+                outputs,
+                settings,
+                calibration,
+                task,
+                reference_fp32_error,
             )
-        elif precision == "fp16":
-            figures = validate.check_fp16(session, reference, examples, settings.max_batch_size)
-        else:
-            figures = validate.check_int8(session, reference, examples, settings.max_batch_size)
-        if precision == "int8" and task == "image-classification":
-            figures["calibration"] = (calibration or examples).source
-        del session
+        except validate.ValidationError as err:
+            if precision == "fp32" or precision not in settings.optional_variants:
+                raise
+            path.unlink(missing_ok=True)
+            rejected[precision] = {"check": type(err).__name__, "message": str(err)}
+            log(f"  {precision}: REJECTED, left out ({type(err).__name__}: {err})")
+            continue
         latency = variants.measure_cpu_latency(path, latency_feed, runs=settings.latency_runs)
         made[precision] = Variant(path.name, precision, path.stat().st_size, figures, latency)
         megabytes = path.stat().st_size / 1e6
         log(f"  {precision}: passed {_summary(figures)}; {megabytes:.1f} MB, {latency:.2f} ms at batch 1")
-    return made
+    return GateResult(made, rejected)
+
+
+def _build_and_check(  # noqa: PLR0917 - one private step with the loop's state
+    precision: str,
+    fp32: Path,
+    path: Path,
+    reference: np.ndarray,
+    examples: Examples,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    settings: ExportSettings,
+    calibration: Examples | None,
+    task: str,
+    reference_fp32_error: float | None,
+) -> dict[str, Any]:
+    kept_fp32: list[str] = []
+    if precision == "fp16":
+        kept_fp32 = variants.make_fp16(fp32, path)
+    elif precision == "int8" and task == "text-classification":
+        variants.make_int8_dynamic(fp32, path)
+    elif precision == "int8":
+        calib = calibration if calibration is not None else examples
+        batches = [calib.take(slice(i, i + 8)) for i in range(0, len(calib), 8)]
+        variants.make_int8_static(fp32, path, batches)
+    session = validate.open_session(path)
+    validate.check_interface(session, inputs, outputs)
+    size = settings.max_batch_size
+    if precision == "fp32":
+        return validate.check_fp32(
+            session, reference, examples, size, settings.fp32_tolerance, reference_error=reference_fp32_error
+        )
+    if precision == "fp16":
+        figures = validate.check_fp16(session, reference, examples, size, settings.fp16_min_agreement)
+        return {**figures, "kept_fp32_nodes": kept_fp32, "checked_on": "onnxruntime CPUExecutionProvider"}
+    figures = validate.check_int8(session, reference, examples, size, settings.int8_max_drop_points)
+    if task == "image-classification":
+        figures["calibration"] = (calibration or examples).source
+        figures["method"] = "static QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
+    else:
+        figures["method"] = "dynamic, int8 weights"
+    return figures
 
 
 def _optimize(wrapped: nn.Module, task: str, raw: Path, dst: Path) -> dict[str, int]:

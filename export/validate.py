@@ -134,13 +134,33 @@ def run_batched(
     return logits[:n]
 
 
+def fp32_tolerance(base: float, reference_error: float | None) -> float:
+    """The fp32 gate's tolerance: ``base`` (1e-4), unless the PyTorch reference is itself further
+    than that from the exact (float64) answer; then 3x that error.
+
+    Why: a fine-tuned EfficientNet whose BatchNorm saw constant backgrounds (running variance 0,
+    scales up to ~170) amplifies fp32 rounding so much that PyTorch at batch 64 and at batch 1
+    differ by 2e-4 on Fashion-MNIST. No fp32 graph can then be within 1e-4 of the reference.
+    The graph's error and the reference's add up (x2), plus slack for onnxruntime's different
+    summation order after folding BatchNorm (x3). A real defect (a wrong weight, a baked-in
+    branch) still shows up orders of magnitude above this.
+    """
+    if reference_error is None:
+        return base
+    return max(base, 3.0 * reference_error)
+
+
 def check_fp32(
     session: ort.InferenceSession,
     reference: np.ndarray,
     examples: Examples,
     max_batch_size: int,
     tolerance: float = FP32_TOLERANCE,
+    *,
+    reference_error: float | None = None,
 ) -> dict[str, Any]:
+    """``reference_error``: max |PyTorch fp32 - PyTorch float64| on these examples, if measured."""
+    base, tolerance = tolerance, fp32_tolerance(tolerance, reference_error)
     want_top1 = reference.argmax(axis=1)
     per_batch: dict[str, float] = {}
     mismatches = 0
@@ -161,6 +181,8 @@ def check_fp32(
         "max_abs_diff": max(per_batch.values()),
         "max_abs_diff_by_batch": per_batch,
         "tolerance": tolerance,
+        "base_tolerance": base,
+        "reference_fp32_error": reference_error,
         "top1_identical": True,
         **_accuracy_figures(reference, examples),
     }

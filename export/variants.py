@@ -55,30 +55,47 @@ def optimize_bert(src: Path, dst: Path, *, num_heads: int, hidden_size: int) -> 
     return {op: n for op, n in model.get_fused_operator_statistics().items() if n}
 
 
-def make_fp16(src: Path, dst: Path) -> None:
+def make_fp16(src: Path, dst: Path) -> list[str]:
     """fp32 graph -> fp16 weights and compute, fp32 inputs/outputs, fragile ops kept fp32.
+
+    The layer that reads the graph input (an image model's stem convolution) also stays fp32:
+    fine-tuned EfficientNets can have BatchNorm scales of ~170 folded into it, and in fp16 that
+    alone flipped 1.6% of Fashion-MNIST top-1 answers (98.4% agreement; 99.7% with the stem kept).
 
     Standard-domain graphs go through onnxconverter-common. Graphs with onnxruntime's fused ops
     (com.microsoft Attention, SkipLayerNormalization, ...) go through onnxruntime's fork of the
     same converter, which knows those ops' type constraints: onnxconverter-common leaves
     Attention with fp16 weights but an fp32 mask, which onnxruntime refuses to load.
+
+    Returns the names of the nodes kept in fp32 besides the op types of ``FP16_KEEP_FP32_OPS``.
     """
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
     block = list(dict.fromkeys([*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32_OPS]))
+    inputs = {i.name for i in model.graph.input}
+    for index, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"  # the block list matches names
+    stem = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("Conv", "MatMul", "Gemm") and any(i in inputs for i in n.input)
+    ]
     if any(node.domain == "com.microsoft" for node in model.graph.node):
         from onnxruntime.transformers.onnx_model import OnnxModel
 
         fused = OnnxModel(model)
-        fused.convert_float_to_float16(keep_io_types=True, op_block_list=block)
+        fused.convert_float_to_float16(keep_io_types=True, op_block_list=block, node_block_list=stem)
         fused.save_model_to_file(str(dst))
-        return
+        return stem
     with warnings.catch_warnings():
         # One warning per tiny weight flushed to fp16's smallest normal; the gate judges the result.
         warnings.simplefilter("ignore", UserWarning)
-        converted = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=block, node_block_list=stem
+        )
     onnx.save(converted, str(dst))
+    return stem
 
 
 def make_int8_dynamic(src: Path, dst: Path) -> None:

@@ -185,7 +185,7 @@ def wrap_onnx(
         own = validate.run_batched(session, examples, 1, len(labels))
         del session
         checked_against = "reference logits" if reference is not None else "none (graph's own fp32 outputs)"
-        variants = gate_variants(
+        gate = gate_variants(
             fp32,
             reference if reference is not None else own,
             examples,
@@ -205,7 +205,7 @@ def wrap_onnx(
             labels=labels,
             inputs=interface.inputs,
             outputs=interface.outputs,
-            variants=variants,
+            variants=gate.variants,
             max_batch_size=settings.max_batch_size,
             image=image,
             text=text if task == "text-classification" else None,
@@ -213,6 +213,7 @@ def wrap_onnx(
                 "wrapped": str(onnx_path),
                 "original_names": interface.renames,
                 "reference": checked_against,
+                "rejected_variants": gate.rejected,
                 "examples": examples.source,
             },
         )
