@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from export.contract import list_versions, read_model_spec
 from export.examples import Examples
@@ -85,3 +87,21 @@ def test_text_checkpoint_gets_fusions_tokenizer_and_variants(
     )
     assert again.spec.version == 2 and list_versions(repository / "reviews") == [1, 2]
     assert json.loads((again.version_dir / "model.json").read_text())["version"] == 2
+
+
+def test_a_failed_optional_variant_is_left_out_and_recorded(
+    image_run: Path, image_examples_: Examples, tmp_path: Path
+) -> None:
+    from export.validate import Fp16AgreementError
+
+    repository = tmp_path / "models"
+    item = model_from_checkpoint(image_run)
+    impossible = ExportSettings(variants=("fp32", "fp16"), max_batch_size=4, fp16_min_agreement=1.01)
+    with pytest.raises(Fp16AgreementError):  # asked for, not optional: the whole export fails
+        export_and_publish(item, image_examples_, repository, "photos", settings=impossible)
+    assert list_versions(repository / "photos") == []
+    optional = dataclasses.replace(impossible, optional_variants=("fp16",))
+    published = export_and_publish(item, image_examples_, repository, "photos", settings=optional)
+    assert set(published.spec.variants) == {"fp32"}
+    assert published.spec.source["rejected_variants"]["fp16"]["check"] == "Fp16AgreementError"
+    assert not (published.version_dir / "model.fp16.onnx").exists()
