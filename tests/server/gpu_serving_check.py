@@ -187,6 +187,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gpu-check"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer batch sizes and load runs")
     args = parser.parse_args()
     if args.device == "cuda":
         import torch  # noqa: F401  (loads the CUDA/cuDNN libraries onnxruntime-gpu uses)
@@ -197,6 +198,8 @@ def main() -> int:
     report["export_s"] = time.perf_counter() - started
     variant_file = "model.fp16.onnx" if args.device == "cuda" else "model.onnx"
     batches = [1, 8, 32, 64, 128] if args.device == "cuda" else [1, 8]
+    if args.quick:
+        batches = [1, 64]
     report["raw_onnxruntime"] = raw_onnxruntime(
         version_dir / variant_file, args.device, batches, args.seconds / 3
     )
@@ -268,7 +271,7 @@ def main() -> int:
         ("gRPC JPEG 288x256, 1 image/request", lambda: load_test(target, 4, 32, args.seconds, 1, True)),
         ("gRPC JPEG 288x256, 16 images/request", lambda: load_test(target, 4, 4, args.seconds, 16, True)),
     ]
-    for name, run in runs:
+    for name, run in runs[:3] if args.quick else runs:
         before = server.dataplane.statistics("resnet", None)[0]
         result = run()
         after = server.dataplane.statistics("resnet", None)[0]
