@@ -104,7 +104,13 @@ class DataPlane:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Loads and warms up every model the policy selects, then starts polling for versions."""
+        """Loads and warms up every model the policy selects, then starts polling for versions.
+
+        Raises:
+            FileNotFoundError: the model repository is not a folder.
+        """
+        if not self.repository.root.is_dir():
+            raise FileNotFoundError(f"model repository {self.repository.root} is not a folder")
         await self.repository.sync()
         self._started = True
         if self.settings.repository_poll_s > 0:

@@ -133,3 +133,20 @@ def test_a_bad_flag_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "fineserve-serve: error: max_batch_size: Input should be greater than or equal to 1"
     ]
+
+
+def test_a_missing_repository_exits_1_with_a_one_line_message(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model-repository",
+        str(tmp_path / "nope"),
+        "--grpc-port",
+        "0",
+    ]
+    result = subprocess.run([*command, "--metrics-port", "-1"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fineserve-serve: error: model repository {tmp_path / 'nope'} is not a folder"
+    )
