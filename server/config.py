@@ -10,11 +10,12 @@ Rules that involve several fields are checked here, in the model, not where the 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -31,6 +32,31 @@ GraphOptimization = Literal["disable", "basic", "extended", "all"]
 ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
 VersionPolicy = Literal["latest", "all", "specific"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ModelBatching(BaseModel):
+    """One model's batching settings; a field left unset takes the server-wide value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    """Cap on rows per batch for this model."""
+    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+    """How long this model's first request of a batch waits for others."""
+    preferred_batch_sizes: list[int] | None = None
+    """Batch sizes that run at once for this model."""
+    max_queue_size: int | None = Field(default=None, ge=1)
+    """Requests waiting for this model before RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batching settings in force for one model (overrides resolved)."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    preferred_batch_sizes: tuple[int, ...]
+    max_queue_size: int
 
 
 class Settings(BaseSettings):
@@ -94,6 +120,9 @@ class Settings(BaseSettings):
     """Batch sizes worth running at once without waiting out the delay (e.g. ``[8, 16]``)."""
     max_queue_size: int = Field(default=128, ge=1)
     """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
+    batching: dict[str, ModelBatching] = Field(default_factory=dict)
+    """Per-model batching overrides: model name -> any of max_batch_size, max_queue_delay_ms,
+    preferred_batch_sizes, max_queue_size (config file or environment as JSON)."""
 
     pad_batches: Literal["auto", "on", "off"] = "auto"
     """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
@@ -142,11 +171,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
-        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
-        if too_big:
-            raise ValueError(
-                f"preferred_batch_sizes {too_big} must each be in 1..max_batch_size ({self.max_batch_size})"
-            )
+        for name in ["", *self.batching]:
+            batching = self.batching_for(name)
+            too_big = [b for b in batching.preferred_batch_sizes if not 1 <= b <= batching.max_batch_size]
+            if too_big:
+                where = f"batching.{name}." if name else ""
+                raise ValueError(
+                    f"{where}preferred_batch_sizes {too_big} must each be in 1..max_batch_size "
+                    f"({batching.max_batch_size})"
+                )
         if self.max_request_bytes > self.max_receive_message_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) cannot exceed "
@@ -163,6 +196,21 @@ class Settings(BaseSettings):
         if self.device == "cpu" and self.precision == "fp16":
             raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
         return self
+
+    def batching_for(self, model: str) -> Batching:
+        """The batching settings for ``model``: its overrides over the server-wide values."""
+        override = self.batching.get(model, ModelBatching())
+        preferred = override.preferred_batch_sizes
+        return Batching(
+            max_batch_size=override.max_batch_size or self.max_batch_size,
+            max_queue_delay_ms=(
+                self.max_queue_delay_ms
+                if override.max_queue_delay_ms is None
+                else override.max_queue_delay_ms
+            ),
+            preferred_batch_sizes=tuple(self.preferred_batch_sizes if preferred is None else preferred),
+            max_queue_size=override.max_queue_size or self.max_queue_size,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -187,7 +187,8 @@ class ServedVersion:
                 path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
             )
             collate = concat_padded(self.preprocess.pad_values)
-        self.max_batch_size = min(spec.max_batch_size, settings.max_batch_size)
+        batching = settings.batching_for(spec.name)
+        self.max_batch_size = min(spec.max_batch_size, batching.max_batch_size)
         self.stats = StatsRecorder(spec.name, spec.version)
         pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
         # The batch sizes warmup runs: with padding, every size a batch can have.
@@ -201,9 +202,9 @@ class ServedVersion:
             collate,
             infer_pool,
             max_batch_size=self.max_batch_size,
-            max_batch_time=settings.max_queue_delay_ms / 1000.0,
-            max_queue_size=settings.max_queue_size,
-            preferred_batch_sizes=[b for b in settings.preferred_batch_sizes if b <= self.max_batch_size],
+            max_batch_time=batching.max_queue_delay_ms / 1000.0,
+            max_queue_size=batching.max_queue_size,
+            preferred_batch_sizes=[b for b in batching.preferred_batch_sizes if b <= self.max_batch_size],
             on_batch=self.stats.record_batch,
         )
         self.in_flight = 0

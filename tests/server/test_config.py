@@ -31,6 +31,8 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path, monkeypatch
     ("values", "words"),
     [
         ({"preferred_batch_sizes": [16], "max_batch_size": 8}, "preferred_batch_sizes [16]"),
+        ({"batching": {"fashion": {"max_batch_size": 4, "preferred_batch_sizes": [8]}}}, "batching.fashion."),
+        ({"batching": {"fashion": {"max_batch": 4}}}, "max_batch"),
         (
             {"max_request_bytes": 10_000, "max_receive_message_bytes": 5000},
             "cannot exceed max_receive_message_bytes",
@@ -63,7 +65,7 @@ def test_every_setting_is_documented_and_has_a_flag_or_file_entry() -> None:
     flags = {action.dest for action in build_parser()._actions}
     for name, field in Settings.model_fields.items():
         assert field.description, f"{name} has no documentation"
-        assert name in flags or name == "specific_versions", f"{name} has no flag"
+        assert name in flags or name in ("specific_versions", "batching"), f"{name} has no flag"
 
 
 def test_cli_answers_a_bad_value_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,3 +73,14 @@ def test_cli_answers_a_bad_value_with_one_line_and_exit_2(capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("fineserve-serve: error: grpc_port: Input should be a valid integer")
+
+
+def test_per_model_batching_overrides_the_server_wide_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "FINESERVE_BATCHING", '{"sentiment": {"max_queue_delay_ms": 10, "max_batch_size": 16}}'
+    )
+    settings = load_settings(max_batch_size=32, max_queue_size=50)
+    sentiment = settings.batching_for("sentiment")
+    assert (sentiment.max_batch_size, sentiment.max_queue_delay_ms, sentiment.max_queue_size) == (16, 10, 50)
+    other = settings.batching_for("fashion")
+    assert (other.max_batch_size, other.max_queue_delay_ms) == (32, 2.0)

@@ -73,7 +73,8 @@ def test_concurrent_clients_are_batched_and_get_unbatched_results(
 
 def test_a_full_queue_answers_resource_exhausted_at_once(tiny_repository: Path) -> None:
     image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
-    settings = {"max_queue_size": 2, "max_queue_delay_ms": 1500}
+    # Through a per-model override: the other model keeps the server-wide queue.
+    settings = {"batching": {"tiny-image": {"max_queue_size": 2, "max_queue_delay_ms": 1500}}}
     with RunningServer(tiny_repository, **settings) as server, grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FineserveStub(ch)
         waiting = [stub.Classify.future(tensor_request(image)) for _ in range(2)]
