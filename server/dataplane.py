@@ -321,6 +321,7 @@ class DataPlane:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before the request was processed")
             tensors, rows = await prepare()
+            prepare_ns = time.perf_counter_ns() - started
             results = await self._submit_chunks(served, tensors, rows, deadline, is_cancelled)
         except BaseException as err:
             elapsed = time.perf_counter_ns() - started
@@ -331,18 +332,23 @@ class DataPlane:
         finally:
             served.in_flight -= 1
         elapsed = time.perf_counter_ns() - started
-        outputs = {key: np.concatenate([r.outputs[key] for r in results]) for key in results[0].outputs}
-        first = results[0]
-        served.stats.record_request(
-            True,
-            elapsed,
-            sum(r.queue_ns for r in results),
-            (first.batch.input_ns, first.batch.infer_ns, first.batch.output_ns),
+        if len(results) == 1:
+            outputs = results[0].outputs
+        else:
+            outputs = {key: np.concatenate([r.outputs[key] for r in results]) for key in results[0].outputs}
+        # Chunks wait side by side (the longest wait counts) and run one after another (summed);
+        # preprocessing counts as computing the input, as in Triton's statistics.
+        queue_ns = max(r.queue_ns for r in results)
+        timings = (
+            prepare_ns + sum(r.batch.input_ns for r in results),
+            sum(r.batch.infer_ns for r in results),
+            sum(r.batch.output_ns for r in results),
         )
+        served.stats.record_request(True, elapsed, queue_ns, timings)
         labels = (spec.name, str(spec.version))
         self.metrics.requests.labels(*labels, "ok", "OK").inc()
         self.metrics.latency.labels(*labels).observe(elapsed / 1e9)
-        self.metrics.queue_latency.labels(*labels).observe(first.queue_ns / 1e9)
+        self.metrics.queue_latency.labels(*labels).observe(queue_ns / 1e9)
         for r in results:
             self.metrics.batch_size.labels(*labels).observe(r.batch.batch_size)
         return InferResult(self._handle(served), outputs)
@@ -406,8 +412,15 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
     return inputs, rows
 
 
+_MORE_DATATYPES: dict[str, np.dtype[np.generic]] = {
+    name: np.dtype(kind)
+    for name, kind in (("FP64", "float64"), ("INT8", "int8"), ("INT16", "int16"), ("UINT16", "uint16"))
+}
+
+
 def _datatype(dtype: np.dtype[np.generic]) -> str:
-    for name, candidate in NUMPY_DTYPES.items():
+    """The KServe name of a numpy dtype, for messages."""
+    for name, candidate in [*NUMPY_DTYPES.items(), *_MORE_DATATYPES.items()]:
         if candidate == dtype:
             return name
     return str(dtype)

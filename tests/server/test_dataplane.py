@@ -1,0 +1,107 @@
+"""The core without a transport: resolution, validation before queueing, statistics, logging."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.app import configure_logging
+from server.config import load_settings
+from server.dataplane import DataPlane
+from server.errors import InvalidInput, LimitExceeded, ModelNotFound
+from tests.fixtures import TINY_IMAGE_SIZE
+
+
+def run_with_dataplane(
+    repository: Path, scenario: Callable[[DataPlane], Awaitable[None]], **settings: object
+) -> None:
+    async def main() -> None:
+        dataplane = DataPlane(load_settings(model_repository=repository, repository_poll_s=0, **settings))
+        await dataplane.start()
+        try:
+            await scenario(dataplane)
+        finally:
+            await dataplane.close()
+
+    asyncio.run(main())
+
+
+def images(rows: int) -> dict[str, np.ndarray]:
+    return {"pixel_values": np.zeros((rows, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)}
+
+
+def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        cases = [
+            ({"pixel_values": np.zeros((1, 3, 8, 8), np.float64)}, "datatype FP64 but the model takes FP32"),
+            ({"pixel_values": np.zeros((1, 3, 8, 9), np.float32)}, r"shape \[1, 3, 8, 9\]"),
+            ({"pixel_values": np.zeros((3, 8, 8), np.float32)}, r"shape \[3, 8, 8\]"),
+            (
+                {"pixels": np.zeros((1, 3, 8, 8), np.float32)},
+                r"missing \['pixel_values'\], unknown \['pixels'\]",
+            ),
+        ]
+        for inputs, words in cases:
+            with pytest.raises(InvalidInput, match=words):
+                await dataplane.infer("tiny-image", None, inputs, deadline=None)
+        text = {"input_ids": np.zeros((2, 5), np.int64), "attention_mask": np.zeros((2, 4), np.int64)}
+        with pytest.raises(InvalidInput, match="differs from"):
+            await dataplane.infer("tiny-text", None, text, deadline=None)
+        with pytest.raises(LimitExceeded, match="max_items_per_request"):
+            await dataplane.infer("tiny-image", None, images(300), deadline=None)
+        with pytest.raises(ModelNotFound):
+            dataplane.resolve("tiny-image", 2)
+        [stats] = dataplane.statistics("tiny-image", 1)
+        assert stats.execution_count == 0  # nothing invalid reached the batcher
+        assert stats.fail.count == 5  # four invalid inputs and one over the limit
+
+    run_with_dataplane(tiny_repository, scenario)
+
+
+def test_statistics_count_requests_rows_and_batches(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        # 20 rows with a model batch size of 8: chunks of 8, 8 and 4 in one request.
+        result = await dataplane.infer("tiny-image", None, images(20), deadline=None)
+        assert result.outputs["logits"].shape == (20, 3)
+        await asyncio.gather(
+            *(dataplane.infer("tiny-image", None, images(1), deadline=None) for _ in range(4))
+        )
+        [stats] = dataplane.statistics("tiny-image", None)
+        assert stats.success.count == 5 and stats.fail.count == 0
+        assert stats.inference_count == 24
+        assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
+        assert {b.batch_size for b in stats.batch_stats} <= set(range(1, 9))
+        assert stats.compute_input.ns > 0 and stats.compute_infer.ns > 0 and stats.queue.count == 5
+        assert stats.last_inference_ms > 0
+        assert [s.name for s in dataplane.statistics(None, None)] == ["tiny-image", "tiny-text"]
+
+    run_with_dataplane(tiny_repository, scenario)
+
+
+def test_probabilities_are_a_tempered_softmax(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        handle = dataplane.resolve("tiny-image", None)
+        probabilities = dataplane.probabilities(handle, np.array([[0.0, np.log(3.0), -1000.0]]))
+        np.testing.assert_allclose(probabilities, [[0.25, 0.75, 0.0]], atol=1e-6)
+
+    run_with_dataplane(tiny_repository, scenario)
+
+
+def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(load_settings(log_json=True))
+    try:
+        logging.getLogger("server.test").warning("hello %s", "there")
+        record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert (record["level"], record["logger"], record["message"]) == (
+            "WARNING",
+            "server.test",
+            "hello there",
+        )
+    finally:
+        logging.getLogger().handlers.clear()
