@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
@@ -117,6 +118,8 @@ def test_metrics_are_served_over_http(tiny_repository: Path) -> None:
         assert 'fineserve_execution_info{device="auto",provider="CPUExecutionProvider"} 1.0' in text
         assert 'fineserve_queue_depth{model="tiny-image",version="1"} 0.0' in text
         assert "fineserve_batch_size_bucket" in text
+        # device=auto without CUDA: said in the log, not silent.
+        assert "CUDA execution provider not available" in "".join(server.lines)
     finally:
         server.process.send_signal(signal.SIGTERM)
         server.process.wait(timeout=20)
@@ -149,4 +152,19 @@ def test_a_missing_repository_exits_1_with_a_one_line_message(tmp_path: Path) ->
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"fineserve-serve: error: model repository {tmp_path / 'nope'} is not a folder"
+    )
+
+
+def test_cuda_asked_for_but_unavailable_is_an_error_never_a_silent_fallback(tiny_repository: Path) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    command = [sys.executable, "-m", "server", "--model-repository", str(tiny_repository), "--device", "cuda"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("fineserve-serve: error: device=cuda but onnxruntime")
     )
