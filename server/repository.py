@@ -61,8 +61,8 @@ class Repository:
         # name -> version -> the loaded version; only READY versions are in here.
         self.served: dict[str, dict[int, ServedVersion]] = {}
         self._loading: set[tuple[str, int]] = set()
-        # (name, version) -> (reason, folder mtime when it failed): not retried until it changes.
-        self._failed: dict[tuple[str, int], tuple[str, float]] = {}
+        # (name, version) -> (reason, the folder's files when it failed): not retried until they change.
+        self._failed: dict[tuple[str, int], tuple[str, _Signature]] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
 
@@ -91,7 +91,7 @@ class Repository:
 
     def _still_failed(self, name: str, version: int) -> bool:
         failed = self._failed.get((name, version))
-        return failed is not None and failed[1] == _mtime(self.root / name / str(version))
+        return failed is not None and failed[1] == _signature(self.root / name / str(version))
 
     def status(self, name: str) -> list[VersionStatus]:
         """Every version of ``name`` on disk or served, oldest first, with its state."""
@@ -171,7 +171,7 @@ class Repository:
                 str(err) if isinstance(err, ModelSpecError | ValueError) else f"{type(err).__name__}: {err}"
             )
             log.error("model %s version %d failed to load: %s", name, version, reason)
-            self._failed[(name, version)] = (reason, _mtime(path))
+            self._failed[(name, version)] = (reason, _signature(path))
             return
         finally:
             self._loading.discard((name, version))
@@ -203,8 +203,15 @@ class Repository:
         log.info("model %s version %d retired", name, version)
 
 
-def _mtime(path: Path) -> float:
+_Signature = frozenset[tuple[str, int, int]]
+
+
+def _signature(path: Path) -> _Signature:
+    """Names, sizes and modification times of a version folder's files: a rewritten file changes it
+    (the folder's own mtime would not)."""
     try:
-        return path.stat().st_mtime
+        return frozenset(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()
+        )
     except OSError:
-        return -1.0
+        return frozenset()

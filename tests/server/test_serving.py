@@ -203,3 +203,26 @@ def test_version_policy_all_serves_every_version(tmp_path: Path) -> None:
     with RunningServer(root, version_policy="specific", specific_versions={"tiny-image": [2]}) as server:
         handle = server.server.dataplane.resolve("tiny-image", None)
         assert (handle.version, handle.versions) == (2, (2,))
+
+
+def test_a_failed_version_is_retried_once_its_files_change(tiny_repository: Path) -> None:
+    with RunningServer(tiny_repository, repository_poll_s=0.1) as server:
+        dataplane = server.server.dataplane
+        staging = tiny_repository / "tiny-image" / ".tmp-2"
+        shutil.copytree(tiny_repository / "tiny-image" / "1", staging)
+        good = (staging / "model.json").read_text().replace('"version": 1', '"version": 2')
+        assert good != (staging / "model.json").read_text()
+        (staging / "model.json").write_text("{ half written")
+        version_dir = staging.rename(tiny_repository / "tiny-image" / "2")
+
+        def state_of_2() -> str:
+            return {e.version: e.state for e in dataplane.index() if e.name == "tiny-image"}[2]
+
+        deadline = time.monotonic() + 10
+        while state_of_2() in ("LOADING", "UNAVAILABLE") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state_of_2() == "FAILED"
+        (version_dir / "model.json").write_text(good)  # same folder, file rewritten
+        while state_of_2() != "READY" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dataplane.resolve("tiny-image", None).version == 2
