@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.batching import Batcher, Tensors, batch_buckets, concat_padded, padded_to_buckets
 from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded
@@ -175,3 +178,37 @@ def test_bucket_padding_runs_only_bucket_sizes_and_cuts_outputs_back() -> None:
         x = np.arange(rows, dtype=np.float32)
         assert padded({"x": x})["y"].tolist() == (x * 2).tolist()
     assert run.batches == [1, 4, 8, 24, 24]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=12),
+    max_batch_size=st.integers(6, 10),
+    pad=st.booleans(),
+)
+def test_every_request_gets_exactly_its_own_rows(sizes: list[int], max_batch_size: int, pad: bool) -> None:
+    run = Doubler()
+    batch_function = padded_to_buckets(run, batch_buckets(max_batch_size)) if pad else run
+
+    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
+        batcher = Batcher(
+            "test",
+            batch_function,
+            concat_padded({}),
+            executor,
+            max_batch_size=max_batch_size,
+            max_batch_time=0.002,
+            max_queue_size=64,
+        )
+        batcher.start()
+        starts = np.cumsum([0, *sizes])
+        requests = [rows(*range(int(a), int(b))) for a, b in itertools.pairwise(starts)]
+        results = await asyncio.gather(*(batcher.submit(r, len(r["x"])) for r in requests))
+        await batcher.close()
+        return [r.outputs["y"].tolist() for r in results]
+
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        got = asyncio.run(scenario(executor))
+    starts = np.cumsum([0, *sizes])
+    assert got == [[2.0 * i for i in range(a, b)] for a, b in itertools.pairwise(starts)]
+    assert all(size <= max_batch_size for size in run.batches)
