@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.contract import ModelSpec
+from export.contract import MODEL_NAME, ModelSpec
 from server.batching import BatchedResult, Tensors
 from server.config import Settings
 from server.errors import (
@@ -168,6 +168,9 @@ class DataPlane:
         return self._handle(self._served(name, version))
 
     def _served(self, name: str, version: int | None) -> ServedVersion:
+        if not MODEL_NAME.match(name):
+            # Also keeps client text out of file paths (no "../").
+            raise ModelNotFound(f"no model is named {name[:80]!r}")
         served = self.repository.served.get(name, {})
         if version:
             if version in served:

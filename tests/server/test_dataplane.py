@@ -57,6 +57,9 @@ def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: P
             await dataplane.infer("tiny-image", None, images(300), deadline=None)
         with pytest.raises(ModelNotFound):
             dataplane.resolve("tiny-image", 2)
+        for name in ("../models/tiny-image", "", "Tiny-Image"):
+            with pytest.raises(ModelNotFound, match="no model is named"):
+                dataplane.resolve(name, None)
         [stats] = dataplane.statistics("tiny-image", 1)
         assert stats.execution_count == 0  # nothing invalid reached the batcher
         assert stats.fail.count == 5  # four invalid inputs and one over the limit
