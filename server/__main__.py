@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.config import Settings, SettingsError, load_settings
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, nargs="*", type=int, default=None, help=help_text)
         else:
             choices = _choices(field.annotation)
-            parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+            metavar = None if choices else _metavar(name, field.annotation)
+            parser.add_argument(
+                flag, dest=name, default=None, choices=choices, metavar=metavar, help=help_text
+            )
     return parser
 
 
@@ -53,6 +57,19 @@ def _flag_kind(annotation: Any) -> type | None:
     if origin in (typing.Union, types.UnionType):
         return str
     return str
+
+
+def _metavar(name: str, annotation: Any) -> str:
+    if name == "config_file":
+        return "FILE"
+    kinds = set(typing.get_args(annotation)) | {annotation}
+    if Path in kinds:
+        return "DIR"
+    if int in kinds:
+        return "N"
+    if float in kinds:
+        return "X"
+    return "TEXT"
 
 
 def _choices(annotation: Any) -> list[str] | None:
