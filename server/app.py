@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import kserve
+from server import kserve, security
 from server.config import Settings
 from server.dataplane import DataPlane
 from server.grpc_api import FineserveServicer
@@ -45,11 +45,13 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.dataplane = DataPlane(settings, self.metrics)
+        tokens = security.Tokens.from_settings(settings)
         self.grpc = grpc.aio.server(
+            interceptors=[security.AuthInterceptor(tokens)],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ]
+            ],
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
         kserve.add_to_server(self.grpc, self.dataplane, settings)
@@ -60,9 +62,15 @@ class Server:
             (FINESERVE_SERVICE, KSERVE_SERVICE, health_service, reflection.SERVICE_NAME), self.grpc
         )
         address = f"{settings.grpc_host}:{settings.grpc_port}"
-        self.grpc_port = self.grpc.add_insecure_port(address)
+        credentials = security.server_credentials(settings)
+        if credentials is None:
+            self.grpc_port = self.grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self.grpc.add_secure_port(address, credentials)
         if not self.grpc_port:
             raise OSError(f"cannot bind gRPC to {address}")
+        tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
+        log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._follow_task: asyncio.Task[None] | None = None

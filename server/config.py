@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -163,6 +163,27 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight requests get to finish before they are cancelled."""
 
+    # --- security (docs/reliability.md) ---------------------------------------------------------
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of the server; with ``tls_key_file`` the gRPC port speaks TLS only."""
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle that client certificates are checked against (mutual TLS)."""
+    tls_require_client_cert: bool = False
+    """Mutual TLS: refuse clients without a certificate signed by ``tls_client_ca_file``."""
+    inference_token: SecretStr | None = None
+    """Bearer token every inference and metadata call must carry (``authorization: Bearer ...``
+    metadata); unset: no token needed. Prefer the environment or ``inference_token_file`` to a flag,
+    which other users can read in the process list."""
+    inference_token_file: Path | None = None
+    """A file holding ``inference_token`` (surrounding whitespace ignored)."""
+    admin_token: SecretStr | None = None
+    """Bearer token for model management (KServe RepositoryModelLoad/Unload); unset: management
+    needs what inference needs (the inference token, if set)."""
+    admin_token_file: Path | None = None
+    """A file holding ``admin_token`` (surrounding whitespace ignored)."""
+
     # --- logging --------------------------------------------------------------------------------
     log_level: LogLevel = "INFO"
     """Log level of the server's own loggers."""
@@ -191,6 +212,7 @@ class Settings(BaseSettings):
             raise ValueError("specific_versions is set but version_policy is not 'specific'")
         if self.grpc_port and self.grpc_port == self.metrics_port:
             raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        _check_security(self)
         if self.device == "cuda" and self.precision == "int8":
             raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
         if self.device == "cpu" and self.precision == "fp16":
@@ -224,6 +246,35 @@ class Settings(BaseSettings):
         # Flags (init) beat the environment, which beats the YAML file, which beats defaults.
         assert isinstance(init_settings, InitSettingsSource)
         return init_settings, env_settings, _YamlFileSource(settings_cls, init_settings)
+
+
+def _check_security(settings: Settings) -> None:
+    """TLS files come as a usable set; each token comes from one place; named files are readable."""
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+    if settings.tls_client_ca_file is not None and settings.tls_cert_file is None:
+        raise ValueError("tls_client_ca_file needs TLS: set tls_cert_file and tls_key_file")
+    if settings.tls_require_client_cert and settings.tls_client_ca_file is None:
+        raise ValueError("tls_require_client_cert needs tls_client_ca_file to check client certificates")
+    for name in ("inference_token", "admin_token"):
+        if getattr(settings, name) is not None and getattr(settings, f"{name}_file") is not None:
+            raise ValueError(f"set {name} or {name}_file, not both")
+        if getattr(settings, name) is not None and not getattr(settings, name).get_secret_value().strip():
+            raise ValueError(f"{name} is empty; leave it unset to switch the token off")
+    for name in (
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        "inference_token_file",
+        "admin_token_file",
+    ):
+        path: Path | None = getattr(settings, name)
+        if path is not None and not path.is_file():
+            raise ValueError(f"{name}: {path} is not a readable file")
+    for name in ("inference_token_file", "admin_token_file"):
+        path = getattr(settings, name)
+        if path is not None and not path.read_text(encoding="utf-8").strip():
+            raise ValueError(f"{name}: {path} is empty")
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):

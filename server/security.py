@@ -1,0 +1,177 @@
+"""Who may call the server: TLS (optionally mutual) and bearer tokens, for the gRPC port.
+
+TLS: with ``tls_cert_file`` and ``tls_key_file`` the port speaks TLS only; with
+``tls_require_client_cert`` every client must present a certificate signed by
+``tls_client_ca_file`` (mutual TLS), checked by gRPC during the handshake.
+
+Tokens: ``AuthInterceptor`` checks the ``authorization: Bearer <token>`` metadata of each call
+before the call's handler runs (before its request is even parsed). Three kinds of method:
+
+- open: the standard health service, reflection, and KServe ServerLive/ServerReady (probes must
+  work without secrets; they reveal nothing about models);
+- management (KServe RepositoryModelLoad/Unload): the admin token if one is set, else the
+  inference token's rule;
+- everything else (inference, metadata, statistics, model lists): the inference token.
+
+A kind whose token is unset is open. Missing or wrong tokens get UNAUTHENTICATED; tokens are
+compared in constant time (``hmac.compare_digest``) and never logged.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import SecretStr
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+KSERVE = "/inference.GRPCInferenceService/"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady"})
+MANAGEMENT_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload"})
+_BEARER = "bearer "
+# At most one log line about rejected calls per this many seconds (a flood must not flood the log).
+_REJECTION_LOG_INTERVAL_S = 60.0
+
+
+class Access(enum.Enum):
+    OPEN = "open"
+    INFERENCE = "inference"
+    MANAGEMENT = "management"
+
+
+def access_of(method: str) -> Access:
+    """Which rule a fully qualified method name (``/package.Service/Method``) falls under."""
+    if method in OPEN_METHODS or method.startswith(OPEN_PREFIXES):
+        return Access.OPEN
+    if method in MANAGEMENT_METHODS:
+        return Access.MANAGEMENT
+    return Access.INFERENCE
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files; None when TLS is off."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=settings.tls_require_client_cert,
+    )
+
+
+def read_token(value: SecretStr | None, path: Path | None) -> bytes | None:
+    """The token from the setting itself or from its file (whitespace stripped); None: no token."""
+    if value is not None:
+        return value.get_secret_value().strip().encode()
+    if path is not None:
+        token = path.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token.encode()
+    return None
+
+
+@dataclass(frozen=True)
+class Tokens:
+    inference: bytes | None
+    admin: bytes | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Tokens:
+        return cls(
+            inference=read_token(settings.inference_token, settings.inference_token_file),
+            admin=read_token(settings.admin_token, settings.admin_token_file),
+        )
+
+    def required(self, access: Access) -> bytes | None:
+        """The token a call of this kind must carry; None: no token needed."""
+        if access is Access.OPEN:
+            return None
+        if access is Access.MANAGEMENT and self.admin is not None:
+            return self.admin
+        return self.inference
+
+    def describe(self) -> str:
+        """For the startup log: which tokens are on (never their values)."""
+        inference = "token" if self.inference else "open"
+        admin = "admin token" if self.admin else f"as inference ({inference})"
+        return f"inference {inference}, management {admin}, health and reflection open"
+
+
+def presented_token(metadata: Any) -> bytes | None:
+    """The bearer token of a call's ``authorization`` metadata, if any."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        if text[: len(_BEARER)].lower() == _BEARER:
+            return text[len(_BEARER) :].strip().encode("latin-1", errors="replace")
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+    """Refuses calls without the token their method needs, with UNAUTHENTICATED."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
+        self._rejected_since_log = 0
+        self._last_log = float("-inf")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        needed = self._tokens.required(access_of(method))
+        handler = await continuation(handler_call_details)
+        if needed is None or handler is None:
+            return handler
+        given = presented_token(handler_call_details.invocation_metadata)
+        if given is not None and hmac.compare_digest(given, needed):
+            return handler
+        message = "missing bearer token" if given is None else "invalid bearer token"
+        self._log_rejection(method, message)
+        return _refusal(handler, f"{message} (authorization: Bearer <token> metadata)")
+
+    def _log_rejection(self, method: str, why: str) -> None:
+        self._rejected_since_log += 1
+        now = time.monotonic()
+        if now - self._last_log >= _REJECTION_LOG_INTERVAL_S:
+            log.warning(
+                "refused %d unauthenticated call(s) in the last %.0f s; latest: %s (%s)",
+                self._rejected_since_log,
+                min(now - self._last_log, _REJECTION_LOG_INTERVAL_S),
+                method,
+                why,
+            )
+            self._rejected_since_log = 0
+            self._last_log = now
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED without reading the
+    request (no deserializer: the bytes are never parsed)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
