@@ -396,6 +396,9 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
             raise InvalidInput(
                 f"input {name!r}: datatype {_datatype(array.dtype)} but the model takes {tensor.datatype}"
             )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # NaN or infinity in would be NaN scores out: refused, not computed.
+            raise InvalidInput(f"input {name!r}: contains NaN or infinite values")
         if array.ndim != len(tensor.shape) or any(
             d not in (-1, actual) for d, actual in zip(tensor.shape[1:], array.shape[1:], strict=False)
         ):

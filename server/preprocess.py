@@ -100,7 +100,7 @@ class ImagePreprocessor:
             if image.format == "JPEG":
                 # Decode at 1/2, 1/4 or 1/8 scale when the result is still >= the resize target.
                 image.draft("RGB", (self._short_side, self._short_side))
-            return self._resize_crop(image.convert("RGB"))
+            return self._resize_crop(_to_rgb(image))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise LimitExceeded(
                 f"item {index}: image exceeds max_image_pixels ({self.limits.max_image_pixels})"
@@ -119,6 +119,15 @@ class ImagePreprocessor:
         left = (size[0] - self.config.width) // 2
         top = (size[1] - self.config.height) // 2
         return image.crop((left, top, left + self.config.width, top + self.config.height))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any accepted mode. 16-bit grayscale is scaled to 8 bits first: Pillow's own conversion
+    clips it at 255, which would turn most of a 16-bit image white. Alpha is dropped, not composited."""
+    if image.mode.startswith("I"):
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 class TextPreprocessor:
