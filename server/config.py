@@ -9,6 +9,7 @@ Rules that involve several fields are checked here, in the model, not where the 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,22 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"
     """Log level of the server's own loggers."""
     log_json: bool = False
-    """Log one JSON object per line (for log collectors) instead of plain text."""
+    """Same as ``log_format=json`` (kept for existing configurations)."""
+    log_format: Literal["text", "json"] = "text"
+    """``text`` lines, or ``json``: one JSON object per line, request fields at the top level."""
+    log_slow_request_ms: float = Field(default=1000.0, ge=0)
+    """Successful requests slower than this (end to end, in the server) are logged as WARNING with
+    their id, model, version and stage timings; failed requests always are. 0 logs every request."""
+
+    # --- tracing --------------------------------------------------------------------------------
+    tracing: Literal["off", "console", "otlp"] = "off"
+    """OpenTelemetry spans per inference request (queue, preprocessing, inference). ``console``
+    prints them, ``otlp`` exports with the standard ``OTEL_EXPORTER_OTLP_*`` variables. Needs the
+    ``otel`` extra; off, nothing of OpenTelemetry is imported."""
+
+    @property
+    def json_logs(self) -> bool:
+        return self.log_json or self.log_format == "json"
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
@@ -215,6 +231,8 @@ class Settings(BaseSettings):
         _check_security(self)
         if self.device == "cuda" and self.precision == "int8":
             raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
+        if self.tracing != "off":
+            _check_tracing_installed(self.tracing)
         if self.device == "cpu" and self.precision == "fp16":
             raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
         return self
@@ -305,6 +323,21 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if unknown:
         raise SettingsError(f"config file {path}: unknown settings {', '.join(map(str, unknown))}")
     return data
+
+
+def _check_tracing_installed(exporter: str) -> None:
+    # Checked here so a missing package is a one-line startup error, not a failure at first request.
+    needed = {"console": "opentelemetry.sdk", "otlp": "opentelemetry.exporter.otlp"}[exporter]
+    try:
+        found = importlib.util.find_spec(needed) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        package = "opentelemetry-sdk" if exporter == "console" else "opentelemetry-exporter-otlp"
+        raise ValueError(
+            f"tracing '{exporter}' needs the {package} package: pip install 'fineserve[otel]'"
+            + ("" if exporter == "console" else " opentelemetry-exporter-otlp")
+        )
 
 
 class SettingsError(ValueError):
