@@ -47,7 +47,8 @@ class Server:
         self.dataplane = DataPlane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
         self.grpc = grpc.aio.server(
-            interceptors=[security.AuthInterceptor(tokens)],
+            # Tokens are checked first: an unauthenticated request is never parsed.
+            interceptors=[security.AuthInterceptor(tokens), security.MalformedRequestInterceptor()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
