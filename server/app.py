@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
-import sys
 from typing import Any
 
 import grpc
@@ -25,6 +23,7 @@ from server import kserve, security
 from server.config import Settings
 from server.dataplane import DataPlane
 from server.grpc_api import FineserveServicer
+from server.logs import configure_logging
 from server.metrics import Metrics
 from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
 from server.pb.inference import grpc_service_pb2
@@ -35,6 +34,7 @@ FINESERVE_SERVICE = fineserve_pb2.DESCRIPTOR.services_by_name["Fineserve"].full_
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # "" is the whole server, as health checkers ask by default.
 HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
+__all__ = ["Server", "configure_logging", "serve"]
 _HEALTH_FOLLOW_S = 1.0
 
 
@@ -144,29 +144,3 @@ async def serve(settings: Settings) -> None:
         raise
     await stop.wait()
     await server.stop()
-
-
-def configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        _JsonFormatter()
-        if settings.log_json
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("server").setLevel(settings.log_level)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +30,13 @@ from server.errors import (
     ModelNotReady,
     PermissionDenied,
     ServingError,
-    status_of,
 )
 from server.metrics import Metrics
 from server.model import NUMPY_DTYPES, ModelStats, ServedVersion
+from server.observe import RequestObservation, Telemetry, current_request
 from server.preprocess import check_items
 from server.repository import Repository, VersionState
-from server.runtime import choose_provider
+from server.runtime import CUDA, choose_provider
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,14 @@ class DataPlane:
         self.provider = choose_provider(settings)
         self.metrics.provider.info({"provider": self.provider, "device": settings.device})
         log.info("execution provider: %s", self.provider)
+        if self.provider == CUDA:
+            self.metrics.enable_gpu()
+        tracer = None
+        if settings.tracing != "off":
+            from server.tracing import RequestTracer  # imports OpenTelemetry: only when asked for
+
+            tracer = RequestTracer.from_setting(settings.tracing)
+        self.telemetry = Telemetry(self.metrics, settings.log_slow_request_ms, tracer)
         # Inference runs here, one batch at a time per model version; image decoding on its own
         # pool so a batch run never waits behind decoding, and vice versa.
         cores = os.cpu_count() or 1
@@ -126,6 +134,8 @@ class DataPlane:
         await self.repository.close()
         self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._image_pool.shutdown(wait=False, cancel_futures=True)
+        if self.telemetry.tracer is not None:
+            self.telemetry.tracer.shutdown()
 
     async def _poll(self) -> None:
         while True:
@@ -168,6 +178,13 @@ class DataPlane:
         return self._handle(self._served(name, version))
 
     def _served(self, name: str, version: int | None) -> ServedVersion:
+        served = self._find_served(name, version)
+        observation = current_request()
+        if observation is not None:
+            observation.version = served.spec.version
+        return served
+
+    def _find_served(self, name: str, version: int | None) -> ServedVersion:
         if not MODEL_NAME.match(name):
             # Also keeps client text out of file paths (no "../").
             raise ModelNotFound(f"no model is named {name[:80]!r}")
@@ -249,6 +266,12 @@ class DataPlane:
 
     # --- inference ------------------------------------------------------------------------------
 
+    def observe(
+        self, model: str, *, items: int = 0, headers: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[RequestObservation]:
+        """Transports wrap each inference request in this: metrics, request log and trace, once."""
+        return self.telemetry.observe(model, items=items, headers=headers)
+
     async def infer(
         self,
         name: str,
@@ -316,21 +339,24 @@ class DataPlane:
         is_cancelled: Callable[[], bool] | None,
         prepare: Callable[[], Awaitable[tuple[Tensors, int]]],
     ) -> InferResult:
+        observation = current_request()
+        if observation is None:  # called without a transport (embedded, tests): observed here
+            with self.observe(served.spec.name):
+                return await self._run(served, deadline, is_cancelled, prepare)
+        observation.version = served.spec.version
         # Counted before the first await: a version switch waits for this request to finish.
         served.in_flight += 1
         started = time.perf_counter_ns()
-        spec = served.spec
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before the request was processed")
             tensors, rows = await prepare()
             prepare_ns = time.perf_counter_ns() - started
+            observation.items = rows
             results = await self._submit_chunks(served, tensors, rows, deadline, is_cancelled)
-        except BaseException as err:
+        except BaseException:
             elapsed = time.perf_counter_ns() - started
             served.stats.record_request(False, elapsed)
-            code = status_of(err)[0] if isinstance(err, Exception) else "CANCELLED"
-            self.metrics.requests.labels(spec.name, str(spec.version), "error", code).inc()
             raise
         finally:
             served.in_flight -= 1
@@ -348,12 +374,7 @@ class DataPlane:
             sum(r.batch.output_ns for r in results),
         )
         served.stats.record_request(True, elapsed, queue_ns, timings)
-        labels = (spec.name, str(spec.version))
-        self.metrics.requests.labels(*labels, "ok", "OK").inc()
-        self.metrics.latency.labels(*labels).observe(elapsed / 1e9)
-        self.metrics.queue_latency.labels(*labels).observe(queue_ns / 1e9)
-        for r in results:
-            self.metrics.batch_size.labels(*labels).observe(r.batch.batch_size)
+        observation.completed(rows, timings[0], queue_ns, timings[1])
         return InferResult(self._handle(served), outputs)
 
     async def _submit_chunks(

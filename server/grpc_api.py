@@ -17,7 +17,7 @@ from typing_extensions import override
 from export.contract import ModelSpec
 from server.dataplane import DataPlane, InferResult, ModelHandle, ModelIndexEntry
 from server.errors import InvalidInput
-from server.grpc_status import cancelled_of, deadline_of, grpc_errors
+from server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 
@@ -32,38 +32,40 @@ class FineserveServicer(pb_grpc.FineserveServicer):
     @override
     @grpc_errors
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        handle = self._dataplane.resolve(request.model, request.version or None)
-        _expect_task(handle.spec, "image-classification", "Classify")
-        top_k = _top_k(request.top_k, len(handle.spec.labels))
-        encoded, tensors = images_from_request(request.images, handle.spec)
-        deadline, is_cancelled = deadline_of(context), cancelled_of(context)
-        if encoded is not None:
-            result = await self._dataplane.infer_encoded(
-                handle.name, handle.version, encoded, deadline=deadline, is_cancelled=is_cancelled
-            )
-        else:
-            result = await self._dataplane.infer(
-                handle.name, handle.version, tensors, deadline=deadline, is_cancelled=is_cancelled
-            )
-        probabilities = self._probabilities(result)
-        return classify_response(result.handle, probabilities, top_k)
+        with self._dataplane.observe(request.model, items=len(request.images), headers=headers_of(context)):
+            handle = self._dataplane.resolve(request.model, request.version or None)
+            _expect_task(handle.spec, "image-classification", "Classify")
+            top_k = _top_k(request.top_k, len(handle.spec.labels))
+            encoded, tensors = images_from_request(request.images, handle.spec)
+            deadline, is_cancelled = deadline_of(context), cancelled_of(context)
+            if encoded is not None:
+                result = await self._dataplane.infer_encoded(
+                    handle.name, handle.version, encoded, deadline=deadline, is_cancelled=is_cancelled
+                )
+            else:
+                result = await self._dataplane.infer(
+                    handle.name, handle.version, tensors, deadline=deadline, is_cancelled=is_cancelled
+                )
+            probabilities = self._probabilities(result)
+            return classify_response(result.handle, probabilities, top_k)
 
     @override
     @grpc_errors
     async def AnalyzeSentiment(
         self, request: pb.AnalyzeSentimentRequest, context: Context
     ) -> pb.AnalyzeSentimentResponse:
-        handle = self._dataplane.resolve(request.model, request.version or None)
-        _expect_task(handle.spec, "text-classification", "AnalyzeSentiment")
-        items = [text.encode("utf-8") for text in request.texts]
-        result = await self._dataplane.infer_encoded(
-            handle.name,
-            handle.version,
-            items,
-            deadline=deadline_of(context),
-            is_cancelled=cancelled_of(context),
-        )
-        return sentiment_response(result.handle, self._probabilities(result))
+        with self._dataplane.observe(request.model, items=len(request.texts), headers=headers_of(context)):
+            handle = self._dataplane.resolve(request.model, request.version or None)
+            _expect_task(handle.spec, "text-classification", "AnalyzeSentiment")
+            items = [text.encode("utf-8") for text in request.texts]
+            result = await self._dataplane.infer_encoded(
+                handle.name,
+                handle.version,
+                items,
+                deadline=deadline_of(context),
+                is_cancelled=cancelled_of(context),
+            )
+            return sentiment_response(result.handle, self._probabilities(result))
 
     @override
     @grpc_errors

@@ -58,6 +58,18 @@ async def _abort(context: Context, code: grpc.StatusCode, message: str) -> NoRet
     raise AssertionError("unreachable: context.abort raises")
 
 
+_CORRELATION_HEADERS = frozenset({"x-request-id", "traceparent", "tracestate"})
+
+
+def headers_of(context: Context) -> dict[str, str]:
+    """The request's correlation metadata: ``x-request-id`` and W3C trace context, if sent."""
+    return {
+        key: value
+        for key, value in context.invocation_metadata() or ()
+        if key in _CORRELATION_HEADERS and isinstance(value, str)
+    }
+
+
 def deadline_of(context: Context) -> float | None:
     """The request's gRPC deadline as an absolute ``time.monotonic()`` value (None: no deadline)."""
     remaining = context.time_remaining()

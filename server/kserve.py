@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from server import kserve_codec as codec
 from server.errors import InvalidInput
-from server.grpc_status import cancelled_of, deadline_of, grpc_errors, to_status
+from server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.inference import model_config_pb2 as mc
@@ -174,6 +174,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
+        with self._dataplane.observe(request.model_name, items=max(rows, 0), headers=headers_of(context)):
+            return await self._infer_observed(request, context)
+
+    async def _infer_observed(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         deadline = _deadline(request.parameters, deadline_of(context))
         is_cancelled = cancelled_of(context)
         codec.check_request_parameters(request.parameters)

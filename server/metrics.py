@@ -1,21 +1,73 @@
-"""Prometheus metrics: requests, latency, batch sizes, queue depth and the provider in use.
+"""Prometheus metrics: requests, stage latencies, batches, queues, model loads, provider, process, GPU.
 
 Each server owns its registry (not the process-wide default), so two servers in one process,
-as in tests, do not collide.
+as in tests, do not collide. Label values stay bounded: a model label is a name the repository
+knows (clients cannot invent one; anything else is ``UNKNOWN``), a version label is a version that
+was resolved to a loaded one, and a code label is a gRPC status code name. Every metric is listed,
+with its type, labels and meaning, in ``docs/observability.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+log = logging.getLogger(__name__)
+
+# The label value for a model the server does not know, or a version that never resolved:
+# model names cannot start with "_" (export.contract.MODEL_NAME), so it never collides.
+UNKNOWN = "_unknown"
+
+# Serving latencies are milliseconds; the tail reaches seconds under overload.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+_VERSION = ["model", "version"]
+_OUTCOME = ["model", "version", "outcome", "code"]
+
+
+@dataclass(frozen=True)
+class WatchedVersion:
+    """Values read at scrape time from a loaded version (no bookkeeping on the request path)."""
+
+    queue_depth: Callable[[], int]
+    queue_capacity: int
+    in_flight: Callable[[], int]
 
 
 class Metrics:
@@ -23,52 +75,173 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # The default process, platform and GC collectors, bound to our registry.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        r = self.registry
+        # --- requests (one per inference request, whatever its outcome) ---
         self.requests = Counter(
             "fineserve_requests",
-            "Inference requests by model, version, outcome (ok/error) and status code.",
-            ["model", "version", "outcome", "code"],
-            registry=self.registry,
+            "Inference requests by model, version, outcome (ok/error) and gRPC status code.",
+            _OUTCOME,
+            registry=r,
         )
-        self.latency = Histogram(
-            "fineserve_request_latency_seconds",
-            "End-to-end inference latency inside the server (preprocessing, queue, run).",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.items = Counter(
+            "fineserve_request_items",
+            "Items (images, texts or tensor rows) in inference requests, by outcome and status code.",
+            _OUTCOME,
+            registry=r,
         )
-        self.queue_latency = Histogram(
-            "fineserve_queue_latency_seconds",
-            "Time requests waited in the batching queue.",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+        self.request_duration = Histogram(
+            "fineserve_request_duration_seconds",
+            "End-to-end time of an inference request inside the server: from the transport "
+            "receiving it to its reply being built (preprocessing, queue, inference, outputs).",
+            ["model", "version", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "fineserve_request_queue_duration_seconds",
+            "Time a successful request waited in its model version's batching queue.",
+            _VERSION,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_duration = Histogram(
+            "fineserve_request_preprocess_duration_seconds",
+            "Time spent preparing a successful request's tensors (decode, resize, tokenize, checks).",
+            _VERSION,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # --- batches (one per batch onnxruntime ran) ---
+        self.inference_duration = Histogram(
+            "fineserve_batch_inference_duration_seconds",
+            "Time onnxruntime took to run one batch.",
+            _VERSION,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "fineserve_batch_size",
-            "Rows per batch run by onnxruntime.",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
-            registry=self.registry,
+            "Rows (items) per batch run by onnxruntime, before any padding.",
+            _VERSION,
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
+        # --- models ---
         self.model_ready = Gauge(
-            "fineserve_model_ready",
-            "1 while a model version is ready.",
-            ["model", "version"],
-            registry=self.registry,
+            "fineserve_model_ready", "1 while a model version is loaded and ready.", _VERSION, registry=r
+        )
+        self.model_load_duration = Gauge(
+            "fineserve_model_load_duration_seconds",
+            "How long the last successful load of a model version took (session, warmup).",
+            _VERSION,
+            registry=r,
+        )
+        self.model_load_failures = Counter(
+            "fineserve_model_load_failures",
+            "Failed attempts to load a version of a model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_execution = Gauge(
+            "fineserve_model_execution_info",
+            "1 per loaded model version, labelled with its execution provider and graph variant.",
+            ["model", "version", "provider", "variant"],
+            registry=r,
         )
         self.provider = Info(
-            "fineserve_execution", "The onnxruntime execution provider in use.", registry=self.registry
+            "fineserve_execution",
+            "The onnxruntime execution provider the server chose, and the device setting.",
+            registry=r,
         )
-        self._queue_depths: dict[tuple[str, str], Callable[[], int]] = {}
-        self.registry.register(_QueueDepthCollector(self._queue_depths))
+        self._known_models: set[str] = set()
+        self._watched: dict[tuple[str, str], WatchedVersion] = {}
+        self._execution_labels: dict[tuple[str, str], tuple[str, str]] = {}
+        self._lock = threading.Lock()  # the scrape thread reads what the event loop writes
+        self.registry.register(_ModelCollector(self))
+        self.gpu_enabled = False
 
-    def watch_queue(self, model: str, version: int, depth: Callable[[], int]) -> None:
-        self._queue_depths[(model, str(version))] = depth
+    def enable_gpu(self) -> bool:
+        """Adds the NVML GPU metrics if NVML is there (serving on CUDA); False when it is not."""
+        if not self.gpu_enabled:
+            collector = GpuCollector.create()
+            if collector is not None:
+                self.registry.register(collector)
+                self.gpu_enabled = True
+        return self.gpu_enabled
 
-    def unwatch_queue(self, model: str, version: int) -> None:
-        self._queue_depths.pop((model, str(version)), None)
-        with contextlib.suppress(KeyError):
-            self.model_ready.remove(model, str(version))
+    # --- bounded labels -------------------------------------------------------------------------
+
+    def model_seen(self, name: str) -> None:
+        """The repository found ``name`` on disk: from now on it may be a label value."""
+        with self._lock:
+            self._known_models.add(name)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self._known_models else UNKNOWN
+
+    def known_models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._known_models)
+
+    # --- model lifecycle ------------------------------------------------------------------------
+
+    def version_loaded(
+        self,
+        name: str,
+        version: int,
+        *,
+        seconds: float,
+        provider: str,
+        variant: str,
+        watched: WatchedVersion,
+    ) -> None:
+        labels = (name, str(version))
+        self.model_seen(name)
+        self.model_ready.labels(*labels).set(1)
+        self.model_load_duration.labels(*labels).set(seconds)
+        self.model_execution.labels(*labels, provider, variant).set(1)
+        with self._lock:
+            self._watched[labels] = watched
+            self._execution_labels[labels] = (provider, variant)
+
+    def version_failed(self, name: str) -> None:
+        self.model_seen(name)
+        self.model_load_failures.labels(name).inc()
+
+    def version_retired(self, name: str, version: int) -> None:
+        """Drops the retired version's gauges; its counters and histograms stay (Prometheus needs
+        their last values for rates)."""
+        labels = (name, str(version))
+        with self._lock:
+            self._watched.pop(labels, None)
+            execution = self._execution_labels.pop(labels, None)
+        for gauge in (self.model_ready, self.model_load_duration):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+        if execution is not None:
+            with contextlib.suppress(KeyError):
+                self.model_execution.remove(*labels, *execution)
+
+    def watched(self) -> list[tuple[tuple[str, str], WatchedVersion]]:
+        with self._lock:
+            return list(self._watched.items())
+
+    # --- batches --------------------------------------------------------------------------------
+
+    def batch_recorder(self, name: str, version: int) -> Callable[[int, int], None]:
+        """A callback for each batch run: (rows, inference nanoseconds). Children are bound once."""
+        size = self.batch_size.labels(name, str(version))
+        duration = self.inference_duration.labels(name, str(version))
+
+        def record(rows: int, infer_ns: int) -> None:
+            size.observe(rows)
+            duration.observe(infer_ns / 1e9)
+
+        return record
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
@@ -76,18 +249,84 @@ class Metrics:
         return server, int(server.server_port)
 
 
-class _QueueDepthCollector(Collector):
-    """Reads each batcher's queue depth at scrape time (no bookkeeping on the hot path)."""
+class _ModelCollector(Collector):
+    """Per loaded version, read at scrape time: queue depth and capacity, in-flight requests; per
+    known model: how many versions are loaded (0 for a model on disk that failed or is unloaded)."""
 
-    def __init__(self, depths: dict[tuple[str, str], Callable[[], int]]) -> None:
-        self._depths = depths
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
-    def collect(self) -> Any:
-        family = GaugeMetricFamily(
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
             "fineserve_queue_depth",
-            "Requests waiting in a model version's batching queue.",
-            labels=["model", "version"],
+            "Requests waiting in a model version's batching queue (queued or in the batch being formed).",
+            labels=_VERSION,
         )
-        for (model, version), depth in list(self._depths.items()):
-            family.add_metric([model, version], depth())
-        yield family
+        capacity = GaugeMetricFamily(
+            "fineserve_queue_capacity",
+            "Requests a model version's queue holds before rejecting with RESOURCE_EXHAUSTED.",
+            labels=_VERSION,
+        )
+        in_flight = GaugeMetricFamily(
+            "fineserve_inflight_requests",
+            "Requests that resolved a model version and have not finished (queued, running or replying).",
+            labels=_VERSION,
+        )
+        loaded = GaugeMetricFamily(
+            "fineserve_model_loaded_versions",
+            "Versions of a model that are loaded and ready (0: the model is not being served).",
+            labels=["model"],
+        )
+        counts: dict[str, int] = dict.fromkeys(self._metrics.known_models(), 0)
+        for (model, version), watched in self._metrics.watched():
+            depth.add_metric([model, version], watched.queue_depth())
+            capacity.add_metric([model, version], watched.queue_capacity)
+            in_flight.add_metric([model, version], watched.in_flight())
+            counts[model] = counts.get(model, 0) + 1
+        for model, count in sorted(counts.items()):
+            loaded.add_metric([model], count)
+        yield from (depth, capacity, in_flight, loaded)
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilisation per device from NVML (``nvidia-ml-py``, in the ``gpu`` extra).
+
+    Imported lazily: without the package or without a driver, ``create`` returns None and the
+    server simply has no GPU metrics.
+    """
+
+    def __init__(self, nvml: Any, handles: list[Any]) -> None:
+        self._nvml = nvml
+        self._handles = handles
+
+    @classmethod
+    def create(cls) -> GpuCollector | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as err:  # ImportError, or NVMLError without a driver: no GPU metrics
+            log.info("no GPU metrics (NVML unavailable: %s)", err)
+            return None
+        return cls(pynvml, handles)
+
+    def collect(self) -> Iterator[Metric]:
+        used = GaugeMetricFamily("fineserve_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
+        total = GaugeMetricFamily("fineserve_gpu_memory_total_bytes", "GPU memory in total.", labels=["gpu"])
+        busy = GaugeMetricFamily(
+            "fineserve_gpu_utilization_ratio",
+            "Fraction of the last sample period in which the GPU ran a kernel (0-1).",
+            labels=["gpu"],
+        )
+        for index, handle in enumerate(self._handles):
+            try:
+                memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(handle)
+            except Exception:  # a device gone bad must not break the whole scrape
+                log.debug("NVML read of GPU %d failed", index, exc_info=True)
+                continue
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+            busy.add_metric([str(index)], rates.gpu / 100.0)
+        yield from (used, total, busy)

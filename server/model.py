@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,7 @@ class ServedVersion:
         *,
         infer_pool: concurrent.futures.Executor,
         image_pool: concurrent.futures.Executor,
+        batch_metrics: Callable[[int, int], None] | None = None,
     ) -> None:
         self.spec = spec
         self.path = path
@@ -205,12 +207,18 @@ class ServedVersion:
             max_batch_time=batching.max_queue_delay_ms / 1000.0,
             max_queue_size=batching.max_queue_size,
             preferred_batch_sizes=[b for b in batching.preferred_batch_sizes if b <= self.max_batch_size],
-            on_batch=self.stats.record_batch,
+            on_batch=self._on_batch,
         )
+        self._batch_metrics = batch_metrics
         self.in_flight = 0
 
     def start(self) -> None:
         self.batcher.start()
+
+    def _on_batch(self, timing: BatchTiming) -> None:
+        self.stats.record_batch(timing)
+        if self._batch_metrics is not None:
+            self._batch_metrics(timing.batch_size, timing.infer_ns)
 
     def warmup(self) -> None:
         """Blocking: runs each batch size the version will see on synthetic input, so no request

@@ -13,13 +13,14 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.contract import ModelSpecError, list_models, list_versions, read_model_spec
 from server.config import Settings
 from server.errors import ModelNotFound
-from server.metrics import Metrics
+from server.metrics import Metrics, WatchedVersion
 from server.model import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ class Repository:
                     await self._retire(name, version)
 
     async def _sync_model(self, name: str) -> None:
+        self._metrics.model_seen(name)
         on_disk = self.versions_on_disk(name)
         served = self.served.setdefault(name, {})
         while True:
@@ -163,6 +165,7 @@ class Repository:
     async def _load(self, name: str, version: int) -> None:
         path = self.root / name / str(version)
         self._loading.add((name, version))
+        started = time.perf_counter()
         try:
             served = await asyncio.to_thread(self._build, path)
             served.start()
@@ -172,12 +175,23 @@ class Repository:
             )
             log.error("model %s version %d failed to load: %s", name, version, reason)
             self._failed[(name, version)] = (reason, _signature(path))
+            self._metrics.version_failed(name)
             return
         finally:
             self._loading.discard((name, version))
         self.served.setdefault(name, {})[version] = served
-        self._metrics.model_ready.labels(name, str(version)).set(1)
-        self._metrics.watch_queue(name, version, lambda: served.batcher.queue_depth)
+        self._metrics.version_loaded(
+            name,
+            version,
+            seconds=time.perf_counter() - started,
+            provider=served.provider,
+            variant=served.variant,
+            watched=WatchedVersion(
+                queue_depth=lambda: served.batcher.queue_depth,
+                queue_capacity=served.batcher.max_queue_size,
+                in_flight=lambda: served.in_flight,
+            ),
+        )
         log.info("model %s version %d READY (%s, %s)", name, version, served.provider, served.variant)
 
     def _build(self, path: Path) -> ServedVersion:
@@ -189,6 +203,7 @@ class Repository:
             self._settings,
             infer_pool=self._infer_pool,
             image_pool=self._image_pool,
+            batch_metrics=self._metrics.batch_recorder(spec.name, spec.version),
         )
         if self._settings.warmup:
             served.warmup()
@@ -198,7 +213,7 @@ class Repository:
         served = self.served.get(name, {}).pop(version, None)
         if served is None:
             return
-        self._metrics.unwatch_queue(name, version)
+        self._metrics.version_retired(name, version)
         await served.close()
         log.info("model %s version %d retired", name, version)
 

@@ -1,0 +1,62 @@
+"""Logging setup: plain text or one JSON object per line, and the request log's structured fields.
+
+A record may carry ``fields`` (a dict, passed as ``extra={"fields": ...}``): the JSON format puts
+them at the top level of the object, the text format appends them as ``key=value``. The request
+log (``server.requests``) uses this for failed and slow requests; it never holds payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import IO, Any
+
+from server.config import Settings
+
+REQUEST_LOGGER = "server.requests"
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None:
+    """One handler on the root logger (stderr by default); the server's loggers at ``log_level``,
+    everyone else's at WARNING."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if settings.json_logs else TextFormatter(_TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("server").setLevel(settings.log_level)
+
+
+def fields_of(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return fields if isinstance(fields, dict) else {}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = fields_of(record)
+        if not fields:
+            return line
+        return line + " " + " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+
+
+def _text_value(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(fields_of(record))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
