@@ -15,7 +15,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: install test lint typecheck protos models serve bench clean
+.PHONY: install test lint typecheck protos models serve bench clean prometheus
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -35,8 +35,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Prometheus and promtool for tests/observability (Debian package; only when missing and root).
+prometheus:
+	@tests/observability/install_prometheus.sh
+
 # The whole suite: lint, types, then every test (slow ones included; gpu ones never).
-test: install lint typecheck
+test: install lint typecheck prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 protos: install
