@@ -2,6 +2,7 @@
 
     fineserve-bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
     fineserve-bench load  --target 127.0.0.1:8001 ...        load generator against a server
+    fineserve-bench suite --model-repository models ...     the server against raw onnxruntime, all figures
     fineserve-bench train ...                               the training results table
 
 Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
@@ -17,6 +18,7 @@ from export.contract import ModelSpecError
 COMMANDS = {
     "raw": ("bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
     "load": ("bench.loadgen", "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)"),
+    "suite": ("bench.suite", "start the server and measure it against raw onnxruntime (every figure)"),
     "train": ("bench.train_results", "train the result recipes and print the accuracy table"),
 }
 

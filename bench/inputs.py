@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 
 from export.contract import ModelSpec
+from server.preprocess import Limits
+
+# The benchmarks' own inputs stay far inside these.
+_NO_LIMITS = Limits(1 << 30, 1 << 30, 1 << 20, 1 << 20)
 
 SAMPLE_TEXTS = [
     "a gripping, beautifully acted film that earns every one of its quiet moments",
@@ -16,9 +21,18 @@ SAMPLE_TEXTS = [
 ]
 
 
-def tensor_batch(spec: ModelSpec, batch: int, seq_len: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs with the graph's names, dtypes and shapes (batch axis = ``batch``)."""
+def tensor_batch(
+    spec: ModelSpec, batch: int, seq_len: int = 64, seed: int = 0, version_dir: Path | None = None
+) -> dict[str, np.ndarray]:
+    """Inputs with the graph's names, dtypes and shapes (batch axis = ``batch``).
+
+    Images: random pixels. Texts: with ``version_dir``, the sample texts through the model's own
+    tokenizer (real ids, padded to the longest, so token inputs cost what the texts cost);
+    without it, ids 1000..1999 of length ``seq_len`` (needs a vocabulary of 2,000 or more).
+    """
     rng = np.random.default_rng(seed)
+    if spec.text is not None and version_dir is not None:
+        return sample_tokens(spec, version_dir, batch)
     if spec.image is not None:
         (tensor,) = spec.inputs
         shape = [batch, *(d for d in tensor.shape[1:])]
@@ -49,3 +63,15 @@ def encoded_items(spec: ModelSpec, count: int, image_side: int = 480, seed: int 
         Image.fromarray(noisy).save(buf, format="JPEG", quality=90)
         items.append(buf.getvalue())
     return items
+
+
+def sample_tokens(spec: ModelSpec, version_dir: Path, batch: int) -> dict[str, np.ndarray]:
+    """``batch`` rows of the sample texts, tokenized as the server tokenizes them."""
+    from server.preprocess import TextPreprocessor
+
+    assert spec.text is not None
+    tokenizer = TextPreprocessor(
+        version_dir / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], _NO_LIMITS
+    )
+    texts = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)].encode() for i in range(batch)]
+    return tokenizer(texts)

@@ -4,7 +4,8 @@
         --protocol kserve --kind tensor --concurrency 32 --items 1 --seconds 10
 
 Each of ``--concurrency`` workers sends one request at a time for ``--seconds``; the report gives
-throughput (items/s), latency percentiles and errors by gRPC status code.
+throughput (items/s), latency percentiles and errors by gRPC status code. The request is built
+once and sent again and again, so the client spends its time in gRPC, not in making inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,70 +30,96 @@ from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 LOOPBACK = ("127.", "localhost", "[::1]")
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def kserve_request(spec: ModelSpec, kind: str, items: int, seq_len: int, bytes_input: str) -> Any:
+@dataclass(frozen=True)
+class Load:
+    """One load point: what is sent, how many at a time, for how long."""
+
+    protocol: str = "kserve"  # kserve | fineserve
+    kind: str = "tensor"  # tensor (ready tensors / token ids) | bytes (encoded images / texts)
+    concurrency: int = 8
+    items: int = 1
+    seconds: float = 10.0
+    warmup_s: float = 0.0  # sent but not counted: lets batch sizes settle
+    seq_len: int = 64
+    image_side: int = 480
+    timeout: float = 10.0
+    bytes_input: str | None = None
+    # The model's version folder: text models then get real token ids from its tokenizer.
+    version_dir: Path | None = None
+
+
+def kserve_request(spec: ModelSpec, load: Load) -> Any:
     request = grpc_service_pb2.ModelInferRequest(model_name=spec.name)
-    if kind == "tensor":
-        for name, array in tensor_batch(spec, items, seq_len).items():
+    if load.kind == "tensor":
+        for name, array in tensor_batch(spec, load.items, load.seq_len, version_dir=load.version_dir).items():
             request.inputs.add(name=name, datatype=DATATYPES[str(array.dtype)], shape=list(array.shape))
             request.raw_input_contents.append(array.tobytes())
     else:
-        payload = b"".join(struct.pack("<I", len(item)) + item for item in encoded_items(spec, items))
-        request.inputs.add(name=bytes_input, datatype="BYTES", shape=[items])
+        items = encoded_items(spec, load.items, load.image_side)
+        payload = b"".join(struct.pack("<I", len(item)) + item for item in items)
+        bytes_input = load.bytes_input or ("images" if spec.image is not None else "texts")
+        request.inputs.add(name=bytes_input, datatype="BYTES", shape=[load.items])
         request.raw_input_contents.append(payload)
     return request
 
 
-def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, kind: str, items: int) -> tuple[Any, Any]:
+def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, load: Load) -> tuple[Any, Any]:
     stub = fineserve_pb2_grpc.FineserveStub(channel)
     if spec.text is not None:
-        texts = [item.decode() for item in encoded_items(spec, items)]
+        texts = [item.decode() for item in encoded_items(spec, load.items)]
         return stub.AnalyzeSentiment, fineserve_pb2.AnalyzeSentimentRequest(model=spec.name, texts=texts)
-    if kind == "tensor":
-        (array,) = tensor_batch(spec, items).values()
+    if load.kind == "tensor":
+        (array,) = tensor_batch(spec, load.items).values()
         images = [
             fineserve_pb2.ImageInput(tensor=fineserve_pb2.Tensor(shape=list(a.shape), fp32_data=a.tobytes()))
             for a in array
         ]
     else:
-        images = [fineserve_pb2.ImageInput(encoded=item) for item in encoded_items(spec, items)]
+        encoded = encoded_items(spec, load.items, load.image_side)
+        images = [fineserve_pb2.ImageInput(encoded=item) for item in encoded]
     return stub.Classify, fineserve_pb2.ClassifyRequest(model=spec.name, images=images, top_k=1)
 
 
-async def run_load(args: argparse.Namespace, spec: ModelSpec) -> dict[str, Any]:
-    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
-        if args.protocol == "kserve":
+async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
+    """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails."""
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        if load.protocol == "kserve":
             method: Any = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-            bytes_input = args.bytes_input or ("images" if spec.image is not None else "texts")
-            request = kserve_request(spec, args.kind, args.items, args.seq_len, bytes_input)
+            request = kserve_request(spec, load)
         else:
-            method, request = fineserve_call(channel, spec, args.kind, args.items)
+            method, request = fineserve_call(channel, spec, load)
         await method(request, timeout=30)  # one call first: fail fast on a wrong setup
         latencies: list[float] = []
         codes: Counter[str] = Counter()
-        end = time.perf_counter() + args.seconds
+        counting_from = time.perf_counter() + load.warmup_s
+        end = counting_from + load.seconds
 
         async def worker() -> None:
-            while time.perf_counter() < end:
-                start = time.perf_counter()
+            while (start := time.perf_counter()) < end:
                 try:
-                    await method(request, timeout=args.timeout)
-                    latencies.append(time.perf_counter() - start)
-                    codes["OK"] += 1
+                    await method(request, timeout=load.timeout)
+                    code = "OK"
                 except grpc.aio.AioRpcError as err:
-                    codes[err.code().name] += 1
+                    code = err.code().name
+                if start >= counting_from:  # only requests sent inside the measured window
+                    codes[code] += 1
+                    if code == "OK":
+                        latencies.append(time.perf_counter() - start)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - started
+        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        # The last requests may finish after `end`: the window is until the last answer.
+        elapsed = time.perf_counter() - counting_from
     return {
-        "concurrency": args.concurrency,
-        "items_per_request": args.items,
+        "protocol": load.protocol,
+        "kind": load.kind,
+        "concurrency": load.concurrency,
+        "items_per_request": load.items,
         "seconds": elapsed,
         "requests_ok": codes["OK"],
-        "items_per_s": codes["OK"] * args.items / elapsed,
+        "items_per_s": codes["OK"] * load.items / elapsed,
         "codes": dict(codes),
         **latency_summary(latencies),
     }
@@ -112,17 +140,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--items", type=int, default=1, help="items per request")
     parser.add_argument("--seq-len", type=int, default=64, help="text tensors: tokens per text")
+    parser.add_argument("--image-side", type=int, default=480, help="encoded images: width and height")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration (bounded)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if not args.target.startswith(LOOPBACK):
         parser.error("--target must be a loopback address: this benchmark only loads local servers")
-    if not 0 < args.seconds <= 600 or not 1 <= args.concurrency <= 4096:
-        parser.error("--seconds must be in (0, 600] and --concurrency in 1..4096")
+    if not 0 < args.seconds <= 600 or not 1 <= args.concurrency <= 4096 or not 0 <= args.warmup <= 60:
+        parser.error("--seconds must be in (0, 600], --warmup in [0, 60] and --concurrency in 1..4096")
+    if args.items < 1:
+        parser.error("--items must be >= 1")
     spec = read_model_spec(args.model_dir)
+    load = Load(
+        protocol=args.protocol,
+        kind=args.kind,
+        concurrency=args.concurrency,
+        items=args.items,
+        seconds=args.seconds,
+        warmup_s=args.warmup,
+        seq_len=args.seq_len,
+        image_side=args.image_side,
+        timeout=args.timeout,
+        bytes_input=args.bytes_input,
+        version_dir=args.model_dir,
+    )
     try:
-        result = asyncio.run(run_load(args, spec))
+        result = asyncio.run(run_load(args.target, spec, load))
     except grpc.aio.AioRpcError as err:  # the first call failed: wrong target, model or input
         print(f"error: {args.target}: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
@@ -131,15 +176,5 @@ def main(argv: list[str] | None = None) -> int:
         f"{spec.name} {args.protocol}/{args.kind} c={args.concurrency} items={args.items}: "
         f"{result['items_per_s']:.1f} items/s, {latency}, codes {result['codes']}"
     )
-    write_json(
-        args.json,
-        {
-            "benchmark": "load",
-            "model": spec.name,
-            "protocol": args.protocol,
-            "kind": args.kind,
-            "target": args.target,
-            **result,
-        },
-    )
+    write_json(args.json, {"benchmark": "load", "model": spec.name, "target": args.target, **result})
     return 0

@@ -3,7 +3,8 @@
     fineserve-bench raw --model-dir models/fashion/1 --variant fp32 --batch-sizes 1,8,32 \
         --seconds 5 --json bench/results/raw-fashion.json
 
-Same thread settings as the server's defaults unless given. On CUDA the session must really run
+Same thread settings as the server's defaults unless given (threads spin only with
+``--spinning``, as the server's ``intra_op_spinning``). On CUDA the session must really run
 on the CUDA execution provider: the benchmark fails rather than silently measuring the CPU.
 """
 
@@ -20,7 +21,9 @@ from bench.stats import latency_summary, write_json
 from export.contract import read_model_spec
 
 
-def make_session(path: Path, provider: str, intra_threads: int, inter_threads: int) -> Any:
+def make_session(
+    path: Path, provider: str, intra_threads: int, inter_threads: int, spinning: bool = False
+) -> Any:
     if provider == "cuda":
         # onnxruntime-gpu finds the CUDA/cuDNN libraries that torch brings, when present.
         with contextlib.suppress(ImportError):
@@ -31,6 +34,9 @@ def make_session(path: Path, provider: str, intra_threads: int, inter_threads: i
     options.intra_op_num_threads = intra_threads
     options.inter_op_num_threads = inter_threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The server's session options (server/runtime.py): spinning is a setting, off by default.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
         providers.insert(0, "CUDAExecutionProvider")
@@ -65,21 +71,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"], help="graph variant")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider")
     parser.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated batch sizes")
-    parser.add_argument("--seq-len", type=int, default=64, help="text models: tokens per text")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=64,
+        help="unused when the model has its tokenizer (real texts are tokenized)",
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size")
     parser.add_argument("--intra-threads", type=int, default=0, help="0 = onnxruntime's default")
     parser.add_argument("--inter-threads", type=int, default=1)
+    parser.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     spec = read_model_spec(args.model_dir)
     path = args.model_dir / spec.variant(args.variant).file
-    session = make_session(path, args.provider, args.intra_threads, args.inter_threads)
+    session = make_session(path, args.provider, args.intra_threads, args.inter_threads, args.spinning)
     rows = []
     print(f"{spec.name} v{spec.version} {args.variant} on {session.get_providers()[0]}")
     print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        row = measure(session, tensor_batch(spec, batch, args.seq_len), args.seconds)
+        row = measure(
+            session, tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir), args.seconds
+        )
         rows.append(row)
         figures = f"{row['items_per_s']:>10.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
         print(f"{batch:>6} {figures}", flush=True)

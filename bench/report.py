@@ -1,0 +1,179 @@
+"""The suite's figures as markdown tables (for docs/performance.md) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# The targets of issue 7 on the CPU machine.
+SATURATION_TARGET = 0.90
+LATENCY_BUDGET_MS = 1.0
+
+
+def _errors(row: dict[str, Any]) -> str:
+    total = sum(row["codes"].values()) or 1
+    failed = {k: v for k, v in row["codes"].items() if k != "OK"}
+    if not failed:
+        return "0"
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(failed.items()))
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def model_tables(name: str, m: dict[str, Any]) -> list[str]:
+    lines = [f"### {name} (v{m['version']}, {m['task']})", ""]
+    sat = m["saturation"]
+    raw_c1 = sum(p["raw_p50_ms"] for p in m["latency_c1"]) / len(m["latency_c1"])
+    served_c1 = sum(p["served_p50_ms"] for p in m["latency_c1"]) / len(m["latency_c1"])
+    lines += [
+        "| target | measured | met |",
+        "|---|---|---|",
+        f"| served at saturation >= {SATURATION_TARGET:.2f} x raw at its best batch | "
+        f"{sat['served_items_per_s']:.0f} vs {sat['raw_items_per_s_before']:.0f} / "
+        f"{sat['raw_items_per_s_after']:.0f} items/s (raw batch {sat['raw_best_batch']}, before / after; "
+        f"served at c={sat['served_at']['concurrency']}, {sat['served_at']['items_per_request']} per request)"
+        f" = **{sat['ratio']:.2f} x** | {_met(sat['ratio'] >= SATURATION_TARGET)} |",
+        f"| concurrency 1 median <= raw batch 1 + {LATENCY_BUDGET_MS:.0f} ms | served p50 {served_c1:.2f} ms "
+        f"vs raw p50 {raw_c1:.2f} ms (mean of 2 interleaved rounds) = **+{served_c1 - raw_c1:.2f} ms** | "
+        f"{_met(served_c1 <= raw_c1 + LATENCY_BUDGET_MS)} |",
+    ]
+    for kind, sides in m.get("batching", {}).items():
+        on, off = sides["on"], sides["off"]
+        ahead = on["items_per_s"] > off["items_per_s"] and on["p99_ms"] < off["p99_ms"]
+        lines.append(
+            f"| batching on vs off, c=32, {kind}: batching ahead | on {on['items_per_s']:.0f} items/s, "
+            f"p99 {on['p99_ms']:.1f} ms; off {off['items_per_s']:.0f} items/s, p99 {off['p99_ms']:.1f} ms "
+            f"= **{on['items_per_s'] / off['items_per_s']:.2f} x** throughput | {_met(ahead)} |"
+        )
+    pre = m["preprocessing"]
+    lines += [
+        f"| preprocessing keeps up with the model | {pre['what']}: {pre['items_per_s']:.0f} {pre['unit']} "
+        f"= **{pre['vs_model_raw_best']:.2f} x** the model's raw best | "
+        f"{_met(pre['vs_model_raw_best'] >= 1)} (per core) |",
+        "",
+        "Raw onnxruntime against the server with the same number of items per request "
+        "(served: KServe tensors, "
+        f"{m['items_per_request'][0]['concurrency'] if m['items_per_request'] else '?'} requests in flight):",
+        "",
+        "| batch | raw items/s | raw p50 ms | served items/s | served p50 ms | served p99 ms "
+        "| server cpu-ms/item |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    served_by_batch = {r["items_per_request"]: r for r in m["items_per_request"]}
+    for raw in m["raw"]:
+        s = served_by_batch.get(raw["batch"])
+        served = (
+            f"{s['items_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} "
+            f"| {s['server_cpu_ms_per_item']:.2f}"
+            if s
+            else "- | - | - | -"
+        )
+        lines.append(f"| {raw['batch']} | {raw['items_per_s']:.0f} | {raw['p50_ms']:.2f} | {served} |")
+    lines += ["", "Against concurrency (one item per request, KServe):", ""]
+    kinds = list(m["concurrency"])
+    header = "| concurrency | " + " | ".join(
+        f"{k} items/s | {k} p50 ms | {k} p99 ms | {k} errors" for k in kinds
+    )
+    lines += [header + " |", "|---" * (1 + 4 * len(kinds)) + "|"]
+    for i, c_row in enumerate(m["concurrency"][kinds[0]]):
+        cells = []
+        for kind in kinds:
+            r = m["concurrency"][kind][i]
+            cells.append(f"{r['items_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_errors(r)}")
+        lines.append(f"| {c_row['concurrency']} | " + " | ".join(cells) + " |")
+    if m.get("fineserve_v1"):
+        lines += ["", "fineserve.v1 API at concurrency 32, one item per request:", ""]
+        for kind, r in m["fineserve_v1"].items():
+            lines.append(
+                f"- {kind}: {r['items_per_s']:.0f} items/s, "
+                f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+            )
+    lines.append("")
+    return lines
+
+
+def write_tables(results: dict[str, Any], path: Path) -> str:
+    """Writes the markdown tables to ``path`` and returns them."""
+    server = results["server"]
+    threads = results["threads"]
+    lines = [
+        f"`{results['command']}` on {results['machine']['cpus']} CPUs ({results['machine']['host']}), "
+        f"{results['seconds_per_point']:g} s per point, "
+        f"onnxruntime intra-op threads {threads['intra_op']}, "
+        f"inter-op {threads['inter_op']}, spinning off (both sides).",
+        "",
+        "| server | figure |",
+        "|---|---|",
+        f"| process start to health SERVING | {server['seconds_to_serving']:.2f} s |",
+        f"| resident memory, idle (all models loaded) | {server['idle_rss_mb']:.0f} MB |",
+        f"| resident memory, peak under load | {server['peak_rss_under_load_mb']:.0f} MB |",
+        "",
+    ]
+    for name, m in results["models"].items():
+        lines += model_tables(name, m)
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return text
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """One PNG per model and axis: throughput and p99 against concurrency, and against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, m in results["models"].items():
+        raw_best = max(r["items_per_s"] for r in m["raw"])
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+        for kind, rows in m["concurrency"].items():
+            xs = [r["concurrency"] for r in rows]
+            top.plot(xs, [r["items_per_s"] for r in rows], marker="o", label=f"served, {kind}")
+            bottom.plot(xs, [r["p99_ms"] for r in rows], marker="o", label=f"served, {kind}")
+        top.axhline(raw_best, color="grey", linestyle="--", label="raw onnxruntime, best batch")
+        top.set_ylabel("items/s")
+        bottom.set_ylabel("p99 latency (ms)")
+        bottom.set_xlabel("requests in flight (1 item each)")
+        bottom.set_xscale("log", base=2)
+        bottom.set_yscale("log")
+        top.legend(fontsize=8)
+        top.set_title(f"{name}: throughput and p99 against concurrency")
+        written.append(_save(fig, out_dir / f"suite-{name}-concurrency.png"))
+
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+        raw_xs = [r["batch"] for r in m["raw"]]
+        served = m["items_per_request"]
+        top.plot(raw_xs, [r["items_per_s"] for r in m["raw"]], marker="o", label="raw onnxruntime")
+        top.plot(
+            [r["items_per_request"] for r in served],
+            [r["items_per_s"] for r in served],
+            marker="o",
+            label="served (items per request)",
+        )
+        bottom.plot(raw_xs, [r["p99_ms"] for r in m["raw"]], marker="o", label="raw onnxruntime")
+        bottom.plot(
+            [r["items_per_request"] for r in served],
+            [r["p99_ms"] for r in served],
+            marker="o",
+            label="served",
+        )
+        top.set_ylabel("items/s")
+        bottom.set_ylabel("p99 latency (ms)")
+        bottom.set_xlabel("batch size (items per request)")
+        bottom.set_xscale("log", base=2)
+        top.legend(fontsize=8)
+        top.set_title(f"{name}: throughput and p99 against batch size")
+        written.append(_save(fig, out_dir / f"suite-{name}-batch.png"))
+        plt.close("all")
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path

@@ -1,0 +1,288 @@
+"""The serving benchmark suite: the real server against raw onnxruntime, in one run, on one machine.
+
+    fineserve-bench suite --model-repository models --models fashion,sentiment
+
+Starts ``python -m server`` as a subprocess on loopback with the same onnxruntime thread settings
+as the raw baseline, and measures, per model: raw ``session.run`` per batch size; served latency
+at concurrency 1 against raw batch 1; throughput and latency against concurrency for ready
+tensors (token ids) and for encoded images (texts); items per request against raw batch size;
+served saturation against raw at its best batch size (raw measured before and after); dynamic
+batching on vs off at concurrency 32 (a second server with ``--max-batch-size 1``, the two
+interleaved); preprocessing throughput; resident memory idle and under load; seconds from
+process start to health SERVING. Every figure is printed; JSON, markdown tables and PNG plots go
+to ``--out``. The machine is shared and noisy: compare ratios within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.inputs import tensor_batch
+from bench.loadgen import Load, run_load
+from bench.preprocess_bench import measure_preprocessing
+from bench.raw_ort import make_session, measure
+from bench.report import write_plots, write_tables
+from bench.server_process import PeakMemory, ServerProcess
+from bench.stats import machine, write_json
+from export.contract import ModelSpec, list_versions, read_model_spec
+
+MB = 1 << 20
+
+
+class Suite:
+    """One suite run: the options, the servers, and every figure measured so far."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.threads: int = args.threads or os.cpu_count() or 1
+        # The same onnxruntime settings on both sides of every ratio.
+        self.server_flags = [
+            f"--intra-op-threads={self.threads}",
+            "--inter-op-threads=1",
+            "--no-intra-op-spinning",
+            "--log-level=WARNING",
+        ]
+        self.results: dict[str, Any] = {
+            "benchmark": "suite",
+            "command": args.command_line,
+            "threads": {"intra_op": self.threads, "inter_op": 1, "spinning": False},
+            "seconds_per_point": args.seconds,
+            "machine": machine(),
+            "models": {},
+        }
+
+    # --- measuring ------------------------------------------------------------------------------
+
+    def raw(self, session: Any, spec: ModelSpec, batch: int, version_dir: Path) -> dict[str, Any]:
+        cpu = time.process_time()
+        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), self.args.seconds)
+        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["items_per_s"] * self.args.seconds)
+        print(
+            f"  raw   batch {batch:>3}: {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms"
+            f"  p99 {row['p99_ms']:7.2f} ms",
+            flush=True,
+        )
+        return row
+
+    def load(self, server: ServerProcess, spec: ModelSpec, load: Load, label: str = "") -> dict[str, Any]:
+        cpu_client, cpu_server = time.process_time(), server.cpu_seconds()
+        with PeakMemory(server) as memory:
+            row = asyncio.run(run_load(server.target, spec, load))
+        served = row["requests_ok"] * load.items or 1
+        row["server_cpu_ms_per_item"] = (server.cpu_seconds() - cpu_server) * 1e3 / served
+        row["client_cpu_ms_per_item"] = (time.process_time() - cpu_client) * 1e3 / served
+        row["peak_rss_mb"] = memory.peak_bytes / MB
+        errors = {k: v for k, v in row["codes"].items() if k != "OK"}
+        print(
+            f"  {label or 'served':<6}{load.protocol}/{load.kind} "
+            f"c={load.concurrency:<3} items={load.items:<3}"
+            f" {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms"
+            f"  server {row['server_cpu_ms_per_item']:.2f} cpu-ms/item"
+            + (f"  errors {errors}" if errors else ""),
+            flush=True,
+        )
+        return row
+
+    def point(
+        self,
+        kind: str,
+        concurrency: int,
+        items: int = 1,
+        protocol: str = "kserve",
+        version_dir: Path | None = None,
+    ) -> Load:
+        return Load(
+            protocol=protocol,
+            kind=kind,
+            concurrency=concurrency,
+            items=items,
+            seconds=self.args.seconds,
+            warmup_s=self.args.warmup,
+            image_side=self.args.image_side,
+            version_dir=version_dir,
+        )
+
+    # --- one model ------------------------------------------------------------------------------
+
+    def model(self, server: ServerProcess, name: str) -> dict[str, Any]:
+        version_dir = (
+            self.args.model_repository / name / str(max(list_versions(self.args.model_repository / name)))
+        )
+        spec = read_model_spec(version_dir)
+        tokens = tensor_batch(spec, 1, version_dir=version_dir)
+        print(f"\n== {name} v{spec.version} ({spec.task}, max batch {spec.max_batch_size})", flush=True)
+        batch_sizes = sorted({b for b in self.args.batch_sizes if b <= spec.max_batch_size})
+        session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1)
+        out: dict[str, Any] = {
+            "version": spec.version,
+            "task": spec.task,
+            "tokens_per_text": next(iter(tokens.values())).shape[1],
+        }
+
+        # Raw onnxruntime per batch size, while the server sits idle.
+        out["raw"] = [self.raw(session, spec, b, version_dir) for b in batch_sizes]
+        best = max(out["raw"], key=lambda r: r["items_per_s"])
+
+        # Latency at concurrency 1: raw batch 1 and served, interleaved twice.
+        pairs = []
+        for _ in range(2):
+            raw1 = self.raw(session, spec, 1, version_dir)
+            served1 = self.load(server, spec, self.point("tensor", 1, version_dir=version_dir))
+            pairs.append(
+                {"raw_p50_ms": raw1["p50_ms"], "served_p50_ms": served1["p50_ms"], "served": served1}
+            )
+        out["latency_c1"] = pairs
+
+        # Throughput and latency against concurrency, ready tensors then encoded items.
+        kinds = ["tensor"] if self.args.skip_bytes else ["tensor", "bytes"]
+        out["concurrency"] = {
+            kind: [
+                self.load(server, spec, self.point(kind, c, version_dir=version_dir))
+                for c in self.args.concurrency
+            ]
+            for kind in kinds
+        }
+        # Items per request (the client batches) against raw at the same batch size.
+        out["items_per_request"] = [
+            self.load(
+                server, spec, self.point("tensor", self.args.batch_concurrency, b, version_dir=version_dir)
+            )
+            for b in batch_sizes
+        ]
+        # Our fineserve.v1 API at concurrency 32, for comparison with KServe.
+        out["fineserve_v1"] = {
+            kind: self.load(
+                server, spec, self.point(kind, 32, protocol="fineserve", version_dir=version_dir), "v1"
+            )
+            for kind in kinds
+            if not (kind == "tensor" and spec.text is not None)  # AnalyzeSentiment takes texts only
+        }
+        # Saturation: the best served tensor point, raw at its best batch size measured again now.
+        again = self.raw(session, spec, best["batch"], version_dir)
+        served_points = out["concurrency"]["tensor"] + out["items_per_request"]
+        top = max(served_points, key=lambda r: r["items_per_s"])
+        raw_best = (best["items_per_s"] + again["items_per_s"]) / 2
+        out["saturation"] = {
+            "raw_best_batch": best["batch"],
+            "raw_items_per_s_before": best["items_per_s"],
+            "raw_items_per_s_after": again["items_per_s"],
+            "served_items_per_s": top["items_per_s"],
+            "served_at": {"concurrency": top["concurrency"], "items_per_request": top["items_per_request"]},
+            "ratio": top["items_per_s"] / raw_best,
+        }
+        out["preprocessing"] = measure_preprocessing(
+            spec, version_dir, best["batch"], self.args.seconds, self.args.image_side
+        )
+        out["preprocessing"]["vs_model_raw_best"] = out["preprocessing"]["items_per_s"] / raw_best
+        return out
+
+    def batching_on_off(self, on: ServerProcess, off: ServerProcess, name: str) -> dict[str, Any]:
+        version_dir = (
+            self.args.model_repository / name / str(max(list_versions(self.args.model_repository / name)))
+        )
+        spec = read_model_spec(version_dir)
+        kinds = ["tensor"] if self.args.skip_bytes else ["tensor", "bytes"]
+        print(f"\n== {name}: dynamic batching on vs off at concurrency 32 (interleaved)", flush=True)
+        result: dict[str, Any] = {}
+        for kind in kinds:
+            rounds: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+            for _ in range(2):
+                rounds["on"].append(self.load(on, spec, self.point(kind, 32, version_dir=version_dir), "on"))
+                rounds["off"].append(
+                    self.load(off, spec, self.point(kind, 32, version_dir=version_dir), "off")
+                )
+            result[kind] = {
+                side: {
+                    "items_per_s": sum(r["items_per_s"] for r in rows) / len(rows),
+                    "p99_ms": sum(r["p99_ms"] for r in rows) / len(rows),
+                    "p50_ms": sum(r["p50_ms"] for r in rows) / len(rows),
+                    "rounds": rows,
+                }
+                for side, rows in rounds.items()
+            }
+        return result
+
+    # --- the whole run --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        out_dir: Path = self.args.out
+        repository: Path = self.args.model_repository
+        with ServerProcess(repository, self.server_flags, out_dir / "server-batching.log") as server:
+            seconds = server.start()
+            time.sleep(1.0)  # let warmup allocations settle before reading idle memory
+            self.results["server"] = {
+                "flags": self.server_flags,
+                "seconds_to_serving": seconds,
+                "idle_rss_mb": server.rss_bytes() / MB,
+            }
+            print(
+                f"server SERVING after {seconds:.2f} s, idle RSS {server.rss_bytes() / MB:.0f} MB", flush=True
+            )
+            for name in self.args.models:
+                self.results["models"][name] = self.model(server, name)
+            peak = max(
+                r["peak_rss_mb"]
+                for m in self.results["models"].values()
+                for rows in m["concurrency"].values()
+                for r in rows
+            )
+            self.results["server"]["peak_rss_under_load_mb"] = peak
+            off_flags = [*self.server_flags, "--max-batch-size=1"]
+            with ServerProcess(repository, off_flags, out_dir / "server-no-batching.log") as off:
+                off.start()
+                for name in self.args.models:
+                    self.results["models"][name]["batching"] = self.batching_on_off(server, off, name)
+        return self.results
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog="fineserve-bench suite", description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repository", type=Path, default=Path("models"))
+    parser.add_argument("--models", default="fashion,sentiment", help="comma-separated model names")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per point")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured load before each point")
+    parser.add_argument("--concurrency", type=_ints, default=_ints("1,4,16,64,256"))
+    parser.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64"))
+    parser.add_argument("--batch-concurrency", type=int, default=2, help="requests in flight per batch size")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = CPU count")
+    parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
+    parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["fineserve-bench", "suite", *(sys.argv[2:] if argv is None else argv)])
+    args.models = [m for m in args.models.split(",") if m]
+    if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 10:
+        parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")
+    if not args.model_repository.is_dir():
+        parser.error(f"--model-repository {args.model_repository}: not a folder")
+    missing = [m for m in args.models if not list_versions(args.model_repository / m)]
+    if missing:
+        parser.error(f"not in {args.model_repository}: {', '.join(missing)} (run `make models`?)")
+
+    started = time.perf_counter()
+    results = Suite(args).run()
+    results["suite_seconds"] = time.perf_counter() - started
+    write_json(args.out / "suite.json", results)
+    tables = write_tables(results, args.out / "suite.md")
+    print("\n" + tables)
+    for path in write_plots(results, args.out):
+        print(f"wrote {path}")
+    return 0
