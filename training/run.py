@@ -345,7 +345,9 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     write_metadata(output_dir, meta)
     if is_text:
         shutil.copyfile(tokenizer_file(cfg.backbone), output_dir / TOKENIZER)
-    if plots.available():
+    if not cfg.plots:
+        pass
+    elif plots.available():
         plots.learning_curves(progress.history, output_dir / "learning_curves.png")
         plots.confusion_plot(matrix, names, output_dir / "confusion_matrix.png", f"{cfg.dataset} test")
     else:
@@ -449,7 +451,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover - numpy is a base dependency
         pass
-    torch.use_deterministic_algorithms(deterministic)
+    # Only touch the switch when it changes: the first call imports torch._dynamo (seconds).
+    if deterministic != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(deterministic)
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic

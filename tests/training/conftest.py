@@ -14,9 +14,9 @@ TINY_IMAGE: dict[str, Any] = {
     "backbone": "efficientnet-lite0",
     "dataset": "digits",
     "image_size": 32,
-    "train_samples": 96,
-    "val_samples": 48,
-    "test_samples": 48,
+    "train_samples": 64,
+    "val_samples": 32,
+    "test_samples": 32,
     "batch_size": 32,
     "eval_batch_size": 64,
     "epochs": 2,
@@ -25,7 +25,8 @@ TINY_IMAGE: dict[str, Any] = {
     "schedule": "constant",
     "progress": False,
     "log_every": 0,
-    "threads": 2,
+    "threads": 1,
+    "plots": False,
 }
 
 POSITIVE = ["good", "great", "lovely", "wonderful", "superb", "fine", "brilliant", "fun"]
@@ -71,7 +72,8 @@ def tiny_text_config(tmp_path: Path, text_file: Path, **changes: Any) -> TrainCo
         "test_fraction": 0.2,
         "progress": False,
         "log_every": 0,
-        "threads": 2,
+        "threads": 1,
+        "plots": False,
         "data_cache": str(tmp_path / "cache"),
     }
     return build_config({**values, **changes})
@@ -79,3 +81,14 @@ def tiny_text_config(tmp_path: Path, text_file: Path, **changes: Any) -> TrainCo
 
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def partial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One finished partial fine-tune on the whole digits test split (shared: a teacher, a checkpoint)."""
+    from training.run import train
+
+    tmp = tmp_path_factory.mktemp("partial")
+    run = tmp / "run"
+    metrics = train(tiny_image_config(tmp, strategy="partial", epochs=1, test_samples=None), run)
+    return run, metrics

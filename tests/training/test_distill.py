@@ -54,14 +54,15 @@ def test_text_student_starts_from_the_teachers_layers() -> None:
     assert torch.equal(student.classifier.weight, teacher.classifier.weight)
 
 
-def test_image_distillation_run_records_teacher_and_labels(tmp_path: Path) -> None:
-    teacher_run = tmp_path / "teacher"
-    train(tiny_image_config(tmp_path, strategy="partial", epochs=1), teacher_run)
+def test_image_distillation_run_records_teacher_and_labels(
+    tmp_path: Path, partial_run: tuple[Path, dict]
+) -> None:
+    teacher_run = partial_run[0]
     student_run = tmp_path / "student"
     metrics = train(
-        tiny_image_config(tmp_path, strategy="partial", teacher=str(teacher_run), image_size=48), student_run
+        tiny_image_config(tmp_path, strategy="partial", teacher=str(teacher_run), image_size=40), student_run
     )
     _, teacher_meta = load_checkpoint(teacher_run)
     assert metrics["teacher_test_accuracy"] == teacher_meta.metrics["test_accuracy"]
     _, meta = load_checkpoint(student_run)
-    assert meta.config["teacher"] == str(teacher_run) and meta.model_args == {"image_size": 48}
+    assert meta.config["teacher"] == str(teacher_run) and meta.model_args == {"image_size": 40}
