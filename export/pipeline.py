@@ -279,7 +279,7 @@ def _build_and_check(  # noqa: PLR0917 - one private step with the loop's state
     elif precision == "int8":
         calib = calibration if calibration is not None else examples
         batches = [calib.take(slice(i, i + 8)) for i in range(0, len(calib), 8)]
-        variants.make_int8_static(fp32, path, batches)
+        kept_fp32 = variants.make_int8_static(fp32, path, batches)
     session = validate.open_session(path)
     validate.check_interface(session, inputs, outputs)
     size = settings.max_batch_size
@@ -294,6 +294,7 @@ def _build_and_check(  # noqa: PLR0917 - one private step with the loop's state
     if task == "image-classification":
         figures["calibration"] = (calibration or examples).source
         figures["method"] = "static QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
+        figures["kept_fp32_nodes"] = kept_fp32
     else:
         figures["method"] = "dynamic, int8 weights"
     return figures
