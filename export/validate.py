@@ -238,12 +238,12 @@ def check_int8(
         "reference_accuracy": ref_acc,
         "max_drop_points": max_drop_points,
     }
-    worst = 0.0
+    drops = []
     for size in batch_sizes(max_batch_size):
         logits = run_batched(session, examples, size, reference.shape[1])
         acc = float((logits.argmax(axis=1) == labels)[labelled].mean())
-        drop = 100.0 * (ref_acc - acc)
-        worst = max(worst, drop)
+        drop = 100.0 * (ref_acc - acc)  # negative: int8 happened to do better
+        drops.append(drop)
         figures["accuracy"] = acc
         figures["top1_agreement"] = float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean())
         if not drop <= max_drop_points:
@@ -251,7 +251,7 @@ def check_int8(
                 f"batch {size}: int8 accuracy {acc:.2%} vs {ref_acc:.2%}: "
                 f"drop {drop:.2f} points > {max_drop_points}"
             )
-    figures["accuracy_drop_points"] = worst
+    figures["accuracy_drop_points"] = max(drops)
     return figures
 
 
