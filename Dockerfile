@@ -85,8 +85,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     FINESERVE_DATA_CACHE=/work/data-cache
 WORKDIR /work
 USER 10001:10001
-ENTRYPOINT ["fineserve-train"]
-CMD ["--help"]
+# No entrypoint: run fineserve-train, fineserve-export or torchrun (docs/deploy.md).
+CMD ["fineserve-train", "--help"]
 
 # ---- serve-cpu: the same server on onnxruntime's CPU build -------------------------------
 FROM ${UBUNTU_IMAGE} AS serve-cpu
