@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from server.config import ENV_PREFIX, Settings
+from server.config import ENV_PREFIX, Settings, load_settings
 from tests.deploy.dockerfile import Dockerfile, PipInstall, Stage, parse
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def test_serving_environment_names_real_settings(target: str) -> None:
         assert name.removeprefix(ENV_PREFIX).lower() in Settings.model_fields, f"{name} is no setting"
     env = dict(w.split("=", 1) for e in stage.all("ENV") for w in shlex.split(e.args) if "=" in w)
     assert env["FINESERVE_MODEL_REPOSITORY"] == "/models"
-    assert Settings(**{"device": env["FINESERVE_DEVICE"]}).device == env["FINESERVE_DEVICE"]
+    assert load_settings(device=env["FINESERVE_DEVICE"]).device == env["FINESERVE_DEVICE"]
 
 
 def test_models_are_baked_from_a_build_argument_that_defaults_to_an_empty_repository() -> None:

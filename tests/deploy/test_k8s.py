@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.config import ENV_PREFIX, Settings
+from server.config import ENV_PREFIX, Settings, load_settings
 from server.metrics import Metrics
 from tests.deploy.dockerfile import parse
 
@@ -99,7 +99,7 @@ def test_deployment_probes_the_grpc_health_service_on_the_grpc_port() -> None:
 def test_deployment_settings_requests_and_security() -> None:
     env = _env(CONTAINER)
     _check_settings_env(env)
-    Settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})  # valid together
+    load_settings(**{k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items()})  # valid together
     _check_gpu_resources(CONTAINER)
     # The pod runs as the image's user; the server only reads the models.
     user = parse(ROOT / "Dockerfile").stage("serve").all("USER")[-1].args.split(":")[0]
@@ -115,7 +115,8 @@ def test_deployment_settings_requests_and_security() -> None:
 
 
 def _selects_pods(selector: dict[str, str]) -> bool:
-    return selector.items() <= POD["metadata"]["labels"].items()
+    labels: dict[str, str] = POD["metadata"]["labels"]
+    return selector.items() <= labels.items()
 
 
 def test_services_reach_the_pods_on_named_ports() -> None:
