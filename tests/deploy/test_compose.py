@@ -7,6 +7,8 @@ the files are there yet, and their contents once they are."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -141,3 +143,21 @@ def test_dashboard_once_written_uses_the_provisioned_data_source() -> None:
         assert uid in (source["uid"], source["name"]) or uid.strip("${}") in variables, (
             f"dashboard data source {uid!r} is neither the provisioned one ({source['uid']}) nor a variable"
         )
+
+
+def test_prometheus_config_passes_promtool_with_the_mounts_resolved(tmp_path: Path) -> None:
+    """promtool checks the config and the rule files it loads, read where compose mounts them."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    if not ALERTS.exists():
+        pytest.skip(f"{ALERTS.relative_to(ROOT)} is not written yet (observability work)")
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["rule_files"] = [str(_host_path("prometheus", f)) for f in config["rule_files"]]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [promtool, "check", "config", str(checked)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout + done.stderr
