@@ -105,7 +105,8 @@ def select(spec: str, keep_teachers: bool = False) -> list[Row]:
 
 
 def command(row: Row, run_dir: Path, device: str, teacher_dir: Path | None) -> str:
-    parts = [f"python -m training {row.recipe} --output-dir {run_dir}"]
+    # resume=false: a bench row always trains from scratch, even over an older run folder
+    parts = [f"python -m training {row.recipe} --output-dir {run_dir} --set resume=false"]
     if device != "auto":
         parts.append(f"--set device={device}")
     if teacher_dir is not None:

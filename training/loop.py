@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +202,3 @@ class StepLogger:
 def batches_per_epoch(n: int, batch_size: int, world: int, max_batches: int | None) -> int:
     count = math.ceil((n // world) / batch_size)
     return min(count, max_batches) if max_batches else count
-
-
-def iterate_chunks(n: int, size: int) -> Iterator[Tensor]:
-    yield from torch.arange(n).split(size)

@@ -3,6 +3,7 @@ loop, then calibration, test metrics, plots and the checkpoint metadata export r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import yaml
 from torch import Tensor, nn
 from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from training import distributed, finetune, layers, plots
 from training.backbones import (
@@ -412,8 +414,6 @@ def cached_features(
         "num_layers": cfg.num_layers,
         "labels": splits.names,
     }
-    import hashlib
-
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = cache / "features" / f"{key}.pt"
     if path.is_file():
@@ -424,8 +424,6 @@ def cached_features(
         parts = []
         for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
             outputs = []
-            from tqdm import tqdm
-
             chunks = list(torch.arange(len(data)).split(cfg.eval_batch_size))
             for index in tqdm(chunks, desc=f"features {name}", disable=not show, leave=False):
                 with torch.no_grad(), step.autocast():
