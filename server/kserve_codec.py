@@ -115,8 +115,11 @@ def element_count(shape: Sequence[int], where: str) -> int:
     if any(dim < 0 for dim in shape):
         raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
     count = prod(shape)
-    if count > MAX_ELEMENTS:
-        raise InvalidInput(f"{where}: shape {list(shape)} has {count} elements, over {MAX_ELEMENTS}")
+    # Zero elements still need every other dimension in range: numpy refuses shapes whose
+    # non-zero dimensions multiply past its index type.
+    spanned = prod(max(dim, 1) for dim in shape)
+    if spanned > MAX_ELEMENTS:
+        raise InvalidInput(f"{where}: shape {list(shape)} is too large (over {MAX_ELEMENTS} elements)")
     return count
 
 
