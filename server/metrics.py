@@ -22,6 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -31,6 +32,9 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+# No ``_created`` series beside every counter and histogram: Prometheus would store each as a gauge.
+disable_created_metrics()
 
 # The label value for a model the server does not know, or a version that never resolved:
 # model names cannot start with "_" (export.contract.MODEL_NAME), so it never collides.
