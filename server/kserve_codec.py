@@ -119,7 +119,7 @@ def element_count(shape: Sequence[int], where: str) -> int:
     # non-zero dimensions multiply past its index type.
     spanned = prod(max(dim, 1) for dim in shape)
     if spanned > MAX_ELEMENTS:
-        raise InvalidInput(f"{where}: shape {list(shape)} is too large (over {MAX_ELEMENTS} elements)")
+        raise InvalidInput(f"{where}: shape {list(shape)} spans {spanned} elements, over {MAX_ELEMENTS}")
     return count
 
 
