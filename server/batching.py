@@ -2,6 +2,9 @@
 
 A ``Batcher`` has two settings that matter, ``max_batch_size`` (rows) and ``max_batch_time``
 (seconds the first request waits for company); optional preferred batch sizes end the wait early.
+With ``more_coming`` the wait only lasts while requests are known to be on their way (being
+preprocessed): a lone request runs at once instead of sitting out the delay, and under load
+batches still grow, because the queue fills while the previous batch runs.
 Each request gets its own future. What a full queue does: the request is rejected at once
 with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
 deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run.
@@ -95,8 +98,11 @@ class Batcher:
         max_queue_size: int,
         preferred_batch_sizes: Sequence[int] = (),
         on_batch: Callable[[BatchTiming], None] | None = None,
+        more_coming: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
+        # None: always wait up to max_batch_time for company (a plain fixed delay).
+        self._more_coming = more_coming
         self.max_batch_size = max_batch_size
         self.max_batch_time = max_batch_time
         self.max_queue_size = max_queue_size
@@ -190,8 +196,8 @@ class Batcher:
         while rows < self.max_batch_size and rows not in self.preferred_batch_sizes:
             if self._queue.empty():
                 wait = give_up_at - time.monotonic()
-                if wait <= 0:
-                    break
+                if wait <= 0 or (self._more_coming is not None and not self._more_coming()):
+                    break  # the delay is spent, or nobody is coming: waiting would only add latency
                 try:
                     item = await asyncio.wait_for(self._queue.get(), wait)
                 except TimeoutError:

@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     """Cap on rows per batch; a model's own ``max_batch_size`` from model.json applies if lower."""
     max_queue_delay_ms: float = Field(default=2.0, ge=0)
     """How long the first request of a batch waits for others to join it."""
+    batch_wait: Literal["adaptive", "fixed"] = "adaptive"
+    """``adaptive``: the delay is only waited out while more requests for the model are being
+    preprocessed, so a lone request runs at once (under load batches still grow while the previous
+    batch runs); ``fixed``: always wait up to ``max_queue_delay_ms`` (Triton's behaviour)."""
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     """Batch sizes worth running at once without waiting out the delay (e.g. ``[8, 16]``)."""
     max_queue_size: int = Field(default=128, ge=1)

@@ -350,7 +350,11 @@ class DataPlane:
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before the request was processed")
-            tensors, rows = await prepare()
+            served.preparing += 1  # the batcher waits for company only while some is coming
+            try:
+                tensors, rows = await prepare()
+            finally:
+                served.preparing -= 1
             prepare_ns = time.perf_counter_ns() - started
             observation.items = rows
             results = await self._submit_chunks(served, tensors, rows, deadline, is_cancelled)

@@ -208,9 +208,12 @@ class ServedVersion:
             max_queue_size=batching.max_queue_size,
             preferred_batch_sizes=[b for b in batching.preferred_batch_sizes if b <= self.max_batch_size],
             on_batch=self._on_batch,
+            more_coming=(lambda: self.preparing > 0) if settings.batch_wait == "adaptive" else None,
         )
         self._batch_metrics = batch_metrics
         self.in_flight = 0
+        # Requests being validated or preprocessed, about to join the batcher's queue.
+        self.preparing = 0
 
     def start(self) -> None:
         self.batcher.start()

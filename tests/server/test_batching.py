@@ -163,6 +163,56 @@ def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurren
     assert asyncio.run(scenario()) < 1.0
 
 
+def test_a_lone_request_runs_at_once_when_nobody_is_coming(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> float:
+        batcher = Batcher(
+            "test",
+            Doubler(),
+            concat_padded({}),
+            pool,
+            max_batch_size=8,
+            max_batch_time=5.0,
+            max_queue_size=8,
+            more_coming=lambda: False,
+        )
+        batcher.start()
+        started = time.monotonic()
+        await batcher.submit(rows(1), 1)
+        elapsed = time.monotonic() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 1.0
+
+
+def test_the_batch_waits_for_a_request_that_is_on_its_way(pool: concurrent.futures.Executor) -> None:
+    async def scenario() -> list[int]:
+        run = Doubler()
+        preparing = [1]  # one request is being preprocessed when the first one arrives
+        batcher = Batcher(
+            "test",
+            run,
+            concat_padded({}),
+            pool,
+            max_batch_size=8,
+            max_batch_time=5.0,
+            max_queue_size=8,
+            more_coming=lambda: preparing[0] > 0,
+        )
+        batcher.start()
+
+        async def late() -> None:
+            await asyncio.sleep(0.05)
+            preparing[0] = 0
+            await batcher.submit(rows(2), 1)
+
+        await asyncio.gather(batcher.submit(rows(1), 1), late())
+        await batcher.close()
+        return run.batches
+
+    assert asyncio.run(scenario()) == [2]
+
+
 def test_padding_collate_pads_token_axes() -> None:
     collate = concat_padded({"input_ids": 0})
     merged = collate([{"input_ids": np.array([[5, 6, 7]])}, {"input_ids": np.array([[8]])}])

@@ -118,7 +118,15 @@ def test_undeclared_rpcs_are_unimplemented(channel: grpc.Channel) -> None:
 
 
 def test_an_expired_grpc_deadline_leaves_the_server_serving(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.ModelInfer(text_request(b"good"), timeout=1e-6)
-    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # gRPC rounds tiny deadlines up and checks them on a coarse timer: a server that answers a lone
+    # request at once can beat a 1 us deadline now and then, so some of several calls must expire.
+    codes = []
+    for _ in range(20):
+        try:
+            stub.ModelInfer(text_request(b"good"), timeout=1e-6)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+    assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
     assert stub.ModelInfer(text_request(b"good"), timeout=30).model_name == "tiny-text"

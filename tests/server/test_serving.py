@@ -58,7 +58,8 @@ def test_concurrent_clients_are_batched_and_get_unbatched_results(
         stub = pb_grpc.FineserveStub(ch)
         alone = [scores(stub.Classify(tensor_request(image))) for image in images]
     with (
-        RunningServer(tiny_repository, max_queue_delay_ms=50) as server,
+        # A fixed delay makes sure the tiny, instant model really sees merged batches.
+        RunningServer(tiny_repository, max_queue_delay_ms=50, batch_wait="fixed") as server,
         grpc.insecure_channel(server.target) as ch,
     ):
         stub = pb_grpc.FineserveStub(ch)
@@ -74,7 +75,11 @@ def test_concurrent_clients_are_batched_and_get_unbatched_results(
 def test_a_full_queue_answers_resource_exhausted_at_once(tiny_repository: Path) -> None:
     image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
     # Through a per-model override: the other model keeps the server-wide queue.
-    settings = {"batching": {"tiny-image": {"max_queue_size": 2, "max_queue_delay_ms": 1500}}}
+    # A fixed delay holds the requests in the queue (adaptive would run a lone request at once).
+    settings = {
+        "batching": {"tiny-image": {"max_queue_size": 2, "max_queue_delay_ms": 1500}},
+        "batch_wait": "fixed",
+    }
     with RunningServer(tiny_repository, **settings) as server, grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.FineserveStub(ch)
         waiting = [stub.Classify.future(tensor_request(image)) for _ in range(2)]
@@ -91,7 +96,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once(tiny_repository: Path) 
 def test_expired_and_cancelled_requests_are_dropped_unrun(tiny_repository: Path) -> None:
     image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
     with (
-        RunningServer(tiny_repository, max_queue_delay_ms=600) as server,
+        RunningServer(tiny_repository, max_queue_delay_ms=600, batch_wait="fixed") as server,
         grpc.insecure_channel(server.target) as ch,
     ):
         stub = pb_grpc.FineserveStub(ch)
