@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 # No ``_created`` series beside every counter and histogram: Prometheus would store each as a gauge.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The label value for a model the server does not know, or a version that never resolved:
 # model names cannot start with "_" (export.contract.MODEL_NAME), so it never collides.
