@@ -1,0 +1,32 @@
+"""Gradient accumulation and early stopping, on the cheap linear-probe path (cached features)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tests.training.conftest import tiny_image_config
+from training.run import train
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
+    common = {"strategy": "linear-probe", "grad_clip": None, "head_lr": 1e-2, "epochs": 1}
+    train(tiny_image_config(tmp_path, batch_size=32, grad_accum=1, **common), tmp_path / "big")
+    train(tiny_image_config(tmp_path, batch_size=16, grad_accum=2, **common), tmp_path / "accum")
+    big = torch.load(tmp_path / "big" / "last.pt", weights_only=True)
+    accum = torch.load(tmp_path / "accum" / "last.pt", weights_only=True)
+    assert big["progress"]["step"] == accum["progress"]["step"] == 2
+    assert torch.allclose(big["model"]["_fc.weight"], accum["model"]["_fc.weight"], atol=1e-6)
+
+
+def test_early_stopping_ends_the_run_when_validation_stalls(tmp_path: Path) -> None:
+    # An lr this small cannot change the predictions: no epoch after the first is better.
+    cfg = tiny_image_config(
+        tmp_path, strategy="linear-probe", lr=1e-12, head_lr=1e-12, epochs=6, early_stopping_patience=2
+    )
+    metrics = train(cfg, tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+    assert json.loads(lines[-1])["epoch"] == 3
