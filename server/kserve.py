@@ -174,8 +174,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        # The declared rows, for counting items of requests that fail before their inputs are read;
+        # clamped so a bogus shape cannot inflate the counter.
         rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 0
-        with self._dataplane.observe(request.model_name, items=max(rows, 0), headers=headers_of(context)):
+        items = min(max(rows, 0), self._settings.max_items_per_request)
+        with self._dataplane.observe(request.model_name, items=items, headers=headers_of(context)):
             return await self._infer_observed(request, context)
 
     async def _infer_observed(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
