@@ -1,0 +1,362 @@
+"""Who may call: TLS and mutual TLS with real certificates, bearer tokens for inference and for model
+management, bind addresses, message size limits, and no unpickling anywhere in the sources."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server import security
+from server.config import SettingsError, load_settings
+from server.pb.fineserve.v1 import fineserve_pb2 as fs
+from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
+from server.pb.inference import grpc_service_pb2 as ks
+from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
+from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
+from tests.reliability import images
+from tests.reliability.certs import Pki, make_pki
+from tests.server.running import RunningServer
+
+INFERENCE_TOKEN = "inference-s3cret-0123456789"
+ADMIN_TOKEN = "admin-s3cret-9876543210"
+PNG = images.png(images.rgb_pixels())
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path: Path = tmp_path_factory.mktemp("security") / "models"
+    publish_tiny_image_model(path)
+    publish_tiny_text_model(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def serve(repository: Path, **settings: Any) -> RunningServer:
+    return RunningServer(repository, repository_poll_s=0, **settings)
+
+
+def classify(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> fs.ClassifyResponse:
+    request = fs.ClassifyRequest(model="tiny-image", images=[fs.ImageInput(encoded=PNG)])
+    return fs_grpc.FineserveStub(channel).Classify(request, timeout=10, metadata=metadata)
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def credentials(
+    pki: Pki, ca: Path | None = None, client: tuple[Path, Path] | None = None
+) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=(ca or pki.ca_cert).read_bytes(),
+        private_key=client[1].read_bytes() if client else None,
+        certificate_chain=client[0].read_bytes() if client else None,
+    )
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def test_tls_serves_trusting_clients_only(repository: Path, pki: Pki) -> None:
+    with serve(repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key) as server:
+        with grpc.secure_channel(server.target, credentials(pki)) as channel:
+            assert classify(channel).results[0].labels
+        with grpc.insecure_channel(server.target) as plain:
+            assert code_of(lambda: classify(plain)) == grpc.StatusCode.UNAVAILABLE
+        # A client that trusts another CA refuses the server's certificate.
+        with grpc.secure_channel(server.target, credentials(pki, ca=pki.stranger_cert)) as wary:
+            assert code_of(lambda: classify(wary)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(repository: Path, pki: Pki) -> None:
+    tls = {
+        "tls_cert_file": pki.server_cert,
+        "tls_key_file": pki.server_key,
+        "tls_client_ca_file": pki.ca_cert,
+        "tls_require_client_cert": True,
+    }
+    with serve(repository, **tls) as server:
+        client = (pki.client_cert, pki.client_key)
+        with grpc.secure_channel(server.target, credentials(pki, client=client)) as channel:
+            assert classify(channel).results[0].labels
+        with grpc.secure_channel(server.target, credentials(pki)) as anonymous:
+            assert code_of(lambda: classify(anonymous)) == grpc.StatusCode.UNAVAILABLE
+        stranger = (pki.stranger_cert, pki.stranger_key)
+        with grpc.secure_channel(server.target, credentials(pki, client=stranger)) as channel:
+            assert code_of(lambda: classify(channel)) == grpc.StatusCode.UNAVAILABLE
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture(scope="module")
+def guarded(repository: Path) -> Iterator[grpc.Channel]:
+    """A server with both tokens, and a channel without credentials of its own."""
+    with (
+        serve(repository, inference_token=INFERENCE_TOKEN, admin_token=ADMIN_TOKEN) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        yield channel
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code", "message"),
+    [
+        ((), UNAUTHENTICATED, "missing bearer token"),
+        (bearer("wrong"), UNAUTHENTICATED, "invalid bearer token"),
+        (bearer(INFERENCE_TOKEN[:-1]), UNAUTHENTICATED, "invalid bearer token"),
+        (bearer(ADMIN_TOKEN), UNAUTHENTICATED, "invalid bearer token"),
+        ((("authorization", INFERENCE_TOKEN),), UNAUTHENTICATED, "missing bearer token"),
+        (bearer(INFERENCE_TOKEN), grpc.StatusCode.OK, ""),
+        ((("authorization", f"bearer {INFERENCE_TOKEN}"),), grpc.StatusCode.OK, ""),
+    ],
+    ids=["none", "wrong", "prefix", "admin-for-inference", "no-scheme", "right", "lowercase-scheme"],
+)
+def test_inference_needs_the_inference_token(
+    guarded: grpc.Channel, metadata: tuple[tuple[str, str], ...], code: grpc.StatusCode, message: str
+) -> None:
+    try:
+        classify(guarded, metadata)
+        got, details = grpc.StatusCode.OK, ""
+    except grpc.RpcError as err:
+        got, details = err.code(), err.details()
+    assert got == code
+    assert message in details
+    assert INFERENCE_TOKEN not in details and ADMIN_TOKEN not in details
+
+
+def test_every_inference_and_metadata_rpc_is_guarded(guarded: grpc.Channel) -> None:
+    kserve = ks_grpc.GRPCInferenceServiceStub(guarded)
+    infer = ks.ModelInferRequest(model_name="tiny-text")
+    infer.inputs.add(name="texts", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"good")
+    calls = {
+        "ListModels": lambda m: fs_grpc.FineserveStub(guarded).ListModels(fs.ListModelsRequest(), metadata=m),
+        "ModelInfer": lambda m: kserve.ModelInfer(infer, metadata=m, timeout=10),
+        "ModelStreamInfer": lambda m: list(kserve.ModelStreamInfer(iter([infer]), metadata=m, timeout=10)),
+        "ModelMetadata": lambda m: kserve.ModelMetadata(
+            ks.ModelMetadataRequest(name="tiny-text"), metadata=m
+        ),
+        "RepositoryIndex": lambda m: kserve.RepositoryIndex(ks.RepositoryIndexRequest(), metadata=m),
+        "ModelStatistics": lambda m: kserve.ModelStatistics(ks.ModelStatisticsRequest(), metadata=m),
+    }
+    for name, call in calls.items():
+        assert code_of(lambda call=call: call(())) == UNAUTHENTICATED, name
+        assert code_of(lambda call=call: call(bearer(INFERENCE_TOKEN))) == grpc.StatusCode.OK, name
+
+
+def test_health_reflection_and_kserve_liveness_stay_open(guarded: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(guarded).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    kserve = ks_grpc.GRPCInferenceServiceStub(guarded)
+    assert kserve.ServerLive(ks.ServerLiveRequest(), timeout=5).live
+    assert kserve.ServerReady(ks.ServerReadyRequest(), timeout=5).ready
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    answer = next(reflection_pb2_grpc.ServerReflectionStub(guarded).ServerReflectionInfo(iter([request])))
+    assert "fineserve.v1.Fineserve" in {s.name for s in answer.list_services_response.service}
+
+
+def test_model_management_needs_the_admin_token(guarded: grpc.Channel) -> None:
+    kserve = ks_grpc.GRPCInferenceServiceStub(guarded)
+    unload = ks.RepositoryModelUnloadRequest(model_name="tiny-text")
+    load = ks.RepositoryModelLoadRequest(model_name="tiny-text")
+    for metadata in [(), bearer(INFERENCE_TOKEN), bearer("nope")]:
+        assert code_of(lambda m=metadata: kserve.RepositoryModelUnload(unload, metadata=m)) == UNAUTHENTICATED
+    kserve.RepositoryModelUnload(unload, metadata=bearer(ADMIN_TOKEN), timeout=30)
+    assert not kserve.ModelReady(
+        ks.ModelReadyRequest(name="tiny-text"), metadata=bearer(INFERENCE_TOKEN)
+    ).ready
+    assert (
+        code_of(lambda: kserve.RepositoryModelLoad(load, metadata=bearer(INFERENCE_TOKEN))) == UNAUTHENTICATED
+    )
+    kserve.RepositoryModelLoad(load, metadata=bearer(ADMIN_TOKEN), timeout=30)
+    assert kserve.ModelReady(ks.ModelReadyRequest(name="tiny-text"), metadata=bearer(INFERENCE_TOKEN)).ready
+
+
+def test_with_only_an_inference_token_management_needs_it_too(
+    repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {INFERENCE_TOKEN}\n")
+    caplog.set_level(logging.DEBUG)
+    with (
+        serve(repository, inference_token_file=token_file) as server,
+        grpc.insecure_channel(server.target) as ch,
+    ):
+        kserve = ks_grpc.GRPCInferenceServiceStub(ch)
+        unload = ks.RepositoryModelUnloadRequest(model_name="no-such-model")
+        assert code_of(lambda: kserve.RepositoryModelUnload(unload)) == UNAUTHENTICATED
+        # Past the token check: the model does not exist.
+        assert code_of(lambda: kserve.RepositoryModelUnload(unload, metadata=bearer(INFERENCE_TOKEN))) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        assert classify(ch, bearer(INFERENCE_TOKEN)).results
+        assert code_of(lambda: classify(ch, bearer("guess"))) == UNAUTHENTICATED
+        assert INFERENCE_TOKEN not in repr(server.settings)
+    assert "refused 1 unauthenticated call" in caplog.text
+    assert "management as inference (token)" in caplog.text
+    assert INFERENCE_TOKEN not in caplog.text
+
+
+def test_tokens_never_reach_settings_reprs(repository: Path) -> None:
+    settings = load_settings(
+        model_repository=repository, inference_token=INFERENCE_TOKEN, admin_token=ADMIN_TOKEN
+    )
+    assert INFERENCE_TOKEN not in repr(settings) and ADMIN_TOKEN not in str(settings)
+    assert security.Tokens.from_settings(settings).describe() == (
+        "inference token, management admin token, health and reflection open"
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"tls_cert_file": "{cert}"}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_key_file": "{key}"}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_client_ca_file": "{ca}"}, "tls_client_ca_file needs TLS"),
+        (
+            {"tls_cert_file": "{cert}", "tls_key_file": "{key}", "tls_require_client_cert": True},
+            "needs tls_client_ca",
+        ),
+        ({"tls_cert_file": "{missing}", "tls_key_file": "{key}"}, "tls_cert_file: .* is not a readable file"),
+        ({"inference_token": "x", "inference_token_file": "{cert}"}, "not both"),
+        ({"admin_token": "   "}, "admin_token is empty"),
+        ({"admin_token_file": "{empty}"}, "admin_token_file: .* is empty"),
+    ],
+)
+def test_security_settings_are_checked_at_startup(
+    settings: dict[str, Any], problem: str, pki: Pki, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").write_text("\n")
+    paths = {
+        "cert": pki.server_cert,
+        "key": pki.server_key,
+        "ca": pki.ca_cert,
+        "missing": tmp_path / "nope.pem",
+        "empty": tmp_path / "empty",
+    }
+    given = {k: v.format(**paths) if isinstance(v, str) else v for k, v in settings.items()}
+    with pytest.raises(SettingsError, match=problem):
+        load_settings(**given)
+
+
+# --- bind addresses and message sizes ------------------------------------------------------------
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses of the listening TCP sockets on ``port`` (from /proc/net/tcp and tcp6), as text;
+    IPv4-mapped IPv6 addresses as their IPv4 form."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            # The kernel writes each 32-bit word in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+            text = socket.inet_ntop(family, raw)
+            found.add(text.removeprefix("::ffff:"))
+    return found
+
+
+def test_bind_addresses_and_message_sizes_are_what_the_settings_say(repository: Path) -> None:
+    with serve(
+        repository, grpc_host="127.0.0.1", metrics_host="127.0.0.1", max_send_message_bytes=1024
+    ) as server:
+        assert listening_addresses(server.server.grpc_port) == {"127.0.0.1"}
+        assert server.server.metrics_port is not None
+        assert listening_addresses(server.server.metrics_port) == {"127.0.0.1"}
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        assert urllib.request.urlopen(url, timeout=10).status == 200
+        with grpc.insecure_channel(f"127.0.0.1:{server.server.grpc_port}") as channel:
+            assert classify(channel).results  # a small answer fits
+            # The model list with its metadata is larger than 1024 bytes: gRPC refuses to send it.
+            stub = fs_grpc.FineserveStub(channel)
+            try:
+                stub.ListModels(fs.ListModelsRequest(), timeout=10)
+                raise AssertionError("an answer over max_send_message_bytes was sent")
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "larger than max" in (err.details() or "")
+
+
+# --- nothing is ever unpickled -------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+SKIPPED = {".venv", ".git", "node_modules", "build", "dist", ".mypy_cache", ".ruff_cache"}
+PICKLE_LOADERS = {("pickle", "load"), ("pickle", "loads"), ("dill", "load"), ("cloudpickle", "load"),
+                  ("joblib", "load"), ("pd", "read_pickle"), ("pandas", "read_pickle"),
+                  ("_pickle", "load"), ("pickle", "Unpickler")}  # fmt: skip
+
+
+def python_sources() -> list[Path]:
+    return [path for path in ROOT.rglob("*.py") if not SKIPPED & set(path.relative_to(ROOT).parts[:-1])]
+
+
+def dotted(node: ast.expr) -> tuple[str, str] | None:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return node.value.id, node.attr
+    return None
+
+
+def keyword_is_true(call: ast.Call, name: str) -> bool:
+    return any(
+        k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords
+    )
+
+
+def test_nothing_in_the_sources_unpickles() -> None:
+    """Every torch.load passes weights_only=True; no pickle/joblib loaders; no allow_pickle=True."""
+    sources = python_sources()
+    assert len(sources) > 50
+    problems = []
+    torch_loads = 0
+    for path in sources:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in (
+                "pickle",
+                "dill",
+                "cloudpickle",
+                "joblib",
+            ):
+                names = {alias.name for alias in node.names}
+                if names & {"load", "loads", "Unpickler"}:
+                    problems.append(f"{path}:{node.lineno}: from {node.module} import {sorted(names)}")
+            if not isinstance(node, ast.Call):
+                continue
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            name = dotted(node.func)
+            if name == ("torch", "load"):
+                torch_loads += 1
+                if not keyword_is_true(node, "weights_only"):
+                    problems.append(f"{where}: torch.load without weights_only=True")
+            elif name in PICKLE_LOADERS:
+                problems.append(f"{where}: {'.'.join(name)}")
+            elif name is not None and name[1] == "load" and keyword_is_true(node, "allow_pickle"):
+                problems.append(f"{where}: {'.'.join(name)}(allow_pickle=True)")
+    assert torch_loads > 0  # the scan does see the training code's checkpoint loading
+    assert not problems, "\n".join(problems)
