@@ -116,14 +116,20 @@ def rename_and_prune(model: onnx.ModelProto, interface: GraphInterface) -> onnx.
     """Client-facing tensor names everywhere in the graph; only the logits output kept."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
+    renames = dict(interface.renames)
+    used = {n for node in _all_nodes(graph) for n in (*node.input, *node.output)}
+    used |= {i.name for i in graph.initializer}
+    for target in list(renames.values()):
+        if target in used and target not in renames:  # an inner tensor already has the name
+            renames[target] = f"{target}.inner"
     keep = [o for o in graph.output if o.name in interface.renames]
     del graph.output[:]
     graph.output.extend(keep)
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        value.name = interface.renames.get(value.name, value.name)
+    for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        value.name = renames.get(value.name, value.name)
     for node in _all_nodes(graph):
-        node.input[:] = [interface.renames.get(n, n) for n in node.input]
-        node.output[:] = [interface.renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
     onnx.checker.check_model(model)
     return model
 
@@ -249,6 +255,10 @@ def _cast_to_graph(examples: Examples, interface: GraphInterface) -> Examples:
     if missing:
         raise WrapError(f"examples lack the graph inputs {sorted(missing)}")
     features = {k: examples.features[k].astype(v) for k, v in wanted.items()}
+    pixels = features.get(IMAGE_INPUT)
+    if pixels is not None and interface.layout == "NHWC" and pixels.shape[1] == 3 and pixels.shape[3] != 3:
+        # Examples are read before the graph's layout is known, in the default NCHW.
+        features[IMAGE_INPUT] = np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
     return Examples(features, examples.labels, examples.source, examples.lengths)
 
 

@@ -144,3 +144,38 @@ def test_wrap_refuses_graphs_that_do_not_fit(tmp_path: Path) -> None:
     with pytest.raises(DynamicAxesError):
         wrap_onnx(tmp_path / "fixed.onnx", tmp_path / "m", "x", task="image-classification", **common)
     assert list_versions(tmp_path / "m" / "x") == []
+
+
+def test_channels_last_graph_gets_nhwc_layout_and_transposed_examples(tmp_path: Path) -> None:
+    """A Keras-style [N,H,W,3] graph (tf2onnx keeps channels last): layout is detected."""
+    inner = tiny_image_graph()
+    transpose = onnx.helper.make_node("Transpose", ["images"], ["pixel_values"], perm=[0, 3, 1, 2])
+    graph = onnx.helper.make_graph(
+        [transpose, *inner.graph.node],
+        "nhwc",
+        [
+            onnx.helper.make_tensor_value_info(
+                "images", onnx.TensorProto.FLOAT, ["n", TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3]
+            )
+        ],
+        list(inner.graph.output),
+        initializer=list(inner.graph.initializer),
+    )
+    model = onnx.helper.make_model(graph, opset_imports=list(inner.opset_import))
+    model.ir_version = inner.ir_version
+    onnx.save(model, tmp_path / "nhwc.onnx")
+    examples, reference = _examples()  # NCHW, as read_examples builds them by default
+    published = wrap_onnx(
+        tmp_path / "nhwc.onnx",
+        tmp_path / "models",
+        "keras",
+        task="image-classification",
+        labels=("a", "b", "c"),
+        image=PREP,
+        examples=examples,
+        reference=reference,
+    )
+    spec = read_model_spec(published.version_dir)
+    assert spec.image is not None and spec.image.layout == "NHWC"
+    assert spec.inputs[0].shape == (-1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
+    assert spec.variants["fp32"].checks["max_abs_diff"] <= 1e-5
