@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -47,12 +48,28 @@ def scrape(port: int) -> str:
 
 
 def sample_names(exposition: str) -> set[str]:
-    """Every family and sample name in a /metrics page (``x``, ``x_total``, ``x_bucket``, ...)."""
+    """Every series name a /metrics page declares (``x``, ``x_total``, ``x_bucket``, ...), including
+    those of labelled families that have no samples yet (e.g. a counter of load failures)."""
+    suffixes = {"counter": ("_total",), "info": ("_info",), "histogram": ("_bucket", "_count", "_sum")}
     names = set()
     for family in text_string_to_metric_families(exposition):
         names.add(family.name)
+        names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
         names.update(sample.name for sample in family.samples)
     return names
+
+
+def dashboard_expressions() -> list[str]:
+    """Every PromQL expression of the Grafana dashboard: panel targets and variable queries."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names an expression uses (ours, and the process and Python collectors')."""
+    return set(re.findall(r"\b((?:fineserve|process|python)_[a-z0-9_]+)\b", expr))
 
 
 def tensor_request(model: str, images: int, seed: int = 0) -> pb.ClassifyRequest:

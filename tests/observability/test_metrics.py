@@ -22,7 +22,14 @@ from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
-from tests.observability.conftest import ROOT, scrape, tensor_request
+from tests.observability.conftest import (
+    ROOT,
+    dashboard_expressions,
+    metric_names,
+    sample_names,
+    scrape,
+    tensor_request,
+)
 from tests.server.running import RunningServer
 
 DOCS = ROOT / "docs/observability.md"
@@ -183,3 +190,15 @@ def test_every_exported_metric_is_documented_and_every_documented_one_exported(s
         "fineserve_gpu_utilization_ratio",
     }
     assert documented - exported == gpu_only
+
+
+def test_dashboard_parses_and_names_only_metrics_the_server_exports(server: RunningServer) -> None:
+    # Without Prometheus too (test_prometheus.py also runs each query through a real one).
+    with grpc.insecure_channel(server.target) as channel:
+        pb_grpc.FineserveStub(channel).Classify(tensor_request("tiny-image", 1))
+    exported = sample_names(scrape(server.server.metrics_port))
+    exprs = dashboard_expressions()
+    assert len(exprs) >= 15
+    for expr in exprs:
+        assert metric_names(expr), expr
+        assert metric_names(expr) <= exported, (expr, metric_names(expr) - exported)

@@ -26,7 +26,16 @@ from server.metrics import LATENCY_BUCKETS
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
-from tests.observability.conftest import DASHBOARD, Prometheus, binary, sample_names, scrape, tensor_request
+from tests.observability.conftest import (
+    DASHBOARD,
+    Prometheus,
+    binary,
+    dashboard_expressions,
+    metric_names,
+    sample_names,
+    scrape,
+    tensor_request,
+)
 from tests.server.running import RunningServer
 
 QUEUE_DELAY_S = 0.05
@@ -158,13 +167,6 @@ def test_model_gauges_show_loaded_and_failed_models(observed: Observed) -> None:
     assert resident is not None and resident > 0
 
 
-def dashboard_expressions() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
-    return exprs
-
-
 def as_query(expr: str) -> str:
     """A dashboard expression with Grafana's variables filled in as 'All' and a short window."""
     expr = expr.replace("$__rate_interval", "20s").replace("$job", ".*").replace("$model", ".*")
@@ -179,7 +181,7 @@ def test_every_dashboard_query_names_exported_metrics_and_returns_data(observed:
     # rate() needs two scrapes of a series.
     observed.prometheus.wait_for("sum(rate(fineserve_requests_total[20s]))", lambda v: v is not None)
     for expr in exprs:
-        named = set(re.findall(r"\b((?:fineserve|process|python)_[a-z0-9_]+)\b", expr))
+        named = metric_names(expr)
         assert named, expr
         assert named <= exported, (expr, named - exported)
         # Prometheus parses it, and over the known traffic it has data to show.
