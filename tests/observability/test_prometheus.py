@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.config import Settings
 from server.metrics import LATENCY_BUCKETS
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
@@ -62,12 +61,11 @@ def observed(
     broken = publish_tiny_image_model(repository, name="broken")
     (broken / "model.onnx").write_bytes(b"not an onnx graph")
     # Every request sits out the whole delay (not only while others are on their way).
-    fixed_wait = {"batch_wait": "fixed"} if "batch_wait" in Settings.model_fields else {}
     server = RunningServer(
         repository,
         repository_poll_s=0,
         batching={"tiny-image": {"max_queue_delay_ms": QUEUE_DELAY_S * 1000}},
-        **fixed_wait,
+        batch_wait="fixed",
     )
     try:
         prometheus = prometheus_factory([f"127.0.0.1:{server.server.metrics_port}"])
