@@ -1,0 +1,1 @@
+"""Training recipes (YAML); a package only so that installs ship the files."""
