@@ -20,6 +20,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from bench.inputs import tensor_batch
@@ -58,10 +59,14 @@ class Suite:
 
     # --- measuring ------------------------------------------------------------------------------
 
-    def raw(self, session: Any, spec: ModelSpec, batch: int, version_dir: Path) -> dict[str, Any]:
+    def raw(
+        self, session: Any, spec: ModelSpec, batch: int, version_dir: Path, seconds: float | None = None
+    ) -> dict[str, Any]:
+        seconds = seconds or self.args.seconds
         cpu = time.process_time()
-        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), self.args.seconds)
-        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["items_per_s"] * self.args.seconds)
+        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), seconds)
+        # CPU time of every thread of this process (onnxruntime's included) per item.
+        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["items_per_s"] * seconds)
         print(
             f"  raw   batch {batch:>3}: {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms"
             f"  p99 {row['p99_ms']:7.2f} ms",
@@ -93,15 +98,17 @@ class Suite:
         kind: str,
         concurrency: int,
         items: int = 1,
+        *,
         protocol: str = "kserve",
         version_dir: Path | None = None,
+        seconds: float | None = None,
     ) -> Load:
         return Load(
             protocol=protocol,
             kind=kind,
             concurrency=concurrency,
             items=items,
-            seconds=self.args.seconds,
+            seconds=seconds or self.args.seconds,
             warmup_s=self.args.warmup,
             image_side=self.args.image_side,
             version_dir=version_dir,
@@ -128,15 +135,22 @@ class Suite:
         out["raw"] = [self.raw(session, spec, b, version_dir) for b in batch_sizes]
         best = max(out["raw"], key=lambda r: r["items_per_s"])
 
-        # Latency at concurrency 1: raw batch 1 and served, interleaved twice.
-        pairs = []
-        for _ in range(2):
-            raw1 = self.raw(session, spec, 1, version_dir)
-            served1 = self.load(server, spec, self.point("tensor", 1, version_dir=version_dir))
-            pairs.append(
+        # Latency at concurrency 1: raw batch 1 and served, in alternating short rounds, so both
+        # sides see the same machine load; compared by the median over rounds.
+        rounds = []
+        for _ in range(self.args.rounds):
+            raw1 = self.raw(session, spec, 1, version_dir, self.args.seconds / 2)
+            load = self.point("tensor", 1, version_dir=version_dir, seconds=self.args.seconds / 2)
+            served1 = self.load(server, spec, load)
+            rounds.append(
                 {"raw_p50_ms": raw1["p50_ms"], "served_p50_ms": served1["p50_ms"], "served": served1}
             )
-        out["latency_c1"] = pairs
+        out["latency_c1"] = {
+            "raw_p50_ms": median(r["raw_p50_ms"] for r in rounds),
+            "served_p50_ms": median(r["served_p50_ms"] for r in rounds),
+            "added_ms": median(r["served_p50_ms"] - r["raw_p50_ms"] for r in rounds),
+            "rounds": rounds,
+        }
 
         # Throughput and latency against concurrency, ready tensors then encoded items.
         kinds = ["tensor"] if self.args.skip_bytes else ["tensor", "bytes"]
@@ -162,18 +176,32 @@ class Suite:
             for kind in kinds
             if not (kind == "tensor" and spec.text is not None)  # AnalyzeSentiment takes texts only
         }
-        # Saturation: the best served tensor point, raw at its best batch size measured again now.
-        again = self.raw(session, spec, best["batch"], version_dir)
+        # Saturation: the best served tensor configuration of the sweeps against raw at its best
+        # batch size, measured again in alternating rounds; compared by the median round ratio.
         served_points = out["concurrency"]["tensor"] + out["items_per_request"]
         top = max(served_points, key=lambda r: r["items_per_s"])
-        raw_best = (best["items_per_s"] + again["items_per_s"]) / 2
+        pairs = []
+        for _ in range(self.args.rounds):
+            raw_top = self.raw(session, spec, best["batch"], version_dir, self.args.seconds / 2)
+            load = self.point(
+                "tensor",
+                top["concurrency"],
+                top["items_per_request"],
+                version_dir=version_dir,
+                seconds=self.args.seconds / 2,
+            )
+            served_top = self.load(server, spec, load)
+            pairs.append(
+                {"raw_items_per_s": raw_top["items_per_s"], "served_items_per_s": served_top["items_per_s"]}
+            )
+        raw_best = median(p["raw_items_per_s"] for p in pairs)
         out["saturation"] = {
             "raw_best_batch": best["batch"],
-            "raw_items_per_s_before": best["items_per_s"],
-            "raw_items_per_s_after": again["items_per_s"],
-            "served_items_per_s": top["items_per_s"],
+            "raw_items_per_s": raw_best,
+            "served_items_per_s": median(p["served_items_per_s"] for p in pairs),
             "served_at": {"concurrency": top["concurrency"], "items_per_request": top["items_per_request"]},
-            "ratio": top["items_per_s"] / raw_best,
+            "ratio": median(p["served_items_per_s"] / p["raw_items_per_s"] for p in pairs),
+            "rounds": pairs,
         }
         out["preprocessing"] = measure_preprocessing(
             spec, version_dir, best["batch"], self.args.seconds, self.args.image_side
@@ -187,20 +215,20 @@ class Suite:
         )
         spec = read_model_spec(version_dir)
         kinds = ["tensor"] if self.args.skip_bytes else ["tensor", "bytes"]
-        print(f"\n== {name}: dynamic batching on vs off at concurrency 32 (interleaved)", flush=True)
+        print(f"\n== {name}: dynamic batching on vs off at concurrency 32 (alternating rounds)", flush=True)
         result: dict[str, Any] = {}
         for kind in kinds:
             rounds: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-            for _ in range(2):
-                rounds["on"].append(self.load(on, spec, self.point(kind, 32, version_dir=version_dir), "on"))
-                rounds["off"].append(
-                    self.load(off, spec, self.point(kind, 32, version_dir=version_dir), "off")
-                )
+            for _ in range(self.args.rounds):
+                for side, server in (("on", on), ("off", off)):
+                    load = self.point(kind, 32, version_dir=version_dir, seconds=self.args.seconds / 2)
+                    rounds[side].append(self.load(server, spec, load, side))
             result[kind] = {
                 side: {
-                    "items_per_s": sum(r["items_per_s"] for r in rows) / len(rows),
-                    "p99_ms": sum(r["p99_ms"] for r in rows) / len(rows),
-                    "p50_ms": sum(r["p50_ms"] for r in rows) / len(rows),
+                    "items_per_s": median(r["items_per_s"] for r in rows),
+                    "p50_ms": median(r["p50_ms"] for r in rows),
+                    "p99_ms": median(r["p99_ms"] for r in rows),
+                    "server_cpu_ms_per_item": median(r["server_cpu_ms_per_item"] for r in rows),
                     "rounds": rows,
                 }
                 for side, rows in rounds.items()
@@ -259,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="fashion,sentiment", help="comma-separated model names")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per point")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured load before each point")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="alternating raw/served rounds for the latency and saturation ratios",
+    )
     parser.add_argument("--concurrency", type=_ints, default=_ints("1,4,16,64,256"))
     parser.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64"))
     parser.add_argument("--batch-concurrency", type=int, default=2, help="requests in flight per batch size")

@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark code on the tiny models: it runs, and writes what it says.
+
+Benchmarks are not tests: nothing here asserts a speed, only that every figure is produced.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import loadgen, raw_ort, suite
+from bench.__main__ import main as bench_main
+from bench.server_process import free_port
+
+
+def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["--model-repository", str(tiny_repository), "--models", "tiny-image,tiny-text"]
+    args += ["--seconds", "0.1", "--warmup", "0", "--concurrency", "1,4", "--batch-sizes", "1,2"]
+    assert suite.main([*args, "--rounds", "2", "--out", str(out)]) == 0
+
+    results = json.loads((out / "suite.json").read_text())
+    assert results["server"]["seconds_to_serving"] > 0
+    assert results["server"]["idle_rss_mb"] > 0
+    assert results["server"]["peak_rss_under_load_mb"] > 0
+    for name in ("tiny-image", "tiny-text"):
+        model = results["models"][name]
+        assert [r["batch"] for r in model["raw"]] == [1, 2]
+        assert [r["items_per_request"] for r in model["items_per_request"]] == [1, 2]
+        for kind in ("tensor", "bytes"):
+            rows = model["concurrency"][kind]
+            assert [r["concurrency"] for r in rows] == [1, 4]
+            assert all(r["codes"].get("OK", 0) > 0 for r in rows), rows
+            assert set(model["batching"][kind]) == {"on", "off"}
+        assert model["saturation"]["ratio"] > 0
+        assert model["preprocessing"]["items_per_s"] > 0
+        assert len(model["latency_c1"]["rounds"]) == 2
+        assert len(model["saturation"]["rounds"]) == 2
+        assert len(model["batching"]["tensor"]["on"]["rounds"]) == 2
+        for plot in ("concurrency", "batch"):
+            assert (out / f"suite-{name}-{plot}.png").read_bytes().startswith(b"\x89PNG")
+    tables = (out / "suite.md").read_text()
+    assert "process start to health SERVING" in tables
+    assert tables.count("| served at saturation >=") == 2
+    assert "fineserve-bench suite --model-repository" in tables  # the command that made them
+
+
+def test_load_and_raw_commands_run_on_a_tiny_model(
+    tiny_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = tiny_repository / "tiny-text" / "1"
+    raw_json = tmp_path / "raw.json"
+    assert (
+        raw_ort.main(
+            ["--model-dir", str(version), "--batch-sizes", "1,3", "--seconds", "0.1", "--json", str(raw_json)]
+        )
+        == 0
+    )
+    assert [r["batch"] for r in json.loads(raw_json.read_text())["rows"]] == [1, 3]
+    # No server there: the first call fails fast with a one-line error, not a traceback.
+    port = free_port()
+    code = loadgen.main(
+        [
+            "--target",
+            f"127.0.0.1:{port}",
+            "--model-dir",
+            str(version),
+            "--seconds",
+            "0.1",
+            "--warmup",
+            "0",
+            "--timeout",
+            "1",
+        ]
+    )
+    assert code == 1
+    assert "error: 127.0.0.1" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(tiny_repository: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        loadgen.main(["--target", "10.0.0.1:8001", "--model-dir", str(tiny_repository / "tiny-text" / "1")])
+    assert exited.value.code == 2
+    assert "loopback" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.main(["--model-repository", str(tiny_repository), "--models", "nope"])
+    assert "not in" in capsys.readouterr().err
+    assert bench_main(["nope"]) == 2
