@@ -8,6 +8,7 @@ gate never calibrates on what it then measures.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,14 @@ def examples_from_run(
             differs from the recorded one (pass ``--examples`` instead).
     """
     try:
-        from training.config import build_config
+        from training.config import TrainConfig, build_config
         from training.data import check_labels, image_encoder, make_splits, text_encoder
         from training.datasets import default_cache_dir, load_dataset
 
-        cfg = build_config(dict(meta.config))
+        # Only the keys this version of training knows: run-control keys added later (plots,
+        # progress, ...) do not change the split, and the digest below proves the split.
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = build_config({k: v for k, v in meta.config.items() if k in known})
         raw = load_dataset(
             cfg.dataset,
             data_path=cfg.data_path,
