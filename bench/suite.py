@@ -176,13 +176,39 @@ class Suite:
             for kind in kinds
             if not (kind == "tensor" and spec.text is not None)  # AnalyzeSentiment takes texts only
         }
-        # Saturation: the best served tensor configuration of the sweeps against raw at its best
-        # batch size, measured again in alternating rounds; compared by the median round ratio.
-        served_points = out["concurrency"]["tensor"] + out["items_per_request"]
-        top = max(served_points, key=lambda r: r["items_per_s"])
+        # Saturation: the best served tensor configuration against raw at its best batch size,
+        # over every configuration, and over one item per request (the server batches alone).
+        every = out["concurrency"]["tensor"] + out["items_per_request"]
+        out["saturation"] = self.saturation(
+            server, session, spec, version_dir, raw_batch=best["batch"], points=every
+        )
+        single = out["concurrency"]["tensor"]
+        out["saturation_single_item"] = self.saturation(
+            server, session, spec, version_dir, raw_batch=best["batch"], points=single
+        )
+        raw_best = out["saturation"]["raw_items_per_s"]
+        out["preprocessing"] = measure_preprocessing(
+            spec, version_dir, best["batch"], self.args.seconds, self.args.image_side
+        )
+        out["preprocessing"]["vs_model_raw_best"] = out["preprocessing"]["items_per_s"] / raw_best
+        return out
+
+    def saturation(
+        self,
+        server: ServerProcess,
+        session: Any,
+        spec: ModelSpec,
+        version_dir: Path,
+        *,
+        raw_batch: int,
+        points: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The best of ``points`` measured again against raw at ``raw_batch`` in alternating rounds;
+        compared by the median round ratio."""
+        top = max(points, key=lambda r: r["items_per_s"])
         pairs = []
         for _ in range(self.args.rounds):
-            raw_top = self.raw(session, spec, best["batch"], version_dir, self.args.seconds / 2)
+            raw_top = self.raw(session, spec, raw_batch, version_dir, self.args.seconds / 2)
             load = self.point(
                 "tensor",
                 top["concurrency"],
@@ -194,20 +220,14 @@ class Suite:
             pairs.append(
                 {"raw_items_per_s": raw_top["items_per_s"], "served_items_per_s": served_top["items_per_s"]}
             )
-        raw_best = median(p["raw_items_per_s"] for p in pairs)
-        out["saturation"] = {
-            "raw_best_batch": best["batch"],
-            "raw_items_per_s": raw_best,
+        return {
+            "raw_best_batch": raw_batch,
+            "raw_items_per_s": median(p["raw_items_per_s"] for p in pairs),
             "served_items_per_s": median(p["served_items_per_s"] for p in pairs),
             "served_at": {"concurrency": top["concurrency"], "items_per_request": top["items_per_request"]},
             "ratio": median(p["served_items_per_s"] / p["raw_items_per_s"] for p in pairs),
             "rounds": pairs,
         }
-        out["preprocessing"] = measure_preprocessing(
-            spec, version_dir, best["batch"], self.args.seconds, self.args.image_side
-        )
-        out["preprocessing"]["vs_model_raw_best"] = out["preprocessing"]["items_per_s"] / raw_best
-        return out
 
     def batching_on_off(self, on: ServerProcess, off: ServerProcess, name: str) -> dict[str, Any]:
         version_dir = (
