@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import Any
 
 import grpc
@@ -36,6 +37,8 @@ KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceServ
 HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
 __all__ = ["Server", "configure_logging", "serve"]
 _HEALTH_FOLLOW_S = 1.0
+# On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
+_QUIET_S = 0.2
 
 
 class Server:
@@ -46,9 +49,14 @@ class Server:
         self.metrics = Metrics()
         self.dataplane = DataPlane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
+        self._gate = security.ShutdownGate()
         self.grpc = grpc.aio.server(
             # Tokens are checked first: an unauthenticated request is never parsed.
-            interceptors=[security.AuthInterceptor(tokens), security.MalformedRequestInterceptor()],
+            interceptors=[
+                self._gate,
+                security.AuthInterceptor(tokens),
+                security.MalformedRequestInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
@@ -104,13 +112,26 @@ class Server:
             self._follow_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follow_task
+        self._gate.close()
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
+        # New calls are refused with UNAVAILABLE by the gate while the accepted ones finish, and
+        # until callers go quiet; only then does gRPC stop (waiting out what remains of the grace
+        # for calls still open). A call that reaches gRPC after its stop is CANCELLED unrun.
+        drain_until = time.monotonic() + grace
+        while time.monotonic() < drain_until and (
+            self._requests_in_flight() or time.monotonic() - self._gate.last_refused < _QUIET_S
+        ):
+            await asyncio.sleep(0.01)
+        await self.grpc.stop(max(0.0, drain_until - time.monotonic()))
         await self.dataplane.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         log.info("server stopped")
+
+    def _requests_in_flight(self) -> int:
+        served = self.dataplane.repository.served
+        return sum(version.in_flight for versions in served.values() for version in versions.values())
 
     async def _set_health(self, serving: bool) -> None:
         status = (

@@ -144,7 +144,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             return handler
         message = "missing bearer token" if given is None else "invalid bearer token"
         self._log_rejection(method, message)
-        return _refusal(handler, f"{message} (authorization: Bearer <token> metadata)")
+        return _refusal(
+            handler, grpc.StatusCode.UNAUTHENTICATED, f"{message} (authorization: Bearer <token> metadata)"
+        )
 
     def _log_rejection(self, method: str, why: str) -> None:
         self._rejected_since_log += 1
@@ -161,12 +163,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             self._last_log = now
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED without reading the
-    request (no deserializer: the bytes are never parsed)."""
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers ``code`` without reading the request
+    (no deserializer: the bytes are never parsed)."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)
@@ -175,6 +177,34 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+# --- shutting down -------------------------------------------------------------------------------
+
+
+class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+    """Once ``close`` is called, new calls (but health checks) get UNAVAILABLE at once: never run,
+    safe to retry elsewhere. Without it, a call that reaches gRPC after its own stop began waits
+    in gRPC's queue and is CANCELLED when the port closes, which a client cannot tell from a
+    request that was cancelled while running."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.last_refused = float("-inf")  # time.monotonic() of the latest refusal
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if not self.closed or handler is None or handler_call_details.method.startswith(OPEN_PREFIXES[0]):
+            return handler
+        self.last_refused = time.monotonic()
+        return _refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
 
 
 # --- requests that are not even protobuf --------------------------------------------------------
