@@ -360,3 +360,29 @@ def test_nothing_in_the_sources_unpickles() -> None:
                 problems.append(f"{where}: {'.'.join(name)}(allow_pickle=True)")
     assert torch_loads > 0  # the scan does see the training code's checkpoint loading
     assert not problems, "\n".join(problems)
+
+
+# --- the rules, without a server -------------------------------------------------------------------
+
+
+def test_which_methods_need_which_token() -> None:
+    tokens = security.Tokens(inference=None, admin=b"a")
+    assert tokens.required(security.access_of("/inference.GRPCInferenceService/RepositoryModelLoad")) == b"a"
+    assert tokens.required(security.access_of("/inference.GRPCInferenceService/ModelInfer")) is None
+    both = security.Tokens(inference=b"i", admin=b"a")
+    assert both.required(security.access_of("/fineserve.v1.Fineserve/Classify")) == b"i"
+    assert both.required(security.access_of("/inference.GRPCInferenceService/RepositoryIndex")) == b"i"
+    assert both.required(security.access_of("/grpc.health.v1.Health/Watch")) is None
+    assert (
+        both.required(security.access_of("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")) is None
+    )
+    assert both.required(security.access_of("/inference.GRPCInferenceService/ServerLive")) is None
+    assert security.Tokens(inference=b"i", admin=None).required(security.Access.MANAGEMENT) == b"i"
+
+
+def test_bearer_tokens_are_read_from_metadata_only_with_the_bearer_scheme() -> None:
+    assert security.presented_token((("Authorization", "Bearer  tok "),)) == b"tok"
+    assert security.presented_token((("authorization", "BEARER tok"),)) == b"tok"
+    assert security.presented_token((("authorization", "Basic dG9r"),)) is None
+    assert security.presented_token((("x-token", "Bearer tok"),)) is None
+    assert security.presented_token(None) is None
