@@ -34,7 +34,7 @@ from server.errors import (
 from server.metrics import Metrics
 from server.model import NUMPY_DTYPES, ModelStats, ServedVersion
 from server.observe import RequestObservation, Telemetry, current_request
-from server.preprocess import check_items
+from server.preprocess import TextPreprocessor, check_items
 from server.repository import Repository, VersionState
 from server.runtime import CUDA, choose_provider
 
@@ -291,6 +291,8 @@ class DataPlane:
 
         async def prepare() -> tuple[Tensors, int]:
             tensors, rows = _validate(served.spec, inputs)
+            if isinstance(served.preprocess, TextPreprocessor):
+                served.preprocess.check_token_ids(tensors)
             limit = self.settings.max_items_per_request
             if rows > limit:
                 raise LimitExceeded(f"{rows} items exceed max_items_per_request ({limit})")

@@ -140,6 +140,7 @@ class TextPreprocessor:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=config.max_length)
         self.pad_id = _pad_id(self.tokenizer)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.tokenizer.enable_padding(pad_id=self.pad_id)
         self.input_names = tuple(input_names)
 
@@ -162,6 +163,15 @@ class TextPreprocessor:
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
         return {name: tensors[name] for name in self.input_names}
+
+    def check_token_ids(self, tensors: Tensors) -> None:
+        """Token ids sent as ready tensors must be this tokenizer's: any other id would fail inside
+        the graph (an embedding lookup out of range) and take its whole batch down with it."""
+        ids = tensors.get("input_ids")
+        if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise InvalidInput(
+                f"input 'input_ids': token ids must be in 0..{self.vocab_size - 1} (the model's vocabulary)"
+            )
 
     @property
     def pad_values(self) -> dict[str, int | float]:
