@@ -83,3 +83,35 @@ def work(iterations: int, rows: int = 1) -> np.ndarray:
     batch = np.zeros((rows, 3, 8, 8), np.float32)
     batch[:, 0, 0, 0] = iterations
     return batch
+
+
+def odd_batch_failing_graph(base: onnx.ModelProto) -> onnx.ModelProto:
+    """``base`` (the tiny image graph) with its pooled features reshaped to pairs of rows and back:
+    the same logits for an even batch size, a run-time Reshape error for an odd one."""
+    graph = base.graph
+    matmul = next(node for node in graph.node if node.op_type == "MatMul")
+    matmul.input[0] = "pooled_again"
+    first_after_pool = list(graph.node).index(matmul)
+    reshapes = [
+        helper.make_node("Reshape", ["pooled", "pairs_shape"], ["pairs"]),
+        helper.make_node("Reshape", ["pairs", "rows_shape"], ["pooled_again"]),
+    ]
+    for offset, node in enumerate(reshapes):
+        graph.node.insert(first_after_pool + offset, node)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([-1, 6], np.int64), "pairs_shape"),
+            numpy_helper.from_array(np.array([-1, 3], np.int64), "rows_shape"),
+        ]
+    )
+    onnx.checker.check_model(base)
+    return base
+
+
+def publish_odd_batch_failing_model(repository: Path, name: str = "even-only") -> Path:
+    folder = publish_tiny_image_model(repository, name=name)
+    onnx.save(odd_batch_failing_graph(onnx.load(folder / "model.onnx")), folder / "model.onnx")
+    spec = read_model_spec(folder)
+    variants = {"fp32": Variant("model.onnx", "fp32", (folder / "model.onnx").stat().st_size)}
+    write_model_spec(folder, dataclasses.replace(spec, variants=variants))
+    return folder

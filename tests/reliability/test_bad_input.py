@@ -146,6 +146,11 @@ def token_input(name: str, shape: list[int], dtype: str = "<i8", datatype: str =
     return (name, datatype, shape, np.full(shape, 5, dtype=dtype).tobytes(), None)
 
 
+def token_ids(bad: int) -> KInput:
+    """Four token ids, the third one ``bad``."""
+    return ("input_ids", "INT64", [1, 4], np.array([[2, 5, bad, 3]], "<i8").tobytes(), None)
+
+
 def byte_items(name: str, *items: bytes) -> KInput:
     return (name, "BYTES", [len(items)], codec.encode_bytes_elements(items), None)
 
@@ -421,6 +426,18 @@ CASES = [
         kinfer(token_input("input_ids", [2, 4]), token_input("attention_mask", [1, 4]), model="tiny-text"),
         INVALID,
         "they must match",
+    ),
+    Case(
+        "kserve token id beyond the vocabulary",
+        kinfer(token_ids(99), token_input("attention_mask", [1, 4]), model="tiny-text"),
+        INVALID,
+        r"token ids must be in 0\.\.15",
+    ),
+    Case(
+        "kserve negative token id",
+        kinfer(token_ids(-1), token_input("attention_mask", [1, 4]), model="tiny-text"),
+        INVALID,
+        "token ids must be in",
     ),
     Case(
         "kserve raw too short",

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from server.pb.fineserve.v1 import fineserve_pb2 as fs
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from server.pb.inference import grpc_service_pb2 as ks
 from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
-from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model, tiny_vocab
+from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model, tiny_image_graph
 from tests.reliability import images
-from tests.reliability.graphs import publish_slow_image_model, work
+from tests.reliability.graphs import publish_odd_batch_failing_model, publish_slow_image_model, work
 from tests.reliability.process import wait_serving
 from tests.server.kserve_harness import running_server
 from tests.server.running import RunningServer
@@ -177,47 +178,63 @@ def test_a_model_folder_deleted_under_the_server_is_retired_not_fatal(
 # --- a batch that fails inside onnxruntime --------------------------------------------------------
 
 
-def token_request(token_id: int) -> ks.ModelInferRequest:
-    """Four token ids; an id outside the vocabulary makes the graph's Gather fail at run time."""
-    request = ks.ModelInferRequest(model_name="tiny-text")
-    ids = np.array([[2, token_id, 5, 3]], "<i8")
-    for name, array in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-        request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
-        request.raw_input_contents.append(array.tobytes())
+def pixel_request(rows: int, seed: int) -> ks.ModelInferRequest:
+    request = ks.ModelInferRequest(model_name="even-only")
+    pixels = np.random.default_rng(seed).normal(size=(rows, 3, 8, 8)).astype("<f4")
+    request.inputs.add(name="pixel_values", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.tobytes())
     return request
+
+
+def logits_of(response: ks.ModelInferResponse) -> np.ndarray:
+    index = [o.name for o in response.outputs].index("logits")
+    shape = list(response.outputs[index].shape)
+    return np.frombuffer(response.raw_output_contents[index], "<f4").reshape(shape)
 
 
 def test_an_inference_error_fails_only_its_batch_with_a_generic_internal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """``even-only`` fails inside onnxruntime for an odd batch size. Three one-row requests make
+    one batch of 3 (a preferred size): all three fail, with INTERNAL and a generic message. Two
+    two-row requests then make a batch of 4, which is served with the right logits."""
     repository = tmp_path / "models"
     publish_tiny_image_model(repository)
-    publish_tiny_text_model(repository)
-    # Batches of exactly four: four concurrent requests share one batch.
-    batching = {"tiny-text": {"max_batch_size": 4, "max_queue_delay_ms": 5000}}
+    publish_odd_batch_failing_model(repository)
+    batching = {
+        "even-only": {"max_batch_size": 4, "preferred_batch_sizes": [3, 4], "max_queue_delay_ms": 5000}
+    }
     caplog.set_level(logging.ERROR)
     with (
-        RunningServer(repository, repository_poll_s=0, batching=batching, batch_wait="fixed") as server,
+        # No warmup: its batch of one would fail the version at load.
+        RunningServer(
+            repository, repository_poll_s=0, batching=batching, batch_wait="fixed", warmup=False
+        ) as server,
         grpc.insecure_channel(server.target) as channel,
     ):
         kserve = ks_grpc.GRPCInferenceServiceStub(channel)
-        good, bad = token_request(4), token_request(len(tiny_vocab()) + 1000)
-        with ThreadPoolExecutor(4) as pool:
-            batch = [pool.submit(kserve.ModelInfer, r, timeout=20) for r in (good, good, bad, good)]
+        with ThreadPoolExecutor(3) as pool:
+            batch = [pool.submit(kserve.ModelInfer, pixel_request(1, seed), timeout=20) for seed in range(3)]
             other_model = classify(channel, "tiny-image")  # meanwhile, another model serves
             failures = [f.exception() for f in batch]
         assert other_model.results[0].labels
         for failure in failures:
             assert isinstance(failure, grpc.RpcError)
             assert failure.code() == grpc.StatusCode.INTERNAL
-            assert failure.details() == "model tiny-text/1: inference failed; see the server log"
-        # The next batch, all good, is served.
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda r: kserve.ModelInfer(r, timeout=20), [good] * 4))
-        assert all(a.outputs[0].name == "logits" for a in answers)
+            assert failure.details() == "model even-only/1: inference failed; see the server log"
+        # The next batch, of an even size, is served, with the logits of the graph without the trap.
+        requests = [pixel_request(2, seed) for seed in (10, 11)]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda r: kserve.ModelInfer(r, timeout=20), requests))
+    reference = ort.InferenceSession(tiny_image_graph().SerializeToString())
+    for request, answer in zip(requests, answers, strict=True):
+        pixels = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(2, 3, 8, 8)
+        np.testing.assert_allclose(
+            logits_of(answer), reference.run(None, {"pixel_values": pixels})[0], rtol=1e-6
+        )
     # The details are in the log, with the traceback; never in the reply.
-    assert "batch of 4 requests failed" in caplog.text
-    assert any(r.exc_info and "batch of 4" in r.getMessage() for r in caplog.records)
+    assert any(r.exc_info and "batch of 3 requests failed" in r.getMessage() for r in caplog.records)
+    assert "Reshape" in caplog.text
 
 
 # --- SIGTERM under load ---------------------------------------------------------------------------
