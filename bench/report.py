@@ -49,6 +49,14 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
         f"= **+{lat['added_ms']:.2f} ms** | "
         f"{_met(lat['added_ms'] <= LATENCY_BUDGET_MS)} |",
     ]
+    stages = lat.get("server_stages")
+    if stages:
+        lines.append(
+            f"| (where the c=1 time goes) | gRPC empty call p50 {lat['empty_rpc_p50_ms']:.2f} ms; inside the "
+            f"server (means): total {stages['success_ms']:.2f} ms = queue {stages['queue_ms']:.2f} + input "
+            f"{stages['compute_input_ms']:.2f} + onnxruntime {stages['compute_infer_ms']:.2f} + output "
+            f"{stages['compute_output_ms']:.2f} ms | |"
+        )
     for kind, sides in m.get("batching", {}).items():
         on, off = sides["on"], sides["off"]
         ahead = on["items_per_s"] > off["items_per_s"] and on["p99_ms"] < off["p99_ms"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from bench.breakdown import empty_rpc_p50_ms, mean_stage_ms, stage_totals
 from bench.inputs import tensor_batch
 from bench.loadgen import Load, run_load
 from bench.preprocess_bench import measure_preprocessing
@@ -138,6 +139,7 @@ class Suite:
         # Latency at concurrency 1: raw batch 1 and served, in alternating short rounds, so both
         # sides see the same machine load; compared by the median over rounds.
         rounds = []
+        stages_before = stage_totals(server.target, name)
         for _ in range(self.args.rounds):
             raw1 = self.raw(session, spec, 1, version_dir, self.args.seconds / 2)
             load = self.point("tensor", 1, version_dir=version_dir, seconds=self.args.seconds / 2)
@@ -149,8 +151,13 @@ class Suite:
             "raw_p50_ms": median(r["raw_p50_ms"] for r in rounds),
             "served_p50_ms": median(r["served_p50_ms"] for r in rounds),
             "added_ms": median(r["served_p50_ms"] - r["raw_p50_ms"] for r in rounds),
+            # Inside the server (means, warmup requests included) and gRPC's floor (an empty call).
+            "server_stages": mean_stage_ms(stages_before, stage_totals(server.target, name)),
+            "empty_rpc_p50_ms": empty_rpc_p50_ms(server.target, self.args.seconds / 2),
             "rounds": rounds,
         }
+        print(f"  inside the server at c=1: {out['latency_c1']['server_stages']}", flush=True)
+        print(f"  empty RPC p50 {out['latency_c1']['empty_rpc_p50_ms']:.3f} ms", flush=True)
 
         # Throughput and latency against concurrency, ready tensors then encoded items.
         kinds = ["tensor"] if self.args.skip_bytes else ["tensor", "bytes"]

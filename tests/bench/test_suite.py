@@ -37,6 +37,8 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
         assert model["saturation"]["ratio"] > 0
         assert model["preprocessing"]["items_per_s"] > 0
         assert len(model["latency_c1"]["rounds"]) == 2
+        assert model["latency_c1"]["empty_rpc_p50_ms"] > 0
+        assert model["latency_c1"]["server_stages"]["compute_infer_ms"] > 0
         assert len(model["saturation"]["rounds"]) == 2
         assert len(model["batching"]["tensor"]["on"]["rounds"]) == 2
         for plot in ("concurrency", "batch"):
