@@ -69,6 +69,8 @@ class _Pending:
     is_cancelled: Callable[[], bool] | None
     future: asyncio.Future[BatchedResult]
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+    # Counted in the batcher's queue depth: from submit until its batch is formed or its caller leaves.
+    waiting: bool = True
 
     def dropped_reason(self, now: float) -> ServingError | None:
         if self.future.done():  # cancelled by the caller's task
@@ -159,7 +161,18 @@ class Batcher:
         pending = _Pending(inputs, rows, deadline, is_cancelled, asyncio.get_running_loop().create_future())
         self._queue.put_nowait(pending)
         self._waiting += 1
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller is gone (client cancelled, gRPC deadline passed): its queue slot is free
+            # now, not only when the batcher reaches it, which then skips it (its future is cancelled).
+            self._release(pending)
+            raise
+
+    def _release(self, pending: _Pending) -> None:
+        if pending.waiting:
+            pending.waiting = False
+            self._waiting -= 1
 
     async def close(self) -> None:
         """Stops taking requests, lets the queued ones run, then stops the batching task."""
@@ -178,7 +191,8 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             batch = await self._next_batch()
-            self._waiting -= len(batch)
+            for pending in batch:
+                self._release(pending)
             live = self._drop_unrunnable(batch)
             if live:
                 self._running_rows = sum(p.rows for p in live)
