@@ -95,8 +95,9 @@ class DataPlane:
 
             tracer = RequestTracer.from_setting(settings.tracing)
         self.telemetry = Telemetry(self.metrics, settings.log_slow_request_ms, tracer)
-        # Inference runs here, one batch at a time per model version; image decoding on its own
-        # pool so a batch run never waits behind decoding, and vice versa.
+        # Batches run on each model version's own thread (server/model.py); this pool is what the
+        # repository hands to versions. Image decoding has its own pool so a batch run never waits
+        # behind decoding, and vice versa.
         cores = os.cpu_count() or 1
         self._infer_pool = concurrent.futures.ThreadPoolExecutor(max(4, cores), thread_name_prefix="infer")
         self._image_pool = concurrent.futures.ThreadPoolExecutor(
