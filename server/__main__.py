@@ -60,7 +60,7 @@ def _flag_kind(annotation: Any) -> type | None:
 
 
 def _metavar(name: str, annotation: Any) -> str:
-    if name == "config_file":
+    if name.endswith("_file"):
         return "FILE"
     kinds = set(typing.get_args(annotation)) | {annotation}
     if Path in kinds:
