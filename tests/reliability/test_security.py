@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ast
 import logging
+import multiprocessing
 import socket
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
+from tests.reliability.triton_child import infer_text_over_tls
 from tests.server.running import RunningServer
 
 INFERENCE_TOKEN = "inference-s3cret-0123456789"
@@ -386,3 +389,22 @@ def test_bearer_tokens_are_read_from_metadata_only_with_the_bearer_scheme() -> N
     assert security.presented_token((("authorization", "Basic dG9r"),)) is None
     assert security.presented_token((("x-token", "Bearer tok"),)) is None
     assert security.presented_token(None) is None
+
+
+def test_tritonclient_speaks_mutual_tls_with_a_token(repository: Path, pki: Pki) -> None:
+    secured = {
+        "tls_cert_file": pki.server_cert,
+        "tls_key_file": pki.server_key,
+        "tls_client_ca_file": pki.ca_cert,
+        "tls_require_client_cert": True,
+        "inference_token": INFERENCE_TOKEN,
+    }
+    files = (str(pki.ca_cert), str(pki.client_cert), str(pki.client_key))
+    with (
+        serve(repository, **secured) as server,
+        ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child,
+    ):
+        answer = child.submit(infer_text_over_tls, server.target, *files, INFERENCE_TOKEN).result(60)
+        refused = child.submit(infer_text_over_tls, server.target, *files, None).result(60)
+    assert answer[0] == "ok" and answer[1][0][1] > 0.5, answer  # "a good movie" is positive
+    assert refused[:2] == ("error", "UNAUTHENTICATED"), refused
