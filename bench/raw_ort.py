@@ -46,7 +46,9 @@ def make_session(
     return session
 
 
-def measure(session: Any, feeds: dict[str, Any], seconds: float) -> dict[str, float]:
+def measure(session: Any, feeds: dict[str, Any], seconds: float, gap_s: float = 0.0) -> dict[str, float]:
+    """Runs back to back for ``seconds`` (or with ``gap_s`` idle seconds after each run, as a
+    server sees its session when requests come one at a time; the gaps are not counted)."""
     for _ in range(3):  # warm up: first runs allocate and pick kernels
         session.run(None, feeds)
     latencies = []
@@ -55,6 +57,8 @@ def measure(session: Any, feeds: dict[str, Any], seconds: float) -> dict[str, fl
         start = time.perf_counter()
         session.run(None, feeds)
         latencies.append(time.perf_counter() - start)
+        if gap_s:
+            time.sleep(gap_s)
     batch = len(next(iter(feeds.values())))
     total = sum(latencies)
     return {

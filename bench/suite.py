@@ -34,6 +34,9 @@ from bench.stats import machine, write_json
 from export.contract import ModelSpec, list_versions, read_model_spec
 
 MB = 1 << 20
+# Idle time between raw runs for the "session idle in between" baseline: about what a server's
+# session rests between requests at concurrency 1 (the rest of the round trip).
+IDLE_GAP_S = 0.001
 
 
 class Suite:
@@ -61,15 +64,23 @@ class Suite:
     # --- measuring ------------------------------------------------------------------------------
 
     def raw(
-        self, session: Any, spec: ModelSpec, batch: int, version_dir: Path, seconds: float | None = None
+        self,
+        session: Any,
+        spec: ModelSpec,
+        batch: int,
+        version_dir: Path,
+        *,
+        seconds: float | None = None,
+        gap_s: float = 0.0,
     ) -> dict[str, Any]:
         seconds = seconds or self.args.seconds
         cpu = time.process_time()
-        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), seconds)
+        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), seconds, gap_s)
         # CPU time of every thread of this process (onnxruntime's included) per item.
-        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["items_per_s"] * seconds)
+        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["runs"] * batch)
+        gaps = f" ({gap_s * 1e3:g} ms gaps)" if gap_s else ""
         print(
-            f"  raw   batch {batch:>3}: {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms"
+            f"  raw   batch {batch:>3}{gaps}: {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms"
             f"  p99 {row['p99_ms']:7.2f} ms",
             flush=True,
         )
@@ -141,16 +152,26 @@ class Suite:
         rounds = []
         stages_before = stage_totals(server.target, name)
         for _ in range(self.args.rounds):
-            raw1 = self.raw(session, spec, 1, version_dir, self.args.seconds / 2)
+            raw1 = self.raw(session, spec, 1, version_dir, seconds=self.args.seconds / 2)
+            # The same runs with the session idle in between, as a server's session is at c=1.
+            idle = self.raw(session, spec, 1, version_dir, seconds=self.args.seconds / 2, gap_s=IDLE_GAP_S)
             load = self.point("tensor", 1, version_dir=version_dir, seconds=self.args.seconds / 2)
             served1 = self.load(server, spec, load)
             rounds.append(
-                {"raw_p50_ms": raw1["p50_ms"], "served_p50_ms": served1["p50_ms"], "served": served1}
+                {
+                    "raw_p50_ms": raw1["p50_ms"],
+                    "raw_idle_gaps_p50_ms": idle["p50_ms"],
+                    "served_p50_ms": served1["p50_ms"],
+                    "served": served1,
+                }
             )
         out["latency_c1"] = {
             "raw_p50_ms": median(r["raw_p50_ms"] for r in rounds),
             "served_p50_ms": median(r["served_p50_ms"] for r in rounds),
             "added_ms": median(r["served_p50_ms"] - r["raw_p50_ms"] for r in rounds),
+            "idle_gap_ms": IDLE_GAP_S * 1e3,
+            "raw_idle_gaps_p50_ms": median(r["raw_idle_gaps_p50_ms"] for r in rounds),
+            "added_vs_idle_gaps_ms": median(r["served_p50_ms"] - r["raw_idle_gaps_p50_ms"] for r in rounds),
             # Inside the server (means, warmup requests included) and gRPC's floor (an empty call).
             "server_stages": mean_stage_ms(stages_before, stage_totals(server.target, name)),
             "empty_rpc_p50_ms": empty_rpc_p50_ms(server.target, self.args.seconds / 2),
@@ -215,7 +236,7 @@ class Suite:
         top = max(points, key=lambda r: r["items_per_s"])
         pairs = []
         for _ in range(self.args.rounds):
-            raw_top = self.raw(session, spec, raw_batch, version_dir, self.args.seconds / 2)
+            raw_top = self.raw(session, spec, raw_batch, version_dir, seconds=self.args.seconds / 2)
             load = self.point(
                 "tensor",
                 top["concurrency"],
