@@ -3,6 +3,7 @@
     fineserve-bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
     fineserve-bench load  --target 127.0.0.1:8001 ...        load generator against a server
     fineserve-bench suite --model-repository models ...     the server against raw onnxruntime, all figures
+    fineserve-bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve-bench train ...                               the training results table
 
 Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
@@ -19,6 +20,7 @@ COMMANDS = {
     "raw": ("bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
     "load": ("bench.loadgen", "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)"),
     "suite": ("bench.suite", "start the server and measure it against raw onnxruntime (every figure)"),
+    "startup": ("bench.startup", "seconds from process start to health SERVING, idle memory"),
     "train": ("bench.train_results", "train the result recipes and print the accuracy table"),
 }
 
@@ -26,7 +28,7 @@ COMMANDS = {
 def _usage() -> str:
     lines = ["usage: fineserve-bench {" + ",".join(COMMANDS) + "} [options]", ""]
     lines.append(__doc__.strip().splitlines()[0])
-    lines += ["", "commands:"] + [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "commands:"] + [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\nRun `fineserve-bench COMMAND --help` for a command's options.")
     return "\n".join(lines)
 

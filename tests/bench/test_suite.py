@@ -90,3 +90,13 @@ def test_bad_arguments_are_one_line_errors(tiny_repository: Path, capsys: pytest
         suite.main(["--model-repository", str(tiny_repository), "--models", "nope"])
     assert "not in" in capsys.readouterr().err
     assert bench_main(["nope"]) == 2
+
+
+def test_startup_reports_seconds_to_serving(tiny_repository: Path, tmp_path: Path) -> None:
+    from bench import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--model-repository", str(tiny_repository), "--runs", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["models"] == ["tiny-image", "tiny-text"]
+    assert result["seconds_to_serving"] > 0 and result["idle_rss_mb"] > 0
