@@ -20,6 +20,7 @@ COMMANDS = {
     "raw": ("bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
     "load": ("bench.loadgen", "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)"),
     "suite": ("bench.suite", "start the server and measure it against raw onnxruntime (every figure)"),
+    "stream": ("bench.stream_compare", "KServe unary calls against one open stream per client"),
     "startup": ("bench.startup", "seconds from process start to health SERVING, idle memory"),
     "train": ("bench.train_results", "train the result recipes and print the accuracy table"),
 }

@@ -83,11 +83,41 @@ def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, load: Load) -> tu
     return stub.Classify, fineserve_pb2.ClassifyRequest(model=spec.name, images=images, top_k=1)
 
 
+class StreamCaller:
+    """One KServe ``ModelStreamInfer`` stream used like a unary method: write a request, read its
+    answer. Each worker keeps its own stream open, so calls after the first cost one message each
+    way instead of a whole gRPC call."""
+
+    def __init__(self, stub: Any) -> None:
+        self._call = stub.ModelStreamInfer()
+
+    async def __call__(self, request: Any, timeout: float) -> Any:
+        await self._call.write(request)
+        try:
+            response = await asyncio.wait_for(self._call.read(), timeout)
+        except TimeoutError:
+            raise StreamFailed("DEADLINE_EXCEEDED") from None
+        if response is grpc.aio.EOF:
+            raise StreamFailed("STREAM_CLOSED")
+        if response.error_message:  # errors come in band; the stream goes on
+            raise StreamFailed("IN_BAND_ERROR")
+        return response
+
+    async def close(self) -> None:
+        await self._call.done_writing()
+        self._call.cancel()
+
+
+class StreamFailed(Exception):
+    """A streamed request failed; ``args[0]`` names how (counted like a status code)."""
+
+
 async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
     """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails."""
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        if load.protocol == "kserve":
-            method: Any = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        if load.protocol in ("kserve", "kserve-stream"):
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            method: Any = stub.ModelInfer
             request = kserve_request(spec, load)
         else:
             method, request = fineserve_call(channel, spec, load)
@@ -98,16 +128,24 @@ async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
         end = counting_from + load.seconds
 
         async def worker() -> None:
+            stream = StreamCaller(stub) if load.protocol == "kserve-stream" else None
+            call = stream or method
             while (start := time.perf_counter()) < end:
                 try:
-                    await method(request, timeout=load.timeout)
+                    await call(request, timeout=load.timeout)
                     code = "OK"
                 except grpc.aio.AioRpcError as err:
                     code = err.code().name
+                except StreamFailed as err:
+                    code = str(err.args[0])
                 if start >= counting_from:  # only requests sent inside the measured window
                     codes[code] += 1
                     if code == "OK":
                         latencies.append(time.perf_counter() - start)
+                if code in ("DEADLINE_EXCEEDED", "STREAM_CLOSED") and stream is not None:
+                    break  # the stream's state is unknown: this worker stops
+            if stream is not None:
+                await stream.close()
 
         await asyncio.gather(*(worker() for _ in range(load.concurrency)))
         # The last requests may finish after `end`: the window is until the last answer.
@@ -129,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineserve-bench load", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:8001", help="server address (loopback only)")
     parser.add_argument("--model-dir", type=Path, required=True, help="the served version folder (shapes)")
-    parser.add_argument("--protocol", choices=["kserve", "fineserve"], default="kserve")
+    parser.add_argument(
+        "--protocol",
+        choices=["kserve", "kserve-stream", "fineserve"],
+        default="kserve",
+        help="KServe unary ModelInfer, KServe ModelStreamInfer (one stream per worker), or fineserve.v1",
+    )
     parser.add_argument(
         "--kind",
         choices=["tensor", "bytes"],

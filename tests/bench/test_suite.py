@@ -100,3 +100,14 @@ def test_startup_reports_seconds_to_serving(tiny_repository: Path, tmp_path: Pat
     result = json.loads(out.read_text())
     assert result["models"] == ["tiny-image", "tiny-text"]
     assert result["seconds_to_serving"] > 0 and result["idle_rss_mb"] > 0
+
+
+def test_stream_compares_unary_calls_with_an_open_stream(tiny_repository: Path, tmp_path: Path) -> None:
+    from bench import stream_compare
+
+    out = tmp_path / "stream.json"
+    args = ["--model-repository", str(tiny_repository), "--model", "tiny-image", "--concurrency", "1,4"]
+    assert stream_compare.main([*args, "--rounds", "1", "--seconds", "0.2", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"kserve c=1", "kserve-stream c=1", "kserve c=4", "kserve-stream c=4"}
+    assert all(figures["items_per_s"] > 0 for figures in summary.values())
