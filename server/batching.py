@@ -178,13 +178,30 @@ class Batcher:
         """Stops taking requests, lets the queued ones run, then stops the batching task."""
         self._closing = True
         if self._queue is not None:
-            while self.queue_depth or self._running_rows:
+            # A batching task that died (a bug) drains nothing: do not wait for it forever.
+            while (self.queue_depth or self._running_rows) and not self._loop_ended():
                 await asyncio.sleep(0.005)
+            if self._loop_ended():
+                self._fail_queued(ServerShuttingDown(f"model {self.name} is shutting down"))
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def _loop_ended(self) -> bool:
+        return self._task is None or self._task.done()
+
+    def _fail_queued(self, err: ServingError) -> None:
+        """Answers every request still waiting (queued or carried over) with ``err``."""
+        assert self._queue is not None
+        left = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+        for pending in left:
+            self._release(pending)
+        _fail_all(left, err)
 
     # --- the batching task ----------------------------------------------------------------------
 
@@ -249,7 +266,11 @@ class Batcher:
             _fail_all(batch, InferenceFailed(f"model {self.name}: inference failed; see the server log"))
             return
         if self._on_batch is not None:
-            self._on_batch(timing)
+            try:
+                self._on_batch(timing)
+            except Exception:
+                # Statistics are not worth the answers: the batch ran, its callers get their rows.
+                log.exception("model %s: recording a batch failed", self.name)
         for pending, result in zip(batch, outputs, strict=True):
             if not pending.future.done():
                 queue_ns = started_ns - pending.enqueued_ns

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.batching import Batcher, Tensors, batch_buckets, concat_padded, padded_to_buckets
-from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded
+from server.batching import Batcher, BatchTiming, Tensors, batch_buckets, concat_padded, padded_to_buckets
+from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded, ServerShuttingDown
 
 
 @pytest.fixture
@@ -137,6 +137,57 @@ def test_a_failed_batch_fails_every_request_in_it(pool: concurrent.futures.Execu
         assert all(isinstance(r, InferenceFailed) for r in results)
         assert "boom" not in str(results[0])
         await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close(
+    pool: concurrent.futures.Executor,
+) -> None:
+    hook_calls: list[int] = []
+
+    def broken_hook(timing: BatchTiming) -> None:
+        hook_calls.append(timing.batch_size)
+        raise RuntimeError("metrics broke")
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            "test",
+            Doubler(),
+            concat_padded({}),
+            pool,
+            max_batch_size=2,
+            max_batch_time=0.01,
+            max_queue_size=8,
+            on_batch=broken_hook,
+        )
+        batcher.start()
+        # Three batches of two: the hook fails after each, and later batches still run.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(6))), timeout=10
+        )
+        assert [r.outputs["y"].tolist() for r in results] == [[2 * i] for i in range(6)]
+        assert len(hook_calls) >= 3
+        await asyncio.wait_for(batcher.close(), timeout=5)
+
+    asyncio.run(scenario())
+
+
+def test_close_returns_and_answers_the_queue_when_the_batching_task_is_gone(
+    pool: concurrent.futures.Executor,
+) -> None:
+    async def scenario() -> None:
+        batcher = make(Doubler(), pool)
+        batcher.start()
+        assert batcher._task is not None
+        batcher._task.cancel()  # the task ending early, as a bug in it would
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 1
+        await asyncio.wait_for(batcher.close(), timeout=5)
+        with pytest.raises(ServerShuttingDown):
+            await asyncio.wait_for(waiting, timeout=5)
 
     asyncio.run(scenario())
 
