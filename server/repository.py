@@ -179,6 +179,9 @@ class Repository:
             return
         finally:
             self._loading.discard((name, version))
+        # A version that failed before and loads now (its files were fixed) is no longer FAILED:
+        # once retired or unloaded it must read UNAVAILABLE, not an old error.
+        self._failed.pop((name, version), None)
         self.served.setdefault(name, {})[version] = served
         self._metrics.version_loaded(
             name,

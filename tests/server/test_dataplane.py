@@ -9,13 +9,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from server.app import configure_logging
 from server.config import load_settings
 from server.dataplane import DataPlane
 from server.errors import InvalidInput, LimitExceeded, ModelNotFound
-from tests.fixtures import TINY_IMAGE_SIZE
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, tiny_image_graph
 
 
 def run_with_dataplane(
@@ -108,3 +109,25 @@ def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -
         )
     finally:
         logging.getLogger().handlers.clear()
+
+
+def test_a_version_that_loads_after_failing_is_no_longer_reported_failed(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository, version=1)
+    broken = publish_tiny_image_model(repository, version=2)
+    (broken / "model.onnx").write_bytes(b"not a graph")
+
+    async def scenario(dataplane: DataPlane) -> None:
+        def states() -> dict[int, str]:
+            return {e.version: e.state for e in dataplane.index()}
+
+        assert states() == {1: "READY", 2: "FAILED"}
+        onnx.save(tiny_image_graph(), broken / "model.onnx")  # fixed in place
+        await dataplane.repository.sync()
+        assert states() == {1: "UNAVAILABLE", 2: "READY"}
+        publish_tiny_image_model(repository, version=3)
+        await dataplane.repository.sync()
+        # Version 2 is retired by policy now: its failure was long fixed, so it is not FAILED.
+        assert states() == {1: "UNAVAILABLE", 2: "UNAVAILABLE", 3: "READY"}
+
+    run_with_dataplane(repository, scenario)
