@@ -78,10 +78,12 @@ class ImagePreprocessor:
         return {self.input_name: np.stack(arrays)}
 
     def _one(self, index: int, data: bytes) -> np.ndarray:
-        pixels = self._decode(index, data)
-        array = (np.asarray(pixels, dtype=np.float32) - self._mean) * self._scale
+        array = np.asarray(self._decode(index, data), dtype=np.float32)
         if self.config.channel_order == "BGR":
+            # Flip first: mean and std are given in channel_order's order (the contract, and what the
+            # export gate validated), so normalising RGB and flipping after would shift every channel.
             array = array[..., ::-1]
+        array = (array - self._mean) * self._scale
         if self.config.layout == "NCHW":
             array = array.transpose(2, 0, 1)
         return np.ascontiguousarray(array)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from export.contract import ImagePreprocessing, TextPreprocessing
+from export.examples import preprocess_image
 from server.errors import InvalidInput, LimitExceeded
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
 from tests.fixtures import write_tiny_tokenizer
@@ -37,7 +38,8 @@ def encode(pixels: np.ndarray, fmt: str, **options: object) -> bytes:
 
 
 def reference(pixels: np.ndarray, config: ImagePreprocessing) -> np.ndarray:
-    """The contract written out plainly: resize shorter side, center crop, scale, normalise, CHW."""
+    """The contract written out plainly: resize shorter side, center crop, scale, channel order,
+    normalise (mean and std are in channel_order's order), CHW."""
     image = Image.fromarray(pixels).convert("RGB")
     short = round(max(config.height, config.width) / config.crop_fraction)
     w, h = image.size
@@ -46,6 +48,8 @@ def reference(pixels: np.ndarray, config: ImagePreprocessing) -> np.ndarray:
     image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (size[0] - config.width) // 2, (size[1] - config.height) // 2
     array = np.asarray(image.crop((left, top, left + config.width, top + config.height)), np.float64) / 255
+    if config.channel_order == "BGR":
+        array = array[..., ::-1]
     array = (array - np.array(config.mean)) / np.array(config.std)
     return array.transpose(2, 0, 1)
 
@@ -63,17 +67,52 @@ def test_center_crop_fraction_and_nhwc_bgr_layout(pool: concurrent.futures.Execu
     config = ImagePreprocessing(
         height=16,
         width=16,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
+        mean=(0.2, 0.5, 0.8),
+        std=(0.25, 0.5, 1.0),
         crop_fraction=0.5,
         channel_order="BGR",
         layout="NHWC",
     )
     pixels = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     [got] = ImagePreprocessor("x", config, LIMITS, pool)([encode(pixels, "PNG")])["x"]
-    want = reference(pixels, config).transpose(1, 2, 0)[..., ::-1]
+    want = reference(pixels, config).transpose(1, 2, 0)
     assert got.shape == (16, 16, 3)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# Mean and std far from symmetric, so that applying them in the wrong channel order shows.
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(
+    "geometry",  # (image width, image height), (target height, target width), crop_fraction
+    [((64, 48), (32, 32), 0.875), ((30, 50), (24, 32), 1.0)],
+    ids=["landscape-crop", "portrait-wide-target"],
+)
+def test_the_server_builds_what_the_export_gate_validated(
+    pool: concurrent.futures.Executor,
+    channel_order: str,
+    layout: str,
+    geometry: tuple[tuple[int, int], tuple[int, int], float],
+) -> None:
+    """The export gate checks a graph on ``export.examples.preprocess_image``'s inputs; the server must
+    feed it the same ones, or the gate validated something clients never get. Both resize with the
+    same Pillow call on the same decoded pixels, so only float rounding may differ."""
+    (width, height), (target_height, target_width), crop_fraction = geometry
+    config = ImagePreprocessing(
+        height=target_height,
+        width=target_width,
+        mean=(0.1, 0.45, 0.9),
+        std=(0.2, 0.5, 0.9),
+        crop_fraction=crop_fraction,
+        channel_order=channel_order,
+        layout=layout,
+    )
+    pixels = np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    data = encode(pixels, "PNG")
+    [got] = ImagePreprocessor("x", config, LIMITS, pool)([data])["x"]
+    want = preprocess_image(Image.open(io.BytesIO(data)), config)
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_large_jpeg_is_decoded_at_reduced_size_and_stays_close(pool: concurrent.futures.Executor) -> None:
