@@ -397,13 +397,28 @@ class DataPlane:
             ({k: v[start : start + size] for k, v in tensors.items()}, min(size, rows - start))
             for start in range(0, rows, size)
         ]
-        submits = [
-            served.batcher.submit(chunk, n, deadline=deadline, is_cancelled=is_cancelled)
-            for chunk, n in chunks
-        ]
-        if len(submits) == 1:
-            return [await submits[0]]
-        return list(await asyncio.gather(*submits))
+        if len(chunks) == 1:
+            [(chunk, n)] = chunks
+            return [await served.batcher.submit(chunk, n, deadline=deadline, is_cancelled=is_cancelled)]
+        # One failed chunk fails the request: the task group cancels the other chunks, which frees
+        # their queue slots and keeps the batcher from computing rows nobody will read.
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(
+                        served.batcher.submit(chunk, n, deadline=deadline, is_cancelled=is_cancelled)
+                    )
+                    for chunk, n in chunks
+                ]
+        except BaseExceptionGroup as failed:
+            raise _first_error(failed) from None
+        return [task.result() for task in tasks]
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that failed a split request, as if it had not been split (callers map its type)."""
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, int]:

@@ -15,7 +15,7 @@ import pytest
 from server.app import configure_logging
 from server.config import load_settings
 from server.dataplane import DataPlane
-from server.errors import InvalidInput, LimitExceeded, ModelNotFound
+from server.errors import InvalidInput, LimitExceeded, ModelNotFound, Overloaded
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, tiny_image_graph
 
 
@@ -131,3 +131,20 @@ def test_a_version_that_loads_after_failing_is_no_longer_reported_failed(tmp_pat
         assert states() == {1: "UNAVAILABLE", 2: "UNAVAILABLE", 3: "READY"}
 
     run_with_dataplane(repository, scenario)
+
+
+def test_when_one_chunk_of_a_split_request_fails_the_others_stop(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        # 20 rows in chunks of 8, 8 and 4; a queue of 2 turns the third chunk away.
+        with pytest.raises(Overloaded):
+            await dataplane.infer("tiny-image", None, images(20), deadline=None)
+        batcher = dataplane.repository.served["tiny-image"][1].batcher
+        assert batcher.queue_depth == 0  # the other chunks left the queue with the error
+        await asyncio.sleep(0.3)
+        [stats] = dataplane.statistics("tiny-image", None)
+        # At most the chunk the batcher had already taken ran; the one still queued did not.
+        assert stats.execution_count <= 1 and stats.fail.count == 1
+        result = await dataplane.infer("tiny-image", None, images(2), deadline=None)
+        assert result.outputs["logits"].shape == (2, 3)
+
+    run_with_dataplane(tiny_repository, scenario, max_queue_size=2)
