@@ -115,9 +115,14 @@ class ImagePreprocessor:
 
     def _resize_crop(self, image: Image.Image) -> Image.Image:
         width, height = image.size
+        resample = _RESAMPLE[self.config.interpolation]
+        if width == height and self.config.crop_fraction == 1.0:
+            # The contract's one exception: a square image goes straight to the target size (squashed to
+            # a non-square target, not cropped), as the export gate built the inputs it validated.
+            return image.resize((self.config.width, self.config.height), resample)
         scale = self._short_side / min(width, height)
         size = (max(self.config.width, round(width * scale)), max(self.config.height, round(height * scale)))
-        image = image.resize(size, _RESAMPLE[self.config.interpolation])
+        image = image.resize(size, resample)
         left = (size[0] - self.config.width) // 2
         top = (size[1] - self.config.height) // 2
         return image.crop((left, top, left + self.config.width, top + self.config.height))

@@ -85,8 +85,8 @@ def test_center_crop_fraction_and_nhwc_bgr_layout(pool: concurrent.futures.Execu
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize(
     "geometry",  # (image width, image height), (target height, target width), crop_fraction
-    [((64, 48), (32, 32), 0.875), ((30, 50), (24, 32), 1.0)],
-    ids=["landscape-crop", "portrait-wide-target"],
+    [((64, 48), (32, 32), 0.875), ((30, 50), (24, 32), 1.0), ((40, 40), (16, 32), 1.0)],
+    ids=["landscape-crop", "portrait-wide-target", "square-wide-target"],
 )
 def test_the_server_builds_what_the_export_gate_validated(
     pool: concurrent.futures.Executor,
