@@ -131,42 +131,54 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests run concurrently (so they can share batches) and each answers when it is done,
         a failed one with ``error_message`` while the stream goes on; ``id`` pairs them up.
 
-        At most ``max_queue_size`` requests of one stream are in flight: past that the stream
-        stops reading, and gRPC flow control slows the client down instead of memory filling up.
+        At most ``max_queue_size`` (of the request's model) requests of one stream are in flight
+        or answered but not yet sent: past that the stream stops reading, and gRPC flow control
+        slows the client down instead of memory filling up, however slowly the client reads.
         """
         responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self._settings.max_queue_size)
+        # Requests read and not yet sent back; a slot frees only once its answer has been written.
+        unsent = 0
+        slot_freed = asyncio.Condition()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
                 result = await self._infer(request, context)
-                await responses.put(pb.ModelStreamInferResponse(infer_response=result))
+                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as err:
                 _, message = to_status(err)
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
-                await responses.put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
-            finally:
-                slots.release()
+                responses.put_nowait(
+                    pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+                )
 
         async def read_all() -> None:
+            nonlocal unsent
             try:
                 async for request in request_iterator:
-                    await slots.acquire()
+                    limit = self._settings.batching_for(request.model_name).max_queue_size
+                    async with slot_freed:
+                        while unsent >= limit:
+                            await slot_freed.wait()
+                        unsent += 1
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 while running:
                     await asyncio.gather(*running)
             finally:
-                await responses.put(None)
+                responses.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
             while (response := await responses.get()) is not None:
+                # grpc.aio asks for the next response only after this one is written out.
                 yield response
+                async with slot_freed:
+                    unsent -= 1
+                    slot_freed.notify_all()
             await reader
         finally:
             reader.cancel()

@@ -7,6 +7,7 @@ without a model name, the stream's ``error_message`` with its ``id``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,32 +19,60 @@ import pytest
 from server import kserve_codec as codec
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
-from tests.server.kserve_harness import running_server
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+from tests.server.kserve_harness import ServerProcess, running_server
 
 SERVICE = "/inference.GRPCInferenceService/"
 
 
+# tiny-image's own batching settings on the second server; tiny-text keeps the server-wide ones.
+IMAGE_BATCHING = {"max_queue_size": 2, "preferred_batch_sizes": [2, 4], "max_queue_delay_ms": 7}
+
+
 @pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repository: Path = tmp_path_factory.mktemp("stubs") / "models"
     publish_tiny_image_model(repository)
     publish_tiny_text_model(repository)
+    return repository
+
+
+def wait_ready(server: ServerProcess, channel: grpc.Channel) -> None:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    for _ in range(300):
+        if stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready:
+            return
+        time.sleep(0.1)
+    raise AssertionError("server not ready:\n" + server.log_tail())
+
+
+@pytest.fixture(scope="module")
+def channel(repository: Path) -> Iterator[grpc.Channel]:
     with running_server(repository) as server, grpc.insecure_channel(server.url) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=30)
-        for _ in range(300):
-            if stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("server not ready:\n" + server.log_tail())
+        wait_ready(server, channel)
         yield channel
+
+
+@pytest.fixture(scope="module")
+def tuned_server(repository: Path) -> Iterator[ServerProcess]:
+    """A second server with per-model batching for tiny-image (``FINESERVE_BATCHING``)."""
+    env = {"FINESERVE_BATCHING": json.dumps({"tiny-image": IMAGE_BATCHING})}
+    with running_server(repository, env=env) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def stub(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def image_request(request_id: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tiny-image", id=request_id)
+    shape = [1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE]
+    request.inputs.add(name="pixel_values", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(np.zeros(shape, "<f4").tobytes())
+    return request
 
 
 def text_request(text: bytes, request_id: str = "", model: str = "tiny-text") -> pb.ModelInferRequest:
@@ -130,3 +159,31 @@ def test_an_expired_grpc_deadline_leaves_the_server_serving(stub: pb_grpc.GRPCIn
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
     assert grpc.StatusCode.DEADLINE_EXCEEDED in codes
     assert stub.ModelInfer(text_request(b"good"), timeout=30).model_name == "tiny-text"
+
+
+def inference_count(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> int:
+    return (
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats[0].inference_count
+    )
+
+
+def test_a_stream_stops_reading_while_its_client_does_not_read(tuned_server: ServerProcess) -> None:
+    """A client that sends fast and never reads: the server runs only the requests it may hold
+    (tiny-image's max_queue_size of 2, in flight or answered but unsent) plus the answers the
+    client's small receive window takes; the rest wait unread until the client reads again."""
+    sent = 300
+    # A small fixed receive window, so unread answers back up to the server after a few.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+    with grpc.insecure_channel(tuned_server.url, options=options) as channel:
+        wait_ready(tuned_server, channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stream = stub.ModelStreamInfer((image_request(str(i)) for i in range(sent)), timeout=60)
+        counts = [inference_count(stub, "tiny-image")]
+        while len(counts) < 3 or counts[-1] != counts[-3]:  # settled: no change for 0.5 s
+            time.sleep(0.25)
+            counts.append(inference_count(stub, "tiny-image"))
+            assert counts[-1] < 50, f"the server kept reading an unread stream: {counts}"
+        # Reading again lets every request through; per-model limit 2 means none overflows the queue.
+        answers = list(stream)
+    assert [a.error_message for a in answers] == [""] * sent
+    assert sorted(int(a.infer_response.id) for a in answers) == list(range(sent))
