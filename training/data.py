@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from torch.nn import functional
 
 from training.config import TrainConfig
 from training.datasets import DatasetError, RawData
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 @dataclass
@@ -121,11 +124,12 @@ def text_encoder(tokenizer_path: Path, max_length: int) -> Any:
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
+    pad_id = pad_token_id(tokenizer)
 
     def encode(raw: RawData, index: Tensor) -> Examples:
         assert raw.texts is not None
         encoded = tokenizer.encode_batch([raw.texts[int(i)] for i in index])
-        ids = torch.zeros(len(encoded), max_length, dtype=torch.int64)
+        ids = torch.full((len(encoded), max_length), pad_id, dtype=torch.int64)
         mask = torch.zeros_like(ids)
         for row, enc in enumerate(encoded):
             ids[row, : len(enc.ids)] = torch.tensor(enc.ids)
@@ -133,6 +137,16 @@ def text_encoder(tokenizer_path: Path, max_length: int) -> Any:
         return Examples({"input_ids": ids, "attention_mask": mask}, raw.labels[index])
 
     return encode
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The tokenizer's own padding id (``[PAD]`` or ``<pad>``), 0 if it has neither: the id the
+    server pads batches with (``server.preprocess``), so training sees the same padded inputs."""
+    for token in ("[PAD]", "<pad>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Tensor:
