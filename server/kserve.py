@@ -94,13 +94,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         handle = self._resolve(request.name, request.version)
         interface = self._interface(handle)
+        batching = self._settings.batching_for(handle.name)
         facts = codec.ServingFacts(
             provider=handle.provider,
             variant=handle.variant,
             preferred_batch_sizes=tuple(
-                b for b in self._settings.preferred_batch_sizes if b <= interface.max_batch_size
+                b for b in batching.preferred_batch_sizes if b <= interface.max_batch_size
             ),
-            max_queue_delay_us=round(self._settings.max_queue_delay_ms * 1000),
+            max_queue_delay_us=round(batching.max_queue_delay_ms * 1000),
         )
         config = codec.model_config(handle.spec, interface, facts)
         config.version_policy.CopyFrom(self._version_policy(handle.name))

@@ -187,3 +187,13 @@ def test_a_stream_stops_reading_while_its_client_does_not_read(tuned_server: Ser
         answers = list(stream)
     assert [a.error_message for a in answers] == [""] * sent
     assert sorted(int(a.infer_response.id) for a in answers) == list(range(sent))
+
+
+def test_model_config_shows_each_models_own_batching(tuned_server: ServerProcess) -> None:
+    with grpc.insecure_channel(tuned_server.url) as channel:
+        wait_ready(tuned_server, channel)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        image = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-image")).config.dynamic_batching
+        text = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-text")).config.dynamic_batching
+    assert (list(image.preferred_batch_size), image.max_queue_delay_microseconds) == ([2, 4], 7000)
+    assert (list(text.preferred_batch_size), text.max_queue_delay_microseconds) == ([], 2000)
