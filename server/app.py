@@ -2,15 +2,17 @@
 
 A grpc.aio server carries our fineserve.v1 service, the KServe v2 service, the standard health
 service and reflection; a Prometheus HTTP server carries the metrics. Lifecycle: the port opens
-with health NOT_SERVING, models load and warm up, health turns SERVING (and follows readiness
-afterwards, e.g. while a model reloads); on stop, health turns NOT_SERVING first, new calls are
-refused, in-flight calls get ``shutdown_grace_s`` to finish, then the models are released.
+with health NOT_SERVING (readiness: service "" and the two API services) and SERVING on the
+``liveness`` service; every model the policy selects loads and warms up (or fails: it stays
+FAILED, visible in the index and metrics), then readiness turns SERVING; on stop, every health
+service turns NOT_SERVING first, new calls are refused, in-flight calls get ``shutdown_grace_s``
+to finish, then the models are released. See ``DataPlane.ready`` for why readiness does not follow
+the repository after startup.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -33,10 +35,12 @@ log = logging.getLogger(__name__)
 
 FINESERVE_SERVICE = fineserve_pb2.DESCRIPTOR.services_by_name["Fineserve"].full_name
 KSERVE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# "" is the whole server, as health checkers ask by default.
+# Readiness: "" is the whole server, as health checkers ask by default.
 HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
-__all__ = ["Server", "configure_logging", "serve"]
-_HEALTH_FOLLOW_S = 1.0
+# Liveness: SERVING while the process runs and its event loop answers, loading or not; a probe
+# that restarts pods must not follow readiness (a pod busy warming up is alive).
+LIVENESS_SERVICE = "liveness"
+__all__ = ["LIVENESS_SERVICE", "Server", "configure_logging", "serve"]
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
 
@@ -82,11 +86,11 @@ class Server:
         log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
-        self._follow_task: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         await self._set_health(serving=False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc.start()
         log.info("gRPC listening on port %d (health NOT_SERVING until models are ready)", self.grpc_port)
         if self.settings.metrics_port >= 0:
@@ -96,10 +100,8 @@ class Server:
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         await self.dataplane.start()
         await self._set_health(serving=self.dataplane.ready())
-        self._follow_task = asyncio.get_running_loop().create_task(self._follow_readiness())
-        log.info(
-            "server ready: %s", "SERVING" if self.dataplane.ready() else "NOT_SERVING (some models not ready)"
-        )
+        failed = sorted({e.name for e in self.dataplane.index() if e.state == "FAILED"})
+        log.info("server ready: SERVING%s", f" (failed to load: {', '.join(failed)})" if failed else "")
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
@@ -108,10 +110,6 @@ class Server:
         self._stopping = True
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
-        if self._follow_task is not None:
-            self._follow_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow_task
         self._gate.close()
         await self.health.enter_graceful_shutdown()
         # New calls are refused with UNAVAILABLE by the gate while the accepted ones finish, and
@@ -139,16 +137,6 @@ class Server:
         )
         for service in HEALTH_SERVICES:
             await self.health.set(service, status)
-
-    async def _follow_readiness(self) -> None:
-        # Readiness changes after startup (a model unloaded, a reload failing): health follows.
-        serving = self.dataplane.ready()
-        while True:
-            await asyncio.sleep(_HEALTH_FOLLOW_S)
-            now = self.dataplane.ready()
-            if now != serving:
-                serving = now
-                await self._set_health(serving)
 
 
 async def serve(settings: Settings) -> None:

@@ -152,13 +152,17 @@ class DataPlane:
         return not self._closing
 
     def ready(self) -> bool:
-        """All models the policy selects are loaded and warmed (and we are not shutting down)."""
-        if not self._started or self._closing:
-            return False
-        for name in self.repository.model_names():
-            if not self.repository.unloaded(name) and not self.repository.served.get(name):
-                return False
-        return True
+        """The initial load has settled and we are not shutting down.
+
+        Settled: ``start`` has tried every model the version policy selects, each one has a READY
+        version or its load FAILED (a failed model stays visible as FAILED in the index and the
+        metrics, and answers UNAVAILABLE). After startup the repository never makes the whole
+        server unready: every replica reads the same repository, so a broken or still-loading
+        model would take every replica out of service at once, the healthy models with it. What
+        comes and goes later (new models, versions, failures, unloads) is each model's own
+        readiness (``model_ready``, the index).
+        """
+        return self._started and not self._closing
 
     def model_ready(self, name: str, version: int | None) -> bool:
         try:

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.app import LIVENESS_SERVICE
 from server.config import ENV_PREFIX, Settings, load_settings
 from server.metrics import Metrics
 from tests.deploy.dockerfile import parse
@@ -94,6 +95,14 @@ def test_deployment_probes_the_grpc_health_service_on_the_grpc_port() -> None:
     }
     env = _env(CONTAINER)
     assert int(env["FINESERVE_GRPC_PORT"]) == GRPC_PORT and int(env["FINESERVE_METRICS_PORT"]) == METRICS_PORT
+
+
+def test_liveness_probes_ask_the_liveness_service_and_readiness_the_whole_server() -> None:
+    [kserve] = _documents(ROOT / "deploy" / "kserve" / "inferenceservice.yaml")
+    for container in (CONTAINER, kserve["spec"]["predictor"]["containers"][0]):
+        # A restart must not follow readiness: that is what the server's liveness service is for.
+        assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+        assert container["readinessProbe"]["grpc"].get("service", "") == ""
 
 
 def test_deployment_settings_requests_and_security() -> None:

@@ -1,0 +1,75 @@
+"""Readiness and liveness: one broken model must not take the server (every replica) out of service."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.app import LIVENESS_SERVICE
+from server.pb.fineserve.v1 import fineserve_pb2 as pb
+from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from server.pb.inference import grpc_service_pb2 as kpb
+from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model
+from tests.server.running import RunningServer
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(channel: grpc.Channel, service: str) -> int:
+    reply = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
+    status: int = reply.status
+    return status
+
+
+def test_a_model_whose_only_version_is_corrupt_leaves_the_server_serving(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository, name="good")
+    broken = publish_tiny_image_model(repository, name="broken", seed=1)
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    with RunningServer(repository) as server, grpc.insecure_channel(server.target) as channel:
+        for service in ("", "fineserve.v1.Fineserve", "inference.GRPCInferenceService", LIVENESS_SERVICE):
+            assert health(channel, service) == SERVING, service
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert kserve.ServerReady(kpb.ServerReadyRequest()).ready
+
+        image = np.zeros((3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), "<f4")
+        tensor = pb.Tensor(shape=list(image.shape), fp32_data=image.tobytes())
+        request = pb.ClassifyRequest(model="good", images=[pb.ImageInput(tensor=tensor)], top_k=1)
+        assert pb_grpc.FineserveStub(channel).Classify(request, timeout=10).model == "good"
+
+        listed = pb_grpc.FineserveStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+        assert {(m.name, v.version, v.state) for m in listed for v in m.versions} == {
+            ("good", 1, "READY"),
+            ("broken", 1, "FAILED"),
+        }
+        index = kserve.RepositoryIndex(kpb.RepositoryIndexRequest(), timeout=10).models
+        assert {(m.name, m.state) for m in index} == {("good", "READY"), ("broken", "FAILED")}
+        assert not kserve.ModelReady(kpb.ModelReadyRequest(name="broken")).ready
+        request.model = "broken"
+        try:
+            pb_grpc.FineserveStub(channel).Classify(request, timeout=10)
+            raise AssertionError("a failed model answered")
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+        page = urllib.request.urlopen(f"http://localhost:{server.server.metrics_port}/metrics", timeout=5)
+        assert 'fineserve_model_load_failures_total{model="broken"} 1.0' in page.read().decode()
+
+
+def test_liveness_does_not_follow_readiness(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository)
+    with RunningServer(repository) as server, grpc.insecure_channel(server.target) as channel:
+        # Readiness is NOT_SERVING (as while models load at startup); liveness is unaffected.
+        server.call(server.server._set_health(serving=False))
+        assert health(channel, "") == NOT_SERVING
+        assert health(channel, LIVENESS_SERVICE) == SERVING
+        server.call(server.server._set_health(serving=True))
+        assert health(channel, "") == SERVING
