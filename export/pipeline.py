@@ -164,15 +164,14 @@ def export_and_publish(
         raw.unlink()
         if item.tokenizer_path is not None:
             shutil.copyfile(item.tokenizer_path, tmp / "tokenizer.json")
-        spec = ModelSpec(
-            name=name,
-            version=1,  # replaced by the version publish takes
+        spec = build_spec(
+            name,
             task=item.task,
             labels=item.labels,
             inputs=inputs,
             outputs=outputs,
-            variants=gate.variants,
-            max_batch_size=settings.max_batch_size,
+            gate=gate,
+            settings=settings,
             temperature=item.temperature,
             image=item.image,
             text=item.text,
@@ -201,6 +200,40 @@ class GateResult:
     variants: dict[str, Variant]
     # Optional variants whose check failed: precision -> {"check": error type, "message": ...}
     rejected: dict[str, dict[str, str]]
+
+
+def build_spec(
+    name: str,
+    *,
+    task: str,
+    labels: tuple[str, ...],
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    gate: GateResult,
+    settings: ExportSettings,
+    image: ImagePreprocessing | None,
+    text: TextPreprocessing | None,
+    source: dict[str, Any],
+    temperature: float = 1.0,
+) -> ModelSpec:
+    """The ``model.json`` of a checked entry: our own exports and wrapped graphs alike.
+
+    Its version is a placeholder (1) that ``publish`` replaces with the version it takes.
+    """
+    return ModelSpec(
+        name=name,
+        version=1,
+        task=task,
+        labels=labels,
+        inputs=inputs,
+        outputs=outputs,
+        variants=gate.variants,
+        max_batch_size=settings.max_batch_size,
+        temperature=temperature,
+        image=image,
+        text=text,
+        source=source,
+    )
 
 
 def gate_variants(

@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from export import validate
-from export.contract import ImagePreprocessing, ModelSpec, TensorSpec, TextPreprocessing, read_model_spec
+from export.contract import ImagePreprocessing, TensorSpec, TextPreprocessing, read_model_spec
 from export.examples import Examples
 from export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS, UnsupportedModelError
-from export.pipeline import FILES, ExportSettings, Published, gate_variants
+from export.pipeline import FILES, ExportSettings, Published, build_spec, gate_variants
 from export.publish import publish, staging_folder
 
 _FLOAT = onnx.TensorProto.FLOAT
@@ -149,9 +149,12 @@ def wrap_onnx(
     output: str | None = None,
     settings: ExportSettings = FP32_ONLY,
     tolerance: float = validate.FP32_TOLERANCE,
+    temperature: float = 1.0,
     log: Any = print,
 ) -> Published:
     """Checks and publishes a foreign ONNX classifier as the next version of ``name``.
+
+    ``temperature`` divides the logits before the softmax (1.0: the graph's scores as they are).
 
     Raises:
         WrapError, UnsupportedModelError, validate.ValidationError, export.publish.PublishError.
@@ -204,15 +207,15 @@ def wrap_onnx(
         )
         if tokenizer_path is not None and task == "text-classification":
             (tmp / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
-        spec = ModelSpec(
-            name=name,
-            version=1,
+        spec = build_spec(
+            name,
             task=task,
             labels=labels,
             inputs=interface.inputs,
             outputs=interface.outputs,
-            variants=gate.variants,
-            max_batch_size=settings.max_batch_size,
+            gate=gate,
+            settings=settings,
+            temperature=temperature,
             image=image,
             text=text if task == "text-classification" else None,
             source={

@@ -65,8 +65,10 @@ def test_foreign_image_classifier_is_renamed_checked_and_published(tmp_path: Pat
         examples=examples,
         reference=reference,
         settings=ExportSettings(variants=("fp32", "fp16"), max_batch_size=4),
+        temperature=2.0,
     )
     spec = read_model_spec(published.version_dir)
+    assert spec.temperature == 2.0  # a given temperature reaches model.json
     assert [t.name for t in spec.inputs] == ["pixel_values"] and [t.name for t in spec.outputs] == ["logits"]
     assert spec.source["original_names"] == {"float_input": "pixel_values", "scores_out": "logits"}
     assert spec.variants["fp32"].checks["max_abs_diff"] <= 1e-4 and "fp16" in spec.variants
@@ -112,6 +114,7 @@ def test_foreign_text_classifier_with_tokenizer(tmp_path: Path) -> None:
     spec = read_model_spec(published.version_dir)
     assert spec.variants["fp32"].checks["reference_accuracy"] == 1.0  # the tiny graph is right on all 5
     assert spec.source["reference"].startswith("none")
+    assert spec.temperature == 1.0  # none given: the graph's scores as they are
     assert (published.version_dir / "tokenizer.json").is_file()
 
 
