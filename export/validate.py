@@ -14,7 +14,8 @@ which are stored in ``model.json`` (``variants.<precision>.checks``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,25 @@ def fp32_tolerance(base: float, reference_error: float | None) -> float:
     return max(base, 3.0 * reference_error)
 
 
+@dataclass(frozen=True)
+class BatchRun:
+    """The examples run at one batch size, compared with the reference."""
+
+    size: int
+    max_abs_diff: float  # NaN if the graph returned NaN
+    top1_same: np.ndarray  # per example: the graph's top-1 is the reference's
+
+
+def _runs_against_reference(
+    session: ort.InferenceSession, reference: np.ndarray, examples: Examples, max_batch_size: int
+) -> Iterator[BatchRun]:
+    """One run per checked batch size, lazily: a check that fails at one size runs no more."""
+    want_top1 = reference.argmax(axis=1)
+    for size in batch_sizes(max_batch_size):
+        logits = run_batched(session, examples, size, reference.shape[1])
+        yield BatchRun(size, float(np.abs(logits - reference).max()), logits.argmax(axis=1) == want_top1)
+
+
 def check_fp32(
     session: ort.InferenceSession,
     reference: np.ndarray,
@@ -161,18 +181,15 @@ def check_fp32(
 ) -> dict[str, Any]:
     """``reference_error``: max |PyTorch fp32 - PyTorch float64| on these examples, if measured."""
     base, tolerance = tolerance, fp32_tolerance(tolerance, reference_error)
-    want_top1 = reference.argmax(axis=1)
     per_batch: dict[str, float] = {}
     mismatches = 0
-    for size in batch_sizes(max_batch_size):
-        logits = run_batched(session, examples, size, reference.shape[1])
-        diff = float(np.abs(logits - reference).max())
-        per_batch[str(size)] = diff
-        if not diff <= tolerance:  # also catches NaN
+    for run in _runs_against_reference(session, reference, examples, max_batch_size):
+        per_batch[str(run.size)] = run.max_abs_diff
+        if not run.max_abs_diff <= tolerance:  # also catches NaN
             raise ValueMismatchError(
-                f"batch {size}: max |logit difference| {diff:.3g} > tolerance {tolerance:g}"
+                f"batch {run.size}: max |logit difference| {run.max_abs_diff:.3g} > tolerance {tolerance:g}"
             )
-        mismatches += int((logits.argmax(axis=1) != want_top1).sum())
+        mismatches += int((~run.top1_same).sum())
     if mismatches:
         raise TopOneMismatchError(f"top-1 differs from the reference on {mismatches} example runs")
     return {
@@ -195,16 +212,14 @@ def check_fp16(
     max_batch_size: int,
     min_agreement: float = FP16_MIN_AGREEMENT,
 ) -> dict[str, Any]:
-    want_top1 = reference.argmax(axis=1)
     agreement: dict[str, float] = {}
     max_diff = 0.0
-    for size in batch_sizes(max_batch_size):
-        logits = run_batched(session, examples, size, reference.shape[1])
-        max_diff = max(max_diff, float(np.abs(logits - reference).max()))
-        agreement[str(size)] = float((logits.argmax(axis=1) == want_top1).mean())
-        if not agreement[str(size)] >= min_agreement:
+    for run in _runs_against_reference(session, reference, examples, max_batch_size):
+        max_diff = max(max_diff, run.max_abs_diff)
+        agreement[str(run.size)] = float(run.top1_same.mean())
+        if not agreement[str(run.size)] >= min_agreement:
             raise Fp16AgreementError(
-                f"batch {size}: fp16 top-1 agreement {agreement[str(size)]:.2%} < {min_agreement:.1%}"
+                f"batch {run.size}: fp16 top-1 agreement {agreement[str(run.size)]:.2%} < {min_agreement:.1%}"
             )
     return {
         "examples": len(examples),
