@@ -214,6 +214,17 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         (output_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in progress.history))
 
     # --- the epoch loop --------------------------------------------------------------------------
+    def save_resumable_state() -> None:
+        """Everything ``--resume`` needs, to ``last`` (mid-epoch and at each epoch's end)."""
+        save_state(
+            last,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress=progress,
+            config=cfg.to_dict(),
+        )
+
     logger = StepLogger(cfg.log_every, ctx.main)
     for epoch in range(progress.epoch, cfg.epochs):
         if cfg.strategy == "gradual":
@@ -234,14 +245,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
             )
             stop = cfg.stop_after_steps is not None and progress.step >= cfg.stop_after_steps
             if ctx.main and (stop or (cfg.save_every_steps and progress.step % cfg.save_every_steps == 0)):
-                save_state(
-                    last,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    progress=progress,
-                    config=cfg.to_dict(),
-                )
+                save_resumable_state()
             if stop:
                 distributed.barrier(ctx)
                 raise KeyboardInterrupt(f"stop_after_steps={cfg.stop_after_steps} reached")
@@ -296,14 +300,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
                         splits=splits,
                     ),
                 )
-            save_state(
-                last,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                progress=progress,
-                config=cfg.to_dict(),
-            )
+            save_resumable_state()
         if cfg.early_stopping_patience and progress.stale_epochs >= cfg.early_stopping_patience:
             say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
             break
