@@ -22,6 +22,7 @@ import numpy as np
 from export.contract import MODEL_NAME, ModelSpec
 from server.batching import BatchedResult, Tensors
 from server.config import Settings
+from server.datatypes import NUMPY_DTYPES, datatype_name
 from server.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -32,7 +33,7 @@ from server.errors import (
     ServingError,
 )
 from server.metrics import Metrics
-from server.model import NUMPY_DTYPES, ModelStats, ServedVersion
+from server.model import ModelStats, ServedVersion
 from server.observe import RequestObservation, Telemetry, current_request
 from server.preprocess import TextPreprocessor, check_items
 from server.repository import Repository, VersionState
@@ -465,18 +466,9 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
     return inputs, rows
 
 
-_MORE_DATATYPES: dict[str, np.dtype[np.generic]] = {
-    name: np.dtype(kind)
-    for name, kind in (("FP64", "float64"), ("INT8", "int8"), ("INT16", "int16"), ("UINT16", "uint16"))
-}
-
-
 def _datatype(dtype: np.dtype[np.generic]) -> str:
     """The KServe name of a numpy dtype, for messages."""
-    for name, candidate in [*NUMPY_DTYPES.items(), *_MORE_DATATYPES.items()]:
-        if candidate == dtype:
-            return name
-    return str(dtype)
+    return datatype_name(dtype) or str(dtype)
 
 
 def _versions(versions: Sequence[int]) -> str:

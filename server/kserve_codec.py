@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from export.contract import ModelSpec, TensorSpec
+from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
 from server.errors import InvalidInput
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
@@ -32,26 +33,10 @@ if TYPE_CHECKING:
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-BYTES = "BYTES"
 PROBABILITIES = "probabilities"
 # The BYTES input per task: one element per encoded image or per text.
 ENCODED_INPUT_NAMES = {"image-classification": "images", "text-classification": "texts"}
 
-# Explicit little-endian dtypes: the protocol's raw contents are little-endian whatever the host.
-DTYPES: dict[str, np.dtype[np.generic]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 # Which InferTensorContents field carries each datatype; FP16 and BF16 have none (raw only).
 CONTENTS_FIELDS = {
     "BOOL": "bool_contents",
@@ -95,20 +80,18 @@ _LENGTH = struct.Struct("<I")
 def dtype_of(datatype: str, where: str) -> np.dtype[np.generic]:
     """The numpy dtype of a numeric KServe datatype; ``where`` names the tensor in errors."""
     try:
-        return DTYPES[datatype]
+        return NUMPY_DTYPES[datatype]
     except KeyError:
-        known = ", ".join([*DTYPES, BYTES])
+        known = ", ".join([*NUMPY_DTYPES, BYTES])
         raise InvalidInput(f"{where}: datatype {datatype!r} is not supported (supported: {known})") from None
 
 
 def datatype_of(array: NDArray[np.generic]) -> str:
     """The KServe datatype of an array; object arrays (of bytes) are BYTES."""
-    if array.dtype == np.object_:
-        return BYTES
-    for name, dtype in DTYPES.items():
-        if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
-            return name
-    raise TypeError(f"no KServe datatype for numpy dtype {array.dtype}")
+    name = datatype_name(array.dtype)
+    if name is None:
+        raise TypeError(f"no KServe datatype for numpy dtype {array.dtype}")
+    return name
 
 
 def element_count(shape: Sequence[int], where: str) -> int:
@@ -217,7 +200,7 @@ def decode_contents(
         )
     if datatype == BYTES:
         return _object_array(list(values), shape)
-    dtype = DTYPES[datatype]
+    dtype = NUMPY_DTYPES[datatype]
     if dtype.kind in "iu":
         wide = np.array(values, dtype=np.int64 if dtype.kind == "i" else np.uint64)
         info = np.iinfo(dtype.name)

@@ -27,20 +27,12 @@ from server.batching import (
     padded_to_buckets,
 )
 from server.config import Settings
+from server.datatypes import NUMPY_DTYPES
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
 from server.runtime import CUDA, ModelSession, choose_variant
 
 log = logging.getLogger(__name__)
 
-# KServe v2 datatype -> numpy dtype, for the datatypes model.json may declare.
-NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
-    "FP32": np.dtype(np.float32),
-    "FP16": np.dtype(np.float16),
-    "INT64": np.dtype(np.int64),
-    "INT32": np.dtype(np.int32),
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-}
 WARMUP_SEQUENCE_LENGTH = 8
 
 

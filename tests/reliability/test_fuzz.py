@@ -44,7 +44,7 @@ INTERFACE = codec.ModelInterface(
     max_batch_size=8,
 )
 NAMES = st.sampled_from(["input_ids", "attention_mask", "texts", "images", "x", ""])
-DATATYPES = st.sampled_from([*codec.DTYPES, codec.BYTES, "BF16", "FP128", "", "int64"])
+DATATYPES = st.sampled_from([*codec.NUMPY_DTYPES, codec.BYTES, "BF16", "FP128", "", "int64"])
 SHAPES = st.lists(st.integers(-3, 6) | st.sampled_from([0, 1 << 31, 1 << 62]), max_size=5)
 
 
