@@ -5,7 +5,8 @@
 
 Each of ``--concurrency`` workers sends one request at a time for ``--seconds``; the report gives
 throughput (items/s), latency percentiles and errors by gRPC status code. The request is built
-once and sent again and again, so the client spends its time in gRPC, not in making inputs.
+and serialized once and its bytes sent again and again, so the client spends its time in gRPC,
+not in making inputs: the load generator shares the machine's cores with the server it measures.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import grpc
 from bench.inputs import encoded_items, tensor_batch
 from bench.stats import latency_summary, write_json
 from export.contract import ModelSpec, read_model_spec
-from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
-from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from server.pb.fineserve.v1 import fineserve_pb2
+from server.pb.inference import grpc_service_pb2
 
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 LOOPBACK = ("127.", "localhost", "[::1]")
@@ -66,11 +67,33 @@ def kserve_request(spec: ModelSpec, load: Load) -> Any:
     return request
 
 
+def _method(channel: grpc.aio.Channel, service: Any, name: str, *, stream: bool = False) -> Any:
+    """A method of ``service`` that takes requests already serialized (bytes) and answers parsed
+    messages: the request is serialized once, not on every call."""
+    response_class = _RESPONSE_CLASSES[service.methods_by_name[name].output_type.full_name]
+    path = f"/{service.full_name}/{name}"
+    make = channel.stream_stream if stream else channel.unary_unary
+    return make(path, request_serializer=None, response_deserializer=response_class.FromString)
+
+
+_RESPONSE_CLASSES: dict[str, Any] = {
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        grpc_service_pb2.ModelInferResponse,
+        grpc_service_pb2.ModelStreamInferResponse,
+        fineserve_pb2.ClassifyResponse,
+        fineserve_pb2.AnalyzeSentimentResponse,
+    )
+}
+KSERVE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+FINESERVE = fineserve_pb2.DESCRIPTOR.services_by_name["Fineserve"]
+
+
 def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, load: Load) -> tuple[Any, Any]:
-    stub = fineserve_pb2_grpc.FineserveStub(channel)
     if spec.text is not None:
         texts = [item.decode() for item in encoded_items(spec, load.items)]
-        return stub.AnalyzeSentiment, fineserve_pb2.AnalyzeSentimentRequest(model=spec.name, texts=texts)
+        request = fineserve_pb2.AnalyzeSentimentRequest(model=spec.name, texts=texts)
+        return _method(channel, FINESERVE, "AnalyzeSentiment"), request
     if load.kind == "tensor":
         (array,) = tensor_batch(spec, load.items).values()
         images = [
@@ -80,7 +103,8 @@ def fineserve_call(channel: grpc.aio.Channel, spec: ModelSpec, load: Load) -> tu
     else:
         encoded = encoded_items(spec, load.items, load.image_side)
         images = [fineserve_pb2.ImageInput(encoded=item) for item in encoded]
-    return stub.Classify, fineserve_pb2.ClassifyRequest(model=spec.name, images=images, top_k=1)
+    request = fineserve_pb2.ClassifyRequest(model=spec.name, images=images, top_k=1)
+    return _method(channel, FINESERVE, "Classify"), request
 
 
 class StreamCaller:
@@ -88,8 +112,8 @@ class StreamCaller:
     answer. Each worker keeps its own stream open, so calls after the first cost one message each
     way instead of a whole gRPC call."""
 
-    def __init__(self, stub: Any) -> None:
-        self._call = stub.ModelStreamInfer()
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._call = _method(channel, KSERVE, "ModelStreamInfer", stream=True)()
 
     async def __call__(self, request: Any, timeout: float) -> Any:
         await self._call.write(request)
@@ -116,11 +140,11 @@ async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
     """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails."""
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         if load.protocol in ("kserve", "kserve-stream"):
-            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            method: Any = stub.ModelInfer
-            request = kserve_request(spec, load)
+            method: Any = _method(channel, KSERVE, "ModelInfer")
+            message = kserve_request(spec, load)
         else:
-            method, request = fineserve_call(channel, spec, load)
+            method, message = fineserve_call(channel, spec, load)
+        request = message.SerializeToString()
         await method(request, timeout=30)  # one call first: fail fast on a wrong setup
         latencies: list[float] = []
         codes: Counter[str] = Counter()
@@ -128,7 +152,7 @@ async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
         end = counting_from + load.seconds
 
         async def worker() -> None:
-            stream = StreamCaller(stub) if load.protocol == "kserve-stream" else None
+            stream = StreamCaller(channel) if load.protocol == "kserve-stream" else None
             call = stream or method
             while (start := time.perf_counter()) < end:
                 try:

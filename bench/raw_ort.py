@@ -3,8 +3,9 @@
     fineserve-bench raw --model-dir models/fashion/1 --variant fp32 --batch-sizes 1,8,32 \
         --seconds 5 --json bench/results/raw-fashion.json
 
-Same thread settings as the server's defaults unless given (threads spin only with
-``--spinning``, as the server's ``intra_op_spinning``). On CUDA the session must really run
+Thread settings as given: ``--intra-threads`` per run and ``--callers`` runs side by side (the
+server's ``intra_op_threads`` and ``instances``); threads spin only with ``--spinning``, as the
+server's ``intra_op_spinning``. On CUDA the session must really run
 on the CUDA execution provider: the benchmark fails rather than silently measuring the CPU.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,25 +48,48 @@ def make_session(
     return session
 
 
-def measure(session: Any, feeds: dict[str, Any], seconds: float, gap_s: float = 0.0) -> dict[str, float]:
+def measure(
+    session: Any, feeds: dict[str, Any], seconds: float, gap_s: float = 0.0, callers: int = 1
+) -> dict[str, float]:
     """Runs back to back for ``seconds`` (or with ``gap_s`` idle seconds after each run, as a
-    server sees its session when requests come one at a time; the gaps are not counted)."""
+    server sees its session when requests come one at a time; the gaps are not counted).
+
+    With ``callers`` > 1, that many threads run the session side by side, as a server with that
+    many instances does; items/s is then over the wall time, and gaps are not allowed.
+    """
+    if callers > 1 and gap_s:
+        raise ValueError("idle gaps are measured with one caller")
     for _ in range(3):  # warm up: first runs allocate and pick kernels
         session.run(None, feeds)
-    latencies = []
+    per_caller: list[list[float]] = [[] for _ in range(callers)]
     end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        session.run(None, feeds)
-        latencies.append(time.perf_counter() - start)
-        if gap_s:
-            time.sleep(gap_s)
+
+    def call(latencies: list[float]) -> None:
+        while time.perf_counter() < end:
+            start = time.perf_counter()
+            session.run(None, feeds)
+            latencies.append(time.perf_counter() - start)
+            if gap_s:
+                time.sleep(gap_s)
+
+    started = time.perf_counter()
+    if callers == 1:
+        call(per_caller[0])
+    else:
+        threads = [threading.Thread(target=call, args=(lat,)) for lat in per_caller]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    wall = time.perf_counter() - started
+    latencies = [latency for lat in per_caller for latency in lat]
     batch = len(next(iter(feeds.values())))
-    total = sum(latencies)
+    busy = sum(latencies) if callers == 1 else wall
     return {
         "batch": batch,
+        "callers": callers,
         "runs": len(latencies),
-        "items_per_s": batch * len(latencies) / total,
+        "items_per_s": batch * len(latencies) / busy,
         **latency_summary(latencies),
     }
 
@@ -84,10 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size")
     parser.add_argument("--intra-threads", type=int, default=0, help="0 = onnxruntime's default")
     parser.add_argument("--inter-threads", type=int, default=1)
+    parser.add_argument(
+        "--callers", type=int, default=1, help="threads running the session side by side (server instances)"
+    )
     parser.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
+    if args.callers < 1:
+        parser.error("--callers must be >= 1")
     spec = read_model_spec(args.model_dir)
     path = args.model_dir / spec.variant(args.variant).file
     session = make_session(path, args.provider, args.intra_threads, args.inter_threads, args.spinning)
@@ -96,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         row = measure(
-            session, tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir), args.seconds
+            session,
+            tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir),
+            args.seconds,
+            callers=args.callers,
         )
         rows.append(row)
         figures = f"{row['items_per_s']:>10.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"

@@ -70,6 +70,12 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
             f"p99 {on['p99_ms']:.1f} ms; off {off['items_per_s']:.0f} items/s, p99 {off['p99_ms']:.1f} ms "
             f"= **{on['items_per_s'] / off['items_per_s']:.2f} x** throughput | {_met(ahead)} |"
         )
+    spread = m.get("raw_one_run_all_cores")
+    if spread:
+        cells = ", ".join(
+            f"batch {r['batch']}: {r['items_per_s']:.0f} items/s, p50 {r['p50_ms']:.2f} ms" for r in spread
+        )
+        lines.append(f"| (reference: raw, one run at a time over every core) | {cells} | |")
     pre = m["preprocessing"]
     lines += [
         f"| preprocessing keeps up with the model | {pre['what']}: {pre['items_per_s']:.0f} {pre['unit']} "
@@ -125,7 +131,8 @@ def write_tables(results: dict[str, Any], path: Path) -> str:
     lines = [
         f"`{results['command']}` on {results['machine']['cpus']} CPUs ({results['machine']['host']}), "
         f"{results['seconds_per_point']:g} s per point, "
-        f"onnxruntime intra-op threads {threads['intra_op']}, "
+        f"{threads.get('instances', 1)} instance(s) = raw runs side by side, "
+        f"onnxruntime intra-op threads {threads['intra_op']} per run, "
         f"inter-op {threads['inter_op']}, spinning off (both sides).",
         "",
         "| server | figure |",

@@ -3,7 +3,8 @@
     fineserve-bench suite --model-repository models --models fashion,sentiment
 
 Starts ``python -m server`` as a subprocess on loopback with the same onnxruntime thread settings
-as the raw baseline, and measures, per model: raw ``session.run`` per batch size; served latency
+as the raw baseline (intra-op threads per run, and as many runs side by side as the server has
+instances), and measures, per model: raw ``session.run`` per batch size; served latency
 at concurrency 1 against raw batch 1; throughput and latency against concurrency for ready
 tensors (token ids) and for encoded images (texts); items per request against raw batch size;
 served saturation against raw at its best batch size (raw measured before and after); dynamic
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from pathlib import Path
 from statistics import median
@@ -32,6 +32,7 @@ from bench.report import write_plots, write_tables
 from bench.server_process import PeakMemory, ServerProcess
 from bench.stats import machine, write_json
 from export.contract import ModelSpec, list_versions, read_model_spec
+from server.runtime import cpu_cores
 
 MB = 1 << 20
 # Idle time between raw runs for the "session idle in between" baseline: about what a server's
@@ -44,9 +45,12 @@ class Suite:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.threads: int = args.threads or os.cpu_count() or 1
+        # The server's own rule for threads=0 (server/runtime.py), made explicit for both sides.
+        self.instances: int = args.instances
+        self.threads: int = args.threads or max(1, cpu_cores() // self.instances)
         # The same onnxruntime settings on both sides of every ratio.
         self.server_flags = [
+            f"--instances={self.instances}",
             f"--intra-op-threads={self.threads}",
             "--inter-op-threads=1",
             "--no-intra-op-spinning",
@@ -55,7 +59,12 @@ class Suite:
         self.results: dict[str, Any] = {
             "benchmark": "suite",
             "command": args.command_line,
-            "threads": {"intra_op": self.threads, "inter_op": 1, "spinning": False},
+            "threads": {
+                "instances": self.instances,
+                "intra_op": self.threads,
+                "inter_op": 1,
+                "spinning": False,
+            },
             "seconds_per_point": args.seconds,
             "machine": machine(),
             "models": {},
@@ -72,13 +81,18 @@ class Suite:
         *,
         seconds: float | None = None,
         gap_s: float = 0.0,
+        callers: int | None = None,
     ) -> dict[str, Any]:
+        """Raw runs of ``batch`` rows; by default as many side by side as the server has instances."""
         seconds = seconds or self.args.seconds
+        callers = callers or self.instances
         cpu = time.process_time()
-        row = measure(session, tensor_batch(spec, batch, version_dir=version_dir), seconds, gap_s)
+        feeds = tensor_batch(spec, batch, version_dir=version_dir)
+        row = measure(session, feeds, seconds, gap_s, callers=callers)
         # CPU time of every thread of this process (onnxruntime's included) per item.
         row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["runs"] * batch)
         gaps = f" ({gap_s * 1e3:g} ms gaps)" if gap_s else ""
+        gaps += f" x{callers}" if callers > 1 else ""
         print(
             f"  raw   batch {batch:>3}{gaps}: {row['items_per_s']:8.1f} items/s  p50 {row['p50_ms']:7.2f} ms"
             f"  p99 {row['p99_ms']:7.2f} ms",
@@ -137,6 +151,7 @@ class Suite:
         print(f"\n== {name} v{spec.version} ({spec.task}, max batch {spec.max_batch_size})", flush=True)
         batch_sizes = sorted({b for b in self.args.batch_sizes if b <= spec.max_batch_size})
         session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1)
+        cores = cpu_cores()
         out: dict[str, Any] = {
             "version": spec.version,
             "task": spec.task,
@@ -146,15 +161,25 @@ class Suite:
         # Raw onnxruntime per batch size, while the server sits idle.
         out["raw"] = [self.raw(session, spec, b, version_dir) for b in batch_sizes]
         best = max(out["raw"], key=lambda r: r["items_per_s"])
+        if (self.instances, self.threads) != (1, cores):
+            # For reference: one run at a time over every core (what the server did before instances).
+            spread = make_session(version_dir / spec.variant("fp32").file, "cpu", cores, 1)
+            out["raw_one_run_all_cores"] = [
+                self.raw(spread, spec, b, version_dir, callers=1) for b in (1, best["batch"])
+            ]
+            del spread
 
         # Latency at concurrency 1: raw batch 1 and served, in alternating short rounds, so both
         # sides see the same machine load; compared by the median over rounds.
         rounds = []
         stages_before = stage_totals(server.target, name)
         for _ in range(self.args.rounds):
-            raw1 = self.raw(session, spec, 1, version_dir, seconds=self.args.seconds / 2)
+            # One request at a time: one raw run at a time.
+            raw1 = self.raw(session, spec, 1, version_dir, seconds=self.args.seconds / 2, callers=1)
             # The same runs with the session idle in between, as a server's session is at c=1.
-            idle = self.raw(session, spec, 1, version_dir, seconds=self.args.seconds / 2, gap_s=IDLE_GAP_S)
+            idle = self.raw(
+                session, spec, 1, version_dir, seconds=self.args.seconds / 2, gap_s=IDLE_GAP_S, callers=1
+            )
             load = self.point("tensor", 1, version_dir=version_dir, seconds=self.args.seconds / 2)
             served1 = self.load(server, spec, load)
             rounds.append(
@@ -343,8 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=_ints, default=_ints("1,4,16,64,256"))
     parser.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64"))
-    parser.add_argument("--batch-concurrency", type=int, default=2, help="requests in flight per batch size")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = CPU count")
+    parser.add_argument(
+        "--batch-concurrency",
+        type=int,
+        default=0,
+        help="requests in flight per batch size; 0 = two per instance (one runs, one waits)",
+    )
+    parser.add_argument("--instances", type=int, default=1, help="server instances = raw runs side by side")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads per run; 0 = cores / instances"
+    )
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")
@@ -353,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     args.models = [m for m in args.models.split(",") if m]
     if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 10:
         parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")
+    if args.instances < 1 or args.threads < 0 or args.batch_concurrency < 0:
+        parser.error("--instances must be >= 1, --threads and --batch-concurrency >= 0")
+    args.batch_concurrency = args.batch_concurrency or 2 * args.instances
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a folder")
     missing = [m for m in args.models if not list_versions(args.model_repository / m)]

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _flag_kind(field.annotation)
         if kind is None:
             continue
-        help_text = " ".join((field.description or "").split())
+        # argparse formats help with %: a literal one (as in "15%") must be doubled.
+        help_text = " ".join((field.description or "").split()).replace("%", "%%")
         if kind is bool:
             parser.add_argument(
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text

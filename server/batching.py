@@ -8,9 +8,9 @@ batches still grow, because the queue fills while the previous batch runs.
 Each request gets its own future. What a full queue does: the request is rejected at once
 with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
 deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run.
-If running a batch fails, every request in it gets the error. One batch runs at a time per
-batcher (per model version): while it runs, the next batch fills up, which is what makes
-batches grow under load.
+If running a batch fails, every request in it gets the error. Up to ``instances`` batches run
+at once per batcher (per model version); a batch is formed when an instance comes free, so while
+they all run the queue fills up, which is what makes batches grow under load.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class Batcher:
         collate: Collate,
         executor: concurrent.futures.Executor,
         *,
+        instances: int = 1,
         max_batch_size: int,
         max_batch_time: float,
         max_queue_size: int,
@@ -102,7 +103,10 @@ class Batcher:
         on_batch: Callable[[BatchTiming], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
     ) -> None:
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
         self.name = name
+        self.instances = instances
         # None: always wait up to max_batch_time for company (a plain fixed delay).
         self._more_coming = more_coming
         self.max_batch_size = max_batch_size
@@ -206,17 +210,34 @@ class Batcher:
     # --- the batching task ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        free = asyncio.Semaphore(self.instances)
+        running: set[asyncio.Task[None]] = set()
         while True:
-            batch = await self._next_batch()
+            # The next batch is formed only once an instance is free to run it: until then
+            # requests keep joining the queue, and the batch grows.
+            await free.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                free.release()
+                raise
             for pending in batch:
                 self._release(pending)
             live = self._drop_unrunnable(batch)
-            if live:
-                self._running_rows = sum(p.rows for p in live)
-                try:
-                    await self._run_batch(live)
-                finally:
-                    self._running_rows = 0
+            if not live:
+                free.release()
+                continue
+            rows = sum(p.rows for p in live)
+            self._running_rows += rows
+            task = asyncio.get_running_loop().create_task(self._run_batch(live))
+            running.add(task)  # a reference, so the task is not garbage-collected while it runs
+
+            def finished(task: asyncio.Task[None], rows: int = rows) -> None:
+                running.discard(task)
+                self._running_rows -= rows
+                free.release()
+
+            task.add_done_callback(finished)
 
     async def _next_batch(self) -> list[_Pending]:
         assert self._queue is not None

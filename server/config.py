@@ -48,6 +48,8 @@ class ModelBatching(BaseModel):
     """Batch sizes that run at once for this model."""
     max_queue_size: int | None = Field(default=None, ge=1)
     """Requests waiting for this model before RESOURCE_EXHAUSTED."""
+    instances: int | None = Field(default=None, ge=1)
+    """Batches of this model that run at once."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Batching:
     max_queue_delay_ms: float
     preferred_batch_sizes: tuple[int, ...]
     max_queue_size: int
+    instances: int
 
 
 class Settings(BaseSettings):
@@ -96,8 +99,16 @@ class Settings(BaseSettings):
     fp32, with a warning."""
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
+    instances: int = Field(default=1, ge=1)
+    """Batches of one model version that run at once, each on its own thread over the version's one
+    onnxruntime session (Triton's instance count), each with ``intra_op_threads`` threads. On the
+    2-core benchmark machine 2 single-threaded instances served a small model's client-side batches
+    7-15% faster but single items at 64 in flight 10-13% slower than 1 instance over both cores, and
+    a BERT-sized model slower throughout (docs/performance.md): more than 1 pays where cores are
+    many and requests carry several items."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads inside one operator; 0 lets onnxruntime choose (one per core)."""
+    """onnxruntime threads inside one operator, per running batch. 0 = auto: on CPU the cores shared
+    out among the model's instances (all of them with one instance); on CUDA onnxruntime's default."""
     inter_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads across independent operators; 0 lets onnxruntime choose."""
     intra_op_spinning: bool = False
@@ -127,7 +138,7 @@ class Settings(BaseSettings):
     """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
     batching: dict[str, ModelBatching] = Field(default_factory=dict)
     """Per-model batching overrides: model name -> any of max_batch_size, max_queue_delay_ms,
-    preferred_batch_sizes, max_queue_size (config file or environment as JSON)."""
+    preferred_batch_sizes, max_queue_size, instances (config file or environment as JSON)."""
 
     pad_batches: Literal["auto", "on", "off"] = "auto"
     """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
@@ -254,6 +265,7 @@ class Settings(BaseSettings):
             ),
             preferred_batch_sizes=tuple(self.preferred_batch_sizes if preferred is None else preferred),
             max_queue_size=override.max_queue_size or self.max_queue_size,
+            instances=override.instances or self.instances,
         )
 
     @classmethod

@@ -56,6 +56,8 @@ class ModelHandle:
     # Every READY version of this model, ascending.
     versions: tuple[int, ...]
     max_batch_size: int
+    # Batches of this version that run at once.
+    instances: int = 1
 
 
 @dataclass(frozen=True)
@@ -96,17 +98,13 @@ class DataPlane:
 
             tracer = RequestTracer.from_setting(settings.tracing)
         self.telemetry = Telemetry(self.metrics, settings.log_slow_request_ms, tracer)
-        # Batches run on each model version's own thread (server/model.py); this pool is what the
-        # repository hands to versions. Image decoding has its own pool so a batch run never waits
-        # behind decoding, and vice versa.
+        # Batches run on each model version's own threads (server/model.py). Image decoding has a
+        # pool of its own, so a batch run never waits behind decoding, and vice versa.
         cores = os.cpu_count() or 1
-        self._infer_pool = concurrent.futures.ThreadPoolExecutor(max(4, cores), thread_name_prefix="infer")
         self._image_pool = concurrent.futures.ThreadPoolExecutor(
             settings.preprocess_threads or cores, thread_name_prefix="decode"
         )
-        self.repository = Repository(
-            settings, self.provider, self.metrics, self._infer_pool, self._image_pool
-        )
+        self.repository = Repository(settings, self.provider, self.metrics, self._image_pool)
         self._started = False
         self._closing = False
         self._poll_task: asyncio.Task[None] | None = None
@@ -134,7 +132,6 @@ class DataPlane:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
         await self.repository.close()
-        self._infer_pool.shutdown(wait=False, cancel_futures=True)
         self._image_pool.shutdown(wait=False, cancel_futures=True)
         if self.telemetry.tracer is not None:
             self.telemetry.tracer.shutdown()
@@ -220,6 +217,7 @@ class DataPlane:
             variant=served.variant,
             versions=tuple(sorted(self.repository.served.get(served.spec.name, {}))),
             max_batch_size=served.max_batch_size,
+            instances=served.threads.instances,
         )
 
     def index(self) -> list[ModelIndexEntry]:

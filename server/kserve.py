@@ -102,6 +102,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 b for b in batching.preferred_batch_sizes if b <= interface.max_batch_size
             ),
             max_queue_delay_us=round(batching.max_queue_delay_ms * 1000),
+            instance_count=handle.instances,
         )
         config = codec.model_config(handle.spec, interface, facts)
         config.version_policy.CopyFrom(self._version_policy(handle.name))

@@ -50,14 +50,12 @@ class Repository:
         settings: Settings,
         provider: str,
         metrics: Metrics,
-        infer_pool: concurrent.futures.Executor,
         image_pool: concurrent.futures.Executor,
     ) -> None:
         self.root = settings.model_repository
         self._settings = settings
         self._provider = provider
         self._metrics = metrics
-        self._infer_pool = infer_pool
         self._image_pool = image_pool
         # name -> version -> the loaded version; only READY versions are in here.
         self.served: dict[str, dict[int, ServedVersion]] = {}
@@ -204,7 +202,6 @@ class Repository:
             path,
             self._provider,
             self._settings,
-            infer_pool=self._infer_pool,
             image_pool=self._image_pool,
             batch_metrics=self._metrics.batch_recorder(spec.name, spec.version),
         )

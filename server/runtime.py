@@ -9,6 +9,7 @@ onnxruntime itself drops to CPU when a CUDA library is missing.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,42 @@ def choose_variant(spec: ModelSpec, provider: str, settings: Settings) -> Varian
 
 
 @dataclass(frozen=True)
+class Threads:
+    """How one model version uses the CPU: batches that run at once, and threads inside each run."""
+
+    instances: int
+    intra_op: int  # 0: onnxruntime's own default
+
+
+def cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset), capped by a
+    cgroup v2 CPU quota (a Kubernetes CPU limit), rounded up."""
+    cores = len(os.sched_getaffinity(0)) or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    try:
+        return max(1, min(cores, -(-int(quota) // int(period))))
+    except (ValueError, ZeroDivisionError):
+        return cores
+
+
+def plan_threads(provider: str, instances: int, intra_op_threads: int) -> Threads:
+    """Resolves ``intra_op_threads`` (0 = auto) for a model with ``instances`` instances.
+
+    On CPU the cores are shared out among the instances, so runs side by side do not fight over
+    cores: a run spread over more threads than it has cores waits at each operator for its
+    slowest, descheduled thread. On CUDA the CPU threads matter little: onnxruntime decides.
+    """
+    if provider == CUDA or intra_op_threads:
+        return Threads(instances, intra_op_threads)
+    return Threads(instances, max(1, cpu_cores() // instances))
+
+
+@dataclass(frozen=True)
 class InputMeta:
     """A graph input as the session reports it: shape entries are ints, or None when dynamic."""
 
@@ -100,14 +137,14 @@ class InputMeta:
 class ModelSession:
     """One onnxruntime session of one graph file, run on one provider.
 
-    ``run`` is thread-safe (onnxruntime sessions are) and blocking: callers run it off the
-    event loop. Inputs are cast to the dtypes the graph declares, so an fp16 graph with fp16
-    inputs takes the same float32 tensors as the fp32 graph.
+    ``run`` is thread-safe (onnxruntime sessions are; several batches may run at once) and
+    blocking: callers run it off the event loop. Inputs are cast to the dtypes the graph
+    declares, so an fp16 graph with fp16 inputs takes the same float32 tensors as the fp32 graph.
     """
 
-    def __init__(self, path: Path, provider: str, settings: Settings) -> None:
+    def __init__(self, path: Path, provider: str, settings: Settings, intra_op_threads: int) -> None:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = settings.intra_op_threads
+        options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = settings.inter_op_threads
         options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
         spinning = "1" if settings.intra_op_spinning else "0"

@@ -111,3 +111,35 @@ def test_stream_compares_unary_calls_with_an_open_stream(tiny_repository: Path, 
     summary = json.loads(out.read_text())["summary"]
     assert set(summary) == {"kserve c=1", "kserve-stream c=1", "kserve c=4", "kserve-stream c=4"}
     assert all(figures["items_per_s"] > 0 for figures in summary.values())
+
+
+def test_suite_with_instances_runs_raw_side_by_side_the_same(tiny_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["--model-repository", str(tiny_repository), "--models", "tiny-image", "--skip-bytes"]
+    args += ["--seconds", "0.1", "--warmup", "0", "--concurrency", "1", "--batch-sizes", "1,2"]
+    assert suite.main([*args, "--rounds", "1", "--instances", "2", "--threads", "1", "--out", str(out)]) == 0
+
+    results = json.loads((out / "suite.json").read_text())
+    assert results["threads"]["instances"] == 2
+    assert {"--instances=2", "--intra-op-threads=1"} <= set(results["server"]["flags"])
+    model = results["models"]["tiny-image"]
+    assert [r["callers"] for r in model["raw"]] == [2, 2]
+    # One request at a time is compared with one raw run at a time.
+    assert model["latency_c1"]["rounds"][0]["raw_p50_ms"] > 0
+    assert [r["callers"] for r in model["raw_one_run_all_cores"]] == [1, 1]
+    assert "2 instance(s) = raw runs side by side" in (out / "suite.md").read_text()
+
+
+def test_raw_runs_side_by_side_count_every_run(tiny_repository: Path) -> None:
+    from bench.inputs import tensor_batch
+    from export.contract import read_model_spec
+
+    version = tiny_repository / "tiny-image" / "1"
+    spec = read_model_spec(version)
+    session = raw_ort.make_session(version / "model.onnx", "cpu", 1, 1)
+    row = raw_ort.measure(session, tensor_batch(spec, 2, version_dir=version), 0.2, callers=3)
+    assert row["callers"] == 3
+    assert row["runs"] > 3
+    assert row["items_per_s"] > 0
+    with pytest.raises(ValueError, match="one caller"):
+        raw_ort.measure(session, tensor_batch(spec, 2, version_dir=version), 0.1, gap_s=0.001, callers=2)

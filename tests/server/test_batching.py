@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 
@@ -286,8 +287,11 @@ def test_bucket_padding_runs_only_bucket_sizes_and_cuts_outputs_back() -> None:
     sizes=st.lists(st.integers(1, 6), min_size=1, max_size=12),
     max_batch_size=st.integers(6, 10),
     pad=st.booleans(),
+    instances=st.integers(1, 3),
 )
-def test_every_request_gets_exactly_its_own_rows(sizes: list[int], max_batch_size: int, pad: bool) -> None:
+def test_every_request_gets_exactly_its_own_rows(
+    sizes: list[int], max_batch_size: int, pad: bool, instances: int
+) -> None:
     run = Doubler()
     batch_function = padded_to_buckets(run, batch_buckets(max_batch_size)) if pad else run
 
@@ -297,6 +301,7 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], max_batch_siz
             batch_function,
             concat_padded({}),
             executor,
+            instances=instances,
             max_batch_size=max_batch_size,
             max_batch_time=0.002,
             max_queue_size=64,
@@ -308,8 +313,125 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], max_batch_siz
         await batcher.close()
         return [r.outputs["y"].tolist() for r in results]
 
-    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+    with concurrent.futures.ThreadPoolExecutor(instances) as executor:
         got = asyncio.run(scenario(executor))
     starts = np.cumsum([0, *sizes])
     assert got == [[2.0 * i for i in range(a, b)] for a, b in itertools.pairwise(starts)]
     assert all(size <= max_batch_size for size in run.batches)
+
+
+class Overlap:
+    """A batch function that takes ``seconds`` and records how many batches ran at once, at most."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+        return {"y": inputs["x"] * 2}
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+def test_at_most_instances_batches_run_at_once(instances: int) -> None:
+    run = Overlap(0.05)
+
+    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
+        batcher = Batcher(
+            "test",
+            run,
+            concat_padded({}),
+            executor,
+            instances=instances,
+            max_batch_size=1,
+            max_batch_time=0.0,
+            max_queue_size=16,
+        )
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(6)))
+        await asyncio.wait_for(batcher.close(), timeout=5)
+        return [r.outputs["y"].tolist() for r in results]
+
+    # More threads than instances: the batcher, not the executor, must be what limits.
+    with concurrent.futures.ThreadPoolExecutor(6) as executor:
+        got = asyncio.run(scenario(executor))
+    assert got == [[2.0 * i] for i in range(6)]
+    assert run.most == instances
+
+
+def test_with_two_instances_a_slow_batch_does_not_hold_up_the_next() -> None:
+    # Each batch waits at a barrier for a second batch to be running too: that only passes when
+    # the two run side by side (with one instance the barrier breaks and the batch fails).
+    barrier = threading.Barrier(2, timeout=5)
+
+    def run(inputs: Tensors) -> Tensors:
+        barrier.wait()
+        return {"y": inputs["x"] * 2}
+
+    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
+        batcher = Batcher(
+            "test",
+            run,
+            concat_padded({}),
+            executor,
+            instances=2,
+            max_batch_size=1,
+            max_batch_time=0.0,
+            max_queue_size=4,
+        )
+        batcher.start()
+        results = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1)), timeout=10
+        )
+        await batcher.close()
+        return [r.outputs["y"].tolist() for r in results]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        assert asyncio.run(scenario(executor)) == [[2.0], [4.0]]
+
+
+def test_close_waits_for_every_running_batch() -> None:
+    run = Overlap(0.2)
+
+    async def scenario(executor: concurrent.futures.Executor) -> None:
+        batcher = Batcher(
+            "test",
+            run,
+            concat_padded({}),
+            executor,
+            instances=2,
+            max_batch_size=1,
+            max_batch_time=0.0,
+            max_queue_size=4,
+        )
+        batcher.start()
+        requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(2)]
+        await asyncio.sleep(0.05)  # both running now
+        await asyncio.wait_for(batcher.close(), timeout=5)
+        assert all(r.done() for r in requests)
+        assert [r.result().outputs["y"].tolist() for r in requests] == [[0.0], [2.0]]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        asyncio.run(scenario(executor))
+    assert run.most == 2
+
+
+def test_instances_must_be_positive(pool: concurrent.futures.Executor) -> None:
+    with pytest.raises(ValueError, match="instances"):
+        Batcher(
+            "test",
+            Doubler(),
+            concat_padded({}),
+            pool,
+            instances=0,
+            max_batch_size=1,
+            max_batch_time=0.0,
+            max_queue_size=1,
+        )

@@ -84,3 +84,13 @@ def test_per_model_batching_overrides_the_server_wide_values(monkeypatch: pytest
     assert (sentiment.max_batch_size, sentiment.max_queue_delay_ms, sentiment.max_queue_size) == (16, 10, 50)
     other = settings.batching_for("fashion")
     assert (other.max_batch_size, other.max_queue_delay_ms) == (32, 2.0)
+
+
+def test_instances_can_be_set_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINESERVE_BATCHING", '{"sentiment": {"instances": 1}}')
+    settings = load_settings(instances=3)
+    assert settings.batching_for("sentiment").instances == 1
+    assert settings.batching_for("fashion").instances == 3
+    assert load_settings().batching_for("fashion").instances == 1
+    with pytest.raises(SettingsError, match=r"batching\.sentiment\.instances"):
+        load_settings(batching={"sentiment": {"instances": 0}})

@@ -26,7 +26,12 @@ SERVICE = "/inference.GRPCInferenceService/"
 
 
 # tiny-image's own batching settings on the second server; tiny-text keeps the server-wide ones.
-IMAGE_BATCHING = {"max_queue_size": 2, "preferred_batch_sizes": [2, 4], "max_queue_delay_ms": 7}
+IMAGE_BATCHING = {
+    "max_queue_size": 2,
+    "preferred_batch_sizes": [2, 4],
+    "max_queue_delay_ms": 7,
+    "instances": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +198,11 @@ def test_model_config_shows_each_models_own_batching(tuned_server: ServerProcess
     with grpc.insecure_channel(tuned_server.url) as channel:
         wait_ready(tuned_server, channel)
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        image = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-image")).config.dynamic_batching
-        text = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-text")).config.dynamic_batching
-    assert (list(image.preferred_batch_size), image.max_queue_delay_microseconds) == ([2, 4], 7000)
-    assert (list(text.preferred_batch_size), text.max_queue_delay_microseconds) == ([], 2000)
+        image = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-image")).config
+        text = stub.ModelConfig(pb.ModelConfigRequest(name="tiny-text")).config
+    batching = image.dynamic_batching
+    assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([2, 4], 7000)
+    batching = text.dynamic_batching
+    assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([], 2000)
+    # Instances: set for tiny-image, the default for tiny-text.
+    assert (image.instance_group[0].count, text.instance_group[0].count) == (3, 1)

@@ -1,0 +1,52 @@
+"""How a model version is given the CPU: instances and threads per run, from the settings and the
+cores this process may use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server.runtime import CPU, CUDA, Threads, cpu_cores, plan_threads
+
+
+def write_cpu_max(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cpu.max"
+    path.write_text(text)
+    return path
+
+
+def test_cores_follow_the_affinity_and_a_cgroup_quota_caps_them(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_cores(tmp_path / "missing") == affinity
+    assert cpu_cores(write_cpu_max(tmp_path, "max 100000\n")) == affinity
+    # A Kubernetes limit of 1.5 CPUs: two cores' worth of threads, rounded up (but never above
+    # the affinity).
+    assert cpu_cores(write_cpu_max(tmp_path, "150000 100000\n")) == min(2, affinity)
+    assert cpu_cores(write_cpu_max(tmp_path, "50000 100000\n")) == 1
+    assert cpu_cores(write_cpu_max(tmp_path, "garbage\n")) == affinity
+
+
+@pytest.fixture
+def four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.runtime.cpu_cores", lambda: 4)
+
+
+@pytest.mark.usefixtures("four_cores")
+def test_on_cpu_auto_threads_share_the_cores_out_among_the_instances() -> None:
+    assert plan_threads(CPU, instances=1, intra_op_threads=0) == Threads(instances=1, intra_op=4)
+    assert plan_threads(CPU, instances=2, intra_op_threads=0) == Threads(instances=2, intra_op=2)
+    assert plan_threads(CPU, instances=3, intra_op_threads=0) == Threads(instances=3, intra_op=1)
+    assert plan_threads(CPU, instances=8, intra_op_threads=0) == Threads(instances=8, intra_op=1)
+
+
+@pytest.mark.usefixtures("four_cores")
+def test_threads_given_are_taken_as_they_are() -> None:
+    assert plan_threads(CPU, instances=2, intra_op_threads=3) == Threads(instances=2, intra_op=3)
+    assert plan_threads(CUDA, instances=2, intra_op_threads=3) == Threads(instances=2, intra_op=3)
+
+
+@pytest.mark.usefixtures("four_cores")
+def test_on_cuda_auto_threads_are_left_to_onnxruntime() -> None:
+    assert plan_threads(CUDA, instances=1, intra_op_threads=0) == Threads(instances=1, intra_op=0)
