@@ -59,7 +59,7 @@ class Server:
             interceptors=[
                 self._gate,
                 security.AuthInterceptor(tokens),
-                security.MalformedRequestInterceptor(),
+                security.MalformedRequestInterceptor(in_band_streams=kserve.IN_BAND_STREAMS),
             ],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),

@@ -22,12 +22,17 @@ from server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_o
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.inference import model_config_pb2 as mc
+from server.security import UnparsableRequest
 
 if TYPE_CHECKING:
     from server.config import Settings
     from server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
+# Request streams whose unparsable messages are answered in band (server/security.py).
+IN_BAND_STREAMS = frozenset(
+    {f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelStreamInfer"}
+)
 # Only what this server really does: top-k classification outputs, repository index/load/unload,
 # ModelConfig, ModelStatistics, raw (binary) tensor contents, request parameters (``timeout``).
 EXTENSIONS = (
@@ -156,15 +161,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
                 )
 
-        async def read_all() -> None:
+        async def take_slot(limit: int) -> None:
             nonlocal unsent
+            async with slot_freed:
+                while unsent >= limit:
+                    await slot_freed.wait()
+                unsent += 1
+
+        async def read_all() -> None:
             try:
                 async for request in request_iterator:
-                    limit = self._settings.batching_for(request.model_name).max_queue_size
-                    async with slot_freed:
-                        while unsent >= limit:
-                            await slot_freed.wait()
-                        unsent += 1
+                    if isinstance(request, UnparsableRequest):
+                        # Not a message of its type: answered in band, and the stream reads on.
+                        await take_slot(self._settings.max_queue_size)
+                        responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.message))
+                        continue
+                    await take_slot(self._settings.batching_for(request.model_name).max_queue_size)
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import enum
 import hmac
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,11 +213,27 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
 _UNPARSABLE = object()
 
 
+class UnparsableRequest:
+    """Stands in a request stream for a message that did not parse, for the methods that answer
+    it in band (``in_band_streams``) and go on with the stream."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
     """Bytes that do not parse as the method's request message (a string field holding invalid
     UTF-8, a truncated or corrupt message) get INVALID_ARGUMENT naming the method. Left alone, gRPC
-    answers UNKNOWN with the parser's exception class in the message. Unary requests only: for a
-    request stream gRPC's own answer (UNKNOWN) stands."""
+    answers UNKNOWN with the parser's exception class in the message.
+
+    In a request stream the message boundaries still hold, so a stream method named in
+    ``in_band_streams`` receives an ``UnparsableRequest`` in its place, answers it and reads on
+    (KServe's ModelStreamInfer reports errors per message); any other request stream ends with
+    INVALID_ARGUMENT at the bad message.
+    """
+
+    def __init__(self, in_band_streams: frozenset[str] = frozenset()) -> None:
+        self._in_band_streams = in_band_streams
 
     async def intercept_service(
         self,
@@ -224,25 +241,30 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
+        if handler is None or handler.request_deserializer is None:
             return handler
-        if handler.request_deserializer is None or handler.unary_unary is None:
-            return handler
-        return _guarded(handler, handler_call_details.method)
+        method = handler_call_details.method
+        why = "malformed protobuf or invalid UTF-8"
+        message = f"the request to {method} is not a valid message of its type ({why})"
+        if handler.unary_unary is not None:
+            return _guarded(handler, message)
+        if handler.stream_stream is not None:
+            return _guarded_stream(handler, message, in_band=method in self._in_band_streams)
+        return handler  # one request, a stream of answers (health Watch): gRPC's own answer stands
 
 
-def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    parse = handler.request_deserializer
-    inner = handler.unary_unary
-    message = (
-        f"the request to {method} is not a valid message of its type (malformed protobuf or invalid UTF-8)"
-    )
-
+def _lenient(parse: Callable[[bytes], Any], unparsable: Callable[[], Any]) -> Callable[[bytes], Any]:
     def lenient(data: bytes) -> Any:
         try:
             return parse(data)
         except Exception:
-            return _UNPARSABLE
+            return unparsable()
+
+    return lenient
+
+
+def _guarded(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    inner = handler.unary_unary
 
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNPARSABLE:
@@ -250,5 +272,37 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandl
         return await inner(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
-        checked, request_deserializer=lenient, response_serializer=handler.response_serializer
+        checked,
+        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _guarded_stream(handler: grpc.RpcMethodHandler, message: str, *, in_band: bool) -> grpc.RpcMethodHandler:
+    if in_band:
+        return grpc.stream_stream_rpc_method_handler(
+            handler.stream_stream,
+            request_deserializer=_lenient(handler.request_deserializer, lambda: UnparsableRequest(message)),
+            response_serializer=handler.response_serializer,
+        )
+    inner = handler.stream_stream
+    if not inspect.isasyncgenfunction(inner):
+        return handler  # reads with context.read(): gRPC's own answer stands
+
+    async def checked(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if request is _UNPARSABLE:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                yield request
+
+        async for response in inner(parsed(), context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(
+        checked,
+        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        response_serializer=handler.response_serializer,
     )

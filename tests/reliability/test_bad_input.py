@@ -640,6 +640,44 @@ def test_bad_request_gets_its_status_and_a_message_naming_the_problem(case: Case
         assert "Traceback" not in message and "onnxruntime" not in message.lower()
 
 
+def test_a_malformed_message_in_a_kserve_stream_is_answered_in_band_and_the_stream_goes_on(
+    clients: Clients,
+) -> None:
+    def good(request_id: str) -> bytes:
+        name, datatype, shape, raw, _ = good_pixels()
+        request = ks.ModelInferRequest(model_name="tiny-image", id=request_id, raw_input_contents=[raw])
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        return request.SerializeToString()
+
+    stream = clients.channel.stream_stream(
+        KSERVE + "ModelStreamInfer",
+        request_serializer=None,
+        response_deserializer=ks.ModelStreamInferResponse.FromString,
+    )
+    answers = list(stream(iter([good("a"), b"\xff" * 12, good("b")]), timeout=10))
+    assert len(answers) == 3
+    by_id = {a.infer_response.id: a for a in answers if a.infer_response.id}
+    assert sorted(by_id) == ["a", "b"]
+    assert all(not a.error_message for a in by_id.values())
+    [bad] = [a for a in answers if not a.infer_response.id]
+    assert bad.error_message.startswith(f"the request to {KSERVE}ModelStreamInfer is not a valid message")
+
+
+def test_a_malformed_message_in_another_request_stream_ends_it_with_invalid_argument(
+    clients: Clients,
+) -> None:
+    # Server reflection also reads a request stream; it has no in-band errors.
+    stream = clients.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        list(stream(iter([b"\xff" * 12]), timeout=10))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ServerReflectionInfo is not a valid message" in failed.value.details()
+
+
 def scores(clients: Clients, item: bytes) -> list[float]:
     response = clients.fineserve.Classify(
         fs.ClassifyRequest(model="tiny-image", images=[fs.ImageInput(encoded=item)], top_k=3), timeout=10
