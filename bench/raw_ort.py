@@ -4,8 +4,8 @@
         --seconds 5 --json bench/results/raw-fashion.json
 
 Thread settings as given: ``--intra-threads`` per run and ``--callers`` runs side by side (the
-server's ``intra_op_threads`` and ``instances``); threads spin only with ``--spinning``, as the
-server's ``intra_op_spinning``. On CUDA the session must really run
+server's ``intra_op_threads`` and ``instances``); threads spin during a run unless
+``--no-spinning``, as the server's ``intra_op_spinning``. On CUDA the session must really run
 on the CUDA execution provider: the benchmark fails rather than silently measuring the CPU.
 """
 
@@ -24,7 +24,7 @@ from export.contract import read_model_spec
 
 
 def make_session(
-    path: Path, provider: str, intra_threads: int, inter_threads: int, spinning: bool = False
+    path: Path, provider: str, intra_threads: int, inter_threads: int, spinning: bool = True
 ) -> Any:
     if provider == "cuda":
         # onnxruntime-gpu finds the CUDA/cuDNN libraries that torch brings, when present.
@@ -32,13 +32,10 @@ def make_session(
             import torch  # noqa: F401
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_threads
-    options.inter_op_num_threads = inter_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # The server's session options (server/runtime.py): spinning is a setting, off by default.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    from server.runtime import session_options
+
+    # The server's own session options (server/runtime.py), so both sides run alike.
+    options = session_options(intra_threads, inter_threads, spinning=spinning)
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
         providers.insert(0, "CUDAExecutionProvider")
@@ -112,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--callers", type=int, default=1, help="threads running the session side by side (server instances)"
     )
-    parser.add_argument("--spinning", action="store_true", help="let idle onnxruntime threads spin")
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="threads spin between a run's operators (the server's default), stopping when it ends",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 

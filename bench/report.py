@@ -133,7 +133,8 @@ def write_tables(results: dict[str, Any], path: Path) -> str:
         f"{results['seconds_per_point']:g} s per point, "
         f"{threads.get('instances', 1)} instance(s) = raw runs side by side, "
         f"onnxruntime intra-op threads {threads['intra_op']} per run, "
-        f"inter-op {threads['inter_op']}, spinning off (both sides).",
+        f"inter-op {threads['inter_op']}, "
+        f"spinning {'during runs' if threads.get('spinning') else 'off'} (both sides).",
         "",
         "| server | figure |",
         "|---|---|",

@@ -53,7 +53,7 @@ class Suite:
             f"--instances={self.instances}",
             f"--intra-op-threads={self.threads}",
             "--inter-op-threads=1",
-            "--no-intra-op-spinning",
+            "--intra-op-spinning" if args.spinning else "--no-intra-op-spinning",
             "--log-level=WARNING",
         ]
         self.results: dict[str, Any] = {
@@ -63,7 +63,7 @@ class Suite:
                 "instances": self.instances,
                 "intra_op": self.threads,
                 "inter_op": 1,
-                "spinning": False,
+                "spinning": args.spinning,
             },
             "seconds_per_point": args.seconds,
             "machine": machine(),
@@ -150,7 +150,8 @@ class Suite:
         tokens = tensor_batch(spec, 1, version_dir=version_dir)
         print(f"\n== {name} v{spec.version} ({spec.task}, max batch {spec.max_batch_size})", flush=True)
         batch_sizes = sorted({b for b in self.args.batch_sizes if b <= spec.max_batch_size})
-        session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1)
+        spinning = self.args.spinning
+        session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1, spinning)
         cores = cpu_cores()
         out: dict[str, Any] = {
             "version": spec.version,
@@ -163,7 +164,7 @@ class Suite:
         best = max(out["raw"], key=lambda r: r["items_per_s"])
         if (self.instances, self.threads) != (1, cores):
             # For reference: one run at a time over every core (what the server did before instances).
-            spread = make_session(version_dir / spec.variant("fp32").file, "cpu", cores, 1)
+            spread = make_session(version_dir / spec.variant("fp32").file, "cpu", cores, 1, spinning)
             out["raw_one_run_all_cores"] = [
                 self.raw(spread, spec, b, version_dir, callers=1) for b in (1, best["batch"])
             ]
@@ -377,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="server instances = raw runs side by side")
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads per run; 0 = cores / instances"
+    )
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="onnxruntime threads spin during a run, both sides (the server's default)",
     )
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")

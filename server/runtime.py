@@ -89,6 +89,26 @@ def choose_variant(spec: ModelSpec, provider: str, settings: Settings) -> Varian
     return spec.variants[fallback]
 
 
+def session_options(
+    intra_op_threads: int, inter_op_threads: int, *, spinning: bool, graph_optimization: str = "all"
+) -> ort.SessionOptions:
+    """The onnxruntime session options the server uses (and the benchmarks' raw baseline).
+
+    With ``spinning``, a run's threads spin between its operators instead of sleeping and being
+    woken for each one, and stop the moment the run ends (``session.force_spinning_stop``), so
+    no thread spins between batches on the cores the gRPC server needs.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = _GRAPH_LEVELS[graph_optimization]
+    spin = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
+
+
 @dataclass(frozen=True)
 class Threads:
     """How one model version uses the CPU: batches that run at once, and threads inside each run."""
@@ -143,13 +163,12 @@ class ModelSession:
     """
 
     def __init__(self, path: Path, provider: str, settings: Settings, intra_op_threads: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = settings.inter_op_threads
-        options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
-        spinning = "1" if settings.intra_op_spinning else "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        options = session_options(
+            intra_op_threads,
+            settings.inter_op_threads,
+            spinning=settings.intra_op_spinning,
+            graph_optimization=settings.graph_optimization,
+        )
         providers: list[Any] = [CPU]
         if provider == CUDA:
             cuda_options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.runtime import CPU, CUDA, Threads, cpu_cores, plan_threads
+from server.runtime import CPU, CUDA, Threads, cpu_cores, plan_threads, session_options
 
 
 def write_cpu_max(tmp_path: Path, text: str) -> Path:
@@ -50,3 +50,13 @@ def test_threads_given_are_taken_as_they_are() -> None:
 @pytest.mark.usefixtures("four_cores")
 def test_on_cuda_auto_threads_are_left_to_onnxruntime() -> None:
     assert plan_threads(CUDA, instances=1, intra_op_threads=0) == Threads(instances=1, intra_op=0)
+
+
+@pytest.mark.parametrize("spinning", [True, False])
+def test_threads_spin_only_while_a_run_lasts(spinning: bool) -> None:
+    options = session_options(2, 1, spinning=spinning)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+    want = "1" if spinning else "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == want
+    # Whether or not they spin during a run, they never do between runs.
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
