@@ -8,14 +8,22 @@
 
 ``SyncFineserveClient`` has the same methods without ``await``. Failures raise ``grpc.RpcError``
 whose ``code()`` is the documented status (docs/serving.md) and ``details()`` the reason.
+
+A server with TLS, mutual TLS or a bearer token (docs/reliability.md) is reached with
+``Credentials``::
+
+    credentials = Credentials.from_files(ca_file="ca.pem", token_file="/run/secrets/token")
+    with SyncFineserveClient("fineserve.internal:8001", credentials=credentials) as client:
+        ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -57,6 +65,70 @@ class ModelInfo:
     versions: tuple[ModelVersion, ...]
     max_batch_size: int
     metadata_json: str
+
+
+@dataclass(frozen=True, repr=False)
+class Credentials:
+    """What a client shows the server: TLS (with the CA to trust, and a certificate of its own for
+    mutual TLS) and a bearer token, each optional. The token is sent as ``authorization: Bearer``
+    metadata on every call, with or without TLS; without TLS it crosses the network in clear.
+    """
+
+    tls: bool = False
+    # PEM CA bundle the server's certificate must chain to; None: the system's roots.
+    root_certificates: bytes | None = None
+    # Mutual TLS: the client's PEM certificate chain and private key.
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs its private key, and the other way round")
+        if not self.tls and (self.root_certificates or self.certificate_chain):
+            raise ValueError("certificates are for TLS: set tls=True")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the bearer token is empty")
+
+    def __repr__(self) -> str:  # never the token or the key
+        return f"Credentials(tls={self.tls}, client_certificate={self.certificate_chain is not None})"
+
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        token: str | None = None,
+        token_file: str | Path | None = None,
+        tls: bool | None = None,
+    ) -> Credentials:
+        """Reads PEM files and a token file (surrounding whitespace ignored). TLS is on when any
+        certificate file is given, unless ``tls`` says otherwise."""
+        if token is not None and token_file is not None:
+            raise ValueError("give token or token_file, not both")
+
+        def read(path: str | Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        if token_file is not None:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        files = (ca_file, cert_file, key_file)
+        return cls(
+            tls=any(f is not None for f in files) if tls is None else tls,
+            root_certificates=read(ca_file),
+            certificate_chain=read(cert_file),
+            private_key=read(key_file),
+            token=token,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
 # --- requests and replies: shared by both clients -----------------------------------------------
@@ -107,26 +179,37 @@ def model_infos(reply: pb.ListModelsResponse) -> list[ModelInfo]:
 class FineserveClient:
     """Async client (grpc.aio). Use as ``async with``, or call ``close()``."""
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> None:
+        credentials = credentials or Credentials()
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials.channel_credentials())
+            if credentials.tls
+            else grpc.aio.insecure_channel(target)
+        )
         self._stub = pb_grpc.FineserveStub(self._channel)
+        self._metadata = credentials.metadata
         self.timeout = timeout
+
+    def _call_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
     async def classify(
         self, model: str, images: Sequence[Image], *, top_k: int = 5, version: int | None = None
     ) -> list[tuple[LabelScore, ...]]:
         """The top-k labels of each image, best first, in request order."""
         request = classify_request(model, images, top_k, version)
-        return classifications(await self._stub.Classify(request, timeout=self.timeout))
+        return classifications(await self._stub.Classify(request, **self._call_options()))
 
     async def analyze_sentiment(
         self, model: str, texts: Sequence[str], *, version: int | None = None
     ) -> list[Sentiment]:
         request = pb.AnalyzeSentimentRequest(model=model, version=version or 0, texts=list(texts))
-        return sentiments(await self._stub.AnalyzeSentiment(request, timeout=self.timeout))
+        return sentiments(await self._stub.AnalyzeSentiment(request, **self._call_options()))
 
     async def list_models(self) -> list[ModelInfo]:
-        return model_infos(await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout))
+        return model_infos(await self._stub.ListModels(pb.ListModelsRequest(), **self._call_options()))
 
     async def close(self) -> None:
         await self._channel.close()
@@ -143,25 +226,36 @@ class FineserveClient:
 class SyncFineserveClient:
     """Blocking client. Use as ``with``, or call ``close()``."""
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> None:
+        credentials = credentials or Credentials()
+        self._channel = (
+            grpc.secure_channel(target, credentials.channel_credentials())
+            if credentials.tls
+            else grpc.insecure_channel(target)
+        )
         self._stub = pb_grpc.FineserveStub(self._channel)
+        self._metadata = credentials.metadata
         self.timeout = timeout
+
+    def _call_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
 
     def classify(
         self, model: str, images: Sequence[Image], *, top_k: int = 5, version: int | None = None
     ) -> list[tuple[LabelScore, ...]]:
         request = classify_request(model, images, top_k, version)
-        return classifications(self._stub.Classify(request, timeout=self.timeout))
+        return classifications(self._stub.Classify(request, **self._call_options()))
 
     def analyze_sentiment(
         self, model: str, texts: Sequence[str], *, version: int | None = None
     ) -> list[Sentiment]:
         request = pb.AnalyzeSentimentRequest(model=model, version=version or 0, texts=list(texts))
-        return sentiments(self._stub.AnalyzeSentiment(request, timeout=self.timeout))
+        return sentiments(self._stub.AnalyzeSentiment(request, **self._call_options()))
 
     def list_models(self) -> list[ModelInfo]:
-        return model_infos(self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout))
+        return model_infos(self._stub.ListModels(pb.ListModelsRequest(), **self._call_options()))
 
     def close(self) -> None:
         self._channel.close()
