@@ -22,7 +22,6 @@ import numpy as np
 from export.contract import MODEL_NAME, ModelSpec
 from server.batching import BatchedResult, Tensors
 from server.config import Settings
-from server.datatypes import NUMPY_DTYPES, datatype_name
 from server.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -38,6 +37,7 @@ from server.observe import RequestObservation, Telemetry, current_request
 from server.preprocess import TextPreprocessor, check_items
 from server.repository import Repository, VersionState
 from server.runtime import CUDA, choose_provider
+from server.tensor_checks import check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -433,40 +433,7 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
         raise InvalidInput(
             f"model {spec.name!r} takes inputs {sorted(declared)}; missing {missing}, unknown {unknown}"
         )
-    rows: int | None = None
-    shapes_by_declared: dict[tuple[int, ...], tuple[int, ...]] = {}
-    for name, tensor in declared.items():
-        array = inputs[name]
-        want = NUMPY_DTYPES.get(tensor.datatype)
-        if want is None or array.dtype != want:
-            raise InvalidInput(
-                f"input {name!r}: datatype {_datatype(array.dtype)} but the model takes {tensor.datatype}"
-            )
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            # NaN or infinity in would be NaN scores out: refused, not computed.
-            raise InvalidInput(f"input {name!r}: contains NaN or infinite values")
-        if array.ndim != len(tensor.shape) or any(
-            d not in (-1, actual) for d, actual in zip(tensor.shape[1:], array.shape[1:], strict=False)
-        ):
-            raise InvalidInput(
-                f"input {name!r}: shape {list(array.shape)} but the model takes {list(tensor.shape)}"
-            )
-        if array.shape[0] < 1:
-            raise InvalidInput(f"input {name!r}: the batch axis is empty")
-        if rows is not None and array.shape[0] != rows:
-            raise InvalidInput(f"inputs disagree on the batch size ({rows} vs {array.shape[0]} in {name!r})")
-        rows = array.shape[0]
-        # Inputs declared alike (e.g. input_ids and attention_mask) must arrive alike.
-        previous = shapes_by_declared.setdefault(tensor.shape, array.shape)
-        if previous != array.shape:
-            raise InvalidInput(f"input {name!r}: shape {list(array.shape)} differs from {list(previous)}")
-    assert rows is not None
-    return inputs, rows
-
-
-def _datatype(dtype: np.dtype[np.generic]) -> str:
-    """The KServe name of a numpy dtype, for messages."""
-    return datatype_name(dtype) or str(dtype)
+    return inputs, check_tensors(spec.inputs, inputs)
 
 
 def _versions(versions: Sequence[int]) -> str:

@@ -27,6 +27,7 @@ from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
 from server.errors import InvalidInput
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
+from server.tensor_checks import check_tensors
 
 if TYPE_CHECKING:
     from server.model import Duration, ModelStats
@@ -312,45 +313,11 @@ def check_inputs(
             raise InvalidInput(
                 f"model {model!r}: missing input {name!r}; it takes {interface.describe_inputs()}"
             )
-    arrays: dict[str, NDArray[np.generic]] = {}
-    shapes: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
-    batch_size = -1
-    for spec in interface.tensor_inputs:
-        given = by_name[spec.name]
-        _check_tensor(spec, given)
-        shape = tuple(given.array.shape)
-        # Inputs declared alike (input_ids and attention_mask) must come alike.
-        first = shapes.setdefault(spec.shape, (spec.name, shape))
-        if first[1] != shape:
-            raise InvalidInput(
-                f"input {spec.name!r} has shape {list(shape)} but {first[0]!r} has {list(first[1])}; "
-                "they must match"
-            )
-        if batch_size not in (-1, shape[0]):
-            raise InvalidInput(f"input {spec.name!r} has batch size {shape[0]}, other inputs {batch_size}")
-        batch_size = shape[0]
-        arrays[spec.name] = given.array
+    # The tensors themselves: the core's checks (the core runs them again for every transport).
+    arrays = {spec.name: by_name[spec.name].array for spec in interface.tensor_inputs}
+    batch_size = check_tensors(interface.tensor_inputs, arrays)
     _check_batch_size(interface, batch_size)
     return TensorRequest(arrays, batch_size)
-
-
-def _check_tensor(spec: TensorSpec, given: RequestInput) -> None:
-    where = f"input {spec.name!r}"
-    if given.datatype != spec.datatype:
-        raise InvalidInput(f"{where}: datatype must be {spec.datatype}, got {given.datatype}")
-    shape = given.array.shape
-    if len(shape) != len(spec.shape):
-        raise InvalidInput(
-            f"{where}: shape {list(shape)} must have {len(spec.shape)} dimensions {list(spec.shape)}"
-        )
-    for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
-        if want not in (-1, got):
-            raise InvalidInput(
-                f"{where}: shape {list(shape)} does not match {list(spec.shape)} "
-                f"(dimension {axis} must be {want})"
-            )
-        if axis > 0 and got == 0:
-            raise InvalidInput(f"{where}: shape {list(shape)} has an empty dimension {axis}")
 
 
 def _check_encoded(interface: ModelInterface, given: RequestInput) -> EncodedRequest:

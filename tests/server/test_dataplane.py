@@ -40,9 +40,12 @@ def images(rows: int) -> dict[str, np.ndarray]:
 def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: Path) -> None:
     async def scenario(dataplane: DataPlane) -> None:
         cases = [
-            ({"pixel_values": np.zeros((1, 3, 8, 8), np.float64)}, "datatype FP64 but the model takes FP32"),
-            ({"pixel_values": np.zeros((1, 3, 8, 9), np.float32)}, r"shape \[1, 3, 8, 9\]"),
-            ({"pixel_values": np.zeros((3, 8, 8), np.float32)}, r"shape \[3, 8, 8\]"),
+            ({"pixel_values": np.zeros((1, 3, 8, 8), np.float64)}, "datatype must be FP32, got FP64"),
+            (
+                {"pixel_values": np.zeros((1, 3, 8, 9), np.float32)},
+                r"shape \[1, 3, 8, 9\] does not match \[-1, 3, 8, 8\] \(dimension 3 must be 8\)",
+            ),
+            ({"pixel_values": np.zeros((3, 8, 8), np.float32)}, r"shape \[3, 8, 8\] must have 4 dimensions"),
             (
                 {"pixels": np.zeros((1, 3, 8, 8), np.float32)},
                 r"missing \['pixel_values'\], unknown \['pixels'\]",
@@ -52,7 +55,7 @@ def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: P
             with pytest.raises(InvalidInput, match=words):
                 await dataplane.infer("tiny-image", None, inputs, deadline=None)
         text = {"input_ids": np.zeros((2, 5), np.int64), "attention_mask": np.zeros((2, 4), np.int64)}
-        with pytest.raises(InvalidInput, match="differs from"):
+        with pytest.raises(InvalidInput, match="has shape \\[2, 4\\] but 'input_ids' has \\[2, 5\\]"):
             await dataplane.infer("tiny-text", None, text, deadline=None)
         with pytest.raises(LimitExceeded, match="max_items_per_request"):
             await dataplane.infer("tiny-image", None, images(300), deadline=None)

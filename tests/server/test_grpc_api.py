@@ -194,7 +194,7 @@ def test_reflection_lists_both_services(channel: grpc.Channel) -> None:
                 images=[pb.ImageInput(tensor=pb.Tensor(shape=[3, 4, 4], fp32_data=bytes(192)))],
             ),
             "INVALID_ARGUMENT",
-            "shape [1, 3, 4, 4] but the model takes [-1, 3, 8, 8]",
+            "shape [1, 3, 4, 4] does not match [-1, 3, 8, 8] (dimension 2 must be 8)",
         ),
         (
             pb.ClassifyRequest(

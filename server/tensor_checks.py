@@ -1,0 +1,66 @@
+"""Ready tensors against a model's declared inputs: the one set of checks every transport gets.
+
+Run by the core on every tensor request (fineserve.v1, KServe, embedded use); the KServe codec
+runs it too, before its own rule that a batch may not exceed the model's ``max_batch_size``.
+Each failure is an ``InvalidInput`` whose message names the input and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from export.contract import TensorSpec
+from server.datatypes import NUMPY_DTYPES, datatype_name
+from server.errors import InvalidInput
+
+
+def check_tensors(declared: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:
+    """Checks every declared input's array (all must be present); returns the batch size.
+
+    Datatype, rank, fixed dimensions, no empty dimension, finite floats; inputs declared alike
+    (``input_ids`` and ``attention_mask``) must come alike; one batch size for all, at least 1.
+    """
+    shapes: dict[tuple[int, ...], tuple[str, tuple[int, ...]]] = {}
+    batch_size = -1
+    for spec in declared:
+        array = arrays[spec.name]
+        _check_one(spec, array)
+        shape = tuple(array.shape)
+        first = shapes.setdefault(tuple(spec.shape), (spec.name, shape))
+        if first[1] != shape:
+            raise InvalidInput(
+                f"input {spec.name!r} has shape {list(shape)} but {first[0]!r} has {list(first[1])}; "
+                "they must match"
+            )
+        if batch_size not in (-1, shape[0]):
+            raise InvalidInput(f"input {spec.name!r} has batch size {shape[0]}, other inputs {batch_size}")
+        batch_size = shape[0]
+    if batch_size < 1:
+        raise InvalidInput("the batch is empty: send at least one item")
+    return batch_size
+
+
+def _check_one(spec: TensorSpec, array: np.ndarray) -> None:
+    where = f"input {spec.name!r}"
+    want = NUMPY_DTYPES.get(spec.datatype)
+    if want is None or array.dtype != want:
+        got = datatype_name(array.dtype) or str(array.dtype)
+        raise InvalidInput(f"{where}: datatype must be {spec.datatype}, got {got}")
+    shape = array.shape
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"{where}: shape {list(shape)} must have {len(spec.shape)} dimensions {list(spec.shape)}"
+        )
+    for axis, (wanted, got_size) in enumerate(zip(spec.shape, shape, strict=True)):
+        if wanted not in (-1, got_size):
+            raise InvalidInput(
+                f"{where}: shape {list(shape)} does not match {list(spec.shape)} "
+                f"(dimension {axis} must be {wanted})"
+            )
+        if axis > 0 and got_size == 0:
+            raise InvalidInput(f"{where}: shape {list(shape)} has an empty dimension {axis}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # NaN or infinity in would be NaN scores out: refused, not computed.
+        raise InvalidInput(f"{where}: contains NaN or infinite values")
