@@ -23,6 +23,31 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a live process now, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/statm").read_text().split()
+    return int(fields[1]) * _PAGE
+
+
+def wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
+    """Waits until the standard health service on ``channel`` says SERVING.
+
+    Raises:
+        TimeoutError: not SERVING within ``timeout_s``.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass  # not listening yet
+        time.sleep(0.05)
+    raise TimeoutError(f"server not SERVING after {timeout_s} s")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -88,8 +113,7 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         """Resident memory of the server process now."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/statm").read_text().split()
-        return int(fields[1]) * _PAGE
+        return rss_bytes(self.process.pid)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far (all its threads)."""

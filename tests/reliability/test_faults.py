@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bench.server_process import wait_serving
 from server.pb.fineserve.v1 import fineserve_pb2 as fs
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from server.pb.inference import grpc_service_pb2 as ks
@@ -25,7 +26,6 @@ from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model, tiny_image_graph
 from tests.reliability import images
 from tests.reliability.graphs import publish_odd_batch_failing_model, publish_slow_image_model, work
-from tests.reliability.process import wait_serving
 from tests.server.kserve_harness import running_server
 from tests.server.running import RunningServer
 

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.server_process import rss_bytes, wait_serving
 from server import kserve_codec as codec
 from server.pb.fineserve.v1 import fineserve_pb2 as fs
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
@@ -23,7 +24,6 @@ from server.pb.inference import grpc_service_pb2 as ks
 from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.reliability import images
-from tests.reliability.process import rss_bytes, wait_serving
 from tests.server.kserve_harness import running_server
 
 SOAK_S = 30.0

@@ -252,6 +252,19 @@ class ServerProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log[-lines:])
 
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """The first log line matching ``pattern``, waiting for it to be written."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.log):
+                if found := re.search(pattern, line):
+                    return found
+            if self.process.poll() is not None:
+                # Exited: its last lines may still be on their way to the log reader.
+                deadline = min(deadline, time.monotonic() + 1.0)
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the server log:\n{self.log_tail(200)}")
+
 
 @contextmanager
 def running_server(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import signal
 import subprocess
 import sys
@@ -21,55 +20,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
+from tests.server.kserve_harness import running_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ServerProcess:
-    def __init__(self, repository: Path, *flags: str) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "server",
-            "--model-repository",
-            str(repository),
-            "--grpc-host",
-            "localhost",
-        ]
-        self.process = subprocess.Popen(
-            [*command, "--grpc-port", "0", "--metrics-port", "0", *flags],
-            cwd=REPO_ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if found := re.search(pattern, line):
-                    return found
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the server log:\n{''.join(self.lines)}")
-
-
 def test_sigterm_turns_health_not_serving_and_lets_in_flight_requests_finish(tiny_repository: Path) -> None:
     # The open Watch stream is itself an in-flight call: it holds shutdown for the whole grace.
-    flags = ("--max-queue-delay-ms", "1500", "--repository-poll-s", "0", "--shutdown-grace-s", "2")
-    server = ServerProcess(tiny_repository, *flags)
-    try:
-        port = int(server.wait_for(r"gRPC listening on port (\d+)")[1])
+    flags = ("--grpc-host", "localhost", "--max-queue-delay-ms", "1500", "--shutdown-grace-s", "2")
+    with running_server(tiny_repository, *flags) as server:
         server.wait_for("server ready: SERVING")
-        with grpc.insecure_channel(f"localhost:{port}") as channel:
+        with grpc.insecure_channel(server.url) as channel:
             statuses: list[int] = []
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
             watcher = threading.Thread(target=_collect, args=(watch, statuses), daemon=True)
@@ -89,12 +50,10 @@ def test_sigterm_turns_health_not_serving_and_lets_in_flight_requests_finish(tin
             watcher.join(5)
         assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
-        log = "".join(server.lines)
-        assert "shutting down: health NOT_SERVING" in log and "server stopped" in log
+        server.wait_for("server stopped")
+        log = "\n".join(server.log)
+        assert "shutting down: health NOT_SERVING" in log
         assert "Traceback" not in log
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
 
 
 def _collect(watch: Iterator[health_pb2.HealthCheckResponse], statuses: list[int]) -> None:
@@ -104,12 +63,10 @@ def _collect(watch: Iterator[health_pb2.HealthCheckResponse], statuses: list[int
 
 
 def test_metrics_are_served_over_http(tiny_repository: Path) -> None:
-    server = ServerProcess(tiny_repository, "--repository-poll-s", "0")
-    try:
-        port = int(server.wait_for(r"gRPC listening on port (\d+)")[1])
+    with running_server(tiny_repository, "--grpc-host", "localhost", "--metrics-port", "0") as server:
         metrics_port = int(server.wait_for(r"metrics on http://[^:]+:(\d+)/")[1])
         server.wait_for("server ready")
-        with grpc.insecure_channel(f"localhost:{port}") as channel:
+        with grpc.insecure_channel(server.url) as channel:
             stub = pb_grpc.FineserveStub(channel)
             stub.AnalyzeSentiment(pb.AnalyzeSentimentRequest(model="tiny-text", texts=["good", "bad"]))
         with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=5) as page:
@@ -119,10 +76,7 @@ def test_metrics_are_served_over_http(tiny_repository: Path) -> None:
         assert 'fineserve_queue_depth{model="tiny-image",version="1"} 0.0' in text
         assert "fineserve_batch_size_bucket" in text
         # device=auto without CUDA: said in the log, not silent.
-        assert "CUDA execution provider not available" in "".join(server.lines)
-    finally:
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=20)
+        assert "CUDA execution provider not available" in "\n".join(server.log)
 
 
 def test_a_bad_flag_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
