@@ -115,26 +115,39 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="threads spin between a run's operators (the server's default), stopping when it ends",
     )
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="idle milliseconds after each run, as a server's session rests between lone requests",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     if args.callers < 1:
         parser.error("--callers must be >= 1")
+    if args.gap_ms < 0 or (args.gap_ms and args.callers > 1):
+        parser.error("--gap-ms must be >= 0, and is for one caller")
     spec = read_model_spec(args.model_dir)
     path = args.model_dir / spec.variant(args.variant).file
     session = make_session(path, args.provider, args.intra_threads, args.inter_threads, args.spinning)
     rows = []
     print(f"{spec.name} v{spec.version} {args.variant} on {session.get_providers()[0]}")
-    print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/run':>10}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
+        cpu = time.process_time()
         row = measure(
             session,
             tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir),
             args.seconds,
+            gap_s=args.gap_ms / 1000,
             callers=args.callers,
         )
+        # Every thread of this process (onnxruntime's included), over the measured and 3 warm-up runs.
+        row["cpu_ms_per_run"] = (time.process_time() - cpu) * 1e3 / (row["runs"] + 3)
         rows.append(row)
         figures = f"{row['items_per_s']:>10.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
+        figures += f" {row['cpu_ms_per_run']:>10.3f}"
         print(f"{batch:>6} {figures}", flush=True)
     best = max(rows, key=lambda r: r["items_per_s"])
     print(f"best: {best['items_per_s']:.1f} items/s at batch {best['batch']}")

@@ -102,10 +102,8 @@ class Settings(BaseSettings):
     instances: int = Field(default=1, ge=1)
     """Batches of one model version that run at once, each on its own thread over the version's one
     onnxruntime session (Triton's instance count), each with ``intra_op_threads`` threads. On the
-    2-core benchmark machine 2 single-threaded instances served a small model's client-side batches
-    7-15% faster but single items at 64 in flight 10-13% slower than 1 instance over both cores, and
-    a BERT-sized model slower throughout (docs/performance.md): more than 1 pays where cores are
-    many and requests carry several items."""
+    2-core benchmark machine one instance over both cores was as fast or faster at every measured
+    point (docs/performance.md); more are for machines with more cores than one run puts to use."""
     intra_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads inside one operator, per running batch. 0 = auto: on CPU the cores shared
     out among the model's instances (all of them with one instance); on CUDA onnxruntime's default."""
@@ -115,8 +113,8 @@ class Settings(BaseSettings):
     """While a batch runs, let its onnxruntime threads spin-wait between operators instead of
     sleeping and being woken for each one; they stop spinning the moment the run ends, so they
     never burn the cores the gRPC server needs between batches. Measured on the benchmark machine:
-    the same (or less) CPU per run, and a lone image on fashion in 0.37-0.44 ms instead of
-    0.76-0.89 ms (docs/performance.md)."""
+    less CPU per run, and a lone fashion image in 0.46 ms instead of 0.75-0.92 ms
+    (docs/performance.md)."""
     graph_optimization: GraphOptimization = "all"
     """onnxruntime graph optimisation level."""
     cuda_mem_limit_bytes: int = Field(default=0, ge=0)

@@ -61,6 +61,12 @@ def test_load_and_raw_commands_run_on_a_tiny_model(
         == 0
     )
     assert [r["batch"] for r in json.loads(raw_json.read_text())["rows"]] == [1, 3]
+    gaps = ["--model-dir", str(version), "--batch-sizes", "1", "--seconds", "0.1", "--gap-ms", "1"]
+    assert raw_ort.main([*gaps, "--no-spinning", "--json", str(raw_json)]) == 0
+    [row] = json.loads(raw_json.read_text())["rows"]
+    assert row["cpu_ms_per_run"] > 0
+    # Idle gaps slow the loop down: far fewer than 0.1 s / 1 ms runs fit.
+    assert row["runs"] < 100
     # No server there: the first call fails fast with a one-line error, not a traceback.
     port = free_port()
     code = loadgen.main(
