@@ -45,6 +45,16 @@ def make_session(
     return session
 
 
+def add_spinning_flag(parser: argparse.ArgumentParser) -> None:
+    """``--spinning/--no-spinning``, as the server's ``intra_op_spinning`` (on by default)."""
+    parser.add_argument(
+        "--spinning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="onnxruntime threads spin between a run's operators, stopping when it ends (server default)",
+    )
+
+
 def measure(
     session: Any, feeds: dict[str, Any], seconds: float, gap_s: float = 0.0, callers: int = 1
 ) -> dict[str, float]:
@@ -109,12 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--callers", type=int, default=1, help="threads running the session side by side (server instances)"
     )
-    parser.add_argument(
-        "--spinning",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="threads spin between a run's operators (the server's default), stopping when it ends",
-    )
+    add_spinning_flag(parser)
     parser.add_argument(
         "--gap-ms",
         type=float,

@@ -27,7 +27,7 @@ from bench.breakdown import empty_rpc_p50_ms, mean_stage_ms, stage_totals
 from bench.inputs import tensor_batch
 from bench.loadgen import Load, run_load
 from bench.preprocess_bench import measure_preprocessing
-from bench.raw_ort import make_session, measure
+from bench.raw_ort import add_spinning_flag, make_session, measure
 from bench.report import write_plots, write_tables
 from bench.server_process import PeakMemory, ServerProcess
 from bench.stats import machine, write_json
@@ -379,12 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads per run; 0 = cores / instances"
     )
-    parser.add_argument(
-        "--spinning",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="onnxruntime threads spin during a run, both sides (the server's default)",
-    )
+    add_spinning_flag(parser)  # both sides
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")

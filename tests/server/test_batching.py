@@ -14,7 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.batching import Batcher, BatchTiming, Tensors, batch_buckets, concat_padded, padded_to_buckets
+from server.batching import (
+    Batcher,
+    BatchTiming,
+    RunBatch,
+    Tensors,
+    batch_buckets,
+    concat_padded,
+    padded_to_buckets,
+)
 from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded, ServerShuttingDown
 
 
@@ -35,13 +43,14 @@ class Doubler:
         return {"y": inputs["x"] * 2}
 
 
-def make(run: Doubler, pool: concurrent.futures.Executor, **options: float) -> Batcher:
-    settings = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16} | options
+def make(run: RunBatch, pool: concurrent.futures.Executor, **options: float) -> Batcher:
+    settings = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16, "instances": 1} | options
     return Batcher(
         "test",
         run,
         concat_padded({}),
         pool,
+        instances=int(settings["instances"]),
         max_batch_size=int(settings["max_batch_size"]),
         max_batch_time=settings["max_batch_time"],
         max_queue_size=int(settings["max_queue_size"]),
@@ -344,15 +353,8 @@ def test_at_most_instances_batches_run_at_once(instances: int) -> None:
     run = Overlap(0.05)
 
     async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
-        batcher = Batcher(
-            "test",
-            run,
-            concat_padded({}),
-            executor,
-            instances=instances,
-            max_batch_size=1,
-            max_batch_time=0.0,
-            max_queue_size=16,
+        batcher = make(
+            run, executor, instances=instances, max_batch_size=1, max_batch_time=0.0, max_queue_size=16
         )
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(6)))
@@ -376,16 +378,7 @@ def test_with_two_instances_a_slow_batch_does_not_hold_up_the_next() -> None:
         return {"y": inputs["x"] * 2}
 
     async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
-        batcher = Batcher(
-            "test",
-            run,
-            concat_padded({}),
-            executor,
-            instances=2,
-            max_batch_size=1,
-            max_batch_time=0.0,
-            max_queue_size=4,
-        )
+        batcher = make(run, executor, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
         batcher.start()
         results = await asyncio.wait_for(
             asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1)), timeout=10
@@ -401,16 +394,7 @@ def test_close_waits_for_every_running_batch() -> None:
     run = Overlap(0.2)
 
     async def scenario(executor: concurrent.futures.Executor) -> None:
-        batcher = Batcher(
-            "test",
-            run,
-            concat_padded({}),
-            executor,
-            instances=2,
-            max_batch_size=1,
-            max_batch_time=0.0,
-            max_queue_size=4,
-        )
+        batcher = make(run, executor, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
         batcher.start()
         requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(2)]
         await asyncio.sleep(0.05)  # both running now
@@ -425,13 +409,4 @@ def test_close_waits_for_every_running_batch() -> None:
 
 def test_instances_must_be_positive(pool: concurrent.futures.Executor) -> None:
     with pytest.raises(ValueError, match="instances"):
-        Batcher(
-            "test",
-            Doubler(),
-            concat_padded({}),
-            pool,
-            instances=0,
-            max_batch_size=1,
-            max_batch_time=0.0,
-            max_queue_size=1,
-        )
+        make(Doubler(), pool, instances=0)
