@@ -447,7 +447,10 @@ def test_model_control_off_and_stream_backpressure(tmp_path: Path) -> None:
     many requests is throttled to the queue (none rejected), while plain calls would overflow it."""
     repository = tmp_path / "models"
     publish_tiny_text_model(repository)
+    # A fixed wait: the first request of a batch always waits 20 ms for a second, so batches of 2
+    # form however fast the model runs (adaptive waiting would depend on the stream's timing).
     flags = ("--no-allow-model-control", "--max-queue-size", "2", "--max-queue-delay-ms", "20")
+    flags += ("--batch-wait", "fixed")
     with running_server(repository, *flags) as server:
         client = Triton(server.url)
         try:
