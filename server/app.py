@@ -53,12 +53,12 @@ class Server:
         self.metrics = Metrics()
         self.dataplane = DataPlane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
-        self._gate = security.ShutdownGate()
+        self._gate = security.ShutdownGate(on_refused=self.metrics.call_refused)
         self.grpc = grpc.aio.server(
             # Tokens are checked first: an unauthenticated request is never parsed.
             interceptors=[
                 self._gate,
-                security.AuthInterceptor(tokens),
+                security.AuthInterceptor(tokens, on_refused=self.metrics.call_refused),
                 security.MalformedRequestInterceptor(in_band_streams=kserve.IN_BAND_STREAMS),
             ],
             options=[

@@ -138,6 +138,14 @@ class Metrics:
         self.model_ready = Gauge(
             "fineserve_model_ready", "1 while a model version is loaded and ready.", _VERSION, registry=r
         )
+        # --- calls refused before any handler ran (never counted in fineserve_requests) ---
+        self.refused_calls = Counter(
+            "fineserve_refused_calls",
+            "Calls refused before their handler ran, by method (registered methods only) and status "
+            "code: UNAUTHENTICATED (missing or wrong bearer token), UNAVAILABLE (shutting down).",
+            ["method", "code"],
+            registry=r,
+        )
         self.model_load_duration = Gauge(
             "fineserve_model_load_duration_seconds",
             "How long the last successful load of a model version took (session, warmup).",
@@ -235,6 +243,9 @@ class Metrics:
             return list(self._watched.items())
 
     # --- batches --------------------------------------------------------------------------------
+
+    def call_refused(self, method: str, code: str) -> None:
+        self.refused_calls.labels(method=method, code=code).inc()
 
     def batch_recorder(self, name: str, version: int) -> Callable[[int, int], None]:
         """A callback for each batch run: (rows, inference nanoseconds). Children are bound once."""

@@ -123,10 +123,12 @@ def presented_token(metadata: Any) -> bytes | None:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
-    """Refuses calls without the token their method needs, with UNAUTHENTICATED."""
+    """Refuses calls without the token their method needs, with UNAUTHENTICATED; ``on_refused``
+    hears of each (method, status code name), for metrics."""
 
-    def __init__(self, tokens: Tokens) -> None:
+    def __init__(self, tokens: Tokens, on_refused: Callable[[str, str], None] | None = None) -> None:
         self._tokens = tokens
+        self._on_refused = on_refused
         self._rejected_since_log = 0
         self._last_log = float("-inf")
 
@@ -145,6 +147,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             return handler
         message = "missing bearer token" if given is None else "invalid bearer token"
         self._log_rejection(method, message)
+        if self._on_refused is not None:
+            self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return _refusal(
             handler, grpc.StatusCode.UNAUTHENTICATED, f"{message} (authorization: Bearer <token> metadata)"
         )
@@ -189,9 +193,10 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
     in gRPC's queue and is CANCELLED when the port closes, which a client cannot tell from a
     request that was cancelled while running."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_refused: Callable[[str, str], None] | None = None) -> None:
         self.closed = False
         self.last_refused = float("-inf")  # time.monotonic() of the latest refusal
+        self._on_refused = on_refused
 
     def close(self) -> None:
         self.closed = True
@@ -205,6 +210,8 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
         if not self.closed or handler is None or handler_call_details.method.startswith(OPEN_PREFIXES[0]):
             return handler
         self.last_refused = time.monotonic()
+        if self._on_refused is not None:
+            self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
         return _refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
 
 

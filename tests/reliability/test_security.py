@@ -469,3 +469,19 @@ def test_client_credentials_refuse_half_set_ups_and_hide_secrets(pki: Pki) -> No
     assert INFERENCE_TOKEN not in repr(credentials)
     assert "PRIVATE KEY" not in repr(credentials)
     assert credentials.metadata == bearer(INFERENCE_TOKEN)
+
+
+def test_refused_calls_are_counted_by_method_and_code(repository: Path) -> None:
+    with (
+        serve(repository, inference_token=INFERENCE_TOKEN, metrics_port=0) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        for metadata in ((), (), bearer("wrong")):
+            assert code_of(lambda m=metadata: classify(channel, m)) == UNAUTHENTICATED
+        assert classify(channel, bearer(INFERENCE_TOKEN)).results  # not counted as refused
+        url = f"http://localhost:{server.server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+    refused = [line for line in text.splitlines() if line.startswith("fineserve_refused_calls_total{")]
+    assert refused == [
+        'fineserve_refused_calls_total{code="UNAUTHENTICATED",method="/fineserve.v1.Fineserve/Classify"} 3.0'
+    ]
