@@ -344,17 +344,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _check_tracing_installed(exporter: str) -> None:
     # Checked here so a missing package is a one-line startup error, not a failure at first request.
-    needed = {"console": "opentelemetry.sdk", "otlp": "opentelemetry.exporter.otlp"}[exporter]
+    needed = {"console": "opentelemetry.sdk", "otlp": "opentelemetry.exporter.otlp.proto.grpc"}[exporter]
     try:
         found = importlib.util.find_spec(needed) is not None
     except ModuleNotFoundError:
         found = False
     if not found:
-        package = "opentelemetry-sdk" if exporter == "console" else "opentelemetry-exporter-otlp"
-        raise ValueError(
-            f"tracing '{exporter}' needs the {package} package: pip install 'fineserve[otel]'"
-            + ("" if exporter == "console" else " opentelemetry-exporter-otlp")
-        )
+        package = "opentelemetry-sdk" if exporter == "console" else "opentelemetry-exporter-otlp-proto-grpc"
+        raise ValueError(f"tracing '{exporter}' needs the {package} package: pip install 'fineserve[otel]'")
 
 
 class SettingsError(ValueError):

@@ -29,12 +29,21 @@ if TYPE_CHECKING:
 SERVICE_NAME = "fineserve"
 
 
+def _resource() -> Resource:
+    """The standard resource (OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply), named
+    ``fineserve`` only when neither names the service: attributes given to ``Resource.create``
+    would override the environment's."""
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+    return resource
+
+
 class RequestTracer:
     """Turns finished requests into spans and hands them to an exporter."""
 
     def __init__(self, exporter: SpanExporter, *, batch: bool = True) -> None:
-        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES still apply: Resource.create reads them.
-        self._provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
+        self._provider = TracerProvider(resource=_resource())
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         self._provider.add_span_processor(processor)
         self._tracer = self._provider.get_tracer("fineserve.server")

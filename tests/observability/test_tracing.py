@@ -3,10 +3,14 @@ server span with preprocess, queue and inference children, under the caller's tr
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import subprocess
 import sys
+import time
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -36,19 +40,33 @@ print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_tracing_without_its_package_is_a_clear_startup_error() -> None:
-    # The OTLP exporter is not installed here (only the SDK is).
-    with pytest.raises(SettingsError, match=r"tracing 'otlp' needs the opentelemetry-exporter-otlp package"):
+def test_tracing_without_its_package_is_a_clear_startup_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on a machine without the otel extra: the exporter's package cannot be found.
+    missing = {"opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.grpc"}
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name in missing else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(
+        SettingsError, match=r"tracing 'otlp' needs the opentelemetry-exporter-otlp-proto-grpc"
+    ):
         load_settings(tracing="otlp")
+    with pytest.raises(SettingsError, match=r"tracing 'console' needs the opentelemetry-sdk package"):
+        load_settings(tracing="console")
+    # The CLI turns it into one line and exit code 2.
+    script = (
+        "import importlib.util, sys; importlib.util.find_spec = lambda name, package=None: None; "
+        "from server.__main__ import main; "
+        "sys.exit(main(['--tracing', 'otlp', '--model-repository', '.']))"
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--tracing", "otlp", "--model-repository", "."],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "fineserve-serve: error: " in result.stderr and "pip install" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("fineserve-serve: error: ")
+    assert "pip install 'fineserve[otel]'" in result.stderr
 
 
 def test_a_request_is_traced_through_preprocess_queue_and_inference(tiny_repository: Path) -> None:
@@ -91,3 +109,87 @@ def test_a_request_is_traced_through_preprocess_queue_and_inference(tiny_reposit
     assert failed.status.status_code == StatusCode.ERROR
     assert failed.attributes["rpc.grpc.status_code_name"] == "INVALID_ARGUMENT"
     assert failed.parent is None  # no traceparent sent: a new trace
+
+
+class _TraceReceiver:
+    """A minimal OTLP/gRPC trace receiver: what a collector would get, kept in memory."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.requests: list[Any] = []
+        receiver = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (the proto's name)
+                receiver.requests.append(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def spans(self) -> list[Any]:
+        return [
+            span
+            for request in self.requests
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]
+
+
+def test_spans_reach_an_otlp_receiver_over_grpc(tiny_repository: Path) -> None:
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc", reason="the otel extra is not installed")
+    from tests.server.kserve_harness import running_server
+
+    receiver = _TraceReceiver()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: export soon after the request
+        "OTEL_SERVICE_NAME": "fineserve-under-test",
+    }
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    try:
+        with running_server(tiny_repository, "--tracing", "otlp", env=env) as server:
+            server.wait_for("server ready")
+            with grpc.insecure_channel(server.url) as channel:
+                pb_grpc.FineserveStub(channel).Classify(
+                    tensor_request("tiny-image", 1),
+                    metadata=[("traceparent", f"00-{trace_id}-b7ad6b7169203331-01")],
+                    timeout=10,
+                )
+            deadline = time.monotonic() + 20
+            while len(receiver.spans()) < 4 and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        receiver.server.stop(None)
+    spans = receiver.spans()
+    assert sorted(s.name for s in spans) == ["fineserve.infer", "inference", "preprocess", "queue"]
+    assert {s.trace_id.hex() for s in spans} == {trace_id}
+    [root] = [s for s in spans if s.name == "fineserve.infer"]
+    attributes = {a.key: a.value for a in root.attributes}
+    assert attributes["fineserve.model"].string_value == "tiny-image"
+    assert attributes["rpc.grpc.status_code_name"].string_value == "OK"
+    resource = {
+        a.key: a.value.string_value for a in receiver.requests[0].resource_spans[0].resource.attributes
+    }
+    assert resource["service.name"] == "fineserve-under-test"
+
+
+def test_the_service_is_named_fineserve_unless_the_environment_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra (opentelemetry-sdk) is not installed")
+    from server.tracing import _resource
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert _resource().attributes["service.name"] == "fineserve"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes,deployment.environment=prod")
+    assert _resource().attributes["service.name"] == "from-attributes"
+    assert _resource().attributes["deployment.environment"] == "prod"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-service-name")
+    assert _resource().attributes["service.name"] == "from-service-name"
