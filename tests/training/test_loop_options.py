@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.training.conftest import tiny_image_config
 from training.run import train
 
 
-def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
-    common = {"strategy": "linear-probe", "grad_clip": None, "head_lr": 1e-2, "epochs": 1}
+def test_gradient_accumulation_matches_the_larger_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain SGD instead of AdamW: Adam's steps barely depend on the gradient's scale, so an
+    # accumulation that forgot to average (2x the gradient) would still match under AdamW.
+    monkeypatch.setattr(torch.optim, "AdamW", torch.optim.SGD)
+    common = {"strategy": "linear-probe", "grad_clip": None, "head_lr": 1e-1, "epochs": 1}
     train(tiny_image_config(tmp_path, batch_size=32, grad_accum=1, **common), tmp_path / "big")
     train(tiny_image_config(tmp_path, batch_size=16, grad_accum=2, **common), tmp_path / "accum")
     big = torch.load(tmp_path / "big" / "last.pt", weights_only=True)
