@@ -35,7 +35,7 @@ def make_session(
     from server.runtime import session_options
 
     # The server's own session options (server/runtime.py), so both sides run alike.
-    options = session_options(intra_threads, inter_threads, spinning=spinning)
+    options = session_options(intra_threads, inter_threads, spinning=spinning and provider == "cpu")
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
         providers.insert(0, "CUDAExecutionProvider")
@@ -68,6 +68,7 @@ def measure(
         raise ValueError("idle gaps are measured with one caller")
     for _ in range(3):  # warm up: first runs allocate and pick kernels
         session.run(None, feeds)
+    cpu = time.process_time()  # every thread of this process, onnxruntime's included
     per_caller: list[list[float]] = [[] for _ in range(callers)]
     end = time.perf_counter() + seconds
 
@@ -89,14 +90,17 @@ def measure(
         for thread in threads:
             thread.join()
     wall = time.perf_counter() - started
+    cpu_s = time.process_time() - cpu
     latencies = [latency for lat in per_caller for latency in lat]
     batch = len(next(iter(feeds.values())))
-    busy = sum(latencies) if callers == 1 else wall
+    # With idle gaps, throughput counts the runs' own time, not the gaps.
+    busy = sum(latencies) if gap_s else wall
     return {
         "batch": batch,
         "callers": callers,
         "runs": len(latencies),
         "items_per_s": batch * len(latencies) / busy,
+        "cpu_ms_per_run": cpu_s * 1e3 / len(latencies),
         **latency_summary(latencies),
     }
 
@@ -140,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{spec.name} v{spec.version} {args.variant} on {session.get_providers()[0]}")
     print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/run':>10}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        cpu = time.process_time()
         row = measure(
             session,
             tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir),
@@ -148,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             gap_s=args.gap_ms / 1000,
             callers=args.callers,
         )
-        # Every thread of this process (onnxruntime's included), over the measured and 3 warm-up runs.
-        row["cpu_ms_per_run"] = (time.process_time() - cpu) * 1e3 / (row["runs"] + 3)
         rows.append(row)
         figures = f"{row['items_per_s']:>10.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}"
         figures += f" {row['cpu_ms_per_run']:>10.3f}"

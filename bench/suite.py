@@ -47,7 +47,7 @@ class Suite:
         self.args = args
         # The server's own rule for threads=0 (server/runtime.py), made explicit for both sides.
         self.instances: int = args.instances
-        self.threads: int = args.threads or max(1, cpu_cores() // self.instances)
+        self.threads: int = args.threads or max(1, cpu_cores() - self.instances + 1)
         # The same onnxruntime settings on both sides of every ratio.
         self.server_flags = [
             f"--instances={self.instances}",
@@ -86,11 +86,9 @@ class Suite:
         """Raw runs of ``batch`` rows; by default as many side by side as the server has instances."""
         seconds = seconds or self.args.seconds
         callers = callers or self.instances
-        cpu = time.process_time()
         feeds = tensor_batch(spec, batch, version_dir=version_dir)
         row = measure(session, feeds, seconds, gap_s, callers=callers)
-        # CPU time of every thread of this process (onnxruntime's included) per item.
-        row["cpu_ms_per_item"] = (time.process_time() - cpu) * 1e3 / (row["runs"] * batch)
+        row["cpu_ms_per_item"] = row["cpu_ms_per_run"] / batch
         gaps = f" ({gap_s * 1e3:g} ms gaps)" if gap_s else ""
         gaps += f" x{callers}" if callers > 1 else ""
         print(
@@ -377,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--instances", type=int, default=1, help="server instances = raw runs side by side")
     parser.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime intra-op threads per run; 0 = cores / instances"
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = cores - instances + 1"
     )
     add_spinning_flag(parser)  # both sides
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")

@@ -53,13 +53,17 @@ class Server:
         self.metrics = Metrics()
         self.dataplane = DataPlane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
-        self._gate = security.ShutdownGate(on_refused=self.metrics.call_refused)
+        refused = self.metrics.call_refused
+        self._gate = security.ShutdownGate(on_refused=refused)
         self.grpc = grpc.aio.server(
-            # Tokens are checked first: an unauthenticated request is never parsed.
+            # Tokens are checked first: an unauthenticated request is never parsed, and gets
+            # UNAUTHENTICATED even while shutting down. Each refusal is counted once, as answered.
             interceptors=[
+                security.AuthInterceptor(tokens, on_refused=refused),
                 self._gate,
-                security.AuthInterceptor(tokens, on_refused=self.metrics.call_refused),
-                security.MalformedRequestInterceptor(in_band_streams=kserve.IN_BAND_STREAMS),
+                security.MalformedRequestInterceptor(
+                    in_band_streams=kserve.IN_BAND_STREAMS, on_refused=refused
+                ),
             ],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),

@@ -124,6 +124,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._running_rows = 0
+        # Batches running now, each a task: close() waits for them.
+        self._running: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Creates the queue and the batching task in the running loop."""
@@ -192,6 +194,8 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._running:  # only if the batching task ended early: let its batches answer
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     def _loop_ended(self) -> bool:
         return self._task is None or self._task.done()
@@ -211,7 +215,6 @@ class Batcher:
 
     async def _loop(self) -> None:
         free = asyncio.Semaphore(self.instances)
-        running: set[asyncio.Task[None]] = set()
         while True:
             # The next batch is formed only once an instance is free to run it: until then
             # requests keep joining the queue, and the batch grows.
@@ -230,10 +233,10 @@ class Batcher:
             rows = sum(p.rows for p in live)
             self._running_rows += rows
             task = asyncio.get_running_loop().create_task(self._run_batch(live))
-            running.add(task)  # a reference, so the task is not garbage-collected while it runs
+            self._running.add(task)  # also a reference: the task is not garbage-collected
 
             def finished(task: asyncio.Task[None], rows: int = rows) -> None:
-                running.discard(task)
+                self._running.discard(task)
                 self._running_rows -= rows
                 free.release()
 
@@ -275,6 +278,17 @@ class Batcher:
         return live
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
+        """Runs one batch and answers its requests; whatever goes wrong, every one is answered."""
+        try:
+            await self._run_and_answer(batch)
+        except asyncio.CancelledError:
+            _fail_all(batch, ServerShuttingDown(f"model {self.name} is shutting down"))
+            raise
+        except Exception:
+            log.exception("model %s: answering a batch of %d requests failed", self.name, len(batch))
+            _fail_all(batch, InferenceFailed(f"model {self.name}: inference failed; see the server log"))
+
+    async def _run_and_answer(self, batch: list[_Pending]) -> None:
         started_ns = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         try:

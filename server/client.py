@@ -87,8 +87,11 @@ class Credentials:
             raise ValueError("a client certificate needs its private key, and the other way round")
         if not self.tls and (self.root_certificates or self.certificate_chain):
             raise ValueError("certificates are for TLS: set tls=True")
-        if self.token is not None and not self.token.strip():
-            raise ValueError("the bearer token is empty")
+        if self.token is not None:
+            if not self.token.strip():
+                raise ValueError("the bearer token is empty")
+            # A token read from a file or an environment variable often ends in a newline.
+            object.__setattr__(self, "token", self.token.strip())
 
     def __repr__(self) -> str:  # never the token or the key
         return f"Credentials(tls={self.tls}, client_certificate={self.certificate_chain is not None})"

@@ -100,19 +100,23 @@ class Settings(BaseSettings):
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
     instances: int = Field(default=1, ge=1)
-    """Batches of one model version that run at once, each on its own thread over the version's one
-    onnxruntime session (Triton's instance count), each with ``intra_op_threads`` threads. On the
-    2-core benchmark machine one instance over both cores was as fast or faster at every measured
-    point (docs/performance.md); more are for machines with more cores than one run puts to use."""
+    """Batches of one model version that run at once, each on its own thread. The instances share
+    the version's one onnxruntime session (one copy of the weights) and its thread pool (on CUDA,
+    where runs of one session may share a device stream, more than 1 is not measured). On the 2-core
+    benchmark machine one instance was as fast or faster at every measured point
+    (docs/performance.md); more are for machines with more cores than one run puts to use."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """onnxruntime threads inside one operator, per running batch. 0 = auto: on CPU the cores shared
-    out among the model's instances (all of them with one instance); on CUDA onnxruntime's default."""
+    """onnxruntime intra-op threads of each version's session (its caller's thread included),
+    shared by the version's instances. 0 = auto: on CPU ``cores - instances + 1``, so that all
+    instances running at once use every core once (cores: the CPU affinity, capped by a cgroup v2
+    CPU quota); on CUDA onnxruntime's default."""
     inter_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads across independent operators; 0 lets onnxruntime choose."""
     intra_op_spinning: bool = True
-    """While a batch runs, let its onnxruntime threads spin-wait between operators instead of
-    sleeping and being woken for each one; they stop spinning the moment the run ends, so they
-    never burn the cores the gRPC server needs between batches. Measured on the benchmark machine:
+    """CPU provider only: while a batch runs, its onnxruntime threads spin-wait between operators
+    instead of sleeping and being woken for each one; they stop spinning the moment the run ends,
+    so they never burn the cores the gRPC server needs between batches (on CUDA they never spin:
+    they would spin through the device's whole run). Measured on the benchmark machine:
     less CPU per run, and a lone fashion image in 0.46 ms instead of 0.75-0.92 ms
     (docs/performance.md)."""
     graph_optimization: GraphOptimization = "all"

@@ -142,7 +142,8 @@ class Metrics:
         self.refused_calls = Counter(
             "fineserve_refused_calls",
             "Calls refused before their handler ran, by method (registered methods only) and status "
-            "code: UNAUTHENTICATED (missing or wrong bearer token), UNAVAILABLE (shutting down).",
+            "code: UNAUTHENTICATED (missing or wrong bearer token), UNAVAILABLE (shutting down), "
+            "INVALID_ARGUMENT (not a message of the method's type).",
             ["method", "code"],
             registry=r,
         )

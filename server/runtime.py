@@ -119,8 +119,10 @@ class Threads:
 
 def cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may use: its CPU affinity (a container's cpuset), capped by a
-    cgroup v2 CPU quota (a Kubernetes CPU limit), rounded up."""
-    cores = len(os.sched_getaffinity(0)) or 1
+    cgroup v2 CPU quota (a Kubernetes CPU limit), rounded down (at least 1): threads beyond the
+    quota would only get the process throttled. Other cgroup layouts fall back to the affinity."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core counts
+    cores = (len(affinity(0)) if affinity else os.cpu_count()) or 1
     try:
         quota, period = cgroup_cpu_max.read_text().split()[:2]
     except (OSError, ValueError):
@@ -128,7 +130,7 @@ def cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     if quota == "max":
         return cores
     try:
-        return max(1, min(cores, -(-int(quota) // int(period))))
+        return max(1, min(cores, int(quota) // int(period)))
     except (ValueError, ZeroDivisionError):
         return cores
 
@@ -136,13 +138,15 @@ def cpu_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 def plan_threads(provider: str, instances: int, intra_op_threads: int) -> Threads:
     """Resolves ``intra_op_threads`` (0 = auto) for a model with ``instances`` instances.
 
-    On CPU the cores are shared out among the instances, so runs side by side do not fight over
-    cores: a run spread over more threads than it has cores waits at each operator for its
-    slowest, descheduled thread. On CUDA the CPU threads matter little: onnxruntime decides.
+    The instances share the version's one session, and so its one intra-op pool: a run works on
+    its caller's thread plus whichever of the pool's ``intra_op_threads - 1`` workers are free. On
+    CPU, auto sizes the pool so that all instances running at once keep every core busy exactly
+    once: ``cores - instances + 1`` (so 1, no workers, with one instance per core). On CUDA the
+    CPU threads matter little: onnxruntime decides.
     """
     if provider == CUDA or intra_op_threads:
         return Threads(instances, intra_op_threads)
-    return Threads(instances, max(1, cpu_cores() // instances))
+    return Threads(instances, max(1, cpu_cores() - instances + 1))
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,9 @@ class ModelSession:
         options = session_options(
             intra_op_threads,
             settings.inter_op_threads,
-            spinning=settings.intra_op_spinning,
+            # On CUDA a run's CPU threads mostly wait for the device: spinning would burn cores
+            # for the whole run that image decoding could use.
+            spinning=settings.intra_op_spinning and provider == CPU,
             graph_optimization=settings.graph_optimization,
         )
         providers: list[Any] = [CPU]

@@ -128,7 +128,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 
     def __init__(self, tokens: Tokens, on_refused: Callable[[str, str], None] | None = None) -> None:
         self._tokens = tokens
-        self._on_refused = on_refused
+        self._on_refused = on_refused or _not_counted
         self._rejected_since_log = 0
         self._last_log = float("-inf")
 
@@ -147,10 +147,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             return handler
         message = "missing bearer token" if given is None else "invalid bearer token"
         self._log_rejection(method, message)
-        if self._on_refused is not None:
-            self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name)
         return _refusal(
-            handler, grpc.StatusCode.UNAUTHENTICATED, f"{message} (authorization: Bearer <token> metadata)"
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"{message} (authorization: Bearer <token> metadata)",
+            lambda: self._on_refused(method, grpc.StatusCode.UNAUTHENTICATED.name),
         )
 
     def _log_rejection(self, method: str, why: str) -> None:
@@ -168,11 +169,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             self._last_log = now
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _not_counted(method: str, code: str) -> None:
+    """The default ``on_refused``: no metrics."""
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, answered: Callable[[], object]
+) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers ``code`` without reading the request
-    (no deserializer: the bytes are never parsed)."""
+    (no deserializer: the bytes are never parsed). ``answered`` runs when it does: an outer
+    interceptor may still replace it, and a call is counted only for the answer it gets."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        answered()
         await context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
@@ -196,7 +205,7 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
     def __init__(self, on_refused: Callable[[str, str], None] | None = None) -> None:
         self.closed = False
         self.last_refused = float("-inf")  # time.monotonic() of the latest refusal
-        self._on_refused = on_refused
+        self._on_refused = on_refused or _not_counted
 
     def close(self) -> None:
         self.closed = True
@@ -210,9 +219,13 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
         if not self.closed or handler is None or handler_call_details.method.startswith(OPEN_PREFIXES[0]):
             return handler
         self.last_refused = time.monotonic()
-        if self._on_refused is not None:
-            self._on_refused(handler_call_details.method, grpc.StatusCode.UNAVAILABLE.name)
-        return _refusal(handler, grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        method = handler_call_details.method
+        return _refusal(
+            handler,
+            grpc.StatusCode.UNAVAILABLE,
+            "the server is shutting down; retry elsewhere",
+            lambda: self._on_refused(method, grpc.StatusCode.UNAVAILABLE.name),
+        )
 
 
 # --- requests that are not even protobuf --------------------------------------------------------
@@ -239,8 +252,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
     INVALID_ARGUMENT at the bad message.
     """
 
-    def __init__(self, in_band_streams: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        in_band_streams: frozenset[str] = frozenset(),
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._in_band_streams = in_band_streams
+        # Hears of each unparsable request (method, "INVALID_ARGUMENT"), for metrics.
+        self._on_refused = on_refused or _not_counted
 
     async def intercept_service(
         self,
@@ -253,11 +272,16 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         method = handler_call_details.method
         why = "malformed protobuf or invalid UTF-8"
         message = f"the request to {method} is not a valid message of its type ({why})"
+
+        def refused() -> None:
+            self._on_refused(method, grpc.StatusCode.INVALID_ARGUMENT.name)
+
         if handler.unary_unary is not None:
-            return _guarded(handler, message)
+            return _guarded(handler, message, refused)
         if handler.stream_stream is not None:
-            return _guarded_stream(handler, message, in_band=method in self._in_band_streams)
-        return handler  # one request, a stream of answers (health Watch): gRPC's own answer stands
+            return _guarded_stream(handler, message, refused, in_band=method in self._in_band_streams)
+        # Unary-stream (health Watch) and stream-unary methods: gRPC's own answer stands.
+        return handler
 
 
 def _lenient(parse: Callable[[bytes], Any], unparsable: Callable[[], Any]) -> Callable[[bytes], Any]:
@@ -270,11 +294,14 @@ def _lenient(parse: Callable[[bytes], Any], unparsable: Callable[[], Any]) -> Ca
     return lenient
 
 
-def _guarded(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _guarded(
+    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None]
+) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary
 
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if request is _UNPARSABLE:
+            refused()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         return await inner(request, context)
 
@@ -285,11 +312,18 @@ def _guarded(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     )
 
 
-def _guarded_stream(handler: grpc.RpcMethodHandler, message: str, *, in_band: bool) -> grpc.RpcMethodHandler:
+def _guarded_stream(
+    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None], *, in_band: bool
+) -> grpc.RpcMethodHandler:
     if in_band:
+
+        def unparsable() -> UnparsableRequest:
+            refused()
+            return UnparsableRequest(message)
+
         return grpc.stream_stream_rpc_method_handler(
             handler.stream_stream,
-            request_deserializer=_lenient(handler.request_deserializer, lambda: UnparsableRequest(message)),
+            request_deserializer=_lenient(handler.request_deserializer, unparsable),
             response_serializer=handler.response_serializer,
         )
     inner = handler.stream_stream
@@ -302,6 +336,7 @@ def _guarded_stream(handler: grpc.RpcMethodHandler, message: str, *, in_band: bo
         async def parsed() -> AsyncIterator[Any]:
             async for request in requests:
                 if request is _UNPARSABLE:
+                    refused()
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
                 yield request
 

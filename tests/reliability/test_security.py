@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import collections
 import logging
 import multiprocessing
 import socket
@@ -479,9 +480,57 @@ def test_refused_calls_are_counted_by_method_and_code(repository: Path) -> None:
         for metadata in ((), (), bearer("wrong")):
             assert code_of(lambda m=metadata: classify(channel, m)) == UNAUTHENTICATED
         assert classify(channel, bearer(INFERENCE_TOKEN)).results  # not counted as refused
+        # Past the token check, bytes that are not a ClassifyRequest: refused, and counted.
+        garbage = channel.unary_unary("/fineserve.v1.Fineserve/Classify", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as failed:
+            garbage(b"\xff" * 12, timeout=10, metadata=bearer(INFERENCE_TOKEN))
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         url = f"http://localhost:{server.server.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-    refused = [line for line in text.splitlines() if line.startswith("fineserve_refused_calls_total{")]
+    prefix = "fineserve_refused_calls_total{"
+    refused = sorted(line.removeprefix(prefix) for line in text.splitlines() if line.startswith(prefix))
     assert refused == [
-        'fineserve_refused_calls_total{code="UNAUTHENTICATED",method="/fineserve.v1.Fineserve/Classify"} 3.0'
+        'code="INVALID_ARGUMENT",method="/fineserve.v1.Fineserve/Classify"} 1.0',
+        'code="UNAUTHENTICATED",method="/fineserve.v1.Fineserve/Classify"} 3.0',
     ]
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [((), "UNAUTHENTICATED"), (bearer(INFERENCE_TOKEN), "UNAVAILABLE")],
+    ids=["bad-token", "good-token"],
+)
+def test_a_call_refused_while_shutting_down_is_counted_once_as_answered(
+    metadata: tuple[tuple[str, str], ...], expected: str
+) -> None:
+    """The interceptors in the server's order (auth, then the shutdown gate): each refusal is
+    counted when it is the answer, so one call is never counted by both."""
+    counted: list[tuple[str, str]] = []
+    gate = security.ShutdownGate(on_refused=lambda method, code: counted.append((method, code)))
+    gate.close()
+    tokens = security.Tokens(inference=INFERENCE_TOKEN.encode(), admin=None)
+    auth = security.AuthInterceptor(tokens, on_refused=lambda method, code: counted.append((method, code)))
+    method = "/fineserve.v1.Fineserve/Classify"
+    details = collections.namedtuple("Details", "method invocation_metadata")(method, metadata)
+
+    async def handler_of(_: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+
+    async def through_gate(call_details: Any) -> grpc.RpcMethodHandler:
+        return await gate.intercept_service(handler_of, call_details)
+
+    class Aborted(Exception):
+        pass
+
+    class Context:
+        async def abort(self, code: grpc.StatusCode, message: str) -> None:
+            raise Aborted(code.name)
+
+    async def call() -> str:
+        handler = await auth.intercept_service(through_gate, details)
+        with pytest.raises(Aborted) as aborted:
+            await handler.unary_unary(b"", Context())
+        return str(aborted.value)
+
+    assert asyncio.run(call()) == expected
+    assert counted == [(method, expected)]

@@ -410,3 +410,23 @@ def test_close_waits_for_every_running_batch() -> None:
 def test_instances_must_be_positive(pool: concurrent.futures.Executor) -> None:
     with pytest.raises(ValueError, match="instances"):
         make(Doubler(), pool, instances=0)
+
+
+def test_every_request_is_answered_even_when_answering_its_batch_breaks(
+    pool: concurrent.futures.Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        batcher = make(Doubler(), pool, instances=2, max_batch_size=1, max_batch_time=0.0)
+
+        async def broken(batch: object) -> None:
+            raise RuntimeError("a bug past the inference")
+
+        monkeypatch.setattr(batcher, "_run_and_answer", broken)
+        batcher.start()
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(3)), return_exceptions=True), timeout=5
+        )
+        assert all(isinstance(r, InferenceFailed) for r in results), results
+        await asyncio.wait_for(batcher.close(), timeout=5)
+
+    asyncio.run(scenario())

@@ -21,9 +21,9 @@ def test_cores_follow_the_affinity_and_a_cgroup_quota_caps_them(tmp_path: Path) 
     affinity = len(os.sched_getaffinity(0))
     assert cpu_cores(tmp_path / "missing") == affinity
     assert cpu_cores(write_cpu_max(tmp_path, "max 100000\n")) == affinity
-    # A Kubernetes limit of 1.5 CPUs: two cores' worth of threads, rounded up (but never above
-    # the affinity).
-    assert cpu_cores(write_cpu_max(tmp_path, "150000 100000\n")) == min(2, affinity)
+    # A Kubernetes limit of 1.5 CPUs: one thread's worth, rounded down (more would be throttled).
+    assert cpu_cores(write_cpu_max(tmp_path, "150000 100000\n")) == 1
+    assert cpu_cores(write_cpu_max(tmp_path, "200000 100000\n")) == min(2, affinity)
     assert cpu_cores(write_cpu_max(tmp_path, "50000 100000\n")) == 1
     assert cpu_cores(write_cpu_max(tmp_path, "garbage\n")) == affinity
 
@@ -34,10 +34,12 @@ def four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("four_cores")
-def test_on_cpu_auto_threads_share_the_cores_out_among_the_instances() -> None:
+def test_on_cpu_auto_sizes_the_shared_pool_so_all_instances_fill_the_cores_once() -> None:
+    # The instances share one session's pool: a run uses its own thread plus free pool workers,
+    # so N instances at once use N callers + (threads - 1) workers = the 4 cores.
     assert plan_threads(CPU, instances=1, intra_op_threads=0) == Threads(instances=1, intra_op=4)
-    assert plan_threads(CPU, instances=2, intra_op_threads=0) == Threads(instances=2, intra_op=2)
-    assert plan_threads(CPU, instances=3, intra_op_threads=0) == Threads(instances=3, intra_op=1)
+    assert plan_threads(CPU, instances=2, intra_op_threads=0) == Threads(instances=2, intra_op=3)
+    assert plan_threads(CPU, instances=4, intra_op_threads=0) == Threads(instances=4, intra_op=1)
     assert plan_threads(CPU, instances=8, intra_op_threads=0) == Threads(instances=8, intra_op=1)
 
 
