@@ -4,8 +4,8 @@
         --seconds 5 --json bench/results/raw-fashion.json
 
 Thread settings as given: ``--intra-threads`` per run and ``--callers`` runs side by side (the
-server's ``intra_op_threads`` and ``instances``); threads spin during a run unless
-``--no-spinning``, as the server's ``intra_op_spinning``. On CUDA the session must really run
+server's ``intra_op_threads`` and ``instances``); threads spin during a run only with
+``--spinning``, as the server's ``intra_op_spinning``. On CUDA the session must really run
 on the CUDA execution provider: the benchmark fails rather than silently measuring the CPU.
 """
 
@@ -24,7 +24,7 @@ from export.contract import read_model_spec
 
 
 def make_session(
-    path: Path, provider: str, intra_threads: int, inter_threads: int, spinning: bool = True
+    path: Path, provider: str, intra_threads: int, inter_threads: int, spinning: bool = False
 ) -> Any:
     if provider == "cuda":
         # onnxruntime-gpu finds the CUDA/cuDNN libraries that torch brings, when present.
@@ -46,12 +46,12 @@ def make_session(
 
 
 def add_spinning_flag(parser: argparse.ArgumentParser) -> None:
-    """``--spinning/--no-spinning``, as the server's ``intra_op_spinning`` (on by default)."""
+    """``--spinning/--no-spinning``, as the server's ``intra_op_spinning`` (off by default)."""
     parser.add_argument(
         "--spinning",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="onnxruntime threads spin between a run's operators, stopping when it ends (server default)",
+        default=False,
+        help="onnxruntime threads spin between a run's operators, stopping when it ends",
     )
 
 

@@ -112,13 +112,12 @@ class Settings(BaseSettings):
     CPU quota); on CUDA onnxruntime's default."""
     inter_op_threads: int = Field(default=0, ge=0)
     """onnxruntime threads across independent operators; 0 lets onnxruntime choose."""
-    intra_op_spinning: bool = True
+    intra_op_spinning: bool = False
     """CPU provider only: while a batch runs, its onnxruntime threads spin-wait between operators
-    instead of sleeping and being woken for each one; they stop spinning the moment the run ends,
-    so they never burn the cores the gRPC server needs between batches (on CUDA they never spin:
-    they would spin through the device's whole run). Measured on the benchmark machine:
-    less CPU per run, and a lone fashion image in 0.46 ms instead of 0.75-0.92 ms
-    (docs/performance.md)."""
+    instead of sleeping and being woken for each one, and stop the moment the run ends. With one
+    busy model it cuts latency and CPU per run (a lone fashion image 0.46 instead of 0.75-0.92 ms);
+    with several models busy at once their runs' spinning threads crowd each other out (two models
+    under load: 17-26% fewer items/s), so it is off by default (docs/performance.md)."""
     graph_optimization: GraphOptimization = "all"
     """onnxruntime graph optimisation level."""
     cuda_mem_limit_bytes: int = Field(default=0, ge=0)
