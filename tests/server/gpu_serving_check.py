@@ -188,6 +188,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/gpu-check"))
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and load runs")
+    parser.add_argument(
+        "--concurrency", type=int, default=256, help="requests in flight, over 4 client processes"
+    )
     args = parser.parse_args()
     if args.device == "cuda":
         import torch  # noqa: F401  (loads the CUDA/cuDNN libraries onnxruntime-gpu uses)
@@ -261,14 +264,21 @@ def main() -> int:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return done / seconds
 
+    per = max(1, args.concurrency // 4)  # requests in flight per client process
     runs: list[tuple[str, Any]] = [
         (
-            "core only, 1 image/call, 256 concurrent",
-            lambda: {"items_per_s": call(core_only(args.seconds, 256))},
+            f"core only, 1 image/call, {args.concurrency} concurrent",
+            lambda: {"items_per_s": call(core_only(args.seconds, args.concurrency))},
         ),
-        ("gRPC tensors, 1 image/request", lambda: load_test(target, 4, 32, args.seconds, 1, False)),
+        (
+            f"gRPC tensors, 1 image/request, {per * 4} in flight",
+            lambda: load_test(target, 4, per, args.seconds, 1, False),
+        ),
         ("gRPC tensors, 16 images/request", lambda: load_test(target, 4, 4, args.seconds, 16, False)),
-        ("gRPC JPEG 288x256, 1 image/request", lambda: load_test(target, 4, 32, args.seconds, 1, True)),
+        (
+            f"gRPC JPEG 288x256, 1 image/request, {per * 4} in flight",
+            lambda: load_test(target, 4, per, args.seconds, 1, True),
+        ),
         ("gRPC JPEG 288x256, 16 images/request", lambda: load_test(target, 4, 4, args.seconds, 16, True)),
     ]
     for name, run in runs[:3] if args.quick else runs:
