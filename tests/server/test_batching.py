@@ -8,6 +8,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,18 +44,10 @@ class Doubler:
         return {"y": inputs["x"] * 2}
 
 
-def make(run: RunBatch, pool: concurrent.futures.Executor, **options: float) -> Batcher:
-    settings = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16, "instances": 1} | options
-    return Batcher(
-        "test",
-        run,
-        concat_padded({}),
-        pool,
-        instances=int(settings["instances"]),
-        max_batch_size=int(settings["max_batch_size"]),
-        max_batch_time=settings["max_batch_time"],
-        max_queue_size=int(settings["max_queue_size"]),
-    )
+def make(run: RunBatch, pool: concurrent.futures.Executor, **options: Any) -> Batcher:
+    """A batcher over ``run`` with small defaults; any Batcher option given replaces its default."""
+    settings: dict[str, Any] = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16}
+    return Batcher("test", run, concat_padded({}), pool, **(settings | options))
 
 
 def rows(*values: float) -> Tensors:
@@ -137,9 +130,7 @@ def test_a_failed_batch_fails_every_request_in_it(pool: concurrent.futures.Execu
         raise RuntimeError("boom (internal detail)")
 
     async def scenario() -> None:
-        batcher = Batcher(
-            "test", broken, concat_padded({}), pool, max_batch_size=8, max_batch_time=0.05, max_queue_size=8
-        )
+        batcher = make(broken, pool, max_queue_size=8)
         batcher.start()
         results = await asyncio.gather(
             batcher.submit(rows(1), 1), batcher.submit(rows(2), 1), return_exceptions=True
@@ -161,10 +152,8 @@ def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close(
         raise RuntimeError("metrics broke")
 
     async def scenario() -> None:
-        batcher = Batcher(
-            "test",
+        batcher = make(
             Doubler(),
-            concat_padded({}),
             pool,
             max_batch_size=2,
             max_batch_time=0.01,
@@ -204,10 +193,8 @@ def test_close_returns_and_answers_the_queue_when_the_batching_task_is_gone(
 
 def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurrent.futures.Executor) -> None:
     async def scenario() -> float:
-        batcher = Batcher(
-            "test",
+        batcher = make(
             Doubler(),
-            concat_padded({}),
             pool,
             max_batch_size=8,
             max_batch_time=5.0,
@@ -226,10 +213,8 @@ def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurren
 
 def test_a_lone_request_runs_at_once_when_nobody_is_coming(pool: concurrent.futures.Executor) -> None:
     async def scenario() -> float:
-        batcher = Batcher(
-            "test",
+        batcher = make(
             Doubler(),
-            concat_padded({}),
             pool,
             max_batch_size=8,
             max_batch_time=5.0,
@@ -250,10 +235,8 @@ def test_the_batch_waits_for_a_request_that_is_on_its_way(pool: concurrent.futur
     async def scenario() -> list[int]:
         run = Doubler()
         preparing = [1]  # one request is being preprocessed when the first one arrives
-        batcher = Batcher(
-            "test",
+        batcher = make(
             run,
-            concat_padded({}),
             pool,
             max_batch_size=8,
             max_batch_time=5.0,
@@ -305,10 +288,8 @@ def test_every_request_gets_exactly_its_own_rows(
     batch_function = padded_to_buckets(run, batch_buckets(max_batch_size)) if pad else run
 
     async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
-        batcher = Batcher(
-            "test",
+        batcher = make(
             batch_function,
-            concat_padded({}),
             executor,
             instances=instances,
             max_batch_size=max_batch_size,
