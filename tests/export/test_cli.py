@@ -102,10 +102,12 @@ def test_failed_check_names_the_check_and_publishes_nothing(tmp_path: Path) -> N
     )
     np.save(tmp_path / "reference.npy", _reference(read))
     repository = tmp_path / "r"
-    line = _one_error_line(
-        _cli(
+
+    def wrap(graph: Path) -> subprocess.CompletedProcess[str]:
+        # The same examples and reference logits for every graph.
+        return _cli(
             "wrap",
-            str(tmp_path / "damaged.onnx"),
+            str(graph),
             "--repository",
             str(repository),
             "--name",
@@ -125,33 +127,13 @@ def test_failed_check_names_the_check_and_publishes_nothing(tmp_path: Path) -> N
             "--reference-logits",
             str(tmp_path / "reference.npy"),
         )
-    )
+
+    line = _one_error_line(wrap(tmp_path / "damaged.onnx"))
     assert "check failed (ValueMismatchError)" in line and "nothing was published" in line
     assert list((repository / "m").iterdir()) == []
     # The intact graph with the same examples and reference passes and is published.
     onnx.save(foreign_image_graph(), tmp_path / "intact.onnx")
-    ok = _cli(
-        "wrap",
-        str(tmp_path / "intact.onnx"),
-        "--repository",
-        str(repository),
-        "--name",
-        "m",
-        "--task",
-        "image-classification",
-        "--labels",
-        "a,b,c",
-        "--image-size",
-        "8",
-        "--mean",
-        "0.5,0.5,0.5",
-        "--std",
-        "0.5,0.5,0.5",
-        "--examples",
-        str(folder),
-        "--reference-logits",
-        str(tmp_path / "reference.npy"),
-    )
+    ok = wrap(tmp_path / "intact.onnx")
     assert ok.returncode == 0, ok.stderr
     assert (repository / "m" / "1" / "model.json").is_file()
 
