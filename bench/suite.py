@@ -32,7 +32,7 @@ from bench.report import write_plots, write_tables
 from bench.server_process import PeakMemory, ServerProcess
 from bench.stats import machine, write_json
 from export.contract import ModelSpec, list_versions, read_model_spec
-from server.runtime import cpu_cores
+from server.runtime import CPU, cpu_cores, plan_threads
 
 MB = 1 << 20
 # Idle time between raw runs for the "session idle in between" baseline: about what a server's
@@ -45,9 +45,10 @@ class Suite:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        # The server's own rule for threads=0 (server/runtime.py), made explicit for both sides.
+        # The server's own rule for threads=0, made explicit for both sides.
+        self.cores = cpu_cores()
         self.instances: int = args.instances
-        self.threads: int = args.threads or max(1, cpu_cores() - self.instances + 1)
+        self.threads: int = plan_threads(CPU, args.instances, args.threads).intra_op
         # The same onnxruntime settings on both sides of every ratio.
         self.server_flags = [
             f"--instances={self.instances}",
@@ -150,7 +151,6 @@ class Suite:
         batch_sizes = sorted({b for b in self.args.batch_sizes if b <= spec.max_batch_size})
         spinning = self.args.spinning
         session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1, spinning)
-        cores = cpu_cores()
         out: dict[str, Any] = {
             "version": spec.version,
             "task": spec.task,
@@ -160,9 +160,9 @@ class Suite:
         # Raw onnxruntime per batch size, while the server sits idle.
         out["raw"] = [self.raw(session, spec, b, version_dir) for b in batch_sizes]
         best = max(out["raw"], key=lambda r: r["items_per_s"])
-        if (self.instances, self.threads) != (1, cores):
+        if (self.instances, self.threads) != (1, self.cores):
             # For reference: one run at a time over every core (what the server did before instances).
-            spread = make_session(version_dir / spec.variant("fp32").file, "cpu", cores, 1, spinning)
+            spread = make_session(version_dir / spec.variant("fp32").file, "cpu", self.cores, 1, spinning)
             out["raw_one_run_all_cores"] = [
                 self.raw(spread, spec, b, version_dir, callers=1) for b in (1, best["batch"])
             ]
