@@ -126,8 +126,14 @@ class Credentials:
             token=token,
         )
 
-    def channel_credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+    def channel(self, target: str, transport: Any = grpc) -> Any:
+        """A channel to ``target`` over ``transport``: ``grpc`` (blocking) or ``grpc.aio``."""
+        if not self.tls:
+            return transport.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(
+            self.root_certificates, self.private_key, self.certificate_chain
+        )
+        return transport.secure_channel(target, credentials)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -179,24 +185,27 @@ def model_infos(reply: pb.ListModelsResponse) -> list[ModelInfo]:
     ]
 
 
-class FineserveClient:
-    """Async client (grpc.aio). Use as ``async with``, or call ``close()``."""
+class _Client:
+    """What both clients share: a channel to the server, the stub, and per-call options."""
 
-    def __init__(
-        self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
-    ) -> None:
+    def __init__(self, target: str, transport: Any, timeout: float, credentials: Credentials | None) -> None:
         credentials = credentials or Credentials()
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials.channel_credentials())
-            if credentials.tls
-            else grpc.aio.insecure_channel(target)
-        )
+        self._channel = credentials.channel(target, transport)
         self._stub = pb_grpc.FineserveStub(self._channel)
         self._metadata = credentials.metadata
         self.timeout = timeout
 
     def _call_options(self) -> dict[str, Any]:
         return {"timeout": self.timeout, "metadata": self._metadata}
+
+
+class FineserveClient(_Client):
+    """Async client (grpc.aio). Use as ``async with``, or call ``close()``."""
+
+    def __init__(
+        self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
+    ) -> None:
+        super().__init__(target, grpc.aio, timeout, credentials)
 
     async def classify(
         self, model: str, images: Sequence[Image], *, top_k: int = 5, version: int | None = None
@@ -226,24 +235,13 @@ class FineserveClient:
         await self.close()
 
 
-class SyncFineserveClient:
+class SyncFineserveClient(_Client):
     """Blocking client. Use as ``with``, or call ``close()``."""
 
     def __init__(
         self, target: str, *, timeout: float = DEFAULT_TIMEOUT_S, credentials: Credentials | None = None
     ) -> None:
-        credentials = credentials or Credentials()
-        self._channel = (
-            grpc.secure_channel(target, credentials.channel_credentials())
-            if credentials.tls
-            else grpc.insecure_channel(target)
-        )
-        self._stub = pb_grpc.FineserveStub(self._channel)
-        self._metadata = credentials.metadata
-        self.timeout = timeout
-
-    def _call_options(self) -> dict[str, Any]:
-        return {"timeout": self.timeout, "metadata": self._metadata}
+        super().__init__(target, grpc, timeout, credentials)
 
     def classify(
         self, model: str, images: Sequence[Image], *, top_k: int = 5, version: int | None = None
