@@ -35,7 +35,8 @@ def make_session(
     from server.runtime import session_options
 
     # The server's own session options (server/runtime.py), so both sides run alike.
-    options = session_options(intra_threads, inter_threads, spinning=spinning and provider == "cpu")
+    ort_provider = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    options = session_options(intra_threads, inter_threads, spinning=spinning, provider=ort_provider)
     providers = ["CPUExecutionProvider"]
     if provider == "cuda":
         providers.insert(0, "CUDAExecutionProvider")

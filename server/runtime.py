@@ -90,14 +90,22 @@ def choose_variant(spec: ModelSpec, provider: str, settings: Settings) -> Varian
 
 
 def session_options(
-    intra_op_threads: int, inter_op_threads: int, *, spinning: bool, graph_optimization: str = "all"
+    intra_op_threads: int,
+    inter_op_threads: int,
+    *,
+    spinning: bool,
+    provider: str = CPU,
+    graph_optimization: str = "all",
 ) -> ort.SessionOptions:
     """The onnxruntime session options the server uses (and the benchmarks' raw baseline).
 
-    With ``spinning``, a run's threads spin between its operators instead of sleeping and being
-    woken for each one, and stop the moment the run ends (``session.force_spinning_stop``), so
-    no thread spins between batches on the cores the gRPC server needs.
+    With ``spinning``, on the CPU provider, a run's threads spin between its operators instead of
+    sleeping and being woken for each one, and stop the moment the run ends
+    (``session.force_spinning_stop``), so no thread spins between batches on the cores the gRPC
+    server needs. On CUDA a run's CPU threads mostly wait for the device: they never spin there,
+    or they would spin through the device's whole run on cores image decoding could use.
     """
+    spinning = spinning and provider == CPU
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
@@ -170,9 +178,8 @@ class ModelSession:
         options = session_options(
             intra_op_threads,
             settings.inter_op_threads,
-            # On CUDA a run's CPU threads mostly wait for the device: spinning would burn cores
-            # for the whole run that image decoding could use.
-            spinning=settings.intra_op_spinning and provider == CPU,
+            spinning=settings.intra_op_spinning,
+            provider=provider,
             graph_optimization=settings.graph_optimization,
         )
         providers: list[Any] = [CPU]

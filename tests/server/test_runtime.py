@@ -62,3 +62,9 @@ def test_threads_spin_only_while_a_run_lasts(spinning: bool) -> None:
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == want
     # Whether or not they spin during a run, they never do between runs.
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_threads_never_spin_for_the_cuda_provider() -> None:
+    options = session_options(2, 1, spinning=True, provider=CUDA)
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
