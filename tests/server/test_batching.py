@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -27,12 +25,6 @@ from server.batching import (
 from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded, ServerShuttingDown
 
 
-@pytest.fixture
-def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
-    with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        yield executor
-
-
 class Doubler:
     """A batch function that records the batch sizes it saw."""
 
@@ -44,20 +36,20 @@ class Doubler:
         return {"y": inputs["x"] * 2}
 
 
-def make(run: RunBatch, pool: concurrent.futures.Executor, **options: Any) -> Batcher:
+def make(run: RunBatch, **options: Any) -> Batcher:
     """A batcher over ``run`` with small defaults; any Batcher option given replaces its default."""
     settings: dict[str, Any] = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16}
-    return Batcher("test", run, concat_padded({}), pool, **(settings | options))
+    return Batcher("test", run, concat_padded({}), **(settings | options))
 
 
 def rows(*values: float) -> Tensors:
     return {"x": np.array(values, dtype=np.float32)}
 
 
-def test_concurrent_requests_share_a_batch_and_get_their_own_rows(pool: concurrent.futures.Executor) -> None:
+def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
     async def scenario() -> list[np.ndarray]:
         run = Doubler()
-        batcher = make(run, pool)
+        batcher = make(run)
         batcher.start()
         results = await asyncio.gather(
             batcher.submit(rows(1, 2), 2), batcher.submit(rows(3), 1), batcher.submit(rows(4, 5, 6), 3)
@@ -70,10 +62,10 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_rows(pool: concurre
     assert [g.tolist() for g in got] == [[2, 4], [6], [8, 10, 12]]
 
 
-def test_batches_never_exceed_max_batch_size(pool: concurrent.futures.Executor) -> None:
+def test_batches_never_exceed_max_batch_size() -> None:
     async def scenario() -> list[int]:
         run = Doubler()
-        batcher = make(run, pool, max_batch_size=4)
+        batcher = make(run, max_batch_size=4)
         batcher.start()
         await asyncio.gather(*(batcher.submit(rows(i, i), 2) for i in range(5)))
         await batcher.close()
@@ -84,9 +76,9 @@ def test_batches_never_exceed_max_batch_size(pool: concurrent.futures.Executor) 
     assert max(batches) <= 4
 
 
-def test_a_full_queue_rejects_at_once(pool: concurrent.futures.Executor) -> None:
+def test_a_full_queue_rejects_at_once() -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), pool, max_queue_size=2, max_batch_time=0.3)
+        batcher = make(Doubler(), max_queue_size=2, max_batch_time=0.3)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(1), 1))
         second = asyncio.ensure_future(batcher.submit(rows(2), 1))
@@ -103,10 +95,10 @@ def test_a_full_queue_rejects_at_once(pool: concurrent.futures.Executor) -> None
     asyncio.run(scenario())
 
 
-def test_expired_and_cancelled_requests_are_not_run(pool: concurrent.futures.Executor) -> None:
+def test_expired_and_cancelled_requests_are_not_run() -> None:
     async def scenario() -> None:
         run = Doubler()
-        batcher = make(run, pool, max_batch_time=0.2)
+        batcher = make(run, max_batch_time=0.2)
         batcher.start()
         expired = asyncio.ensure_future(batcher.submit(rows(1), 1, deadline=time.monotonic() + 0.05))
         cancelled = asyncio.ensure_future(batcher.submit(rows(2), 1, is_cancelled=lambda: True))
@@ -125,12 +117,12 @@ def test_expired_and_cancelled_requests_are_not_run(pool: concurrent.futures.Exe
     asyncio.run(scenario())
 
 
-def test_a_failed_batch_fails_every_request_in_it(pool: concurrent.futures.Executor) -> None:
+def test_a_failed_batch_fails_every_request_in_it() -> None:
     def broken(inputs: Tensors) -> Tensors:
         raise RuntimeError("boom (internal detail)")
 
     async def scenario() -> None:
-        batcher = make(broken, pool, max_queue_size=8)
+        batcher = make(broken, max_queue_size=8)
         batcher.start()
         results = await asyncio.gather(
             batcher.submit(rows(1), 1), batcher.submit(rows(2), 1), return_exceptions=True
@@ -142,9 +134,7 @@ def test_a_failed_batch_fails_every_request_in_it(pool: concurrent.futures.Execu
     asyncio.run(scenario())
 
 
-def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close(
-    pool: concurrent.futures.Executor,
-) -> None:
+def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close() -> None:
     hook_calls: list[int] = []
 
     def broken_hook(timing: BatchTiming) -> None:
@@ -154,7 +144,6 @@ def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close(
     async def scenario() -> None:
         batcher = make(
             Doubler(),
-            pool,
             max_batch_size=2,
             max_batch_time=0.01,
             max_queue_size=8,
@@ -172,18 +161,28 @@ def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close(
     asyncio.run(scenario())
 
 
-def test_close_returns_and_answers_the_queue_when_the_batching_task_is_gone(
-    pool: concurrent.futures.Executor,
+def test_without_batching_threads_requests_fail_fast_and_close_answers_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), pool)
+        batcher = make(Doubler(), thread_name="doomed")
+
+        def broken() -> None:
+            # A bug in forming batches, striking once a request waits: that request stays queued.
+            while not batcher.queue_depth:
+                time.sleep(0.001)
+            raise RuntimeError("a bug in forming batches")
+
+        monkeypatch.setattr(batcher, "_next_batch", broken)
         batcher.start()
-        assert batcher._task is not None
-        batcher._task.cancel()  # the task ending early, as a bug in it would
-        await asyncio.sleep(0.01)
         waiting = asyncio.ensure_future(batcher.submit(rows(1), 1))
-        await asyncio.sleep(0.01)
+        for _ in range(500):
+            if not any(t.name.startswith("doomed") for t in threading.enumerate()):
+                break
+            await asyncio.sleep(0.01)
         assert batcher.queue_depth == 1
+        with pytest.raises(InferenceFailed, match="threads stopped"):
+            await batcher.submit(rows(2), 1)
         await asyncio.wait_for(batcher.close(), timeout=5)
         with pytest.raises(ServerShuttingDown):
             await asyncio.wait_for(waiting, timeout=5)
@@ -191,11 +190,38 @@ def test_close_returns_and_answers_the_queue_when_the_batching_task_is_gone(
     asyncio.run(scenario())
 
 
-def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurrent.futures.Executor) -> None:
+def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
+    # Batches are formed and started on the batching thread: a loop busy with other work
+    # (receiving requests, sending answers) does not leave the model idle between batches.
+    started: list[float] = []
+
+    def run(inputs: Tensors) -> Tensors:
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return {"y": inputs["x"] * 2}
+
+    async def scenario() -> tuple[float, float, list[list[float]]]:
+        batcher = make(run, max_batch_size=1, max_batch_time=0.0)
+        batcher.start()
+        requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(3)]
+        await asyncio.sleep(0.01)  # all three queued, the first running
+        blocked_from = time.monotonic()
+        time.sleep(0.4)  # the loop is busy
+        blocked_until = time.monotonic()
+        results = await asyncio.gather(*requests)
+        await batcher.close()
+        return blocked_from, blocked_until, [r.outputs["y"].tolist() for r in results]
+
+    blocked_from, blocked_until, got = asyncio.run(scenario())
+    assert got == [[0.0], [2.0], [4.0]]
+    assert len(started) == 3
+    assert all(blocked_from < t < blocked_until for t in started[1:]), (blocked_from, started, blocked_until)
+
+
+def test_preferred_batch_size_runs_without_waiting_out_the_delay() -> None:
     async def scenario() -> float:
         batcher = make(
             Doubler(),
-            pool,
             max_batch_size=8,
             max_batch_time=5.0,
             max_queue_size=8,
@@ -211,11 +237,10 @@ def test_preferred_batch_size_runs_without_waiting_out_the_delay(pool: concurren
     assert asyncio.run(scenario()) < 1.0
 
 
-def test_a_lone_request_runs_at_once_when_nobody_is_coming(pool: concurrent.futures.Executor) -> None:
+def test_a_lone_request_runs_at_once_when_nobody_is_coming() -> None:
     async def scenario() -> float:
         batcher = make(
             Doubler(),
-            pool,
             max_batch_size=8,
             max_batch_time=5.0,
             max_queue_size=8,
@@ -231,13 +256,12 @@ def test_a_lone_request_runs_at_once_when_nobody_is_coming(pool: concurrent.futu
     assert asyncio.run(scenario()) < 1.0
 
 
-def test_the_batch_waits_for_a_request_that_is_on_its_way(pool: concurrent.futures.Executor) -> None:
+def test_the_batch_waits_for_a_request_that_is_on_its_way() -> None:
     async def scenario() -> list[int]:
         run = Doubler()
         preparing = [1]  # one request is being preprocessed when the first one arrives
         batcher = make(
             run,
-            pool,
             max_batch_size=8,
             max_batch_time=5.0,
             max_queue_size=8,
@@ -287,10 +311,9 @@ def test_every_request_gets_exactly_its_own_rows(
     run = Doubler()
     batch_function = padded_to_buckets(run, batch_buckets(max_batch_size)) if pad else run
 
-    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
+    async def scenario() -> list[list[float]]:
         batcher = make(
             batch_function,
-            executor,
             instances=instances,
             max_batch_size=max_batch_size,
             max_batch_time=0.002,
@@ -303,8 +326,7 @@ def test_every_request_gets_exactly_its_own_rows(
         await batcher.close()
         return [r.outputs["y"].tolist() for r in results]
 
-    with concurrent.futures.ThreadPoolExecutor(instances) as executor:
-        got = asyncio.run(scenario(executor))
+    got = asyncio.run(scenario())
     starts = np.cumsum([0, *sizes])
     assert got == [[2.0 * i for i in range(a, b)] for a, b in itertools.pairwise(starts)]
     assert all(size <= max_batch_size for size in run.batches)
@@ -333,18 +355,14 @@ class Overlap:
 def test_at_most_instances_batches_run_at_once(instances: int) -> None:
     run = Overlap(0.05)
 
-    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
-        batcher = make(
-            run, executor, instances=instances, max_batch_size=1, max_batch_time=0.0, max_queue_size=16
-        )
+    async def scenario() -> list[list[float]]:
+        batcher = make(run, instances=instances, max_batch_size=1, max_batch_time=0.0, max_queue_size=16)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(6)))
         await asyncio.wait_for(batcher.close(), timeout=5)
         return [r.outputs["y"].tolist() for r in results]
 
-    # More threads than instances: the batcher, not the executor, must be what limits.
-    with concurrent.futures.ThreadPoolExecutor(6) as executor:
-        got = asyncio.run(scenario(executor))
+    got = asyncio.run(scenario())
     assert got == [[2.0 * i] for i in range(6)]
     assert run.most == instances
 
@@ -358,8 +376,8 @@ def test_with_two_instances_a_slow_batch_does_not_hold_up_the_next() -> None:
         barrier.wait()
         return {"y": inputs["x"] * 2}
 
-    async def scenario(executor: concurrent.futures.Executor) -> list[list[float]]:
-        batcher = make(run, executor, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
+    async def scenario() -> list[list[float]]:
+        batcher = make(run, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
         batcher.start()
         results = await asyncio.wait_for(
             asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1)), timeout=10
@@ -367,15 +385,14 @@ def test_with_two_instances_a_slow_batch_does_not_hold_up_the_next() -> None:
         await batcher.close()
         return [r.outputs["y"].tolist() for r in results]
 
-    with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        assert asyncio.run(scenario(executor)) == [[2.0], [4.0]]
+    assert asyncio.run(scenario()) == [[2.0], [4.0]]
 
 
 def test_close_waits_for_every_running_batch() -> None:
     run = Overlap(0.2)
 
-    async def scenario(executor: concurrent.futures.Executor) -> None:
-        batcher = make(run, executor, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
+    async def scenario() -> None:
+        batcher = make(run, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
         batcher.start()
         requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(2)]
         await asyncio.sleep(0.05)  # both running now
@@ -383,26 +400,25 @@ def test_close_waits_for_every_running_batch() -> None:
         assert all(r.done() for r in requests)
         assert [r.result().outputs["y"].tolist() for r in requests] == [[0.0], [2.0]]
 
-    with concurrent.futures.ThreadPoolExecutor(2) as executor:
-        asyncio.run(scenario(executor))
+    asyncio.run(scenario())
     assert run.most == 2
 
 
-def test_instances_must_be_positive(pool: concurrent.futures.Executor) -> None:
+def test_instances_must_be_positive() -> None:
     with pytest.raises(ValueError, match="instances"):
-        make(Doubler(), pool, instances=0)
+        make(Doubler(), instances=0)
 
 
 def test_every_request_is_answered_even_when_answering_its_batch_breaks(
-    pool: concurrent.futures.Executor, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), pool, instances=2, max_batch_size=1, max_batch_time=0.0)
+        batcher = make(Doubler(), instances=2, max_batch_size=1, max_batch_time=0.0)
 
-        async def broken(batch: object) -> None:
+        def broken(*args: object) -> None:
             raise RuntimeError("a bug past the inference")
 
-        monkeypatch.setattr(batcher, "_run_and_answer", broken)
+        monkeypatch.setattr(batcher, "_answer", broken)
         batcher.start()
         results = await asyncio.wait_for(
             asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(3)), return_exceptions=True), timeout=5
