@@ -29,6 +29,15 @@ def empty_rpc_p50_ms(target: str, seconds: float) -> float:
     return statistics.median(latencies) * 1e3
 
 
+def instance_count(target: str, model: str) -> int:
+    """How many batches of ``model`` the server runs at once (KServe ModelConfig instance_group)."""
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(
+            pb.ModelConfigRequest(name=model), timeout=10
+        )
+    return sum(group.count for group in reply.config.instance_group) or 1
+
+
 def stage_totals(target: str, model: str) -> dict[str, tuple[int, int]]:
     """Per stage: (count, total ns) so far, summed over the model's served versions."""
     with grpc.insecure_channel(target) as channel:

@@ -27,6 +27,12 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
     sat = m["saturation"]
     lat = m["latency_c1"]
     rounds = len(sat["rounds"])
+    if "threads" in m:
+        lines += [
+            f"{m['threads']['instances']} instance(s) x {m['threads']['intra_op']} onnxruntime thread(s) "
+            "per run, on both sides.",
+            "",
+        ]
     lines += [
         f"Medians of {rounds} alternating raw/served rounds (both sides under the same machine load).",
         "",
@@ -128,12 +134,16 @@ def write_tables(results: dict[str, Any], path: Path) -> str:
     """Writes the markdown tables to ``path`` and returns them."""
     server = results["server"]
     threads = results["threads"]
+    if threads.get("instances", 1):
+        runs = (
+            f"{threads['instances']} instance(s) = raw runs side by side, "
+            f"onnxruntime intra-op threads {threads['intra_op']} per run"
+        )
+    else:
+        runs = "instances and threads per model as the server measured them at load (below), raw the same"
     lines = [
         f"`{results['command']}` on {results['machine']['cpus']} CPUs ({results['machine']['host']}), "
-        f"{results['seconds_per_point']:g} s per point, "
-        f"{threads.get('instances', 1)} instance(s) = raw runs side by side, "
-        f"onnxruntime intra-op threads {threads['intra_op']} per run, "
-        f"inter-op {threads['inter_op']}, "
+        f"{results['seconds_per_point']:g} s per point, {runs}, inter-op {threads['inter_op']}, "
         f"spinning {'during runs' if threads.get('spinning') else 'off'} (both sides).",
         "",
         "| server | figure |",

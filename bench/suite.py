@@ -23,7 +23,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.breakdown import empty_rpc_p50_ms, mean_stage_ms, stage_totals
+from bench.breakdown import empty_rpc_p50_ms, instance_count, mean_stage_ms, stage_totals
 from bench.inputs import tensor_batch
 from bench.loadgen import Load, run_load
 from bench.preprocess_bench import measure_preprocessing
@@ -47,12 +47,14 @@ class Suite:
         self.args = args
         # The server's own rule for threads=0, made explicit for both sides.
         self.cores = cpu_cores()
-        self.instances: int = args.instances
-        self.threads: int = plan_threads(CPU, args.instances, args.threads).intra_op
+        # Instances and threads of the model being measured: set, or (0) what the server measured
+        # for it at load (its KServe ModelConfig), so that raw runs the same.
+        self.instances = args.instances or 1
+        self.threads = plan_threads(CPU, self.instances, args.threads).intra_op
         # The same onnxruntime settings on both sides of every ratio.
         self.server_flags = [
-            f"--instances={self.instances}",
-            f"--intra-op-threads={self.threads}",
+            f"--instances={args.instances}",
+            f"--intra-op-threads={args.threads}",
             "--inter-op-threads=1",
             "--intra-op-spinning" if args.spinning else "--no-intra-op-spinning",
             "--log-level=WARNING",
@@ -61,8 +63,8 @@ class Suite:
             "benchmark": "suite",
             "command": args.command_line,
             "threads": {
-                "instances": self.instances,
-                "intra_op": self.threads,
+                "instances": args.instances,  # 0: each model's, measured by the server at load
+                "intra_op": args.threads,  # 0: cores - instances + 1
                 "inter_op": 1,
                 "spinning": args.spinning,
             },
@@ -150,10 +152,14 @@ class Suite:
         print(f"\n== {name} v{spec.version} ({spec.task}, max batch {spec.max_batch_size})", flush=True)
         batch_sizes = sorted({b for b in self.args.batch_sizes if b <= spec.max_batch_size})
         spinning = self.args.spinning
+        self.instances = self.args.instances or instance_count(server.target, name)
+        self.threads = plan_threads(CPU, self.instances, self.args.threads).intra_op
+        print(f"  {self.instances} instance(s) x {self.threads} thread(s), raw runs the same", flush=True)
         session = make_session(version_dir / spec.variant("fp32").file, "cpu", self.threads, 1, spinning)
         out: dict[str, Any] = {
             "version": spec.version,
             "task": spec.task,
+            "threads": {"instances": self.instances, "intra_op": self.threads},
             "tokens_per_text": next(iter(tokens.values())).shape[1],
         }
 
@@ -214,10 +220,9 @@ class Suite:
             for kind in kinds
         }
         # Items per request (the client batches) against raw at the same batch size.
+        in_flight = self.args.batch_concurrency or 2 * self.instances
         out["items_per_request"] = [
-            self.load(
-                server, spec, self.point("tensor", self.args.batch_concurrency, b, version_dir=version_dir)
-            )
+            self.load(server, spec, self.point("tensor", in_flight, b, version_dir=version_dir))
             for b in batch_sizes
         ]
         # Our fineserve.v1 API at concurrency 32, for comparison with KServe.
@@ -373,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="requests in flight per batch size; 0 = two per instance (one runs, one waits)",
     )
-    parser.add_argument("--instances", type=int, default=1, help="server instances = raw runs side by side")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="server instances = raw runs side by side; 0 = each model's, as the server measures at load",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = cores - instances + 1"
     )
@@ -386,9 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     args.models = [m for m in args.models.split(",") if m]
     if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 10:
         parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")
-    if args.instances < 1 or args.threads < 0 or args.batch_concurrency < 0:
-        parser.error("--instances must be >= 1, --threads and --batch-concurrency >= 0")
-    args.batch_concurrency = args.batch_concurrency or 2 * args.instances
+    if args.instances < 0 or args.threads < 0 or args.batch_concurrency < 0:
+        parser.error("--instances, --threads and --batch-concurrency must be >= 0")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a folder")
     missing = [m for m in args.models if not list_versions(args.model_repository / m)]

@@ -48,8 +48,8 @@ class ModelBatching(BaseModel):
     """Batch sizes that run at once for this model."""
     max_queue_size: int | None = Field(default=None, ge=1)
     """Requests waiting for this model before RESOURCE_EXHAUSTED."""
-    instances: int | None = Field(default=None, ge=1)
-    """Batches of this model that run at once."""
+    instances: int | None = Field(default=None, ge=0)
+    """Batches of this model that run at once (0: measured at load, as the server-wide 0)."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,14 @@ class Settings(BaseSettings):
     fp32, with a warning."""
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
-    instances: int = Field(default=1, ge=1)
+    instances: int = Field(default=0, ge=0)
     """Batches of one model version that run at once, each on its own thread. The instances share
-    the version's one onnxruntime session (one copy of the weights) and its thread pool (on CUDA,
-    where runs of one session may share a device stream, more than 1 is not measured). On the 2-core
-    benchmark machine one instance was as fast or faster at every measured point
-    (docs/performance.md); more are for machines with more cores than one run puts to use."""
+    the version's one onnxruntime session (one copy of the weights) and its thread pool. 0 = auto:
+    on CPU each version measures, at load, one instance over every core against two side by side
+    and keeps two only where they answer a lone request as fast and serve more under load (on the
+    2-core benchmark machine: two for the EfficientNet image models, one for the MiniLM text
+    model; docs/performance.md); on CUDA 1 (more, where runs may share a device stream, is not
+    measured)."""
     intra_op_threads: int = Field(default=0, ge=0)
     """onnxruntime intra-op threads of each version's session (its caller's thread included),
     shared by the version's instances. 0 = auto: on CPU ``cores - instances + 1``, so that all
@@ -269,7 +271,7 @@ class Settings(BaseSettings):
             ),
             preferred_batch_sizes=tuple(self.preferred_batch_sizes if preferred is None else preferred),
             max_queue_size=override.max_queue_size or self.max_queue_size,
-            instances=override.instances or self.instances,
+            instances=self.instances if override.instances is None else override.instances,
         )
 
     @classmethod

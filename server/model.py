@@ -30,10 +30,24 @@ from server.config import Settings
 from server.datatypes import NUMPY_DTYPES
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
 from server.runtime import CUDA, ModelSession, choose_variant, plan_threads
+from server.tuning import Choice, tune_instances
 
 log = logging.getLogger(__name__)
 
 WARMUP_SEQUENCE_LENGTH = 8
+# Tokens per text when measuring instances (server/tuning.py): about a review sentence, so the
+# model's cost per row is near what it serves.
+TUNING_SEQUENCE_LENGTH = 32
+
+
+def synthetic_inputs(spec: ModelSpec, rows: int, tokens: int) -> dict[str, np.ndarray]:
+    """Inputs of ``rows`` rows in the model's shapes (ones), ``tokens`` long on a text axis."""
+    inputs = {}
+    for tensor in spec.inputs:
+        shape = [rows] + [d if d > 0 else tokens for d in tensor.shape[1:]]
+        dtype = NUMPY_DTYPES.get(tensor.datatype, np.dtype(np.float32))
+        inputs[tensor.name] = np.ones(shape, dtype=dtype)
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -156,7 +170,7 @@ class ServedVersion:
         variant = choose_variant(spec, provider, settings)
         self.variant = variant.precision
         batching = settings.batching_for(spec.name)
-        self.threads = plan_threads(provider, batching.instances, settings.intra_op_threads)
+        self.threads = plan_threads(provider, batching.instances or 1, settings.intra_op_threads)
         self.session = ModelSession(path / variant.file, provider, settings, self.threads.intra_op)
         self.provider = self.session.provider
         graph_inputs = {meta.name for meta in self.session.inputs}
@@ -165,6 +179,16 @@ class ServedVersion:
             raise ValueError(
                 f"model.json declares inputs {sorted(declared)} but {variant.file} has {sorted(graph_inputs)}"
             )
+        self.tuning: Choice | None = None
+        if batching.instances == 0:
+            self.threads, self.session, self.tuning = tune_instances(
+                self.session,
+                settings,
+                sample=lambda rows: synthetic_inputs(spec, rows, TUNING_SEQUENCE_LENGTH),
+                max_rows=min(spec.max_batch_size, batching.max_batch_size),
+            )
+        if self.tuning is not None:
+            log.info("model %s version %d runs %s", spec.name, spec.version, self.tuning.describe())
         limits = Limits(
             settings.max_image_pixels,
             settings.max_request_bytes,
@@ -224,12 +248,7 @@ class ServedVersion:
         pays for a first run."""
         started = time.perf_counter()
         for rows in self.warmup_batch_sizes:
-            inputs = {}
-            for tensor in self.spec.inputs:
-                shape = [rows] + [d if d > 0 else WARMUP_SEQUENCE_LENGTH for d in tensor.shape[1:]]
-                dtype = NUMPY_DTYPES.get(tensor.datatype, np.dtype(np.float32))
-                inputs[tensor.name] = np.ones(shape, dtype=dtype)
-            self.session.run(inputs)
+            self.session.run(synthetic_inputs(self.spec, rows, WARMUP_SEQUENCE_LENGTH))
         log.info(
             "model %s version %d warmed up (batch sizes %s) in %.1f ms on %s (%s)",
             self.spec.name,

@@ -183,3 +183,38 @@ def copy_version(src: Path, dst_version: int) -> Path:
     meta["version"] = dst_version
     (dst / "model.json").write_text(json.dumps(meta))
     return dst
+
+
+def publish_graph_that_fails_above_batch_1(repository: Path) -> None:
+    """A graph that reshapes to a fixed batch of 1: it loads and warms up, then fails on batch 2."""
+    weight = np.ones((192, 3), np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["pixel_values", "shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
+        ],
+        "fails_above_1",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 192], np.int64), "shape"),
+            numpy_helper.from_array(weight, "weight"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    version_dir = repository / "brittle" / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(model, version_dir / "model.onnx")
+    spec = ModelSpec(
+        name="brittle",
+        version=1,
+        task="image-classification",
+        labels=("a", "b", "c"),
+        inputs=(TensorSpec("pixel_values", "FP32", (-1, 3, 8, 8)),),
+        outputs=(TensorSpec("logits", "FP32", (-1, 3)),),
+        variants={"fp32": Variant("model.onnx", "fp32")},
+        max_batch_size=8,
+        image=ImagePreprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    )
+    write_model_spec(version_dir, spec)

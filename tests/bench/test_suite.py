@@ -28,7 +28,12 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
     for name in ("tiny-image", "tiny-text"):
         model = results["models"][name]
         assert [r["batch"] for r in model["raw"]] == [1, 2]
+        # Instances as the server measured them at load; raw runs as many side by side.
+        instances = model["threads"]["instances"]
+        assert instances in (1, 2)
+        assert [r["callers"] for r in model["raw"]] == [instances, instances]
         assert [r["items_per_request"] for r in model["items_per_request"]] == [1, 2]
+        assert {r["concurrency"] for r in model["items_per_request"]} == {2 * instances}
         for kind in ("tensor", "bytes"):
             rows = model["concurrency"][kind]
             assert [r["concurrency"] for r in rows] == [1, 4]
@@ -45,6 +50,7 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
             assert (out / f"suite-{name}-{plot}.png").read_bytes().startswith(b"\x89PNG")
     tables = (out / "suite.md").read_text()
     assert "process start to health SERVING" in tables
+    assert "as the server measured them at load" in tables
     assert tables.count("| served at saturation >=") == 2
     assert "fineserve-bench suite --model-repository" in tables  # the command that made them
 

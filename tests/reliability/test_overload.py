@@ -65,7 +65,8 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
     publish_slow_image_model(repository)
     batching = {"slow-image": {"max_batch_size": 1, "max_queue_size": QUEUE, "max_queue_delay_ms": 0}}
     env = {"FINESERVE_BATCHING": json.dumps(batching)}
-    flags = ("--intra-op-threads=1", "--shutdown-grace-s=2")
+    # One instance: while the long request runs, everything else waits in the queue.
+    flags = ("--instances=1", "--intra-op-threads=1", "--shutdown-grace-s=2")
     with running_server(repository, *flags, env=env) as server, grpc.insecure_channel(server.url) as channel:
         wait_serving(channel)
         slow = Slow(

@@ -91,6 +91,13 @@ def test_instances_can_be_set_per_model(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings(instances=3)
     assert settings.batching_for("sentiment").instances == 1
     assert settings.batching_for("fashion").instances == 3
-    assert load_settings().batching_for("fashion").instances == 1
+    assert load_settings().batching_for("fashion").instances == 0  # measured at load
+    # 0 per model asks for the measurement even where the server-wide setting is fixed.
+    assert (
+        load_settings(instances=2, batching={"sentiment": {"instances": 0}})
+        .batching_for("sentiment")
+        .instances
+        == 0
+    )
     with pytest.raises(SettingsError, match=r"batching\.sentiment\.instances"):
-        load_settings(batching={"sentiment": {"instances": 0}})
+        load_settings(batching={"sentiment": {"instances": -1}})

@@ -7,16 +7,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from export.contract import ImagePreprocessing, ModelSpec, TensorSpec, Variant, write_model_spec
 from server import errors
 from server.grpc_status import to_status
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from tests.fixtures import OPSET
+from tests.fixtures import publish_graph_that_fails_above_batch_1
 from tests.server.running import RunningServer
 
 
@@ -47,41 +44,6 @@ def test_anything_else_is_internal_with_a_generic_message_and_a_logged_traceback
     assert code == grpc.StatusCode.INTERNAL
     assert message == errors.INTERNAL_MESSAGE and "secret" not in message
     assert "secret internal detail" in caplog.text and "Traceback" in caplog.text
-
-
-def publish_graph_that_fails_above_batch_1(repository: Path) -> None:
-    """A graph that reshapes to a fixed batch of 1: it loads and warms up, then fails on batch 2."""
-    weight = np.ones((192, 3), np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["pixel_values", "shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
-        ],
-        "fails_above_1",
-        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
-        initializer=[
-            numpy_helper.from_array(np.array([1, 192], np.int64), "shape"),
-            numpy_helper.from_array(weight, "weight"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 9
-    version_dir = repository / "brittle" / "1"
-    version_dir.mkdir(parents=True)
-    onnx.save(model, version_dir / "model.onnx")
-    spec = ModelSpec(
-        name="brittle",
-        version=1,
-        task="image-classification",
-        labels=("a", "b", "c"),
-        inputs=(TensorSpec("pixel_values", "FP32", (-1, 3, 8, 8)),),
-        outputs=(TensorSpec("logits", "FP32", (-1, 3)),),
-        variants={"fp32": Variant("model.onnx", "fp32")},
-        max_batch_size=8,
-        image=ImagePreprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    )
-    write_model_spec(version_dir, spec)
 
 
 def test_a_failing_batch_is_internal_without_details_and_the_server_keeps_serving(

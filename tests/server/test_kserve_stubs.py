@@ -204,5 +204,6 @@ def test_model_config_shows_each_models_own_batching(tuned_server: ServerProcess
     assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([2, 4], 7000)
     batching = text.dynamic_batching
     assert (list(batching.preferred_batch_size), batching.max_queue_delay_microseconds) == ([], 2000)
-    # Instances: set for tiny-image, the default for tiny-text.
-    assert (image.instance_group[0].count, text.instance_group[0].count) == (3, 1)
+    # Instances: set for tiny-image; tiny-text's, the server-wide default, measured at load.
+    assert image.instance_group[0].count == 3
+    assert text.instance_group[0].count in (1, 2)

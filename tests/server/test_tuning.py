@@ -1,0 +1,98 @@
+"""Instances measured at load (``instances=0``): the choice rule on runs of known cost, then a
+real session of a tiny graph."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.contract import read_model_spec
+from server.config import load_settings
+from server.model import synthetic_inputs
+from server.runtime import CPU, ModelSession, Threads, cpu_cores
+from server.tuning import Choice, Run, choose, tune_instances
+from tests.fixtures import publish_graph_that_fails_above_batch_1
+
+ONE = Threads(instances=1, intra_op=2)
+TWO = Threads(instances=2, intra_op=1)
+
+
+def rows(count: int) -> dict[str, np.ndarray]:
+    return {"x": np.zeros((count, 4), dtype=np.float32)}
+
+
+def timed(lone_s: float, loaded_s: float, *, one_at_a_time: bool = False) -> Run:
+    """A run that takes ``lone_s`` for one row and ``loaded_s`` for more; with ``one_at_a_time``
+    runs side by side queue for each other (nothing gained from a second instance)."""
+    lock = threading.Lock()
+
+    def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seconds = lone_s if len(inputs["x"]) == 1 else loaded_s
+        if one_at_a_time:
+            with lock:
+                time.sleep(seconds)
+        else:
+            time.sleep(seconds)
+        return inputs
+
+    return run
+
+
+def test_two_instances_win_when_faster_alone_and_under_load() -> None:
+    # Like fashion: one core runs a lone row faster than two, and two runs side by side beat one.
+    choice = choose((ONE, timed(0.006, 0.006)), (TWO, timed(0.002, 0.006)), rows(1), rows(8))
+    assert choice.chosen.threads == TWO
+    assert choice.chosen.lone_ms < choice.rejected.lone_ms
+    assert choice.chosen.rows_per_s is not None and choice.rejected.rows_per_s is not None
+    assert choice.chosen.rows_per_s > 1.5 * choice.rejected.rows_per_s
+    assert "2 instance(s) x 1 thread(s)" in choice.describe().split(" over ")[0]
+
+
+def test_one_instance_stays_when_two_are_slower_for_a_lone_row() -> None:
+    # Like sentiment: a lone text is slower on one core; throughput is not even measured.
+    choice = choose((ONE, timed(0.002, 0.006)), (TWO, timed(0.006, 0.006)), rows(1), rows(8))
+    assert choice.chosen.threads == ONE
+    assert choice.chosen.rows_per_s is None and choice.rejected.rows_per_s is None
+
+
+def test_one_instance_stays_when_two_serve_less_under_load() -> None:
+    choice = choose(
+        (ONE, timed(0.004, 0.004)), (TWO, timed(0.002, 0.016, one_at_a_time=True)), rows(1), rows(8)
+    )
+    assert choice.chosen.threads == ONE
+    assert choice.chosen.rows_per_s is not None and choice.rejected.rows_per_s is not None
+    assert choice.chosen.rows_per_s > choice.rejected.rows_per_s
+
+
+def open_one(version: Path) -> tuple[ModelSession, Callable[[int], dict[str, np.ndarray]]]:
+    spec = read_model_spec(version)
+    session = ModelSession(version / spec.variant("fp32").file, CPU, load_settings(), cpu_cores())
+    return session, lambda count: synthetic_inputs(spec, count, 8)
+
+
+def test_a_real_session_is_measured(tiny_repository: Path) -> None:
+    session, sample = open_one(tiny_repository / "tiny-image" / "1")
+    started = time.perf_counter()
+    threads, chosen, choice = tune_instances(session, load_settings(), sample=sample, max_rows=4)
+    assert time.perf_counter() - started < 5
+    assert next(iter(chosen.run(sample(3)).values())).shape[0] == 3
+    if cpu_cores() < 2:
+        assert (threads.instances, chosen, choice) == (1, session, None)
+        return
+    assert isinstance(choice, Choice)
+    assert choice.chosen.threads == threads
+    assert {choice.chosen.threads.instances, choice.rejected.threads.instances} == {1, 2}
+    assert (chosen is session) == (threads.instances == 1)
+    assert choice.chosen.lone_ms > 0
+
+
+def test_a_graph_that_fails_a_batch_size_runs_one_instance(tmp_path: Path) -> None:
+    # It reshapes every input to one row: batch 1 runs, the measurement's larger batch does not.
+    publish_graph_that_fails_above_batch_1(tmp_path)
+    session, sample = open_one(tmp_path / "brittle" / "1")
+    threads, chosen, choice = tune_instances(session, load_settings(), sample=sample, max_rows=4)
+    assert (threads.instances, chosen, choice) == (1, session, None)
