@@ -30,7 +30,7 @@ from server.config import Settings
 from server.datatypes import NUMPY_DTYPES
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
 from server.runtime import CUDA, ModelSession, choose_variant, plan_threads
-from server.tuning import Choice, tune_instances
+from server.tuning import Choice, return_freed_memory, tune_instances
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ class ServedVersion:
                 max_rows=min(spec.max_batch_size, batching.max_batch_size),
             )
         if self.tuning is not None:
+            return_freed_memory()  # the losing session is gone now
             log.info("model %s version %d runs %s", spec.name, spec.version, self.tuning.describe())
         limits = Limits(
             settings.max_image_pixels,

@@ -14,6 +14,7 @@ not pay for throughput.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import statistics
 import threading
@@ -126,6 +127,21 @@ def rows_per_s(run: Run, inputs: Tensors, rows: int, callers: int, budget_s: flo
     for thread in threads:
         thread.join()
     return sum(done) * rows / (time.perf_counter() - start)
+
+
+def return_freed_memory() -> None:
+    """Hands the heap that glibc kept from dropped objects back to the system (a no-op elsewhere).
+
+    A session dropped after measuring leaves its weights' memory in glibc's free lists, counted in
+    the process's resident memory (sentiment: ~80 MB) until malloc_trim returns it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def tune_instances(
