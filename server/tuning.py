@@ -15,6 +15,7 @@ not pay for throughput.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import statistics
 import threading
@@ -68,9 +69,13 @@ class Choice:
         return f"{self.chosen.describe()} over {self.rejected.describe()}, measured in {self.seconds:.2f} s"
 
 
-def choose(one: tuple[Threads, Run], two: tuple[Threads, Run], lone: Tensors, loaded: Tensors) -> Choice:
+def choose(
+    one: tuple[Threads, Run], two: tuple[Threads, Run], lone: Tensors, loaded: Callable[[], Tensors]
+) -> Choice:
     """Measures ``one`` (one instance) and ``two`` (two) and keeps two only if it is as fast for a
-    lone row and serves at least as many rows under load."""
+    lone row and serves at least as many rows under load (``loaded()``: a batch, made only then).
+
+    Raises whatever a run raises."""
     started = time.perf_counter()
     (one_threads, one_run), (two_threads, two_run) = one, two
     one_lone = two_lone = float("inf")
@@ -83,9 +88,12 @@ def choose(one: tuple[Threads, Run], two: tuple[Threads, Run], lone: Tensors, lo
             Trial(two_threads, two_lone, None),
             time.perf_counter() - started,
         )
-    rows = next(iter(loaded.values())).shape[0]
-    one_trial = Trial(one_threads, one_lone, rows_per_s(one_run, loaded, rows, callers=1))
-    two_trial = Trial(two_threads, two_lone, rows_per_s(two_run, loaded, rows, callers=2))
+    # Only now a larger batch: a session keeps the memory of the largest it ran, and a version
+    # that stays at one instance need not carry a measuring batch's worth of it.
+    batch = loaded()
+    rows = next(iter(batch.values())).shape[0]
+    one_trial = Trial(one_threads, one_lone, rows_per_s(one_run, batch, rows, callers=1))
+    two_trial = Trial(two_threads, two_lone, rows_per_s(two_run, batch, rows, callers=2))
     assert one_trial.rows_per_s is not None and two_trial.rows_per_s is not None
     seconds = time.perf_counter() - started
     if two_trial.rows_per_s >= one_trial.rows_per_s:
@@ -162,11 +170,10 @@ def tune_instances(
         return one_threads, session, None
     two_threads = plan_threads(session.provider, 2, settings.intra_op_threads)
     try:
-        loaded = sample(min(LOAD_ROWS, max_rows))
-        session.run(loaded)  # first, so a graph that cannot run this batch is caught cheaply
         two = session
         if two_threads.intra_op != one_threads.intra_op:
             two = ModelSession(session.path, session.provider, settings, two_threads.intra_op)
+        loaded = functools.partial(sample, min(LOAD_ROWS, max_rows))
         choice = choose((one_threads, session.run), (two_threads, two.run), sample(1), loaded)
     except Exception as err:  # a graph that runs only some batch sizes still serves the others
         log.warning("%s: measuring instances failed (%s); running one", session.path, err)

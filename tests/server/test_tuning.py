@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from export.contract import read_model_spec
 from server.config import load_settings
@@ -44,7 +45,7 @@ def timed(lone_s: float, loaded_s: float, *, one_at_a_time: bool = False) -> Run
 
 def test_two_instances_win_when_faster_alone_and_under_load() -> None:
     # Like fashion: one core runs a lone row faster than two, and two runs side by side beat one.
-    choice = choose((ONE, timed(0.006, 0.006)), (TWO, timed(0.002, 0.006)), rows(1), rows(8))
+    choice = choose((ONE, timed(0.006, 0.006)), (TWO, timed(0.002, 0.006)), rows(1), lambda: rows(8))
     assert choice.chosen.threads == TWO
     assert choice.chosen.lone_ms < choice.rejected.lone_ms
     assert choice.chosen.rows_per_s is not None and choice.rejected.rows_per_s is not None
@@ -54,14 +55,14 @@ def test_two_instances_win_when_faster_alone_and_under_load() -> None:
 
 def test_one_instance_stays_when_two_are_slower_for_a_lone_row() -> None:
     # Like sentiment: a lone text is slower on one core; throughput is not even measured.
-    choice = choose((ONE, timed(0.002, 0.006)), (TWO, timed(0.006, 0.006)), rows(1), rows(8))
+    choice = choose((ONE, timed(0.002, 0.006)), (TWO, timed(0.006, 0.006)), rows(1), lambda: rows(8))
     assert choice.chosen.threads == ONE
     assert choice.chosen.rows_per_s is None and choice.rejected.rows_per_s is None
 
 
 def test_one_instance_stays_when_two_serve_less_under_load() -> None:
     choice = choose(
-        (ONE, timed(0.004, 0.004)), (TWO, timed(0.002, 0.016, one_at_a_time=True)), rows(1), rows(8)
+        (ONE, timed(0.004, 0.004)), (TWO, timed(0.002, 0.016, one_at_a_time=True)), rows(1), lambda: rows(8)
     )
     assert choice.chosen.threads == ONE
     assert choice.chosen.rows_per_s is not None and choice.rejected.rows_per_s is not None
@@ -90,9 +91,18 @@ def test_a_real_session_is_measured(tiny_repository: Path) -> None:
     assert choice.chosen.lone_ms > 0
 
 
-def test_a_graph_that_fails_a_batch_size_runs_one_instance(tmp_path: Path) -> None:
-    # It reshapes every input to one row: batch 1 runs, the measurement's larger batch does not.
+def test_a_run_that_fails_is_raised_and_the_version_runs_one_instance(tmp_path: Path) -> None:
+    def fails_above_one_row(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(inputs["x"]) > 1:
+            raise RuntimeError("this graph runs one row at a time")
+        return inputs
+
+    with pytest.raises(RuntimeError, match="one row"):
+        choose((ONE, timed(0.004, 0.004)), (TWO, fails_above_one_row), rows(1), lambda: rows(8))
+    # A real graph that runs one row only: either two instances lose on a lone row, or measuring
+    # them fails on the larger batch; one instance, the session as it was, either way.
     publish_graph_that_fails_above_batch_1(tmp_path)
     session, sample = open_one(tmp_path / "brittle" / "1")
     threads, chosen, choice = tune_instances(session, load_settings(), sample=sample, max_rows=4)
-    assert (threads.instances, chosen, choice) == (1, session, None)
+    assert (threads.instances, chosen) == (1, session)
+    assert choice is None or choice.chosen.threads.instances == 1
