@@ -93,6 +93,16 @@ class _Pending:
         return None
 
 
+@dataclass(frozen=True)
+class _Ran:
+    """A batch a batching thread is done with, for the loop to answer."""
+
+    started_ns: int
+    live: list[_Pending]  # run (or failed) together
+    dropped: list[tuple[_Pending, ServingError]]  # expired or cancelled before the run
+    outcome: _Outcome
+
+
 class Batcher:
     """Merges concurrent requests for one model version into batches, run on its own threads.
 
@@ -241,7 +251,7 @@ class Batcher:
             log.exception("model %s: a batching thread stopped", self.name)
             if batch is not None:  # its requests still get an answer
                 failed = InferenceFailed(f"model {self.name}: inference failed; see the server log")
-                self._post(0, batch, [], failed)
+                self._post(_Ran(0, batch, [], failed))
 
     def _next_batch(self) -> list[_Pending] | None:
         """Takes the next batch off the queue, waiting for its first request; None: stopping."""
@@ -301,18 +311,12 @@ class Batcher:
             except Exception:
                 log.exception("model %s: batch of %d requests failed", self.name, len(live))
                 outcome = InferenceFailed(f"model {self.name}: inference failed; see the server log")
-        self._post(started_ns, live, dropped, outcome)
+        self._post(_Ran(started_ns, live, dropped, outcome))
 
-    def _post(
-        self,
-        started_ns: int,
-        live: list[_Pending],
-        dropped: list[tuple[_Pending, ServingError]],
-        outcome: _Outcome,
-    ) -> None:
+    def _post(self, ran: _Ran) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._finish, started_ns, live, dropped, outcome)
+            self._loop.call_soon_threadsafe(self._finish, ran)
         except RuntimeError:  # the loop is closed: nobody is left to answer
             log.warning("model %s: the event loop closed before a batch was answered", self.name)
 
@@ -334,47 +338,36 @@ class Batcher:
 
     # --- back on the event loop -----------------------------------------------------------------
 
-    def _finish(
-        self,
-        started_ns: int,
-        live: list[_Pending],
-        dropped: list[tuple[_Pending, ServingError]],
-        outcome: _Outcome,
-    ) -> None:
+    def _finish(self, ran: _Ran) -> None:
         """Answers one batch's requests; whatever goes wrong, every one is answered."""
         try:
-            for pending, reason in dropped:
+            for pending, reason in ran.dropped:
                 if not pending.future.done():
                     pending.future.set_exception(reason)
-            self._answer(started_ns, live, outcome)
+            self._answer(ran)
         except Exception:
-            log.exception("model %s: answering a batch of %d requests failed", self.name, len(live))
-            _fail_all(live, InferenceFailed(f"model {self.name}: inference failed; see the server log"))
+            log.exception("model %s: answering a batch of %d requests failed", self.name, len(ran.live))
+            _fail_all(ran.live, InferenceFailed(f"model {self.name}: inference failed; see the server log"))
         finally:
             with self._lock:
                 self._unanswered -= 1
 
-    def _answer(
-        self,
-        started_ns: int,
-        live: list[_Pending],
-        outcome: _Outcome,
-    ) -> None:
-        if outcome is None:
+    def _answer(self, ran: _Ran) -> None:
+        if ran.outcome is None:
             return
-        if isinstance(outcome, ServingError):
-            _fail_all(live, outcome)
+        if isinstance(ran.outcome, ServingError):
+            _fail_all(ran.live, ran.outcome)
             return
-        outputs, timing = outcome
+        outputs, timing = ran.outcome
         if self._on_batch is not None:
             try:
                 self._on_batch(timing)
             except Exception:
                 # Statistics are not worth the answers: the batch ran, its callers get their rows.
                 log.exception("model %s: recording a batch failed", self.name)
-        for pending, result in zip(live, outputs, strict=True):
+        for pending, result in zip(ran.live, outputs, strict=True):
             if not pending.future.done():
-                pending.future.set_result(BatchedResult(result, started_ns - pending.enqueued_ns, timing))
+                pending.future.set_result(BatchedResult(result, ran.started_ns - pending.enqueued_ns, timing))
 
 
 def _fail_all(batch: list[_Pending], err: ServingError) -> None:
