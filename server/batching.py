@@ -7,7 +7,8 @@ preprocessed): a lone request runs at once instead of sitting out the delay, and
 batches still grow, because the queue fills while the previous batch runs.
 Each request gets its own future. What a full queue does: the request is rejected at once
 with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
-deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run.
+deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run
+(they are answered with the rest of their batch, once it has run).
 If running a batch fails, every request in it gets the error.
 
 Batches are formed and run on the batcher's own threads, one per instance, not on the event
@@ -142,7 +143,7 @@ class Batcher:
         # Guards the queue and the counts below; batching threads wait on it for requests.
         self._lock = threading.Condition()
         self._queue: collections.deque[_Pending] = collections.deque()
-        # Requests submitted and not yet in a batch (cancelled ones leave the count at once).
+        # Requests submitted and not yet in a formed batch (cancelled ones leave the count at once).
         self._waiting = 0
         # Batches formed and not yet answered on the loop: close() waits for them.
         self._unanswered = 0
@@ -238,25 +239,28 @@ class Batcher:
     # --- the batching threads -------------------------------------------------------------------
 
     def _work(self) -> None:
-        batch: list[_Pending] | None = None
-        try:
-            while True:
-                with self._forming:
-                    batch = self._next_batch()
-                if batch is None:
-                    return
-                self._run_batch(batch)
-                batch = None
-        except BaseException:
-            log.exception("model %s: a batching thread stopped", self.name)
-            if batch is not None:  # its requests still get an answer
-                failed = InferenceFailed(f"model {self.name}: inference failed; see the server log")
-                self._post(_Ran(0, batch, [], failed))
-
-    def _next_batch(self) -> list[_Pending] | None:
-        """Takes the next batch off the queue, waiting for its first request; None: stopping."""
-        with self._lock:
+        while True:
             batch: list[_Pending] = []
+            formed = False
+            try:
+                with self._forming:
+                    if not self._take_batch(batch):
+                        return  # stopping
+                formed = True
+                self._run_batch(batch)
+            except BaseException as err:
+                # A bug (or the interpreter stopping the thread): the requests it holds still get
+                # an answer, and a thread goes on with the next batch unless it must stop.
+                log.exception("model %s: batching failed; its requests get an error", self.name)
+                self._fail_taken(batch, formed)
+                if not isinstance(err, Exception):
+                    self._stop_thread()
+                    return
+
+    def _take_batch(self, batch: list[_Pending]) -> bool:
+        """Moves the next batch off the queue into ``batch``, waiting for its first request;
+        False: stopping, nothing taken."""
+        with self._lock:
             rows = 0
             give_up_at = 0.0
             while rows < self.max_batch_size and rows not in self.preferred_batch_sizes:
@@ -284,11 +288,33 @@ class Batcher:
                 batch.append(item)
                 rows += item.rows
             if not batch:
-                return None
+                return False
             for pending in batch:  # counted as waiting while their batch was being formed
                 self._release(pending)
             self._unanswered += 1
-            return batch
+            return True
+
+    def _fail_taken(self, batch: list[_Pending], formed: bool) -> None:
+        """Answers requests a thread took off the queue with ``InferenceFailed``."""
+        if not batch:
+            return
+        with self._lock:
+            for pending in batch:
+                self._release(pending)
+            if not formed:
+                self._unanswered += 1  # _finish counts it answered
+        failed = InferenceFailed(f"model {self.name}: inference failed; see the server log")
+        self._post(_Ran(0, batch, [], failed))
+
+    def _stop_thread(self) -> None:
+        """This thread ends early; if it is the last, nobody would take what is queued: fail it."""
+        current = threading.current_thread()
+        if any(t.is_alive() for t in self._threads if t is not current):
+            return
+        with self._lock:
+            left = list(self._queue)
+            self._queue.clear()
+        self._fail_taken(left, formed=False)
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         """Runs one batch on this thread and hands every request's answer to the loop."""

@@ -161,31 +161,61 @@ def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close() -> None:
     asyncio.run(scenario())
 
 
-def test_without_batching_threads_requests_fail_fast_and_close_answers_the_queue(
+def test_a_bug_while_forming_a_batch_fails_its_requests_and_batching_goes_on() -> None:
+    calls = []
+
+    def more_coming() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in more_coming")
+        return False
+
+    async def scenario() -> None:
+        batcher = make(Doubler(), max_batch_time=5.0, more_coming=more_coming)
+        batcher.start()
+        # Taken off the queue, then the bug: the request is answered, not lost.
+        with pytest.raises(InferenceFailed):
+            await asyncio.wait_for(batcher.submit(rows(1), 1), timeout=5)
+        assert batcher.queue_depth == 0
+        assert (await asyncio.wait_for(batcher.submit(rows(2), 1), timeout=5)).outputs["y"].tolist() == [4]
+        await asyncio.wait_for(batcher.close(), timeout=5)
+
+    asyncio.run(scenario())
+
+
+class Stop(BaseException):
+    """What stops a thread for good (as SystemExit would)."""
+
+
+def test_when_the_last_batching_thread_stops_every_request_is_answered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), thread_name="doomed")
+        gate = threading.Event()
+        batcher = make(Doubler(), max_batch_size=1, max_batch_time=0.0, thread_name="doomed")
 
-        def broken() -> None:
-            # A bug in forming batches, striking once a request waits: that request stays queued.
-            while not batcher.queue_depth:
-                time.sleep(0.001)
-            raise RuntimeError("a bug in forming batches")
+        def stopped(batch: object) -> None:
+            gate.wait(5)
+            raise Stop
 
-        monkeypatch.setattr(batcher, "_next_batch", broken)
+        monkeypatch.setattr(batcher, "_run_batch", stopped)
         batcher.start()
-        waiting = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        running = asyncio.ensure_future(batcher.submit(rows(1), 1))
+        queued = asyncio.ensure_future(batcher.submit(rows(2), 1))
+        await asyncio.sleep(0.05)
+        assert batcher.queue_depth == 1  # one taken, one waiting behind it
+        gate.set()
+        for request in (running, queued):
+            with pytest.raises(InferenceFailed):
+                await asyncio.wait_for(request, timeout=5)
         for _ in range(500):
             if not any(t.name.startswith("doomed") for t in threading.enumerate()):
                 break
             await asyncio.sleep(0.01)
-        assert batcher.queue_depth == 1
         with pytest.raises(InferenceFailed, match="threads stopped"):
-            await batcher.submit(rows(2), 1)
+            await batcher.submit(rows(3), 1)
+        assert batcher.queue_depth == 0
         await asyncio.wait_for(batcher.close(), timeout=5)
-        with pytest.raises(ServerShuttingDown):
-            await asyncio.wait_for(waiting, timeout=5)
 
     asyncio.run(scenario())
 
@@ -399,6 +429,8 @@ def test_close_waits_for_every_running_batch() -> None:
         await asyncio.wait_for(batcher.close(), timeout=5)
         assert all(r.done() for r in requests)
         assert [r.result().outputs["y"].tolist() for r in requests] == [[0.0], [2.0]]
+        with pytest.raises(ServerShuttingDown):
+            await batcher.submit(rows(9), 1)
 
     asyncio.run(scenario())
     assert run.most == 2
