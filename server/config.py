@@ -103,10 +103,10 @@ class Settings(BaseSettings):
     """Batches of one model version that run at once, each on its own thread. The instances share
     the version's one onnxruntime session (one copy of the weights) and its thread pool. 0 = auto:
     on CPU each version measures, at load, one instance over every core against two side by side
-    and keeps two only where they answer a lone request as fast and serve more under load (on the
-    2-core benchmark machine: two for the 64 px EfficientNet models, one for the 224 px one and
-    for MiniLM; docs/performance.md); on CUDA 1 (more, where runs may share a device stream, is
-    not measured)."""
+    and keeps two only where they answer a lone request as fast (within 5%) and serve 5% more
+    under load (on the 2-core benchmark machine: two for the 64 px EfficientNet models, one for
+    the 224 px one and for MiniLM; docs/performance.md); on CUDA 1 (more, where runs may share a
+    device stream, is not measured)."""
     intra_op_threads: int = Field(default=0, ge=0)
     """onnxruntime intra-op threads of each version's session (its caller's thread included),
     shared by the version's instances. 0 = auto: on CPU ``cores - instances + 1``, so that all

@@ -15,7 +15,7 @@ from export.contract import read_model_spec
 from server.config import load_settings
 from server.model import synthetic_inputs
 from server.runtime import CPU, ModelSession, Threads, cpu_cores
-from server.tuning import Choice, Run, choose, tune_instances
+from server.tuning import Choice, Run, choose, rows_per_s, tune_instances
 from tests.fixtures import publish_graph_that_fails_above_batch_1
 
 ONE = Threads(instances=1, intra_op=2)
@@ -67,6 +67,28 @@ def test_one_instance_stays_when_two_serve_less_under_load() -> None:
     assert choice.chosen.threads == ONE
     assert choice.chosen.rows_per_s is not None and choice.rejected.rows_per_s is not None
     assert choice.chosen.rows_per_s > choice.rejected.rows_per_s
+
+
+def test_the_same_session_for_both_is_decided_by_load_with_a_margin() -> None:
+    # A set intra_op_threads gives one and two instances the same session: lone rows tie, so load
+    # decides, and only a clear lead takes two.
+    scales = timed(0.003, 0.003)  # runs side by side overlap
+    queues = timed(0.003, 0.003, one_at_a_time=True)  # they wait for each other
+    assert choose((ONE, scales), (TWO, scales), rows(1), lambda: rows(8)).chosen.threads == TWO
+    assert choose((ONE, queues), (TWO, queues), rows(1), lambda: rows(8)).chosen.threads == ONE
+
+
+def test_a_run_failing_under_load_is_raised() -> None:
+    calls: list[int] = []
+
+    def fails_after_the_first_run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(1)
+        if len(calls) > 1:  # the unmeasured first run passes; the callers' runs fail
+            raise RuntimeError("a later run failed")
+        return inputs
+
+    with pytest.raises(RuntimeError, match="a later run failed"):
+        rows_per_s(fails_after_the_first_run, rows(8), 8, callers=2)
 
 
 def open_one(version: Path) -> tuple[ModelSession, Callable[[int], dict[str, np.ndarray]]]:
