@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import struct
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from bench.inputs import encoded_items, tensor_batch
 from bench.stats import latency_summary, write_json
 from export.contract import ModelSpec, read_model_spec
 from server.pb.fineserve.v1 import fineserve_pb2
-from server.pb.inference import grpc_service_pb2
+from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 LOOPBACK = ("127.", "localhost", "[::1]")
@@ -50,6 +54,9 @@ class Load:
     bytes_input: str | None = None
     # The model's version folder: text models then get real token ids from its tokenizer.
     version_dir: Path | None = None
+    # KServe only: the inputs lie in one system shared memory region the server reads in place
+    # (registered for the run), and the request carries only their place, not their bytes.
+    shared_memory: bool = False
 
 
 def kserve_request(spec: ModelSpec, load: Load) -> Any:
@@ -65,6 +72,50 @@ def kserve_request(spec: ModelSpec, load: Load) -> Any:
         request.inputs.add(name=bytes_input, datatype="BYTES", shape=[load.items])
         request.raw_input_contents.append(payload)
     return request
+
+
+class InputRegion:
+    """The request's inputs in a POSIX shared-memory object, registered with the server for one
+    run: the request then names the region instead of carrying the tensors (KServe's system
+    shared memory; the server must run with ``--system-shared-memory``)."""
+
+    def __init__(self, request: Any) -> None:
+        self.name = f"fineserve-bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        raws = list(request.raw_input_contents)
+        self._memory = shared_memory.SharedMemory(create=True, size=max(1, sum(len(r) for r in raws)))
+        self.request = grpc_service_pb2.ModelInferRequest()
+        self.request.CopyFrom(request)
+        del self.request.raw_input_contents[:]
+        buffer = self._memory.buf
+        assert buffer is not None  # open until close()
+        offset = 0
+        for tensor, raw in zip(self.request.inputs, raws, strict=True):
+            buffer[offset : offset + len(raw)] = raw
+            tensor.parameters["shared_memory_region"].string_param = self.name
+            tensor.parameters["shared_memory_byte_size"].int64_param = len(raw)
+            tensor.parameters["shared_memory_offset"].int64_param = offset
+            offset += len(raw)
+
+    async def register(self, channel: grpc.aio.Channel) -> None:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        size = self._memory.size
+        await stub.SystemSharedMemoryRegister(
+            grpc_service_pb2.SystemSharedMemoryRegisterRequest(
+                name=self.name, key=f"/{self._memory.name}", offset=0, byte_size=size
+            ),
+            timeout=30,
+        )
+
+    async def unregister(self, channel: grpc.aio.Channel) -> None:
+        stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.SystemSharedMemoryUnregister(
+                grpc_service_pb2.SystemSharedMemoryUnregisterRequest(name=self.name), timeout=30
+            )
+
+    def close(self) -> None:
+        self._memory.close()
+        self._memory.unlink()
 
 
 def _method(channel: grpc.aio.Channel, service: Any, name: str, *, stream: bool = False) -> Any:
@@ -138,45 +189,61 @@ class StreamFailed(Exception):
 
 async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
     """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails."""
+    region: InputRegion | None = None
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        message: Any
         if load.protocol in ("kserve", "kserve-stream"):
             method: Any = _method(channel, KSERVE, "ModelInfer")
             message = kserve_request(spec, load)
+            if load.shared_memory:
+                region = InputRegion(message)
+                message = region.request
         else:
             method, message = fineserve_call(channel, spec, load)
-        request = message.SerializeToString()
-        await method(request, timeout=30)  # one call first: fail fast on a wrong setup
-        latencies: list[float] = []
-        codes: Counter[str] = Counter()
-        counting_from = time.perf_counter() + load.warmup_s
-        end = counting_from + load.seconds
+        try:
+            if region is not None:
+                await region.register(channel)
+            return await _drive(channel, method, message.SerializeToString(), load)
+        finally:
+            if region is not None:
+                await region.unregister(channel)
+                region.close()
 
-        async def worker() -> None:
-            stream = StreamCaller(channel) if load.protocol == "kserve-stream" else None
-            call = stream or method
-            while (start := time.perf_counter()) < end:
-                try:
-                    await call(request, timeout=load.timeout)
-                    code = "OK"
-                except grpc.aio.AioRpcError as err:
-                    code = err.code().name
-                except StreamFailed as err:
-                    code = str(err.args[0])
-                if start >= counting_from:  # only requests sent inside the measured window
-                    codes[code] += 1
-                    if code == "OK":
-                        latencies.append(time.perf_counter() - start)
-                if code in ("DEADLINE_EXCEEDED", "STREAM_CLOSED") and stream is not None:
-                    break  # the stream's state is unknown: this worker stops
-            if stream is not None:
-                await stream.close()
 
-        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
-        # The last requests may finish after `end`: the window is until the last answer.
-        elapsed = time.perf_counter() - counting_from
+async def _drive(channel: grpc.aio.Channel, method: Any, request: bytes, load: Load) -> dict[str, Any]:
+    await method(request, timeout=30)  # one call first: fail fast on a wrong setup
+    latencies: list[float] = []
+    codes: Counter[str] = Counter()
+    counting_from = time.perf_counter() + load.warmup_s
+    end = counting_from + load.seconds
+
+    async def worker() -> None:
+        stream = StreamCaller(channel) if load.protocol == "kserve-stream" else None
+        call = stream or method
+        while (start := time.perf_counter()) < end:
+            try:
+                await call(request, timeout=load.timeout)
+                code = "OK"
+            except grpc.aio.AioRpcError as err:
+                code = err.code().name
+            except StreamFailed as err:
+                code = str(err.args[0])
+            if start >= counting_from:  # only requests sent inside the measured window
+                codes[code] += 1
+                if code == "OK":
+                    latencies.append(time.perf_counter() - start)
+            if code in ("DEADLINE_EXCEEDED", "STREAM_CLOSED") and stream is not None:
+                break  # the stream's state is unknown: this worker stops
+        if stream is not None:
+            await stream.close()
+
+    await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+    # The last requests may finish after `end`: the window is until the last answer.
+    elapsed = time.perf_counter() - counting_from
     return {
         "protocol": load.protocol,
         "kind": load.kind,
+        "shared_memory": load.shared_memory,
         "concurrency": load.concurrency,
         "items_per_request": load.items,
         "seconds": elapsed,
@@ -211,8 +278,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration (bounded)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline in seconds")
+    parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="KServe tensors: pass the inputs in a system shared memory region, not in the message "
+        "(the server needs --system-shared-memory)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.shared_memory and args.protocol == "fineserve":
+        parser.error("--shared-memory is KServe's: use --protocol kserve or kserve-stream")
     if not args.target.startswith(LOOPBACK):
         parser.error("--target must be a loopback address: this benchmark only loads local servers")
     if not 0 < args.seconds <= 600 or not 1 <= args.concurrency <= 4096 or not 0 <= args.warmup <= 60:
@@ -232,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         bytes_input=args.bytes_input,
         version_dir=args.model_dir,
+        shared_memory=args.shared_memory,
     )
     try:
         result = asyncio.run(run_load(args.target, spec, load))
@@ -240,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     latency = f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms"
     print(
-        f"{spec.name} {args.protocol}/{args.kind} c={args.concurrency} items={args.items}: "
+        f"{spec.name} {args.protocol}/{args.kind}{'/shm' if args.shared_memory else ''} "
+        f"c={args.concurrency} items={args.items}: "
         f"{result['items_per_s']:.1f} items/s, {latency}, codes {result['codes']}"
     )
     write_json(args.json, {"benchmark": "load", "model": spec.name, "target": args.target, **result})

@@ -57,6 +57,7 @@ class Suite:
             f"--intra-op-threads={args.threads}",
             "--inter-op-threads=1",
             "--intra-op-spinning" if args.spinning else "--no-intra-op-spinning",
+            "--system-shared-memory",  # for the saturation point with inputs in shared memory
             "--log-level=WARNING",
         ]
         self.results: dict[str, Any] = {
@@ -129,6 +130,7 @@ class Suite:
         protocol: str = "kserve",
         version_dir: Path | None = None,
         seconds: float | None = None,
+        shared_memory: bool = False,
     ) -> Load:
         return Load(
             protocol=protocol,
@@ -139,6 +141,7 @@ class Suite:
             warmup_s=self.args.warmup,
             image_side=self.args.image_side,
             version_dir=version_dir,
+            shared_memory=shared_memory,
         )
 
     # --- one model ------------------------------------------------------------------------------
@@ -243,6 +246,11 @@ class Suite:
         out["saturation_single_item"] = self.saturation(
             server, session, spec, version_dir, raw_batch=best["batch"], points=single
         )
+        # The best configuration again with its inputs in system shared memory: what a client on
+        # the same host saves by not sending the tensors through gRPC.
+        out["saturation_shared_memory"] = self.saturation(
+            server, session, spec, version_dir, raw_batch=best["batch"], points=every, shared_memory=True
+        )
         raw_best = out["saturation"]["raw_items_per_s"]
         out["preprocessing"] = measure_preprocessing(
             spec, version_dir, best["batch"], self.args.seconds, self.args.image_side
@@ -259,6 +267,7 @@ class Suite:
         *,
         raw_batch: int,
         points: list[dict[str, Any]],
+        shared_memory: bool = False,
     ) -> dict[str, Any]:
         """The best of ``points`` measured again against raw at ``raw_batch`` in alternating rounds;
         compared by the median round ratio."""
@@ -272,8 +281,9 @@ class Suite:
                 top["items_per_request"],
                 version_dir=version_dir,
                 seconds=self.args.seconds / 2,
+                shared_memory=shared_memory,
             )
-            served_top = self.load(server, spec, load)
+            served_top = self.load(server, spec, load, "shm" if shared_memory else "")
             pairs.append(
                 {"raw_items_per_s": raw_top["items_per_s"], "served_items_per_s": served_top["items_per_s"]}
             )

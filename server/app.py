@@ -30,6 +30,7 @@ from server.logs import configure_logging
 from server.metrics import Metrics
 from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
 from server.pb.inference import grpc_service_pb2
+from server.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class Server:
             ],
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
-        kserve.add_to_server(self.grpc, self.dataplane, settings)
+        self.shared_memory = SharedMemoryRegistry(settings.system_shared_memory)
+        kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -126,6 +128,7 @@ class Server:
             await asyncio.sleep(0.01)
         await self.grpc.stop(max(0.0, drain_until - time.monotonic()))
         await self.dataplane.close()
+        self.shared_memory.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
     """Run each version once on synthetic input before it is marked ready."""
 
     # --- transport ------------------------------------------------------------------------------
+    system_shared_memory: bool = False
+    """KServe system shared memory: clients on this host may register /dev/shm regions and pass
+    tensors through them instead of the socket. Off: the RPCs answer PERMISSION_DENIED. A
+    registered region is read and written by the server, so enable it only where every client
+    that can reach the port may use this host's shared memory."""
     max_receive_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest gRPC message the server accepts."""
     max_send_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -39,6 +39,18 @@ class ModelNotFound(ServingError):
     status = "NOT_FOUND"
 
 
+class RegionNotFound(ServingError):
+    """No shared memory region is registered under that name (asked for its status)."""
+
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(ServingError):
+    """A name that must be new is taken (a shared memory region registered twice)."""
+
+    status = "ALREADY_EXISTS"
+
+
 class ModelNotReady(ServingError):
     """The model exists but is loading, unloading or failed to load."""
 

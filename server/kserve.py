@@ -23,6 +23,7 @@ from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.inference import model_config_pb2 as mc
 from server.security import UnparsableRequest
+from server.shared_memory import SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -55,10 +56,14 @@ def _server_version() -> str:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, settings: Settings) -> None:
+    def __init__(
+        self, dataplane: DataPlane, settings: Settings, shared_memory: SharedMemoryRegistry | None = None
+    ) -> None:
         self._dataplane = dataplane
         self._settings = settings
         self._version = _server_version()
+        self._shared_memory = shared_memory or SharedMemoryRegistry(enabled=False)
+        self._extensions = [*EXTENSIONS, *(["system_shared_memory"] if self._shared_memory.enabled else [])]
 
     # --- health and metadata --------------------------------------------------------------------
 
@@ -77,7 +82,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=list(EXTENSIONS))
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=self._extensions)
 
     @override
     @grpc_errors
@@ -215,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         handle = self._dataplane.resolve(request.model_name, version)
         interface = self._interface(handle)
         wanted = codec.requested_outputs(request, interface)
-        form = codec.check_inputs(interface, handle.name, codec.decode_inputs(request))
+        form = codec.check_inputs(interface, handle.name, codec.decode_inputs(request, self._shared_memory))
         # The request's version (None = newest) goes to the core, not the resolved one: a newer
         # version swapped in meanwhile then serves the request instead of failing it.
         if isinstance(form, codec.EncodedRequest):
@@ -234,7 +239,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=result.handle.name, model_version=str(result.handle.version), id=request.id
         )
         selected = codec.select_outputs(outputs, wanted, result.handle.spec.labels)
-        codec.encode_outputs(selected, [w.name for w in wanted], response)
+        codec.encode_outputs(selected, wanted, response, self._shared_memory)
         return response
 
     # --- repository -----------------------------------------------------------------------------
@@ -275,6 +280,38 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         _check_no_load_parameters({k: v for k, v in request.parameters.items() if k != "unload_dependents"})
         await self._dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    # --- system shared memory -------------------------------------------------------------------
+
+    @override
+    @grpc_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    @override
+    @grpc_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @override
+    @grpc_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -318,6 +355,12 @@ def _check_no_load_parameters(parameters: Mapping[str, Any]) -> None:
         )
 
 
-def add_to_server(server: grpc.aio.Server, dataplane: DataPlane, settings: Settings) -> None:
+def add_to_server(
+    server: grpc.aio.Server,
+    dataplane: DataPlane,
+    settings: Settings,
+    shared_memory: SharedMemoryRegistry | None = None,
+) -> None:
     """Registers the KServe v2 service on ``server``."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dataplane, settings), server)
+    servicer = KServeServicer(dataplane, settings, shared_memory)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

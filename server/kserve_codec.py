@@ -27,6 +27,7 @@ from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
 from server.errors import InvalidInput
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
+from server.shared_memory import SharedMemoryRegistry
 from server.tensor_checks import check_tensors
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 PROBABILITIES = "probabilities"
+# An input's or requested output's parameters that place it in shared memory (tritonclient's names).
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
 # The BYTES input per task: one element per encoded image or per text.
 ENCODED_INPUT_NAMES = {"image-classification": "images", "text-classification": "texts"}
 
@@ -118,7 +123,7 @@ def encode_bytes_elements(items: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_bytes_elements(raw: bytes, count: int, where: str) -> list[bytes]:
+def decode_bytes_elements(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
     """Exactly ``count`` length-prefixed elements filling ``raw`` to its last byte."""
     view = memoryview(raw)
     items: list[bytes] = []
@@ -161,7 +166,9 @@ class RequestInput:
     array: NDArray[np.generic]
 
 
-def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> NDArray[np.generic]:
+def decode_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
+) -> NDArray[np.generic]:
     """A tensor from its raw contents, whose length must match the shape exactly."""
     where = f"input {name!r}"
     count = element_count(shape, where)
@@ -178,6 +185,8 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> ND
         )
     # Read-only view of the request's bytes, in the host's byte order (a no-op on little-endian).
     array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+    if not array.flags.aligned:  # a shared memory offset that is not a multiple of the item size
+        array = array.copy()
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
@@ -211,31 +220,84 @@ def decode_contents(
     return np.array(values, dtype=dtype.newbyteorder("=")).reshape(tuple(shape))
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> list[RequestInput]:
-    """All inputs of a request, in order. Raw contents are all-or-nothing, as the protocol says."""
+def decode_inputs(
+    request: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry | None = None
+) -> list[RequestInput]:
+    """All inputs of a request, in order. Raw contents are all-or-nothing, as the protocol says,
+    over the inputs that are not in shared memory (those are copied out of their region)."""
     if not request.inputs:
         raise InvalidInput("the request has no inputs")
     names = [tensor.name for tensor in request.inputs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidInput(f"input {duplicates[0]!r} appears more than once")
+    placed = [shared_memory_ref(tensor.parameters, f"input {tensor.name!r}") for tensor in request.inputs]
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    in_message = sum(ref is None for ref in placed)
+    if raw and len(raw) != in_message:
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} inputs; "
-            "give one per input, in the order of inputs, or none"
+            f"raw_input_contents has {len(raw)} entries but the request has {in_message} inputs not in "
+            "shared memory; give one per such input, in the order of inputs, or none"
         )
     decoded = []
-    for index, tensor in enumerate(request.inputs):
+    next_raw = 0
+    for tensor, ref in zip(request.inputs, placed, strict=True):
         shape = list(tensor.shape)
-        if raw:
+        where = f"input {tensor.name!r}"
+        if ref is not None:
             if tensor.HasField("contents"):
-                raise InvalidInput(f"input {tensor.name!r}: sets both contents and raw_input_contents")
-            array = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+                raise InvalidInput(f"{where}: sets both contents and a shared memory region")
+            registry = shared_memory or SharedMemoryRegistry(enabled=False)
+            view = registry.get(ref.region, where).read(ref.offset, ref.byte_size, where)
+            array = decode_raw(tensor.name, tensor.datatype, shape, view)
+        elif raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"{where}: sets both contents and raw_input_contents")
+            array = decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
+            next_raw += 1
         else:
             array = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
         decoded.append(RequestInput(tensor.name, tensor.datatype, array))
     return decoded
+
+
+@dataclass(frozen=True)
+class SharedMemoryRef:
+    """Where a tensor lies in shared memory: ``byte_size`` bytes at ``offset`` of ``region``."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
+
+
+def shared_memory_ref(parameters: Mapping[str, pb.InferParameter], where: str) -> SharedMemoryRef | None:
+    """A tensor's ``shared_memory_*`` parameters (tritonclient's ``set_shared_memory``), if any."""
+    keys = [key for key in parameters if key.startswith("shared_memory")]
+    if not keys:
+        return None
+    unknown = sorted(set(keys) - {SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET})
+    if unknown:
+        raise InvalidInput(f"{where}: parameter {unknown[0]!r} is not supported")
+    if SHM_REGION not in parameters or SHM_BYTE_SIZE not in parameters:
+        raise InvalidInput(f"{where}: shared memory needs both {SHM_REGION!r} and {SHM_BYTE_SIZE!r}")
+    region = parameters[SHM_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"{where}: parameter {SHM_REGION!r} must be a string")
+    return SharedMemoryRef(
+        region.string_param,
+        _non_negative(parameters[SHM_BYTE_SIZE], SHM_BYTE_SIZE, where),
+        _non_negative(parameters[SHM_OFFSET], SHM_OFFSET, where) if SHM_OFFSET in parameters else 0,
+    )
+
+
+def _non_negative(param: pb.InferParameter, key: str, where: str) -> int:
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"{where}: parameter {key!r} must be an integer, got {choice}")
+    value = int(getattr(param, choice))
+    if value < 0:
+        raise InvalidInput(f"{where}: parameter {key!r} must be >= 0, got {value}")
+    return value
 
 
 # --- a model's KServe face ------------------------------------------------------------------------
@@ -348,6 +410,8 @@ class RequestedOutput:
 
     name: str
     class_count: int = 0
+    # Set: the output is written into this shared memory region instead of the response.
+    shared_memory: SharedMemoryRef | None = None
 
 
 def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) -> list[RequestedOutput]:
@@ -363,7 +427,10 @@ def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) 
         if any(w.name == output.name for w in wanted):
             raise InvalidInput(f"{where} is requested more than once")
         class_count = 0
+        placed = shared_memory_ref(output.parameters, where)
         for key, param in output.parameters.items():
+            if key.startswith("shared_memory"):
+                continue
             if key != "classification":
                 raise InvalidInput(f"{where}: parameter {key!r} is not supported")
             if param.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
@@ -373,7 +440,7 @@ def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) 
             class_count = int(param.int64_param or param.uint64_param)
             if class_count < 1:
                 raise InvalidInput(f"{where}: parameter 'classification' must be >= 1, got {class_count}")
-        wanted.append(RequestedOutput(output.name, class_count))
+        wanted.append(RequestedOutput(output.name, class_count, placed))
     return wanted
 
 
@@ -422,7 +489,7 @@ def check_request_parameters(parameters: Mapping[str, pb.InferParameter]) -> Non
         if key in ("sequence_id", "sequence_start", "sequence_end"):
             raise InvalidInput(f"parameter {key!r}: sequence batching is not supported")
         if key.startswith("shared_memory"):
-            raise InvalidInput(f"parameter {key!r}: shared memory is not supported")
+            raise InvalidInput(f"parameter {key!r} belongs on an input or requested output, not the request")
 
 
 def parse_version(version: str) -> int | None:
@@ -438,23 +505,37 @@ def parse_version(version: str) -> int | None:
 
 
 def encode_outputs(
-    outputs: Mapping[str, NDArray[np.generic]], names: Sequence[str], response: pb.ModelInferResponse
+    outputs: Mapping[str, NDArray[np.generic]],
+    wanted: Sequence[RequestedOutput],
+    response: pb.ModelInferResponse,
+    shared_memory: SharedMemoryRegistry | None = None,
 ) -> None:
-    """Appends the named outputs to ``response``, their data raw (what tritonclient reads)."""
-    for name in names:
-        array = outputs[name]
+    """Appends the wanted outputs to ``response``, their data raw (what tritonclient reads), or
+    written into their shared memory region. Those keep an empty raw entry, so every output's
+    data stays at its own index (tritonclient counts outputs to find an output's raw data)."""
+    for output in wanted:
+        array = outputs[output.name]
         datatype = datatype_of(array)
         tensor = response.outputs.add()
-        tensor.name = name
+        tensor.name = output.name
         tensor.datatype = datatype
         tensor.shape.extend(array.shape)
         if datatype == BYTES:
-            response.raw_output_contents.append(
-                encode_bytes_elements(bytes(x) for x in array.reshape(-1).tolist())
-            )
+            data = encode_bytes_elements(bytes(x) for x in array.reshape(-1).tolist())
         else:
-            little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-            response.raw_output_contents.append(little.tobytes())
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        ref = output.shared_memory
+        if ref is None:
+            response.raw_output_contents.append(data)
+            continue
+        where = f"requested output {output.name!r}"
+        registry = shared_memory or SharedMemoryRegistry(enabled=False)
+        registry.get(ref.region, where).write(ref.offset, data, ref.byte_size, where)
+        tensor.parameters[SHM_REGION].string_param = ref.region
+        tensor.parameters[SHM_BYTE_SIZE].int64_param = len(data)
+        if ref.offset:
+            tensor.parameters[SHM_OFFSET].int64_param = ref.offset
+        response.raw_output_contents.append(b"")
 
 
 def tensor_metadata(tensor: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -45,6 +45,10 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
         assert model["latency_c1"]["empty_rpc_p50_ms"] > 0
         assert model["latency_c1"]["server_stages"]["compute_infer_ms"] > 0
         assert len(model["saturation"]["rounds"]) == 2
+        # The same point with the inputs in shared memory: served, every request answered.
+        in_shm = model["saturation_shared_memory"]
+        assert in_shm["served_at"] == model["saturation"]["served_at"]
+        assert len(in_shm["rounds"]) == 2 and all(r["served_items_per_s"] > 0 for r in in_shm["rounds"])
         assert len(model["batching"]["tensor"]["on"]["rounds"]) == 2
         for plot in ("concurrency", "batch"):
             assert (out / f"suite-{name}-{plot}.png").read_bytes().startswith(b"\x89PNG")
@@ -52,6 +56,7 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
     assert "process start to health SERVING" in tables
     assert "as the server measured them at load" in tables
     assert tables.count("| served at saturation >=") == 2
+    assert tables.count("inputs in system shared memory") == 2
     assert "fineserve-bench suite --model-repository" in tables  # the command that made them
 
 
@@ -155,3 +160,25 @@ def test_raw_runs_side_by_side_count_every_run(tiny_repository: Path) -> None:
     assert row["items_per_s"] > 0
     with pytest.raises(ValueError, match="one caller"):
         raw_ort.measure(session, tensor_batch(spec, 2, version_dir=version), 0.1, gap_s=0.001, callers=2)
+
+
+def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path) -> None:
+    from bench.server_process import ServerProcess
+
+    version = tiny_repository / "tiny-text" / "1"  # two inputs: two places in one region
+    out = tmp_path / "load.json"
+    args = ["--model-dir", str(version), "--seconds", "0.3", "--warmup", "0", "--concurrency", "2"]
+    args += ["--items", "3", "--shared-memory", "--json", str(out)]
+    before = set(Path("/dev/shm").iterdir())
+    flags = ["--system-shared-memory", "--log-level=WARNING"]
+    with ServerProcess(tiny_repository, flags, tmp_path / "server.log") as server:
+        server.start()
+        assert loadgen.main(["--target", server.target, *args]) == 0
+    result = json.loads(out.read_text())
+    assert result["shared_memory"] is True
+    assert result["requests_ok"] > 0 and set(result["codes"]) == {"OK"}
+    # A server without shared memory refuses the region: a one-line error, nothing left behind.
+    with ServerProcess(tiny_repository, ["--log-level=WARNING"], tmp_path / "plain.log") as plain:
+        plain.start()
+        assert loadgen.main(["--target", plain.target, *args]) == 1
+    assert set(Path("/dev/shm").iterdir()) == before

@@ -12,6 +12,7 @@ they return plain data (numpy arrays, dicts, tuples), never tritonclient objects
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -169,6 +170,114 @@ def raw_infer(url: str, request: dict[str, Any], raw: list[bytes]) -> tuple[Any,
     return ("ok", outputs)
 
 
+# (name, datatype, array, in_shared_memory) for one input of ``shm_infer``.
+ShmInput = tuple[str, str, np.ndarray, bool]
+
+
+def shm_infer(
+    url: str,
+    model: str,
+    inputs: list[ShmInput],
+    outputs: list[tuple[str, int]],
+    prefix: str,
+    *,
+    region_offset: int = 0,
+) -> tuple[Any, ...]:
+    """One request passing tensors through system shared memory, as a tritonclient user writes it.
+
+    The inputs marked for shared memory lie one after the other (BYTES serialized) in region
+    ``{prefix}_in``; outputs given a byte size > 0 get that many bytes each, one after the other,
+    in region ``{prefix}_out`` (byte size 0: returned in the response). Each region is registered
+    at ``region_offset`` of its own object ``/{prefix}_in`` or ``/{prefix}_out``, and each tensor
+    names its place in its region with ``shared_memory_offset``. The regions are unregistered and
+    destroyed before this returns. The answer: the outputs as arrays (those in shared memory read
+    from it), each output's parameters, its raw_output_contents length (None: no entry), and the
+    server's status of every region while these were registered.
+    """
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient import utils
+
+    client = _client(url)
+    handles: dict[str, Any] = {}
+    registered: list[str] = []
+
+    def region(role: str, contents: list[np.ndarray], byte_size: int) -> str:
+        name = f"{prefix}_{role}"
+        handles[role] = shm.create_shared_memory_region(name, f"/{name}", region_offset + byte_size)
+        if contents:
+            shm.set_shared_memory_region(handles[role], contents, offset=region_offset)
+        client.register_system_shared_memory(name, f"/{name}", byte_size, offset=region_offset)
+        registered.append(name)
+        return name
+
+    try:
+        serialized = {
+            name: utils.serialize_byte_tensor(array) if datatype == "BYTES" else np.ascontiguousarray(array)
+            for name, datatype, array, placed in inputs
+            if placed
+        }
+        sizes = {
+            name: utils.serialized_byte_size(data) if data.dtype == np.object_ else data.nbytes
+            for name, data in serialized.items()
+        }
+        built = []
+        in_region = region("in", list(serialized.values()), sum(sizes.values())) if serialized else ""
+        position = 0
+        for name, datatype, array, placed in inputs:
+            item = grpcclient.InferInput(name, list(array.shape), datatype)
+            if placed:
+                item.set_shared_memory(in_region, sizes[name], offset=position)
+                position += sizes[name]
+            else:
+                item.set_data_from_numpy(array)
+            built.append(item)
+        places: dict[str, int] = {}
+        position = 0
+        for name, byte_size in outputs:
+            if byte_size:
+                places[name] = position
+                position += byte_size
+        out_region = region("out", [], position) if places else ""
+        requested = []
+        for name, byte_size in outputs:
+            wanted = grpcclient.InferRequestedOutput(name)
+            if byte_size:
+                wanted.set_shared_memory(out_region, byte_size, offset=places[name])
+            requested.append(wanted)
+        status = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+        response = client.infer(model, built, outputs=requested).get_response()
+        arrays: dict[str, np.ndarray] = {}
+        parameters: dict[str, dict[str, Any]] = {}
+        raw_sizes: dict[str, int | None] = {}
+        raw = response.raw_output_contents
+        for index, output in enumerate(response.outputs):
+            parameters[output.name] = {
+                key: getattr(value, value.WhichOneof("parameter_choice"))
+                for key, value in output.parameters.items()
+            }
+            raw_sizes[output.name] = len(raw[index]) if index < len(raw) else None
+            dtype = utils.triton_to_np_dtype(output.datatype)
+            if output.name in places:
+                view = shm.get_contents_as_numpy(
+                    handles["out"], dtype, list(output.shape), offset=region_offset + places[output.name]
+                )
+                arrays[output.name] = view.copy()  # a view would keep the region from closing
+                del view
+            else:
+                arrays[output.name] = np.frombuffer(raw[index], dtype).reshape(list(output.shape))
+        answer = {"outputs": arrays, "parameters": parameters, "raw_sizes": raw_sizes, "status": status}
+        return ("ok", answer)
+    except Exception as err:
+        return _error(err)
+    finally:
+        for name in registered:
+            with contextlib.suppress(Exception):  # the server may be gone; the objects still go
+                client.unregister_system_shared_memory(name)
+        for handle in handles.values():
+            shm.destroy_shared_memory_region(handle)
+
+
 def descriptors() -> dict[str, bytes]:
     """tritonclient's compiled protos, as serialized FileDescriptorProtos."""
     from google.protobuf import descriptor_pb2
@@ -219,6 +328,18 @@ class Triton:
 
     def raw_infer(self, request: dict[str, Any], raw: list[bytes] | None = None) -> dict[str, Any]:
         return self._unwrap(self._run(raw_infer, self.url, request, raw or []))  # type: ignore[no-any-return]
+
+    def shm_infer(
+        self,
+        model: str,
+        inputs: list[ShmInput],
+        outputs: list[tuple[str, int]],
+        prefix: str,
+        *,
+        region_offset: int = 0,
+    ) -> dict[str, Any]:
+        answer = self._run(shm_infer, self.url, model, inputs, outputs, prefix, region_offset=region_offset)
+        return self._unwrap(answer)  # type: ignore[no-any-return]
 
     def descriptors(self) -> dict[str, bytes]:
         found: dict[str, bytes] = self._run(descriptors)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ from hypothesis.extra import numpy as hnp
 
 from export.contract import ModelSpec, read_model_spec
 from server import kserve_codec as codec
-from server.errors import InvalidInput
+from server.errors import InvalidInput, PermissionDenied
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
+from server.shared_memory import SharedMemoryRegistry
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
 
 
@@ -261,9 +264,66 @@ def test_requested_outputs(specs: dict[str, ModelSpec]) -> None:
     with invalid("'classification' must be an integer"):
         codec.requested_outputs(classified, interface)
     shared = pb.ModelInferRequest()
-    shared.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "r"
-    with invalid("parameter 'shared_memory_region' is not supported"):
+    placed = shared.outputs.add(name="logits")
+    placed.parameters["shared_memory_region"].string_param = "r"
+    placed.parameters["shared_memory_byte_size"].int64_param = 24
+    placed.parameters["shared_memory_offset"].uint64_param = 8
+    shared.outputs.add(name="probabilities")
+    assert codec.requested_outputs(shared, interface) == [
+        codec.RequestedOutput("logits", 0, codec.SharedMemoryRef("r", 24, 8)),
+        codec.RequestedOutput("probabilities"),
+    ]
+    del placed.parameters["shared_memory_byte_size"]
+    with invalid("requested output 'logits': shared memory needs both 'shared_memory_region' and"):
         codec.requested_outputs(shared, interface)
+
+
+def shm_parameters(**values: str | int) -> dict[str, pb.InferParameter]:
+    """Parameters as a tensor carries them: strings as string_param, ints as int64_param."""
+    parameters = {}
+    for key, value in values.items():
+        param = pb.InferParameter()
+        if isinstance(value, str):
+            param.string_param = value
+        else:
+            param.int64_param = value
+        parameters[key] = param
+    return parameters
+
+
+def test_shared_memory_ref_parses_and_refuses() -> None:
+    assert codec.shared_memory_ref(shm_parameters(), "x") is None
+    assert codec.shared_memory_ref(shm_parameters(classification=2), "x") is None
+    ref = codec.shared_memory_ref(shm_parameters(shared_memory_region="r", shared_memory_byte_size=16), "x")
+    assert ref == codec.SharedMemoryRef("r", 16, 0)
+    full = shm_parameters(shared_memory_region="r", shared_memory_byte_size=16, shared_memory_offset=4)
+    assert codec.shared_memory_ref(full, "x") == codec.SharedMemoryRef("r", 16, 4)
+    refused: dict[str, dict[str, str | int]] = {
+        "needs both 'shared_memory_region' and 'shared_memory_byte_size'": {"shared_memory_region": "r"},
+        "x: shared memory needs both": {"shared_memory_byte_size": 16},
+        "'shared_memory_region' must be a string": {"shared_memory_region": 3, "shared_memory_byte_size": 16},
+        "'shared_memory_byte_size' must be an integer, got string_param": {
+            "shared_memory_region": "r",
+            "shared_memory_byte_size": "16",
+        },
+        "'shared_memory_byte_size' must be >= 0, got -1": {
+            "shared_memory_region": "r",
+            "shared_memory_byte_size": -1,
+        },
+        "'shared_memory_offset' must be >= 0, got -8": {
+            "shared_memory_region": "r",
+            "shared_memory_byte_size": 16,
+            "shared_memory_offset": -8,
+        },
+        "x: parameter 'shared_memory_key' is not supported": {
+            "shared_memory_region": "r",
+            "shared_memory_byte_size": 16,
+            "shared_memory_key": "/k",
+        },
+    }
+    for message, values in refused.items():
+        with invalid(message):
+            codec.shared_memory_ref(shm_parameters(**values), "x")
 
 
 def test_classification_is_top_k_best_first() -> None:
@@ -310,9 +370,8 @@ def test_encode_outputs_raw_little_endian_in_requested_order() -> None:
     logits = np.arange(6, dtype=np.float32).reshape(2, 3)
     probabilities = np.full((2, 3), 1 / 3, np.float32)
     response = pb.ModelInferResponse()
-    codec.encode_outputs(
-        {"logits": logits, "probabilities": probabilities}, ["probabilities", "logits"], response
-    )
+    wanted = [codec.RequestedOutput("probabilities"), codec.RequestedOutput("logits")]
+    codec.encode_outputs({"logits": logits, "probabilities": probabilities}, wanted, response)
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
         ("probabilities", "FP32", [2, 3]),
         ("logits", "FP32", [2, 3]),
@@ -320,7 +379,7 @@ def test_encode_outputs_raw_little_endian_in_requested_order() -> None:
     assert not response.outputs[0].HasField("contents")
     assert response.raw_output_contents[1] == logits.astype("<f4").tobytes()
     labels = pb.ModelInferResponse()
-    codec.encode_outputs({"labels": texts(b"cat", b"")}, ["labels"], labels)
+    codec.encode_outputs({"labels": texts(b"cat", b"")}, [codec.RequestedOutput("labels")], labels)
     assert labels.outputs[0].datatype == "BYTES"
     assert codec.decode_bytes_elements(labels.raw_output_contents[0], 2, "x") == [b"cat", b""]
 
@@ -406,3 +465,229 @@ def test_model_statistics_conversion() -> None:
     assert (out.inference_stats.success.count, out.inference_stats.success.ns) == (3, 300)
     assert out.inference_stats.fail.count == 1 and out.inference_stats.compute_output.ns == 3
     assert out.batch_stats[0].batch_size == 4 and out.batch_stats[0].compute_infer.ns == 5
+
+
+# --- system shared memory: tensors read from and written to registered regions -------------------
+
+
+# Makes a shared-memory object of a size: its key and its bytes.
+MakeObject = Callable[[int], tuple[str, memoryview]]
+
+
+@pytest.fixture
+def shm_objects() -> Iterator[MakeObject]:
+    """Makes real POSIX shared-memory objects (key, bytes); closed and unlinked afterwards."""
+    made: list[shared_memory.SharedMemory] = []
+
+    def make(size: int) -> tuple[str, memoryview]:
+        obj = shared_memory.SharedMemory(create=True, size=size)
+        made.append(obj)
+        assert obj.buf is not None
+        return "/" + obj.name, obj.buf
+
+    yield make
+    for obj in made:
+        obj.close()
+        obj.unlink()
+
+
+@pytest.fixture
+def registry() -> Iterator[SharedMemoryRegistry]:
+    regions = SharedMemoryRegistry(enabled=True)
+    yield regions
+    regions.close()
+
+
+def placed_input(
+    request: pb.ModelInferRequest, name: str, datatype: str, shape: list[int], ref: codec.SharedMemoryRef
+) -> None:
+    """Adds an input that lies in shared memory (what tritonclient's set_shared_memory sends)."""
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+    tensor.parameters[codec.SHM_REGION].string_param = ref.region
+    tensor.parameters[codec.SHM_BYTE_SIZE].int64_param = ref.byte_size
+    if ref.offset:
+        tensor.parameters[codec.SHM_OFFSET].int64_param = ref.offset
+
+
+def test_input_in_shared_memory_is_copied_out_of_its_region(
+    shm_objects: MakeObject, registry: SharedMemoryRegistry
+) -> None:
+    batch = np.random.default_rng(3).normal(size=(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype("<f4")
+    data = batch.tobytes()
+    key, memory = shm_objects(64 + len(data) + 64)
+    # The region starts 16 bytes into the object; the tensor 32 bytes into the region.
+    memory[48 : 48 + len(data)] = data
+    registry.register("pixels", key, 16, len(data) + 64)
+    request = pb.ModelInferRequest(model_name="m")
+    placed_input(
+        request, "pixel_values", "FP32", list(batch.shape), codec.SharedMemoryRef("pixels", len(data), 32)
+    )
+    (decoded_input,) = codec.decode_inputs(request, registry)
+    assert decoded_input.datatype == "FP32" and decoded_input.array.dtype == np.float32
+    np.testing.assert_array_equal(decoded_input.array, batch)
+    assert not decoded_input.array.flags.writeable
+    # Copied: what the client writes next (or a truncation) cannot reach the model run.
+    memory[48:52] = np.array([42.5], "<f4").tobytes()
+    assert decoded_input.array[0, 0, 0, 0] == batch[0, 0, 0, 0]
+
+
+def test_unaligned_and_bytes_inputs_in_shared_memory(
+    shm_objects: MakeObject, registry: SharedMemoryRegistry
+) -> None:
+    ids = np.array([[2, 4, 3], [2, 8, 3]], "<i8")
+    encoded = codec.encode_bytes_elements([b"good movie", "héllo".encode(), b""])
+    key, memory = shm_objects(256)
+    memory[3 : 3 + ids.nbytes] = ids.tobytes()  # offset 3: not a multiple of 8
+    memory[100 : 100 + len(encoded)] = encoded
+    registry.register("all", key, 0, 256)
+    request = pb.ModelInferRequest(model_name="m")
+    placed_input(request, "input_ids", "INT64", [2, 3], codec.SharedMemoryRef("all", ids.nbytes, 3))
+    placed_input(request, "texts", "BYTES", [3], codec.SharedMemoryRef("all", len(encoded), 100))
+    unaligned, texts_input = codec.decode_inputs(request, registry)
+    np.testing.assert_array_equal(unaligned.array, ids)
+    assert unaligned.array.flags.aligned  # copied: onnxruntime wants aligned buffers
+    assert texts_input.array.tolist() == [b"good movie", "héllo".encode(), b""]
+
+
+def test_one_input_in_shared_memory_and_one_raw(
+    specs: dict[str, ModelSpec],
+    shm_objects: MakeObject,
+    registry: SharedMemoryRegistry,
+) -> None:
+    ids = np.array([[2, 4, 12, 3]], np.int64)
+    mask = np.array([[1, 1, 1, 0]], np.int64)
+    key, memory = shm_objects(ids.nbytes)
+    memory[: ids.nbytes] = raw(ids)
+    registry.register("ids", key, 0, ids.nbytes)
+    request = pb.ModelInferRequest(model_name="tiny-text")
+    placed_input(request, "input_ids", "INT64", [1, 4], codec.SharedMemoryRef("ids", ids.nbytes))
+    request.inputs.add(name="attention_mask", datatype="INT64", shape=[1, 4])
+    request.raw_input_contents.append(raw(mask))  # one raw entry: for the one input not in shm
+    decoded_inputs = codec.decode_inputs(request, registry)
+    form = codec.check_inputs(codec.interface_of(specs["text"]), "tiny-text", decoded_inputs)
+    assert isinstance(form, codec.TensorRequest) and form.batch_size == 1
+    np.testing.assert_array_equal(form.inputs["input_ids"], ids)
+    np.testing.assert_array_equal(form.inputs["attention_mask"], mask)
+    # A raw entry for the input in shared memory too: the count no longer matches.
+    request.raw_input_contents.insert(0, raw(ids))
+    with invalid("raw_input_contents has 2 entries but the request has 1 inputs not in shared memory"):
+        codec.decode_inputs(request, registry)
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.int64_contents.extend(ids.ravel().tolist())
+    with invalid("input 'input_ids': sets both contents and a shared memory region"):
+        codec.decode_inputs(request, registry)
+
+
+def test_shared_memory_input_errors(shm_objects: MakeObject, registry: SharedMemoryRegistry) -> None:
+    key, _ = shm_objects(4096)
+    registry.register("r", key, 1024, 64)  # bytes 1024..1088 of the object
+
+    def decode(ref: codec.SharedMemoryRef, shape: list[int]) -> None:
+        request = pb.ModelInferRequest(model_name="m")
+        placed_input(request, "x", "FP32", shape, ref)
+        codec.decode_inputs(request, registry)
+
+    decode(codec.SharedMemoryRef("r", 64), [16])  # the whole region
+    with invalid(r"input 'x': raw contents have 60 bytes, but shape \[16\] of FP32 needs 64"):
+        decode(codec.SharedMemoryRef("r", 60), [16])
+    with invalid(r"input 'x': raw contents have 64 bytes, but shape \[2, 4\] of FP32 needs 32"):
+        decode(codec.SharedMemoryRef("r", 64), [2, 4])
+    # Past the region's end, though well inside the object.
+    with invalid(r"input 'x': offset 8 \+ byte size 64 is outside shared memory region 'r' \(64 bytes\)"):
+        decode(codec.SharedMemoryRef("r", 64, 8), [16])
+    with invalid("offset 4096 .* is outside shared memory region 'r'"):
+        decode(codec.SharedMemoryRef("r", 4, 4096), [1])
+    with invalid("input 'x': shared memory region 'nope' is not registered"):
+        decode(codec.SharedMemoryRef("nope", 64), [16])
+    registry.unregister("r")
+    with invalid("input 'x': shared memory region 'r' is not registered"):
+        decode(codec.SharedMemoryRef("r", 64), [16])
+
+
+def test_output_written_to_shared_memory_keeps_an_empty_raw_entry(
+    shm_objects: MakeObject, registry: SharedMemoryRegistry
+) -> None:
+    logits = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
+    probabilities = np.full((2, 3), 1 / 3, np.float32)
+    key, memory = shm_objects(128)
+    memory[:128] = b"\xaa" * 128
+    registry.register("out", key, 8, 100)  # bytes 8..108 of the object
+    wanted = [
+        codec.RequestedOutput("logits", shared_memory=codec.SharedMemoryRef("out", 40, 4)),
+        codec.RequestedOutput("probabilities"),
+    ]
+    response = pb.ModelInferResponse()
+    codec.encode_outputs({"logits": logits, "probabilities": probabilities}, wanted, response, registry)
+    assert [(o.name, list(o.shape)) for o in response.outputs] == [
+        ("logits", [2, 3]),
+        ("probabilities", [2, 3]),
+    ]
+    params = response.outputs[0].parameters
+    assert (params["shared_memory_region"].string_param, params["shared_memory_byte_size"].int64_param) == (
+        "out",
+        24,  # the bytes written, not the 40 set aside
+    )
+    assert params["shared_memory_offset"].int64_param == 4
+    assert not response.outputs[1].parameters
+    assert list(response.raw_output_contents) == [b"", raw(probabilities)]
+    written = bytes(memory[12:36])  # region offset 8 + output offset 4
+    np.testing.assert_array_equal(np.frombuffer(written, "<f4").reshape(2, 3), logits)
+    assert bytes(memory[:12]) == b"\xaa" * 12 and bytes(memory[36:128]) == b"\xaa" * 92
+    # At offset 0 the offset parameter is left out, as tritonclient does.
+    at_start = pb.ModelInferResponse()
+    first = [codec.RequestedOutput("logits", shared_memory=codec.SharedMemoryRef("out", 24))]
+    codec.encode_outputs({"logits": logits * 2}, first, at_start, registry)
+    assert set(at_start.outputs[0].parameters) == {"shared_memory_region", "shared_memory_byte_size"}
+    np.testing.assert_array_equal(np.frombuffer(bytes(memory[8:32]), "<f4").reshape(2, 3), logits * 2)
+
+
+def test_shared_memory_output_errors(shm_objects: MakeObject, registry: SharedMemoryRegistry) -> None:
+    logits = np.zeros((2, 3), np.float32)
+    key, memory = shm_objects(64)
+    memory[:64] = b"\x11" * 64
+    registry.register("out", key, 0, 32)
+
+    def encode(ref: codec.SharedMemoryRef) -> None:
+        codec.encode_outputs(
+            {"logits": logits},
+            [codec.RequestedOutput("logits", shared_memory=ref)],
+            pb.ModelInferResponse(),
+            registry,
+        )
+
+    with invalid("requested output 'logits': the output has 24 bytes, more than shared_memory_byte_size 16"):
+        encode(codec.SharedMemoryRef("out", 16))
+    with invalid(r"offset 16 \+ byte size 24 is outside shared memory region 'out' \(32 bytes\)"):
+        encode(codec.SharedMemoryRef("out", 24, 16))
+    with invalid("requested output 'logits': shared memory region 'gone' is not registered"):
+        encode(codec.SharedMemoryRef("gone", 24))
+    assert bytes(memory[:64]) == b"\x11" * 64  # nothing written by a refused output
+
+
+def test_shared_memory_is_refused_when_disabled(
+    shm_objects: MakeObject,
+) -> None:
+    key, _ = shm_objects(64)
+    disabled = SharedMemoryRegistry(enabled=False)
+    with pytest.raises(PermissionDenied, match="system shared memory is disabled") as caught:
+        disabled.register("r", key, 0, 64)
+    assert caught.value.status == "PERMISSION_DENIED"
+    for refused in (
+        lambda: disabled.status(""),
+        lambda: disabled.unregister(""),
+        lambda: disabled.get("r", "x"),
+    ):
+        with pytest.raises(PermissionDenied):
+            refused()
+    request = pb.ModelInferRequest(model_name="m")
+    placed_input(request, "x", "FP32", [16], codec.SharedMemoryRef("r", 64))
+    for registry in (None, disabled):
+        with pytest.raises(PermissionDenied):
+            codec.decode_inputs(request, registry)
+        with pytest.raises(PermissionDenied):
+            codec.encode_outputs(
+                {"logits": np.zeros(16, np.float32)},
+                [codec.RequestedOutput("logits", shared_memory=codec.SharedMemoryRef("r", 64))],
+                pb.ModelInferResponse(),
+                registry,
+            )

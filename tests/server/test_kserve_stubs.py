@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -145,11 +145,37 @@ def test_statistics_and_repository(stub: pb_grpc.GRPCInferenceServiceStub) -> No
 
 
 def test_undeclared_rpcs_are_unimplemented(channel: grpc.Channel) -> None:
-    for rpc in ("SystemSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
+    for rpc in ("CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
         call = channel.unary_unary(SERVICE + rpc, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as caught:
             call(b"", timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED, rpc
+    # System shared memory is declared, but off by default: refused, and not among the extensions.
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    refused: dict[str, Callable[[], object]] = {
+        "register": lambda: stub.SystemSharedMemoryRegister(
+            pb.SystemSharedMemoryRegisterRequest(name="r", key="/k", byte_size=8), timeout=10
+        ),
+        "status": lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10),
+        "unregister": lambda: stub.SystemSharedMemoryUnregister(
+            pb.SystemSharedMemoryUnregisterRequest(), timeout=10
+        ),
+    }
+    for what, rpc_call in refused.items():
+        with pytest.raises(grpc.RpcError) as denied:
+            rpc_call()
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
+        assert "system shared memory is disabled" in (denied.value.details() or ""), what
+    request = text_request(b"good")
+    placed = request.inputs[0]
+    placed.parameters["shared_memory_region"].string_param = "r"
+    placed.parameters["shared_memory_byte_size"].int64_param = len(request.raw_input_contents[0])
+    del request.raw_input_contents[:]
+    with pytest.raises(grpc.RpcError) as infer_denied:
+        stub.ModelInfer(request, timeout=10)
+    assert infer_denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    extensions = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions
+    assert "statistics" in extensions and "system_shared_memory" not in extensions
 
 
 def test_an_expired_grpc_deadline_leaves_the_server_serving(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -1,0 +1,186 @@
+"""System shared memory: tensors passed through POSIX shared-memory objects instead of the socket.
+
+A client on the same host creates an object (``shm_open``; tritonclient's
+``tritonclient.utils.shared_memory``), registers a region of it under a name, and then names
+that region in an input's or a requested output's parameters (``shared_memory_region``,
+``shared_memory_byte_size``, ``shared_memory_offset``). The request then carries a few bytes
+instead of the tensor: no copy through gRPC, protobuf and the loopback socket, which for large
+tensors costs more CPU than a small model does (docs/performance.md).
+
+Off by default (``system_shared_memory``): a registered region lets a client have the server
+read and write that object, so only turn it on where every client that can reach the port may
+use this host's shared memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
+
+SHM_ROOT = Path("/dev/shm")
+# A POSIX shared-memory key: one leading slash at most, then a plain file name (no "..", no "/").
+_KEY = re.compile(r"^/?((?!\.\.?$)[A-Za-z0-9_.-]{1,200})$")
+# Region names are the client's labels; kept printable and short so errors can quote them.
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A registered region: ``byte_size`` bytes from ``offset`` of the object ``key``."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    # The whole object, mapped read-write, and its descriptor (kept open to check its size).
+    mapping: mmap.mmap
+    fd: int
+
+    def read(self, offset: int, byte_size: int, where: str) -> bytes:
+        """A copy of ``byte_size`` bytes at ``offset`` in the region.
+
+        Copied, not viewed: a tensor read in place would be touched again by the model run, on
+        another thread, and if the client shrank its object meanwhile that access would kill the
+        server (SIGBUS). One memcpy is a small part of what sending the tensor through gRPC costs.
+        """
+        start = self._span(offset, byte_size, where)
+        return self.mapping[start : start + byte_size]
+
+    def write(self, offset: int, data: bytes | memoryview, byte_size: int, where: str) -> None:
+        """Writes ``data`` at ``offset``; it must fit in the ``byte_size`` the client set aside."""
+        start = self._span(offset, byte_size, where)
+        if len(data) > byte_size:
+            raise InvalidInput(
+                f"{where}: the output has {len(data)} bytes, more than shared_memory_byte_size {byte_size}"
+            )
+        self.mapping[start : start + len(data)] = data
+
+    def _span(self, offset: int, byte_size: int, where: str) -> int:
+        if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
+            raise InvalidInput(
+                f"{where}: offset {offset} + byte size {byte_size} is outside shared memory region "
+                f"{self.name!r} ({self.byte_size} bytes)"
+            )
+        start = self.offset + offset
+        # Pages past the object's end fault (SIGBUS) instead of raising: an object the client
+        # truncated since it registered it is refused here, before it is touched.
+        if os.fstat(self.fd).st_size < start + byte_size:
+            raise InvalidInput(
+                f"{where}: shared memory region {self.name!r}: its object {self.key!r} is smaller than "
+                "when it was registered; register it again"
+            )
+        return start
+
+
+class SharedMemoryRegistry:
+    """The regions clients registered, by name. Thread-safe; ``enabled`` False refuses everything."""
+
+    def __init__(self, enabled: bool, max_regions: int = 1024, root: Path = SHM_ROOT) -> None:
+        self.enabled = enabled
+        self.max_regions = max_regions
+        self._root = root
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Maps ``byte_size`` bytes at ``offset`` of the object ``key`` under ``name``.
+
+        Raises:
+            PermissionDenied: shared memory is off on this server.
+            AlreadyExists: ``name`` is registered already.
+            InvalidInput: a bad name or key, an object that does not exist, a region outside it.
+        """
+        self._check_enabled()
+        if not _NAME.match(name):
+            raise InvalidInput(f"shared memory region name {name[:80]!r}: use 1-128 letters, digits, _.:-")
+        match = _KEY.match(key)
+        if match is None:
+            raise InvalidInput(f"shared memory key {key[:80]!r} is not a POSIX shared-memory name ('/name')")
+        if byte_size <= 0 or offset < 0:
+            raise InvalidInput(f"shared memory region {name!r}: byte_size must be > 0 and offset >= 0")
+        with self._lock:
+            if name in self._regions:
+                raise AlreadyExists(f"shared memory region {name!r} is already registered")
+            if len(self._regions) >= self.max_regions:
+                raise InvalidInput(f"at most {self.max_regions} shared memory regions may be registered")
+            fd, mapping = self._map(match.group(1), key)
+            if offset + byte_size > len(mapping):
+                size = len(mapping)
+                _close(mapping, fd)
+                raise InvalidInput(
+                    f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} is past the "
+                    f"end of {key!r} ({size} bytes)"
+                )
+            self._regions[name] = Region(name, key, offset, byte_size, mapping, fd)
+
+    def _map(self, file_name: str, key: str) -> tuple[int, mmap.mmap]:
+        path = self._root / file_name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise InvalidInput(f"shared memory key {key!r}: no such shared-memory object") from None
+        except OSError as err:
+            raise InvalidInput(f"shared memory key {key!r}: cannot open it ({err.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise InvalidInput(f"shared memory key {key!r}: the object is empty")
+            return fd, mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def unregister(self, name: str) -> None:
+        """Forgets ``name`` (empty: every region). Unknown names are not an error, as in Triton."""
+        self._check_enabled()
+        with self._lock:
+            gone = list(self._regions.values()) if not name else [r for r in [self._regions.get(name)] if r]
+            for region in gone:
+                del self._regions[region.name]
+        for region in gone:
+            _close(region.mapping, region.fd)
+
+    def status(self, name: str) -> list[Region]:
+        """Every region (empty ``name``), or the one named; NOT_FOUND if it is not registered."""
+        self._check_enabled()
+        with self._lock:
+            if not name:
+                return sorted(self._regions.values(), key=lambda r: r.name)
+            region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFound(f"shared memory region {name[:80]!r} is not registered")
+        return [region]
+
+    def get(self, name: str, where: str) -> Region:
+        """The region a request names; INVALID_ARGUMENT (the request is wrong) if there is none."""
+        self._check_enabled()
+        region = self._regions.get(name)
+        if region is None:
+            raise InvalidInput(f"{where}: shared memory region {name[:80]!r} is not registered")
+        return region
+
+    def close(self) -> None:
+        """Unmaps every region (at shutdown)."""
+        with self._lock:
+            regions = list(self._regions.values())
+            self._regions.clear()
+        for region in regions:
+            _close(region.mapping, region.fd)
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise PermissionDenied(
+                "system shared memory is disabled on this server (system_shared_memory=false)"
+            )
+
+
+def _close(mapping: mmap.mmap, fd: int) -> None:
+    # Reads copy and writes finish before they return, so nothing else holds the mapping.
+    mapping.close()
+    os.close(fd)
