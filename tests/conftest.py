@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import (
+    MakeObject,
+    publish_tiny_image_model,
+    publish_tiny_text_model,
+    shared_memory_objects,
+)
 
 
 @pytest.fixture
@@ -16,3 +22,10 @@ def tiny_repository(tmp_path: Path) -> Path:
     publish_tiny_image_model(repository)
     publish_tiny_text_model(repository)
     return repository
+
+
+@pytest.fixture
+def shm_objects() -> Iterator[MakeObject]:
+    """Makes real POSIX shared-memory objects (key, bytes); unlinked after the test."""
+    with shared_memory_objects() as make:
+        yield make

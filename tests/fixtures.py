@@ -5,7 +5,12 @@ The graphs are small but real: onnxruntime runs them, so tests exercise the actu
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +223,31 @@ def publish_graph_that_fails_above_batch_1(repository: Path) -> None:
         image=ImagePreprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     )
     write_model_spec(version_dir, spec)
+
+
+# Makes a POSIX shared-memory object of a size: its key ("/name") and its bytes.
+MakeObject = Callable[[int], tuple[str, memoryview]]
+
+
+def unique_name(label: str) -> str:
+    """A name no other run (or test) uses: shared memory is one namespace for the whole host."""
+    return f"fstest_{os.getpid()}_{label}_{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def shared_memory_objects() -> Iterator[MakeObject]:
+    """Makes real POSIX shared-memory objects with unique names; closed and unlinked afterwards."""
+    made: list[shared_memory.SharedMemory] = []
+
+    def make(size: int) -> tuple[str, memoryview]:
+        obj = shared_memory.SharedMemory(name=unique_name("obj"), create=True, size=size)
+        made.append(obj)
+        assert obj.buf is not None
+        return "/" + obj.name, obj.buf
+
+    try:
+        yield make
+    finally:
+        for obj in made:
+            obj.close()
+            obj.unlink()

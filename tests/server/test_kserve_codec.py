@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterator
-from multiprocessing import shared_memory
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from server.errors import InvalidInput, PermissionDenied
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
 from server.shared_memory import SharedMemoryRegistry
-from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import TINY_IMAGE_SIZE, MakeObject, publish_tiny_image_model, publish_tiny_text_model
 
 
 @pytest.fixture(scope="module")
@@ -471,24 +470,6 @@ def test_model_statistics_conversion() -> None:
 
 
 # Makes a shared-memory object of a size: its key and its bytes.
-MakeObject = Callable[[int], tuple[str, memoryview]]
-
-
-@pytest.fixture
-def shm_objects() -> Iterator[MakeObject]:
-    """Makes real POSIX shared-memory objects (key, bytes); closed and unlinked afterwards."""
-    made: list[shared_memory.SharedMemory] = []
-
-    def make(size: int) -> tuple[str, memoryview]:
-        obj = shared_memory.SharedMemory(create=True, size=size)
-        made.append(obj)
-        assert obj.buf is not None
-        return "/" + obj.name, obj.buf
-
-    yield make
-    for obj in made:
-        obj.close()
-        obj.unlink()
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ made here are unlinked at the end of each test, so /dev/shm is left as it was fo
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Callable, Iterator
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,13 @@ import pytest
 
 from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
 from server.shared_memory import SharedMemoryRegistry
-from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import (
+    TINY_IMAGE_SIZE,
+    MakeObject,
+    publish_tiny_image_model,
+    publish_tiny_text_model,
+    unique_name,
+)
 from tests.server.kserve_harness import ServerProcess, Triton, TritonError, running_server
 
 IMAGE = "tiny-image"
@@ -29,29 +33,9 @@ TEXT = "tiny-text"
 RNG = np.random.default_rng(11)
 
 # Makes a shared-memory object of a size: its key and its bytes.
-MakeObject = Callable[[int], tuple[str, memoryview]]
 
 
-def unique(label: str) -> str:
-    """A name no other run (or test) uses: shared memory is one namespace for the whole host."""
-    return f"fstest_{os.getpid()}_{label}_{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def shm_objects() -> Iterator[MakeObject]:
-    """Makes POSIX shared-memory objects (key, bytes) with unique names; unlinked afterwards."""
-    made: list[shared_memory.SharedMemory] = []
-
-    def make(size: int) -> tuple[str, memoryview]:
-        obj = shared_memory.SharedMemory(name=unique("obj"), create=True, size=size)
-        made.append(obj)
-        assert obj.buf is not None
-        return "/" + obj.name, obj.buf
-
-    yield make
-    for obj in made:
-        obj.close()
-        obj.unlink()
+unique = unique_name
 
 
 # --- the registry, over plain files (root=tmp_path) -----------------------------------------------
