@@ -23,7 +23,7 @@ from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from server.pb.inference import model_config_pb2 as mc
 from server.security import UnparsableRequest
-from server.shared_memory import SharedMemoryRegistry
+from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -57,12 +57,12 @@ def _server_version() -> str:
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, settings: Settings, shared_memory: SharedMemoryRegistry | None = None
+        self, dataplane: DataPlane, settings: Settings, shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY
     ) -> None:
         self._dataplane = dataplane
         self._settings = settings
         self._version = _server_version()
-        self._shared_memory = shared_memory or SharedMemoryRegistry(enabled=False)
+        self._shared_memory = shared_memory
         self._extensions = [*EXTENSIONS, *(["system_shared_memory"] if self._shared_memory.enabled else [])]
 
     # --- health and metadata --------------------------------------------------------------------
@@ -359,7 +359,7 @@ def add_to_server(
     server: grpc.aio.Server,
     dataplane: DataPlane,
     settings: Settings,
-    shared_memory: SharedMemoryRegistry | None = None,
+    shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY,
 ) -> None:
     """Registers the KServe v2 service on ``server``."""
     servicer = KServeServicer(dataplane, settings, shared_memory)

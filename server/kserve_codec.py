@@ -27,7 +27,7 @@ from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
 from server.errors import InvalidInput
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
-from server.shared_memory import SharedMemoryRegistry
+from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
 from server.tensor_checks import check_tensors
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def encode_bytes_elements(items: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_bytes_elements(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
+def decode_bytes_elements(raw: bytes, count: int, where: str) -> list[bytes]:
     """Exactly ``count`` length-prefixed elements filling ``raw`` to its last byte."""
     view = memoryview(raw)
     items: list[bytes] = []
@@ -166,9 +166,7 @@ class RequestInput:
     array: NDArray[np.generic]
 
 
-def decode_raw(
-    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
-) -> NDArray[np.generic]:
+def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> NDArray[np.generic]:
     """A tensor from its raw contents, whose length must match the shape exactly."""
     where = f"input {name!r}"
     count = element_count(shape, where)
@@ -185,8 +183,6 @@ def decode_raw(
         )
     # Read-only view of the request's bytes, in the host's byte order (a no-op on little-endian).
     array = np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
-    if not array.flags.aligned:  # a shared memory offset that is not a multiple of the item size
-        array = array.copy()
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
@@ -221,7 +217,7 @@ def decode_contents(
 
 
 def decode_inputs(
-    request: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry | None = None
+    request: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY
 ) -> list[RequestInput]:
     """All inputs of a request, in order. Raw contents are all-or-nothing, as the protocol says,
     over the inputs that are not in shared memory (those are copied out of their region)."""
@@ -247,9 +243,8 @@ def decode_inputs(
         if ref is not None:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{where}: sets both contents and a shared memory region")
-            registry = shared_memory or SharedMemoryRegistry(enabled=False)
-            view = registry.get(ref.region, where).read(ref.offset, ref.byte_size, where)
-            array = decode_raw(tensor.name, tensor.datatype, shape, view)
+            data = shared_memory.get(ref.region, where).read(ref.offset, ref.byte_size, where)
+            array = decode_raw(tensor.name, tensor.datatype, shape, data)
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{where}: sets both contents and raw_input_contents")
@@ -508,7 +503,7 @@ def encode_outputs(
     outputs: Mapping[str, NDArray[np.generic]],
     wanted: Sequence[RequestedOutput],
     response: pb.ModelInferResponse,
-    shared_memory: SharedMemoryRegistry | None = None,
+    shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY,
 ) -> None:
     """Appends the wanted outputs to ``response``, their data raw (what tritonclient reads), or
     written into their shared memory region. Those keep an empty raw entry, so every output's
@@ -529,8 +524,7 @@ def encode_outputs(
             response.raw_output_contents.append(data)
             continue
         where = f"requested output {output.name!r}"
-        registry = shared_memory or SharedMemoryRegistry(enabled=False)
-        registry.get(ref.region, where).write(ref.offset, data, ref.byte_size, where)
+        shared_memory.get(ref.region, where).write(ref.offset, data, ref.byte_size, where)
         tensor.parameters[SHM_REGION].string_param = ref.region
         tensor.parameters[SHM_BYTE_SIZE].int64_param = len(data)
         if ref.offset:

@@ -184,3 +184,7 @@ def _close(mapping: mmap.mmap, fd: int) -> None:
     # Reads copy and writes finish before they return, so nothing else holds the mapping.
     mapping.close()
     os.close(fd)
+
+
+# What a server without shared memory has: a registry that refuses every use (PERMISSION_DENIED).
+NO_SHARED_MEMORY = SharedMemoryRegistry(enabled=False)

@@ -662,13 +662,14 @@ def test_shared_memory_is_refused_when_disabled(
             refused()
     request = pb.ModelInferRequest(model_name="m")
     placed_input(request, "x", "FP32", [16], codec.SharedMemoryRef("r", 64))
-    for registry in (None, disabled):
-        with pytest.raises(PermissionDenied):
-            codec.decode_inputs(request, registry)
-        with pytest.raises(PermissionDenied):
-            codec.encode_outputs(
-                {"logits": np.zeros(16, np.float32)},
-                [codec.RequestedOutput("logits", shared_memory=codec.SharedMemoryRef("r", 64))],
-                pb.ModelInferResponse(),
-                registry,
-            )
+    wanted = [codec.RequestedOutput("logits", shared_memory=codec.SharedMemoryRef("r", 64))]
+    logits = {"logits": np.zeros(16, np.float32)}
+    # Without a registry (the default) as with a disabled one.
+    with pytest.raises(PermissionDenied):
+        codec.decode_inputs(request)
+    with pytest.raises(PermissionDenied):
+        codec.encode_outputs(logits, wanted, pb.ModelInferResponse())
+    with pytest.raises(PermissionDenied):
+        codec.decode_inputs(request, disabled)
+    with pytest.raises(PermissionDenied):
+        codec.encode_outputs(logits, wanted, pb.ModelInferResponse(), disabled)
