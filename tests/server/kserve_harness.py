@@ -388,6 +388,20 @@ class ServerProcess:
 
 
 @contextmanager
+def connected(server: ServerProcess, timeout_s: float = 60) -> Iterator[Triton]:
+    """A tritonclient for ``server``, once it is ready; its log is in the error if it never is."""
+    client = Triton(server.url)
+    try:
+        try:
+            client.wait_ready(timeout_s)
+        except TimeoutError:
+            raise AssertionError("server not ready; its log:\n" + server.log_tail()) from None
+        yield client
+    finally:
+        client.close()
+
+
+@contextmanager
 def running_server(
     repository: Path, *flags: str, env: dict[str, str] | None = None, timeout_s: float = 60
 ) -> Iterator[ServerProcess]:

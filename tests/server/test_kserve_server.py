@@ -22,7 +22,14 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
-from tests.server.kserve_harness import Inferred, ServerProcess, Triton, TritonError, running_server
+from tests.server.kserve_harness import (
+    Inferred,
+    ServerProcess,
+    Triton,
+    TritonError,
+    connected,
+    running_server,
+)
 
 TOLERANCE = 1e-5
 IMAGE = "tiny-image"
@@ -50,14 +57,8 @@ def server(repository: Path) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def triton(server: ServerProcess) -> Iterator[Triton]:
-    client = Triton(server.url)
-    try:
-        client.wait_ready(60)
-    except TimeoutError:
-        client.close()
-        raise AssertionError("server not ready; its log:\n" + server.log_tail()) from None
-    yield client
-    client.close()
+    with connected(server) as client:
+        yield client
 
 
 def run_graph(version_dir: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -451,33 +452,28 @@ def test_model_control_off_and_stream_backpressure(tmp_path: Path) -> None:
     # form however fast the model runs (adaptive waiting would depend on the stream's timing).
     flags = ("--no-allow-model-control", "--max-queue-size", "2", "--max-queue-delay-ms", "20")
     flags += ("--batch-wait", "fixed")
-    with running_server(repository, *flags) as server:
-        client = Triton(server.url)
-        try:
-            client.wait_ready(60)
-            for method in ("load_model", "unload_model"):
-                with pytest.raises(TritonError) as caught:
-                    client.call(method, "tiny-text")
-                assert caught.value.code == "PERMISSION_DENIED"
-                assert "allow_model_control" in caught.value.message
-            assert client.call("is_model_ready", "tiny-text") is True
-            requests = [
-                {
-                    "model": TEXT,
-                    "inputs": [("texts", "BYTES", strings(f"good movie {i}".encode()))],
-                    "id": str(i),
-                }
-                for i in range(24)
-            ]
-            answers = client.stream(requests)
-            assert [a for a in answers if isinstance(a, TritonError)] == []
-            results = {int(a.id): a for a in answers if isinstance(a, Inferred)}
-            assert sorted(results) == list(range(24))
-            # Batched together, each answer is still exactly its unbatched run.
-            for i, result in results.items():
-                expected = run_graph(repository / TEXT / "1", token_tensors(repository, f"good movie {i}"))
-                assert_outputs(result, expected)
-            stats = client.call("get_inference_statistics", TEXT, as_json=True)["model_stats"][0]
-            assert max(int(b["batch_size"]) for b in stats["batch_stats"]) == 2
-        finally:
-            client.close()
+    with running_server(repository, *flags) as server, connected(server) as client:
+        for method in ("load_model", "unload_model"):
+            with pytest.raises(TritonError) as caught:
+                client.call(method, "tiny-text")
+            assert caught.value.code == "PERMISSION_DENIED"
+            assert "allow_model_control" in caught.value.message
+        assert client.call("is_model_ready", "tiny-text") is True
+        requests = [
+            {
+                "model": TEXT,
+                "inputs": [("texts", "BYTES", strings(f"good movie {i}".encode()))],
+                "id": str(i),
+            }
+            for i in range(24)
+        ]
+        answers = client.stream(requests)
+        assert [a for a in answers if isinstance(a, TritonError)] == []
+        results = {int(a.id): a for a in answers if isinstance(a, Inferred)}
+        assert sorted(results) == list(range(24))
+        # Batched together, each answer is still exactly its unbatched run.
+        for i, result in results.items():
+            expected = run_graph(repository / TEXT / "1", token_tensors(repository, f"good movie {i}"))
+            assert_outputs(result, expected)
+        stats = client.call("get_inference_statistics", TEXT, as_json=True)["model_stats"][0]
+        assert max(int(b["batch_size"]) for b in stats["batch_stats"]) == 2

@@ -26,7 +26,7 @@ from tests.fixtures import (
     publish_tiny_text_model,
     unique_name,
 )
-from tests.server.kserve_harness import ServerProcess, Triton, TritonError, running_server
+from tests.server.kserve_harness import ServerProcess, Triton, TritonError, connected, running_server
 
 IMAGE = "tiny-image"
 TEXT = "tiny-text"
@@ -171,14 +171,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def triton(server: ServerProcess) -> Iterator[Triton]:
-    client = Triton(server.url)
-    try:
-        client.wait_ready(60)
-    except TimeoutError:
-        client.close()
-        raise AssertionError("server not ready; its log:\n" + server.log_tail()) from None
-    yield client
-    client.close()
+    with connected(server) as client:
+        yield client
 
 
 @pytest.fixture
