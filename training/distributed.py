@@ -48,5 +48,13 @@ def barrier(ctx: Dist) -> None:
 
 
 def teardown(ctx: Dist) -> None:
+    """Leaves the process group, all processes together.
+
+    The main process finishes the run alone (test metrics, plots) while the others are done:
+    one that destroyed its group meanwhile could abort in gloo's teardown ("terminate called
+    without an active exception", SIGABRT, seen once in CI), so every process first meets the
+    others here.
+    """
     if ctx.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

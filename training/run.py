@@ -308,7 +308,7 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     # --- finish: best weights, calibration, test metrics, plots, metadata (main process) -------
     distributed.barrier(ctx)
     if not ctx.main:
-        distributed.teardown(ctx)
+        distributed.teardown(ctx)  # waits for the main process to finish first
         return {}
     best = torch.load(output_dir / BEST, map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
