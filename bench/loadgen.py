@@ -30,6 +30,7 @@ import grpc
 from bench.inputs import encoded_items, tensor_batch
 from bench.stats import latency_summary, write_json
 from export.contract import ModelSpec, read_model_spec
+from server.kserve_codec import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
 from server.pb.fineserve.v1 import fineserve_pb2
 from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
@@ -54,8 +55,8 @@ class Load:
     bytes_input: str | None = None
     # The model's version folder: text models then get real token ids from its tokenizer.
     version_dir: Path | None = None
-    # KServe only: the inputs lie in one system shared memory region the server reads in place
-    # (registered for the run), and the request carries only their place, not their bytes.
+    # KServe only: the inputs lie in one system shared memory region (registered for the run) that
+    # the server copies them from, and the request carries only their place, not their bytes.
     shared_memory: bool = False
 
 
@@ -91,9 +92,9 @@ class InputRegion:
         offset = 0
         for tensor, raw in zip(self.request.inputs, raws, strict=True):
             buffer[offset : offset + len(raw)] = raw
-            tensor.parameters["shared_memory_region"].string_param = self.name
-            tensor.parameters["shared_memory_byte_size"].int64_param = len(raw)
-            tensor.parameters["shared_memory_offset"].int64_param = offset
+            tensor.parameters[SHM_REGION].string_param = self.name
+            tensor.parameters[SHM_BYTE_SIZE].int64_param = len(raw)
+            tensor.parameters[SHM_OFFSET].int64_param = offset
             offset += len(raw)
 
     async def register(self, channel: grpc.aio.Channel) -> None:
