@@ -221,6 +221,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         interface = self._interface(handle)
         wanted = codec.requested_outputs(request, interface)
         form = codec.check_inputs(interface, handle.name, codec.decode_inputs(request, self._shared_memory))
+        codec.check_output_regions(wanted, interface, form.batch_size, self._shared_memory)
         # The request's version (None = newest) goes to the core, not the resolved one: a newer
         # version swapped in meanwhile then serves the request instead of failing it.
         if isinstance(form, codec.EncodedRequest):

@@ -123,7 +123,7 @@ def encode_bytes_elements(items: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_bytes_elements(raw: bytes, count: int, where: str) -> list[bytes]:
+def decode_bytes_elements(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
     """Exactly ``count`` length-prefixed elements filling ``raw`` to its last byte."""
     view = memoryview(raw)
     items: list[bytes] = []
@@ -166,7 +166,9 @@ class RequestInput:
     array: NDArray[np.generic]
 
 
-def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> NDArray[np.generic]:
+def decode_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
+) -> NDArray[np.generic]:
     """A tensor from its raw contents, whose length must match the shape exactly."""
     where = f"input {name!r}"
     count = element_count(shape, where)
@@ -437,6 +439,33 @@ def requested_outputs(request: pb.ModelInferRequest, interface: ModelInterface) 
                 raise InvalidInput(f"{where}: parameter 'classification' must be >= 1, got {class_count}")
         wanted.append(RequestedOutput(output.name, class_count, placed))
     return wanted
+
+
+def check_output_regions(
+    wanted: Sequence[RequestedOutput],
+    interface: ModelInterface,
+    batch_size: int,
+    shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY,
+) -> None:
+    """Before the model runs: every output to be written into shared memory names a registered
+    region, its span lies inside it, and (for fixed-size outputs) it holds the whole output.
+    A wrong region then costs no inference; the write checks again, as the region may change."""
+    specs = {t.name: t for t in interface.outputs}
+    for output in wanted:
+        ref = output.shared_memory
+        if ref is None:
+            continue
+        where = f"requested output {output.name!r}"
+        shared_memory.get(ref.region, where).check_span(ref.offset, ref.byte_size, where)
+        spec = specs[output.name]
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        if output.class_count or dtype is None or any(d < 0 for d in spec.shape[1:]):
+            continue  # BYTES, or a size known only once it is computed
+        needed = batch_size * prod(spec.shape[1:]) * dtype.itemsize
+        if needed > ref.byte_size:
+            raise InvalidInput(
+                f"{where}: the output has {needed} bytes, more than shared_memory_byte_size {ref.byte_size}"
+            )
 
 
 def classify(scores: NDArray[np.generic], class_count: int, labels: Sequence[str]) -> NDArray[np.object_]:

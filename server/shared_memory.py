@@ -14,12 +14,14 @@ use this host's shared memory.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
 
@@ -32,25 +34,36 @@ _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 @dataclass(frozen=True)
 class Region:
-    """A registered region: ``byte_size`` bytes from ``offset`` of the object ``key``."""
+    """A registered region: ``byte_size`` bytes from ``offset`` of the object ``key``.
+
+    Read and written through the object's descriptor (``pread``/``pwrite``), never mapped: a
+    client that shrinks its object while the server copies from it then costs a short read, an
+    ``INVALID_ARGUMENT``, where touching a mapped page past the new end would kill the server
+    (SIGBUS).
+    """
 
     name: str
     key: str
     offset: int
     byte_size: int
-    # The whole object, mapped read-write, and its descriptor (kept open to check its size).
-    mapping: mmap.mmap
     fd: int
 
-    def read(self, offset: int, byte_size: int, where: str) -> bytes:
-        """A copy of ``byte_size`` bytes at ``offset`` in the region.
+    def read(self, offset: int, byte_size: int, where: str) -> memoryview:
+        """A copy of ``byte_size`` bytes at ``offset`` in the region, in a fresh aligned buffer.
 
-        Copied, not viewed: a tensor read in place would be touched again by the model run, on
-        another thread, and if the client shrank its object meanwhile that access would kill the
-        server (SIGBUS). One memcpy is a small part of what sending the tensor through gRPC costs.
+        Copied, not viewed: the model run touches its inputs later, on another thread, after the
+        client may have reused the region.
         """
         start = self._span(offset, byte_size, where)
-        return self.mapping[start : start + byte_size]
+        buffer = np.empty(byte_size, dtype=np.uint8)  # not zeroed: every byte is read into it
+        view = buffer.data
+        done = 0
+        while done < byte_size:
+            got = os.preadv(self.fd, [view[done:]], start + done)
+            if got == 0:
+                raise self._shrunk(where)
+            done += got
+        return view.toreadonly()
 
     def write(self, offset: int, data: bytes | memoryview, byte_size: int, where: str) -> None:
         """Writes ``data`` at ``offset``; it must fit in the ``byte_size`` the client set aside."""
@@ -59,7 +72,17 @@ class Region:
             raise InvalidInput(
                 f"{where}: the output has {len(data)} bytes, more than shared_memory_byte_size {byte_size}"
             )
-        self.mapping[start : start + len(data)] = data
+        # An object shrunk since registering is refused rather than grown back by the write.
+        if os.fstat(self.fd).st_size < start + len(data):
+            raise self._shrunk(where)
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], start + done)
+
+    def check_span(self, offset: int, byte_size: int, where: str) -> None:
+        """INVALID_ARGUMENT unless ``byte_size`` bytes at ``offset`` lie inside the region."""
+        self._span(offset, byte_size, where)
 
     def _span(self, offset: int, byte_size: int, where: str) -> int:
         if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:
@@ -67,15 +90,13 @@ class Region:
                 f"{where}: offset {offset} + byte size {byte_size} is outside shared memory region "
                 f"{self.name!r} ({self.byte_size} bytes)"
             )
-        start = self.offset + offset
-        # Pages past the object's end fault (SIGBUS) instead of raising: an object the client
-        # truncated since it registered it is refused here, before it is touched.
-        if os.fstat(self.fd).st_size < start + byte_size:
-            raise InvalidInput(
-                f"{where}: shared memory region {self.name!r}: its object {self.key!r} is smaller than "
-                "when it was registered; register it again"
-            )
-        return start
+        return self.offset + offset
+
+    def _shrunk(self, where: str) -> InvalidInput:
+        return InvalidInput(
+            f"{where}: shared memory region {self.name!r}: its object {self.key!r} is smaller than "
+            "when it was registered; register it again"
+        )
 
 
 class SharedMemoryRegistry:
@@ -109,17 +130,16 @@ class SharedMemoryRegistry:
                 raise AlreadyExists(f"shared memory region {name!r} is already registered")
             if len(self._regions) >= self.max_regions:
                 raise InvalidInput(f"at most {self.max_regions} shared memory regions may be registered")
-            fd, mapping = self._map(match.group(1), key)
-            if offset + byte_size > len(mapping):
-                size = len(mapping)
-                _close(mapping, fd)
+            fd, size = self._open(match.group(1), key)
+            if offset + byte_size > size:
+                os.close(fd)
                 raise InvalidInput(
                     f"shared memory region {name!r}: offset {offset} + byte_size {byte_size} is past the "
                     f"end of {key!r} ({size} bytes)"
                 )
-            self._regions[name] = Region(name, key, offset, byte_size, mapping, fd)
+            self._regions[name] = Region(name, key, offset, byte_size, fd)
 
-    def _map(self, file_name: str, key: str) -> tuple[int, mmap.mmap]:
+    def _open(self, file_name: str, key: str) -> tuple[int, int]:
         path = self._root / file_name
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
@@ -128,10 +148,13 @@ class SharedMemoryRegistry:
         except OSError as err:
             raise InvalidInput(f"shared memory key {key!r}: cannot open it ({err.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidInput(f"shared memory key {key!r} is not a shared-memory object")
+            size = info.st_size
             if size == 0:
                 raise InvalidInput(f"shared memory key {key!r}: the object is empty")
-            return fd, mmap.mmap(fd, size)
+            return fd, size
         except BaseException:
             os.close(fd)
             raise
@@ -144,7 +167,7 @@ class SharedMemoryRegistry:
             for region in gone:
                 del self._regions[region.name]
         for region in gone:
-            _close(region.mapping, region.fd)
+            os.close(region.fd)
 
     def status(self, name: str) -> list[Region]:
         """Every region (empty ``name``), or the one named; NOT_FOUND if it is not registered."""
@@ -171,19 +194,13 @@ class SharedMemoryRegistry:
             regions = list(self._regions.values())
             self._regions.clear()
         for region in regions:
-            _close(region.mapping, region.fd)
+            os.close(region.fd)
 
     def _check_enabled(self) -> None:
         if not self.enabled:
             raise PermissionDenied(
                 "system shared memory is disabled on this server (system_shared_memory=false)"
             )
-
-
-def _close(mapping: mmap.mmap, fd: int) -> None:
-    # Reads copy and writes finish before they return, so nothing else holds the mapping.
-    mapping.close()
-    os.close(fd)
 
 
 # What a server without shared memory has: a registry that refuses every use (PERMISSION_DENIED).

@@ -645,6 +645,31 @@ def test_shared_memory_output_errors(shm_objects: MakeObject, registry: SharedMe
     assert bytes(memory[:64]) == b"\x11" * 64  # nothing written by a refused output
 
 
+def test_output_regions_are_checked_before_the_model_runs(
+    specs: dict[str, ModelSpec], shm_objects: MakeObject, registry: SharedMemoryRegistry
+) -> None:
+    key, _ = shm_objects(64)
+    registry.register("out", key, 0, 32)
+    interface = codec.interface_of(specs["image"])  # logits [-1, 3] FP32: 12 bytes an item
+
+    def check(*wanted: codec.RequestedOutput, batch_size: int = 2) -> None:
+        codec.check_output_regions(wanted, interface, batch_size, registry)
+
+    def placed(name: str, ref: codec.SharedMemoryRef, class_count: int = 0) -> codec.RequestedOutput:
+        return codec.RequestedOutput(name, class_count, shared_memory=ref)
+
+    check(placed("logits", codec.SharedMemoryRef("out", 24)), codec.RequestedOutput("probabilities"))
+    check(placed("probabilities", codec.SharedMemoryRef("out", 24, 8)))
+    with invalid("requested output 'logits': the output has 36 bytes, more than shared_memory_byte_size 24"):
+        check(placed("logits", codec.SharedMemoryRef("out", 24)), batch_size=3)
+    with invalid("requested output 'logits': shared memory region 'gone' is not registered"):
+        check(placed("logits", codec.SharedMemoryRef("gone", 24)))
+    with invalid(r"offset 16 \+ byte size 24 is outside shared memory region 'out' \(32 bytes\)"):
+        check(placed("logits", codec.SharedMemoryRef("out", 24, 16)))
+    # Top-k classes are BYTES of a length known only once computed: only the region is checked.
+    check(placed("probabilities", codec.SharedMemoryRef("out", 4), class_count=2))
+
+
 def test_shared_memory_is_refused_when_disabled(
     shm_objects: MakeObject,
 ) -> None:

@@ -10,6 +10,7 @@ made here are unlinked at the end of each test, so /dev/shm is left as it was fo
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,41 @@ def test_an_object_truncated_after_registering_is_refused_not_faulted(tmp_path: 
         with pytest.raises(InvalidInput, match="offset >= 0"):
             registry.register("negative", "/obj", -8, 8)
     finally:
+        registry.close()
+
+
+def test_an_object_shrinking_while_it_is_read_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    # A client may truncate its object at any moment, between the size check and the copy too.
+    # Through a mapping, that copy would touch pages past the end and this process would die of
+    # SIGBUS; the region reads through the descriptor, so the worst case is a short read.
+    size = 1 << 20
+    (tmp_path / "obj").write_bytes(bytes(size))
+    registry = SharedMemoryRegistry(enabled=True, root=tmp_path)
+    stop = threading.Event()
+
+    def shrink_and_grow() -> None:
+        while not stop.is_set():
+            os.truncate(tmp_path / "obj", 4096)
+            os.truncate(tmp_path / "obj", size)
+
+    flipper = threading.Thread(target=shrink_and_grow)
+    try:
+        registry.register("r", "/obj", 0, size)
+        region = registry.get("r", "x")
+        flipper.start()
+        outcomes = {"read": 0, "refused": 0}
+        for _ in range(2000):
+            try:
+                assert len(region.read(0, size, "input 'a'")) == size
+                outcomes["read"] += 1
+            except InvalidInput as err:
+                assert "smaller than when it was registered" in str(err)
+                outcomes["refused"] += 1
+        assert outcomes["refused"] > 0  # the race was really run
+    finally:
+        stop.set()
+        if flipper.is_alive():
+            flipper.join()
         registry.close()
 
 
@@ -350,6 +386,11 @@ def shm_request(region: str, byte_size: int, output_region: str = "") -> dict[st
     return request
 
 
+def inference_count(triton: Triton, model: str) -> int:
+    stats = triton.call("get_inference_statistics", model, as_json=True)["model_stats"]
+    return sum(int(s.get("inference_count", 0)) for s in stats)
+
+
 @pytest.mark.usefixtures("clean_status")
 def test_infer_with_a_bad_region_is_invalid_and_the_server_keeps_serving(
     triton: Triton, shm_objects: MakeObject
@@ -386,11 +427,14 @@ def test_infer_with_a_bad_region_is_invalid_and_the_server_keeps_serving(
     assert (
         f"input 'pixel_values': shared memory region '{name}' is not registered" in unregistered.value.message
     )
-    # Output too small for what was set aside, through tritonclient's own API.
+    # Output too small for what was set aside, through tritonclient's own API: refused before
+    # the model runs, so the model's inference count stays where it was.
+    ran_before = inference_count(triton, IMAGE)
     with pytest.raises(TritonError) as small:
         triton.shm_infer(IMAGE, [("pixel_values", "FP32", pixels, True)], [("logits", 8)], unique("small"))
     assert small.value.code == "INVALID_ARGUMENT"
     assert "the output has 12 bytes, more than shared_memory_byte_size 8" in small.value.message
+    assert inference_count(triton, IMAGE) == ran_before
     # Still serving, and the regions shm_infer made are gone again.
     again = triton.infer(IMAGE, [("pixel_values", "FP32", pixels)], outputs=["logits"])
     np.testing.assert_array_equal(again.outputs["logits"], plain.outputs["logits"])
