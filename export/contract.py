@@ -175,6 +175,7 @@ def list_versions(model_dir: Path) -> list[int]:
     for child in model_dir.iterdir():
         if (
             child.is_dir()
+            and child.name.isascii()  # str.isdigit() also takes "²", which int() refuses
             and child.name.isdigit()
             and int(child.name) > 0
             and str(int(child.name)) == child.name

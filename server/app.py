@@ -72,7 +72,9 @@ class Server:
             ],
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
-        self.shared_memory = SharedMemoryRegistry(settings.system_shared_memory)
+        self.shared_memory = SharedMemoryRegistry(
+            settings.system_shared_memory, max_read_bytes=settings.max_receive_message_bytes
+        )
         kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -370,11 +370,16 @@ class DataPlane:
             raise
         finally:
             served.in_flight -= 1
-        elapsed = time.perf_counter_ns() - started
         if len(results) == 1:
             outputs = results[0].outputs
         else:
             outputs = {key: np.concatenate([r.outputs[key] for r in results]) for key in results[0].outputs}
+        try:
+            _check_finite(outputs)
+        except InvalidInput:
+            served.stats.record_request(False, time.perf_counter_ns() - started)
+            raise
+        elapsed = time.perf_counter_ns() - started
         # Chunks wait side by side (the longest wait counts) and run one after another (summed);
         # preprocessing counts as computing the input, as in Triton's statistics.
         queue_ns = max(r.queue_ns for r in results)
@@ -434,6 +439,18 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
             f"model {spec.name!r} takes inputs {sorted(declared)}; missing {missing}, unknown {unknown}"
         )
     return inputs, check_tensors(spec.inputs, inputs)
+
+
+def _check_finite(outputs: Tensors) -> None:
+    """Finite inputs far outside what the model was trained on (pixels of 3e38) can overflow to
+    NaN scores: refused, as NaN or infinite inputs are, not answered. Only this request's rows are
+    checked, so its batch-mates are answered as usual."""
+    for name, value in outputs.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise InvalidInput(
+                f"the model's output {name!r} for this request is NaN or infinite: its inputs are far "
+                "outside the range the model was trained on"
+            )
 
 
 def _versions(versions: Sequence[int]) -> str:

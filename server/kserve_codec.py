@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from export.contract import ModelSpec, TensorSpec
 from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
-from server.errors import InvalidInput
+from server.errors import InvalidInput, LimitExceeded
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
 from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
@@ -245,7 +245,10 @@ def decode_inputs(
         if ref is not None:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"{where}: sets both contents and a shared memory region")
-            data = shared_memory.get(ref.region, where).read(ref.offset, ref.byte_size, where)
+            region = shared_memory.get(ref.region, where)
+            limit = shared_memory.max_read_bytes
+            _check_region_size(tensor.name, tensor.datatype, shape, ref.byte_size, limit)
+            data = region.read(ref.offset, ref.byte_size, where)
             array = decode_raw(tensor.name, tensor.datatype, shape, data)
         elif raw:
             if tensor.HasField("contents"):
@@ -256,6 +259,25 @@ def decode_inputs(
             array = decode_contents(tensor.name, tensor.datatype, shape, tensor.contents)
         decoded.append(RequestInput(tensor.name, tensor.datatype, array))
     return decoded
+
+
+def _check_region_size(name: str, datatype: str, shape: Sequence[int], byte_size: int, limit: int) -> None:
+    """Before a byte is read: a fixed-size tensor's region holds exactly what its shape needs (as
+    raw contents must), and a BYTES one no more than a message could carry."""
+    where = f"input {name!r}"
+    if datatype == BYTES:
+        if byte_size > limit:
+            raise LimitExceeded(
+                f"{where}: shared_memory_byte_size {byte_size} is over {limit} bytes, what a request "
+                "message may carry (max_receive_message_bytes)"
+            )
+        return
+    needed = element_count(shape, where) * dtype_of(datatype, where).itemsize
+    if byte_size != needed:
+        raise InvalidInput(
+            f"{where}: shared_memory_byte_size is {byte_size}, but shape {list(shape)} of {datatype} "
+            f"needs {needed}"
+        )
 
 
 @dataclass(frozen=True)
@@ -346,6 +368,18 @@ class EncodedRequest:
     @property
     def batch_size(self) -> int:
         return len(self.items)
+
+
+def check_declared_batch(request: pb.ModelInferRequest, interface: ModelInterface) -> None:
+    """Before anything is decoded: no input declares more items (its first dimension) than the
+    model's ``max_batch_size``. Decoding twenty million empty BYTES elements only to refuse the
+    batch would hold the event loop for seconds."""
+    for tensor in request.inputs:
+        if tensor.shape and tensor.shape[0] > interface.max_batch_size:
+            raise InvalidInput(
+                f"input {tensor.name!r}: batch size {tensor.shape[0]} is over the model's max_batch_size "
+                f"{interface.max_batch_size}"
+            )
 
 
 def check_inputs(
@@ -520,8 +554,11 @@ def parse_version(version: str) -> int | None:
     """The request's version string: empty means the server's choice; else a positive integer."""
     if not version:
         return None
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidInput(f"model version {version!r} must be a positive integer (or empty for the newest)")
+    # ASCII digits only (str.isdigit() also takes "²" and "١"), and few enough for an int64.
+    if not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) < 1:
+        raise InvalidInput(
+            f"model version {version[:40]!r} must be a positive integer (or empty for the newest)"
+        )
     return int(version)
 
 

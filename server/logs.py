@@ -45,7 +45,10 @@ class TextFormatter(logging.Formatter):
 
 def _text_value(value: Any) -> str:
     text = str(value)
-    return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
+    # Quoted and escaped when it would not read as one token: a client's model name with a
+    # newline or a terminal escape sequence cannot forge or garble log lines.
+    plain = text and text.isprintable() and not any(c.isspace() or c in '"=' for c in text)
+    return text if plain else json.dumps(text)
 
 
 class JsonFormatter(logging.Formatter):

@@ -94,10 +94,21 @@ class ImagePreprocessor:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=_FORMATS)
             width, height = image.size
+            if width < 1 or height < 1:
+                raise InvalidInput(f"item {index}: the image is empty ({width}x{height})")
             if width * height > self.limits.max_image_pixels:
                 raise LimitExceeded(
                     f"item {index}: {width}x{height} = {width * height} pixels exceed max_image_pixels "
                     f"({self.limits.max_image_pixels})"
+                )
+            resized = self._resized_size(width, height)
+            if resized[0] * resized[1] > self.limits.max_image_pixels:
+                # Only a freak aspect ratio gets here: a 467-byte 1x200000 PNG would be resized to
+                # 64x12,800,000 pixels (GBs) before the crop. Refused before its pixels are decoded.
+                raise LimitExceeded(
+                    f"item {index}: {width}x{height} would be resized to {resized[0]}x{resized[1]} pixels "
+                    f"before the centre crop, over max_image_pixels ({self.limits.max_image_pixels}); "
+                    "its aspect ratio is too extreme"
                 )
             if image.format == "JPEG":
                 # Decode at 1/2, 1/4 or 1/8 scale when the result is still >= the resize target.
@@ -107,7 +118,7 @@ class ImagePreprocessor:
             raise LimitExceeded(
                 f"item {index}: image exceeds max_image_pixels ({self.limits.max_image_pixels})"
             ) from None
-        except LimitExceeded:
+        except InvalidInput:  # LimitExceeded too
             raise
         except (OSError, ValueError, SyntaxError) as err:
             # Unidentified or truncated images; Pillow's message stays in the log, not the reply.
@@ -120,12 +131,16 @@ class ImagePreprocessor:
             # The contract's one exception: a square image goes straight to the target size (squashed to
             # a non-square target, not cropped), as the export gate built the inputs it validated.
             return image.resize((self.config.width, self.config.height), resample)
-        scale = self._short_side / min(width, height)
-        size = (max(self.config.width, round(width * scale)), max(self.config.height, round(height * scale)))
+        size = self._resized_size(width, height)
         image = image.resize(size, resample)
         left = (size[0] - self.config.width) // 2
         top = (size[1] - self.config.height) // 2
         return image.crop((left, top, left + self.config.width, top + self.config.height))
+
+    def _resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image is resized to (short side to the target's) before the centre crop."""
+        scale = self._short_side / min(width, height)
+        return max(self.config.width, round(width * scale)), max(self.config.height, round(height * scale))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -145,6 +160,7 @@ class TextPreprocessor:
     ):
         self.limits = limits
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.max_length = config.max_length
         self.tokenizer.enable_truncation(max_length=config.max_length)
         self.pad_id = _pad_id(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -172,9 +188,16 @@ class TextPreprocessor:
         return {name: tensors[name] for name in self.input_names}
 
     def check_token_ids(self, tensors: Tensors) -> None:
-        """Token ids sent as ready tensors must be this tokenizer's: any other id would fail inside
-        the graph (an embedding lookup out of range) and take its whole batch down with it."""
+        """Token ids sent as ready tensors must be this tokenizer's, at most ``max_length`` a text:
+        any other id, or a sequence past the model's positions, would fail inside the graph (an
+        embedding lookup out of range) and take its whole batch down with it, and a long one would
+        pad every other request of its batch to its length."""
         ids = tensors.get("input_ids")
+        if ids is not None and ids.ndim == 2 and ids.shape[1] > self.max_length:
+            raise InvalidInput(
+                f"input 'input_ids': {ids.shape[1]} tokens per text, more than the model's max_length "
+                f"({self.max_length}, what its tokenizer truncates texts to)"
+            )
         if ids is not None and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise InvalidInput(
                 f"input 'input_ids': token ids must be in 0..{self.vocab_size - 1} (the model's vocabulary)"

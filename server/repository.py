@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import ModelSpecError, list_models, list_versions, read_model_spec
+from export.contract import MODEL_NAME, ModelSpecError, list_models, list_versions, read_model_spec
 from server.config import Settings
 from server.errors import ModelNotFound
 from server.metrics import Metrics, WatchedVersion
@@ -71,6 +71,10 @@ class Repository:
         return list_models(self.root)
 
     def versions_on_disk(self, name: str) -> list[int]:
+        # Only names a model may have are looked up: a client's "../x" or "/abs" never becomes a
+        # path outside the repository (load would serve it), and an over-long name never an OSError.
+        if not MODEL_NAME.match(name):
+            return []
         return list_versions(self.root / name)
 
     def unloaded(self, name: str) -> bool:
@@ -123,7 +127,7 @@ class Repository:
         """Serves ``name`` again after an unload (or loads it now); raises ModelNotFound."""
         async with self._lock:
             if not self.versions_on_disk(name):
-                raise ModelNotFound(f"model {name!r} is not in the repository")
+                raise ModelNotFound(f"model {name[:80]!r} is not in the repository")
             self._unloaded.discard(name)
             for key in [k for k in self._failed if k[0] == name]:
                 del self._failed[key]  # an explicit load retries failed versions
@@ -133,7 +137,7 @@ class Repository:
         """Stops serving ``name`` (requests already running finish); polling leaves it unloaded."""
         async with self._lock:
             if name not in self.served and not self.versions_on_disk(name):
-                raise ModelNotFound(f"model {name!r} is not in the repository")
+                raise ModelNotFound(f"model {name[:80]!r} is not in the repository")
             self._unloaded.add(name)
             await self._sync_model(name)
 

@@ -102,9 +102,17 @@ class Region:
 class SharedMemoryRegistry:
     """The regions clients registered, by name. Thread-safe; ``enabled`` False refuses everything."""
 
-    def __init__(self, enabled: bool, max_regions: int = 1024, root: Path = SHM_ROOT) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        max_regions: int = 1024,
+        root: Path = SHM_ROOT,
+        max_read_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.enabled = enabled
         self.max_regions = max_regions
+        # The most one variable-size (BYTES) input may read: what a request message may carry.
+        self.max_read_bytes = max_read_bytes
         self._root = root
         self._regions: dict[str, Region] = {}
         self._lock = threading.Lock()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from export.contract import ModelSpecError, read_model_spec
+from export.contract import ModelSpecError, list_models, list_versions, read_model_spec
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 
 
@@ -87,3 +87,13 @@ def test_unreadable_model_json(tmp_path: Path, content: str | None, message: str
         (version_dir / "model.json").write_text(content)
     with pytest.raises(ModelSpecError, match=message):
         read_model_spec(version_dir)
+
+
+def test_only_plain_ascii_numbers_are_versions(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "m"
+    for name in ("1", "7", "02", "0", "v3", "\u00b2", "\u0663", "\uff14", "12x"):
+        (model / name).mkdir(parents=True)
+    (model / "9").write_text("a file, not a version folder")
+    # "²" passes str.isdigit() and then breaks int(); "٣" and "４" would pass as 3 and 4.
+    assert list_versions(model) == [1, 7]
+    assert list_models(tmp_path / "models") == ["m"]

@@ -119,3 +119,14 @@ def test_text_log_has_slow_and_failed_requests_only(tiny_repository: Path, log_o
     assert "INFO server.requests: request failed " in failed
     assert ' model=no-such-model version="" status=NOT_FOUND ' in failed
     assert "error=\"model 'no-such-model' is not in the repository\"" in failed
+
+
+def test_text_log_fields_are_one_token_each_whatever_a_client_sends(log_output: io.StringIO) -> None:
+    configure_logging(load_settings(log_format="text", log_level="INFO"), log_output)
+    forged = "x\nERROR fake line\x1b[31m"
+    logging.getLogger("server.requests").info(
+        "request failed", extra={"fields": {"model": forged, "status": "NOT_FOUND", "note": "a b"}}
+    )
+    (line,) = log_output.getvalue().splitlines()  # the newline did not start a line of its own
+    assert "\x1b" not in line
+    assert ' model="x\\nERROR fake line\\u001b[31m" status=NOT_FOUND note="a b"' in line

@@ -409,7 +409,7 @@ CASES = [
     ),
     Case(
         "kserve huge shape",
-        kinfer(("pixel_values", "FP32", [1 << 20, 1 << 20, 3, SIDE], b"", None)),
+        kinfer(("pixel_values", "FP32", [1, 1 << 20, 1 << 20, SIDE], b"", None)),
         INVALID,
         "elements, over",
     ),
@@ -532,6 +532,34 @@ CASES = [
         "max_image_pixels",
     ),
     Case(
+        # Finite, so past the NaN check, but the model overflows: refused, not answered with NaN.
+        "kserve finite pixels of 3e38",
+        kinfer(pixels([1, 3, SIDE, SIDE], fill=3e38)),
+        INVALID,
+        "output 'logits' for this request is NaN or infinite",
+    ),
+    Case(
+        # Only 5 Mpx, but resized to 8 x 40,000,000 before the crop (GBs for a larger model).
+        "kserve PNG of 1 x 5,000,000",
+        kinfer(byte_items("images", images.png_declaring(1, 5_000_000))),
+        INVALID,
+        "aspect ratio is too extreme",
+    ),
+    Case(
+        # Refused from the shape alone: decoding 20 million elements first held the loop for seconds.
+        "kserve 20 million BYTES elements",
+        kinfer(("images", "BYTES", [20_000_000], b"\0" * 4000, None)),
+        INVALID,
+        "batch size 20000000 is over the model's max_batch_size",
+    ),
+    Case(
+        # Past the model's positions it failed inside the graph, with every request of its batch.
+        "kserve token ids past max_length",
+        kinfer(token_input("input_ids", [1, 17]), token_input("attention_mask", [1, 17]), model="tiny-text"),
+        INVALID,
+        r"17 tokens per text, more than the model's max_length \(16",
+    ),
+    Case(
         "kserve non-UTF-8 text",
         kinfer(byte_items("texts", b"\xc3\x28"), model="tiny-text"),
         INVALID,
@@ -575,6 +603,19 @@ CASES = [
         "positive integer",
     ),
     Case(
+        # str.isdigit() takes it; int() does not (was INTERNAL).
+        "kserve superscript version",
+        unary("ModelConfig", ks.ModelConfigRequest(name="tiny-image", version="\u00b2")),
+        INVALID,
+        "positive integer",
+    ),
+    Case(
+        "kserve 5000-digit version",
+        unary("ModelMetadata", ks.ModelMetadataRequest(name="tiny-image", version="9" * 5000)),
+        INVALID,
+        "positive integer",
+    ),
+    Case(
         "kserve statistics version without name",
         unary("ModelStatistics", ks.ModelStatisticsRequest(version="1")),
         INVALID,
@@ -591,6 +632,19 @@ CASES = [
     Case(
         "kserve load unknown model",
         unary("RepositoryModelLoad", ks.RepositoryModelLoadRequest(model_name="nope")),
+        NOT_FOUND,
+        "not in the repository",
+    ),
+    Case(
+        # The repository is .../models: this path names the same model and used to load a copy.
+        "kserve load a path out of the repository",
+        unary("RepositoryModelLoad", ks.RepositoryModelLoadRequest(model_name="../models/tiny-image")),
+        NOT_FOUND,
+        "not in the repository",
+    ),
+    Case(
+        "kserve load a 300-character name",
+        unary("RepositoryModelLoad", ks.RepositoryModelLoadRequest(model_name="a" * 300)),
         NOT_FOUND,
         "not in the repository",
     ),

@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from export.contract import ModelSpec, read_model_spec
 from server import kserve_codec as codec
-from server.errors import InvalidInput, PermissionDenied
+from server.errors import InvalidInput, LimitExceeded, PermissionDenied
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
 from server.shared_memory import SharedMemoryRegistry
@@ -357,7 +357,8 @@ def test_request_parameters_and_version() -> None:
         codec.check_request_parameters(request.parameters)
     assert codec.parse_version("") is None
     assert codec.parse_version("12") == 12
-    for bad in ("0", "-1", "v1", "1.0"):
+    # "²" passes str.isdigit() and breaks int(); "１" (full width) and "٣" would pass as 1 and 3.
+    for bad in ("0", "-1", "v1", "1.0", "\u00b2", "\uff11", "\u0663", "9" * 19, "9" * 5000):
         with invalid("must be a positive integer"):
             codec.parse_version(bad)
 
@@ -569,10 +570,13 @@ def test_shared_memory_input_errors(shm_objects: MakeObject, registry: SharedMem
         codec.decode_inputs(request, registry)
 
     decode(codec.SharedMemoryRef("r", 64), [16])  # the whole region
-    with invalid(r"input 'x': raw contents have 60 bytes, but shape \[16\] of FP32 needs 64"):
+    # Sizes are checked against the shape before anything is read.
+    with invalid(r"input 'x': shared_memory_byte_size is 60, but shape \[16\] of FP32 needs 64"):
         decode(codec.SharedMemoryRef("r", 60), [16])
-    with invalid(r"input 'x': raw contents have 64 bytes, but shape \[2, 4\] of FP32 needs 32"):
+    with invalid(r"input 'x': shared_memory_byte_size is 64, but shape \[2, 4\] of FP32 needs 32"):
         decode(codec.SharedMemoryRef("r", 64), [2, 4])
+    with invalid(r"input 'x': shape \[-1\] has a negative dimension"):
+        decode(codec.SharedMemoryRef("r", 64), [-1])
     # Past the region's end, though well inside the object.
     with invalid(r"input 'x': offset 8 \+ byte size 64 is outside shared memory region 'r' \(64 bytes\)"):
         decode(codec.SharedMemoryRef("r", 64, 8), [16])
@@ -583,6 +587,35 @@ def test_shared_memory_input_errors(shm_objects: MakeObject, registry: SharedMem
     registry.unregister("r")
     with invalid("input 'x': shared memory region 'r' is not registered"):
         decode(codec.SharedMemoryRef("r", 64), [16])
+
+
+def test_a_bytes_input_in_shared_memory_reads_no_more_than_a_message_could_carry(
+    shm_objects: MakeObject,
+) -> None:
+    key, _ = shm_objects(4096)
+    registry = SharedMemoryRegistry(enabled=True, max_read_bytes=1024)
+    try:
+        registry.register("r", key, 0, 4096)
+        request = pb.ModelInferRequest(model_name="m")
+        placed_input(request, "texts", "BYTES", [1], codec.SharedMemoryRef("r", 2048))
+        with pytest.raises(LimitExceeded, match="shared_memory_byte_size 2048 is over 1024 bytes"):
+            codec.decode_inputs(request, registry)
+    finally:
+        registry.close()
+
+
+def test_declared_batch_sizes_are_checked_before_decoding(specs: dict[str, ModelSpec]) -> None:
+    interface = codec.interface_of(specs["image"], max_batch_size=4)
+    request = pb.ModelInferRequest(model_name="m")
+    # Twenty million empty BYTES elements: refused from the shape alone, nothing decoded.
+    request.inputs.add(name="images", datatype="BYTES", shape=[20_000_000])
+    request.raw_input_contents.append(b"\0\0\0\0" * 1000)
+    with invalid("input 'images': batch size 20000000 is over the model's max_batch_size 4"):
+        codec.check_declared_batch(request, interface)
+    within = pb.ModelInferRequest(model_name="m")
+    within.inputs.add(name="pixel_values", datatype="FP32", shape=[4, 3, 8, 8])
+    within.inputs.add(name="scalar", datatype="FP32", shape=[])
+    codec.check_declared_batch(within, interface)  # the rest is decode_inputs' and check_inputs' to say
 
 
 def test_output_written_to_shared_memory_keeps_an_empty_raw_entry(

@@ -411,7 +411,7 @@ def test_infer_with_a_bad_region_is_invalid_and_the_server_keeps_serving(
     np.testing.assert_allclose(written, plain.outputs["logits"], rtol=0, atol=1e-6)
     cases = {
         f"'{never}' is not registered": shm_request(never, size),
-        "raw contents have 64 bytes, but shape [1, 3, 8, 8] of FP32 needs 768": shm_request(name, 64),
+        "shared_memory_byte_size is 64, but shape [1, 3, 8, 8] of FP32 needs 768": shm_request(name, 64),
         f"requested output 'logits': shared memory region '{never}' is not registered": shm_request(
             name, size, never
         ),
