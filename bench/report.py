@@ -22,6 +22,24 @@ def _met(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _cpu_budget(sat: dict[str, Any]) -> list[str]:
+    """Where one served request's CPU went at a saturation point, against raw's cost per item: the
+    share the model got bounds the ratio on a machine where the server and client share the cores."""
+    cpu = sat.get("cpu_ms_per_request")
+    if not cpu:
+        return []  # a run from before the per-role figures
+    items = sat["served_at"]["items_per_request"]
+    client = sat["client_cpu_ms_per_request"]
+    total = sum(cpu.values()) + client
+    rest = total - cpu["event_loop"] - cpu["inference"] - client
+    return [
+        f"| (CPU per request of {items} at that point) | event loop {cpu['event_loop']:.2f} ms, "
+        f"inference {cpu['inference']:.2f} ms ({cpu['inference'] / items:.2f} per item; raw "
+        f"{sat['raw_cpu_ms_per_item']:.2f}), other server threads {rest:.2f} ms, load generator "
+        f"{client:.2f} ms: the model got **{cpu['inference'] / total:.0%}** of the CPU spent | |"
+    ]
+
+
 def model_tables(name: str, m: dict[str, Any]) -> list[str]:
     lines = [f"### {name} (v{m['version']}, {m['task']})", ""]
     sat = m["saturation"]
@@ -44,6 +62,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
         f"(batch {sat['raw_best_batch']}) = **{sat['ratio']:.2f} x** | "
         f"{_met(sat['ratio'] >= SATURATION_TARGET)} |",
     ]
+    lines += _cpu_budget(sat)
     one = m["saturation_single_item"]
     lines += [
         f"| the same, one item per request (the server does all the batching) | "
@@ -51,6 +70,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
         f"{one['raw_items_per_s']:.0f} items/s = **{one['ratio']:.2f} x** | "
         f"{_met(one['ratio'] >= SATURATION_TARGET)} |",
     ]
+    lines += _cpu_budget(one)
     shm = m.get("saturation_shared_memory")
     if shm:
         lines.append(
@@ -58,6 +78,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
             f"served {shm['served_items_per_s']:.0f} items/s vs raw {shm['raw_items_per_s']:.0f} items/s "
             f"= **{shm['ratio']:.2f} x** | {_met(shm['ratio'] >= SATURATION_TARGET)} |"
         )
+        lines += _cpu_budget(shm)
     lines += [
         f"| concurrency 1 median <= raw batch 1 + {LATENCY_BUDGET_MS:.0f} ms | "
         f"served p50 {lat['served_p50_ms']:.2f} ms vs raw p50 {lat['raw_p50_ms']:.2f} ms "

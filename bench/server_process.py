@@ -19,6 +19,8 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.threads import RoleCpu
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,6 +81,7 @@ class ServerProcess:
         self._log: IO[bytes] | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.seconds_to_serving = float("nan")
+        self._role_cpu: RoleCpu | None = None
 
     @property
     def target(self) -> str:
@@ -114,6 +117,15 @@ class ServerProcess:
         """Resident memory of the server process now."""
         assert self.process is not None
         return rss_bytes(self.process.pid)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the server's threads so far, by role (server/threads.py); its event loop
+        runs on the process's main thread."""
+        assert self.process is not None
+        if self._role_cpu is None or self._role_cpu.pid != self.process.pid:
+            self._role_cpu = RoleCpu(self.process.pid)
+            self._role_cpu.loop_tid = self.process.pid
+        return self._role_cpu.read()
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far (all its threads)."""

@@ -103,12 +103,18 @@ class Suite:
         return row
 
     def load(self, server: ServerProcess, spec: ModelSpec, load: Load, label: str = "") -> dict[str, Any]:
-        cpu_client, cpu_server = time.process_time(), server.cpu_seconds()
+        cpu_client, cpu_server, by_role = time.process_time(), server.cpu_seconds(), server.cpu_by_role()
         with PeakMemory(server) as memory:
             row = asyncio.run(run_load(server.target, spec, load))
-        served = row["requests_ok"] * load.items or 1
+        requests = row["requests_ok"] or 1
+        served = requests * load.items
         row["server_cpu_ms_per_item"] = (server.cpu_seconds() - cpu_server) * 1e3 / served
         row["client_cpu_ms_per_item"] = (time.process_time() - cpu_client) * 1e3 / served
+        # Where the server's CPU went, per answered request: the event loop against the model.
+        row["server_cpu_ms_per_request"] = {
+            role: (seconds - by_role[role]) * 1e3 / requests for role, seconds in server.cpu_by_role().items()
+        }
+        row["client_cpu_ms_per_request"] = row["client_cpu_ms_per_item"] * load.items
         row["peak_rss_mb"] = memory.peak_bytes / MB
         errors = {k: v for k, v in row["codes"].items() if k != "OK"}
         print(
@@ -285,14 +291,27 @@ class Suite:
             )
             served_top = self.load(server, spec, load, "shm" if shared_memory else "")
             pairs.append(
-                {"raw_items_per_s": raw_top["items_per_s"], "served_items_per_s": served_top["items_per_s"]}
+                {
+                    "raw_items_per_s": raw_top["items_per_s"],
+                    "served_items_per_s": served_top["items_per_s"],
+                    "raw_cpu_ms_per_item": raw_top["cpu_ms_per_item"],
+                    "server_cpu_ms_per_request": served_top["server_cpu_ms_per_request"],
+                    "client_cpu_ms_per_request": served_top["client_cpu_ms_per_request"],
+                }
             )
+        roles = pairs[0]["server_cpu_ms_per_request"]
         return {
             "raw_best_batch": raw_batch,
             "raw_items_per_s": median(p["raw_items_per_s"] for p in pairs),
             "served_items_per_s": median(p["served_items_per_s"] for p in pairs),
             "served_at": {"concurrency": top["concurrency"], "items_per_request": top["items_per_request"]},
             "ratio": median(p["served_items_per_s"] / p["raw_items_per_s"] for p in pairs),
+            # The CPU budget of one served request at that point, against raw's per item.
+            "cpu_ms_per_request": {
+                role: median(p["server_cpu_ms_per_request"][role] for p in pairs) for role in roles
+            },
+            "client_cpu_ms_per_request": median(p["client_cpu_ms_per_request"] for p in pairs),
+            "raw_cpu_ms_per_item": median(p["raw_cpu_ms_per_item"] for p in pairs),
             "rounds": pairs,
         }
 

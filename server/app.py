@@ -13,8 +13,10 @@ the repository after startup.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ from server.metrics import Metrics
 from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
 from server.pb.inference import grpc_service_pb2
 from server.shared_memory import SharedMemoryRegistry
+from server.threads import WORKER_NAME, name_thread
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,14 @@ class Server:
         self._stopping = False
 
     async def start(self) -> None:
+        # Blocking work (tokenising, model loading) runs on named threads; the event loop is this
+        # thread. Both for the per-role CPU metric and for top -H (server/threads.py).
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix="worker", initializer=name_thread, initargs=(WORKER_NAME,)
+            )
+        )
+        self.metrics.thread_cpu.loop_tid = threading.get_native_id()
         await self._set_health(serving=False)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc.start()

@@ -40,6 +40,7 @@ from server.errors import (
     ServerShuttingDown,
     ServingError,
 )
+from server.threads import name_thread
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ class Batcher:
     # --- the batching threads -------------------------------------------------------------------
 
     def _work(self) -> None:
+        name_thread(self._thread_name)  # what top -H and py-spy show (server/threads.py)
         while True:
             batch: list[_Pending] = []
             formed = False

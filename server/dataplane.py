@@ -38,6 +38,7 @@ from server.preprocess import TextPreprocessor, check_items
 from server.repository import Repository, VersionState
 from server.runtime import CUDA, choose_provider
 from server.tensor_checks import check_tensors
+from server.threads import DECODE_NAME, name_thread
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,10 @@ class DataPlane:
         # pool of its own, so a batch run never waits behind decoding, and vice versa.
         cores = os.cpu_count() or 1
         self._image_pool = concurrent.futures.ThreadPoolExecutor(
-            settings.preprocess_threads or cores, thread_name_prefix="decode"
+            settings.preprocess_threads or cores,
+            thread_name_prefix="decode",
+            initializer=name_thread,
+            initargs=(DECODE_NAME,),
         )
         self.repository = Repository(settings, self.provider, self.metrics, self._image_pool)
         self._started = False

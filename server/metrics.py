@@ -25,11 +25,13 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from server.threads import RoleCpu
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,9 @@ class Metrics:
         self._execution_labels: dict[tuple[str, str], tuple[str, str]] = {}
         self._lock = threading.Lock()  # the scrape thread reads what the event loop writes
         self.registry.register(_ModelCollector(self))
+        # CPU time by thread role (event loop, inference, ...); the server sets the loop's thread.
+        self.thread_cpu = RoleCpu()
+        self.registry.register(_ThreadCollector(self.thread_cpu))
         self.gpu_enabled = False
 
     def enable_gpu(self) -> bool:
@@ -302,6 +307,27 @@ class _ModelCollector(Collector):
         for model, count in sorted(counts.items()):
             loaded.add_metric([model], count)
         yield from (depth, capacity, in_flight, loaded)
+
+
+class _ThreadCollector(Collector):
+    """CPU time of the server's threads by role, read from /proc at scrape time (Linux; elsewhere
+    the series stay at 0). The event loop's rate near 1 (a whole core) means the loop, not the
+    model, limits throughput."""
+
+    def __init__(self, role_cpu: RoleCpu) -> None:
+        self._role_cpu = role_cpu
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "fineserve_thread_cpu_seconds",
+            "CPU time of the server's threads by role: event_loop (gRPC calls, request decoding and "
+            "answers), inference (batching threads and onnxruntime's workers), preprocessing (image "
+            "decoding, tokenising, model loading), grpc (gRPC's core threads), other.",
+            labels=["role"],
+        )
+        for role, seconds in self._role_cpu.read().items():
+            family.add_metric([role], seconds)
+        yield family
 
 
 class GpuCollector(Collector):

@@ -30,6 +30,7 @@ from server.config import Settings
 from server.datatypes import NUMPY_DTYPES
 from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
 from server.runtime import CUDA, ModelSession, choose_variant, plan_threads
+from server.threads import INFER_PREFIX
 from server.tuning import Choice, return_freed_memory, tune_instances
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class ServedVersion:
             f"{spec.name}/{spec.version}",
             run,
             collate,
-            thread_name=f"infer-{spec.name}",
+            thread_name=f"{INFER_PREFIX}{spec.name}",
             instances=self.threads.instances,
             max_batch_size=self.max_batch_size,
             max_batch_time=batching.max_queue_delay_ms / 1000.0,

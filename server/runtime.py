@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from export.contract import ModelSpec, Variant
 from server.config import Settings
+from server.threads import ORT_PREFIX, named
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,9 @@ class ModelSession:
             if settings.cuda_mem_limit_bytes:
                 cuda_options["gpu_mem_limit"] = settings.cuda_mem_limit_bytes
             providers = [(CUDA, cuda_options), CPU]
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        # onnxruntime's intra-op workers start here and take this thread's name: ort:<model>.
+        with named(f"{ORT_PREFIX}{path.parent.parent.name}"):
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         used = self.session.get_providers()
         if used[0] != provider:
             # onnxruntime falls back to CPU without raising when CUDA libraries are missing.

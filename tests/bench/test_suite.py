@@ -45,6 +45,11 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
         assert model["latency_c1"]["empty_rpc_p50_ms"] > 0
         assert model["latency_c1"]["server_stages"]["compute_infer_ms"] > 0
         assert len(model["saturation"]["rounds"]) == 2
+        # Where one request's CPU went at that point, by server thread role, and the client's.
+        budget = model["saturation"]["cpu_ms_per_request"]
+        assert set(budget) == {"event_loop", "inference", "preprocessing", "grpc", "other"}
+        assert all(ms >= 0 for ms in budget.values())
+        assert model["saturation"]["client_cpu_ms_per_request"] >= 0
         # The same point with the inputs in shared memory: served, every request answered.
         in_shm = model["saturation_shared_memory"]
         assert in_shm["served_at"] == model["saturation"]["served_at"]
@@ -57,6 +62,7 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
     assert "as the server measured them at load" in tables
     assert tables.count("| served at saturation >=") == 2
     assert tables.count("inputs in system shared memory") == 2
+    assert tables.count("of the CPU spent") == 6  # three saturation points per model
     assert "fineserve-bench suite --model-repository" in tables  # the command that made them
 
 

@@ -21,6 +21,7 @@ from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from server.pb.inference import grpc_service_pb2 as kpb
 from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from server.threads import thread_cpu
 from tests.fixtures import TINY_IMAGE_SIZE
 from tests.observability.conftest import (
     ROOT,
@@ -138,6 +139,31 @@ def test_model_gauges_follow_unload_and_load(server: RunningServer) -> None:
     ]
     server.call(server.server.dataplane.load("tiny-text"))
     assert samples(port)[("fineserve_model_loaded_versions", frozenset({("model", "tiny-text")}))] == 1
+
+
+def test_cpu_time_is_split_by_thread_role(server: RunningServer) -> None:
+    def by_role() -> dict[str, float]:
+        return {
+            dict(labels)["role"]: value
+            for (name, labels), value in samples(server.server.metrics_port).items()
+            if name == "fineserve_thread_cpu_seconds_total"
+        }
+
+    before = by_role()
+    assert set(before) == {"event_loop", "inference", "preprocessing", "grpc", "other"}
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.FineserveStub(channel)
+        request = tensor_request("tiny-image", 1)
+        for _ in range(400):  # /proc counts in clock ticks (10 ms): enough calls to see the loop's
+            stub.Classify(request)
+    after = by_role()
+    assert after["event_loop"] > before["event_loop"]
+    assert all(after[role] >= before[role] for role in before)  # a counter
+    process = samples(server.server.metrics_port)[("process_cpu_seconds_total", frozenset())]
+    assert sum(after.values()) <= process + 0.05
+    # The model's batching thread carries its name for the operating system (top -H, py-spy).
+    names = {name for name, _ in thread_cpu().values()}
+    assert "infer:tiny-imag" in names  # the kernel keeps 15 bytes of a name
 
 
 def test_process_metrics_are_exported_and_gpu_metrics_only_with_nvml(server: RunningServer) -> None:

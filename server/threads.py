@@ -1,0 +1,150 @@
+"""The server's threads by role: operating-system names, and CPU time per role.
+
+Python 3.11 names threads only for itself: ``top -H``, ``ps -L``, py-spy's native view and /proc
+show every thread of the server as "python". The server names its own with ``prctl(PR_SET_NAME)``
+(Linux; elsewhere naming does nothing), so an operator can see which part of the server is busy:
+
+- ``infer:<model>``: a model version's batching thread, which runs onnxruntime;
+- ``ort:<model>``: onnxruntime's own intra-op workers (named after the thread that created the
+  session: a new thread takes its creator's name);
+- ``fs-decode``: image decoding; ``fs-worker``: other blocking work (tokenising, model loading);
+- gRPC's core names its threads itself (``event_engine``, ``grpc_global_tim``, ...).
+
+The event loop runs on the thread that started the server; it keeps its name, which is the
+process's name. ``RoleCpu`` sums CPU time per role, for the ``fineserve_thread_cpu_seconds_total``
+metric and the benchmarks: with a small model on a few cores, the event loop, not the model, is
+what saturates first (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# The roles, as metric label values.
+EVENT_LOOP = "event_loop"
+INFERENCE = "inference"
+PREPROCESSING = "preprocessing"
+GRPC = "grpc"
+OTHER = "other"
+ROLES = (EVENT_LOOP, INFERENCE, PREPROCESSING, GRPC, OTHER)
+
+INFER_PREFIX = "infer:"
+ORT_PREFIX = "ort:"
+DECODE_NAME = "fs-decode"
+WORKER_NAME = "fs-worker"
+# Thread names gRPC's core gives its own threads.
+_GRPC_PREFIXES = ("event_engine", "grpc", "lifeguard", "default-executo", "resolver-executo")
+
+_PR_SET_NAME = 15
+_PR_GET_NAME = 16
+_NAME_BYTES = 15  # the kernel keeps 15 bytes and a NUL
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not Path("/proc/self/task").is_dir():
+        return None  # not Linux
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+    prctl: Callable[..., int] | None = getattr(libc, "prctl", None)
+    return prctl
+
+
+_prctl = _load_prctl()
+
+
+def name_thread(name: str) -> None:
+    """Gives the calling thread ``name`` (its first 15 bytes) in the operating system."""
+    if _prctl is not None:
+        _prctl(_PR_SET_NAME, name.encode()[:_NAME_BYTES], 0, 0, 0)
+
+
+def thread_name() -> str:
+    """The calling thread's operating-system name ("" where there is none)."""
+    if _prctl is None:
+        return ""
+    buffer = ctypes.create_string_buffer(_NAME_BYTES + 1)
+    _prctl(_PR_GET_NAME, buffer, 0, 0, 0)
+    return buffer.value.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def named(name: str) -> Iterator[None]:
+    """The calling thread carries ``name`` meanwhile: threads it starts inherit it."""
+    before = thread_name()
+    name_thread(name)
+    try:
+        yield
+    finally:
+        name_thread(before)
+
+
+def role_of(name: str, tid: int, loop_tid: int | None) -> str:
+    """A thread's role, from its operating-system name (and whether it runs the event loop)."""
+    if tid == loop_tid:
+        return EVENT_LOOP
+    if name.startswith((INFER_PREFIX, ORT_PREFIX)):
+        return INFERENCE
+    if name.startswith((DECODE_NAME, WORKER_NAME)):
+        return PREPROCESSING
+    if name.startswith(_GRPC_PREFIXES):
+        return GRPC
+    return OTHER
+
+
+def thread_cpu(pid: int | str = "self") -> dict[int, tuple[str, float]]:
+    """Every live thread of process ``pid``: its id -> (its name, user + system CPU seconds).
+    Empty where there is no /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    root = Path(f"/proc/{pid}/task")
+    try:
+        tids = [int(entry.name) for entry in root.iterdir()]
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            name = (root / str(tid) / "comm").read_text().rstrip("\n")
+            stat = (root / str(tid) / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        threads[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return threads
+
+
+class RoleCpu:
+    """CPU seconds per role since the process started, never decreasing (a Prometheus counter):
+    a thread that ended keeps its last reading in its role, and a role's total never goes back
+    (a thread renamed meanwhile keeps its earlier time where it was counted)."""
+
+    def __init__(self, pid: int | str = "self") -> None:
+        self.pid = pid
+        # The event loop's thread id, once the server runs (its name is the process's).
+        self.loop_tid: int | None = None
+        self._seen: dict[int, tuple[str, float]] = {}  # tid -> (role, seconds) at the last reading
+        self._ended = dict.fromkeys(ROLES, 0.0)
+        self._totals = dict.fromkeys(ROLES, 0.0)
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, float]:
+        now = thread_cpu(self.pid)
+        with self._lock:
+            for tid, (role, seconds) in self._seen.items():
+                if tid not in now or now[tid][1] < seconds:  # ended (its id maybe reused)
+                    self._ended[role] += seconds
+            self._seen = {
+                tid: (role_of(name, tid, self.loop_tid), seconds) for tid, (name, seconds) in now.items()
+            }
+            totals = dict(self._ended)
+            for role, seconds in self._seen.values():
+                totals[role] += seconds
+            self._totals = {role: max(self._totals[role], totals[role]) for role in ROLES}
+            return dict(self._totals)
