@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.inputs import tensor_batch
-from bench.stats import latency_summary, write_json
+from bench.stats import latency_summary, positive_ints, positive_seconds, write_json
 from export.contract import read_model_spec
 
 
@@ -111,14 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True, help="<repo>/<model>/<version>")
     parser.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"], help="graph variant")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider")
-    parser.add_argument("--batch-sizes", default="1,4,16,32", help="comma-separated batch sizes")
+    parser.add_argument(
+        "--batch-sizes",
+        type=positive_ints,
+        default=positive_ints("1,4,16,32"),
+        help="comma-separated batch sizes",
+    )
     parser.add_argument(
         "--seq-len",
         type=int,
         default=64,
         help="unused when the model has its tokenizer (real texts are tokenized)",
     )
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per batch size")
+    parser.add_argument("--seconds", type=positive_seconds, default=3.0, help="measuring time per batch size")
     parser.add_argument("--intra-threads", type=int, default=0, help="0 = onnxruntime's default")
     parser.add_argument("--inter-threads", type=int, default=1)
     parser.add_argument(
@@ -136,15 +141,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.callers < 1:
         parser.error("--callers must be >= 1")
+    if args.intra_threads < 0 or args.inter_threads < 0:
+        parser.error("--intra-threads and --inter-threads must be >= 0 (0: onnxruntime's default)")
     if args.gap_ms < 0 or (args.gap_ms and args.callers > 1):
         parser.error("--gap-ms must be >= 0, and is for one caller")
     spec = read_model_spec(args.model_dir)
     path = args.model_dir / spec.variant(args.variant).file
-    session = make_session(path, args.provider, args.intra_threads, args.inter_threads, args.spinning)
+    try:
+        session = make_session(path, args.provider, args.intra_threads, args.inter_threads, args.spinning)
+    except Exception as err:  # onnxruntime's own errors: not a graph, an unknown operator, ...
+        parser.error(f"{path}: onnxruntime cannot load it ({type(err).__name__})")
     rows = []
     print(f"{spec.name} v{spec.version} {args.variant} on {session.get_providers()[0]}")
     print(f"{'batch':>6} {'items/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/run':>10}")
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    for batch in args.batch_sizes:
         row = measure(
             session,
             tensor_batch(spec, batch, args.seq_len, version_dir=args.model_dir),

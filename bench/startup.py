@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
     models = list_models(args.model_repository)
     if not models:
         parser.error(f"--model-repository {args.model_repository}: no models (run `make models`?)")
     rows = []
     with tempfile.TemporaryDirectory() as logs:
-        for run in range(max(1, args.runs)):
+        for run in range(args.runs):
             with ServerProcess(args.model_repository, [], Path(logs) / f"server-{run}.log") as server:
                 seconds = server.start()
                 time.sleep(1.0)  # let warmup allocations settle

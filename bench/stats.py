@@ -1,7 +1,8 @@
-"""Small helpers shared by the benchmarks: percentiles and JSON results."""
+"""Small helpers shared by the benchmarks: percentiles, JSON results, argument types."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -33,3 +34,25 @@ def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     payload = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each at least 1 ("1,8,32")."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, over 0 and at most an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 3600], got {text!r}")
+    return value

@@ -30,7 +30,7 @@ from bench.preprocess_bench import measure_preprocessing
 from bench.raw_ort import add_spinning_flag, make_session, measure
 from bench.report import write_plots, write_tables
 from bench.server_process import PeakMemory, ServerProcess
-from bench.stats import machine, write_json
+from bench.stats import machine, positive_ints, positive_seconds, write_json
 from export.contract import ModelSpec, list_versions, read_model_spec
 from server.runtime import CPU, cpu_cores, plan_threads
 
@@ -374,16 +374,6 @@ class Suite:
         return self.results
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
@@ -391,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineserve-bench suite", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--models", default="fashion,sentiment", help="comma-separated model names")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per point")
+    parser.add_argument("--seconds", type=positive_seconds, default=3.0, help="measuring time per point")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured load before each point")
     parser.add_argument(
         "--rounds",
@@ -399,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="alternating raw/served rounds for the latency and saturation ratios",
     )
-    parser.add_argument("--concurrency", type=_ints, default=_ints("1,4,16,64,256"))
-    parser.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32,64"))
+    parser.add_argument("--concurrency", type=positive_ints, default=positive_ints("1,4,16,64,256"))
+    parser.add_argument("--batch-sizes", type=positive_ints, default=positive_ints("1,8,32,64"))
     parser.add_argument(
         "--batch-concurrency",
         type=int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import types
 import typing
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.config import Settings, SettingsError, load_settings
+from server.config import Settings, SettingsError, load_settings, unknown_environment_variables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.runtime import ProviderUnavailable
 
     configure_logging(settings)
+    for name in unknown_environment_variables():
+        logging.getLogger("server").warning("%s is not a fineserve-serve setting; ignored", name)
     try:
         asyncio.run(serve(settings))
-    except ProviderUnavailable as err:
+    except (ProviderUnavailable, SettingsError) as err:  # settings only found wanting at startup
         print(f"fineserve-serve: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

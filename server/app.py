@@ -87,12 +87,18 @@ class Server:
         )
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         credentials = security.server_credentials(settings)
-        if credentials is None:
-            self.grpc_port = self.grpc.add_insecure_port(address)
-        else:
-            self.grpc_port = self.grpc.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.grpc_port = self.grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self.grpc.add_secure_port(address, credentials)
+        except RuntimeError:  # newer grpc raises where older returned port 0
+            self.grpc_port = 0
         if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC to {address}")
+            raise OSError(
+                f"cannot bind gRPC to {address} (grpc_host, grpc_port): the port is in use, or the "
+                "address is not one of this host's"
+            )
         tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
         log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
         self.metrics_port: int | None = None
@@ -113,9 +119,14 @@ class Server:
         await self.grpc.start()
         log.info("gRPC listening on port %d (health NOT_SERVING until models are ready)", self.grpc_port)
         if self.settings.metrics_port >= 0:
-            self._metrics_server, self.metrics_port = self.metrics.serve(
-                self.settings.metrics_host, self.settings.metrics_port
-            )
+            host, port = self.settings.metrics_host, self.settings.metrics_port
+            try:
+                self._metrics_server, self.metrics_port = self.metrics.serve(host, port)
+            except OSError as err:
+                why = err.strerror or err
+                raise OSError(
+                    f"cannot serve metrics on {host}:{port} (metrics_host, metrics_port): {why}"
+                ) from None
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         await self.dataplane.start()
         await self._set_health(serving=self.dataplane.ready())

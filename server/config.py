@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_settings
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -35,20 +37,25 @@ VersionPolicy = Literal["latest", "all", "specific"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
+# Past these a value is a typo, not a tuning: a batch delay of minutes, a thousand threads a model.
+MAX_QUEUE_DELAY_MS = 10_000.0
+MAX_INSTANCES = 64
+
+
 class ModelBatching(BaseModel):
     """One model's batching settings; a field left unset takes the server-wide value."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
     max_batch_size: int | None = Field(default=None, ge=1)
     """Cap on rows per batch for this model."""
-    max_queue_delay_ms: float | None = Field(default=None, ge=0)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0, le=MAX_QUEUE_DELAY_MS)
     """How long this model's first request of a batch waits for others."""
     preferred_batch_sizes: list[int] | None = None
     """Batch sizes that run at once for this model."""
     max_queue_size: int | None = Field(default=None, ge=1)
     """Requests waiting for this model before RESOURCE_EXHAUSTED."""
-    instances: int | None = Field(default=None, ge=0)
+    instances: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
     """Batches of this model that run at once (0: measured at load, as the server-wide 0)."""
 
 
@@ -72,6 +79,7 @@ class Settings(BaseSettings):
         frozen=True,
         use_attribute_docstrings=True,
         validate_default=True,
+        allow_inf_nan=False,  # an infinite delay or grace period is a typo that fails later
     )
 
     config_file: Path | None = None
@@ -99,7 +107,7 @@ class Settings(BaseSettings):
     fp32, with a warning."""
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
-    instances: int = Field(default=0, ge=0)
+    instances: int = Field(default=0, ge=0, le=MAX_INSTANCES)
     """Batches of one model version that run at once, each on its own thread. The instances share
     the version's one onnxruntime session (one copy of the weights) and its thread pool. 0 = auto:
     on CPU each version measures, at load, one instance over every core against two side by side
@@ -132,8 +140,8 @@ class Settings(BaseSettings):
     # --- dynamic batching -----------------------------------------------------------------------
     max_batch_size: int = Field(default=64, ge=1)
     """Cap on rows per batch; a model's own ``max_batch_size`` from model.json applies if lower."""
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
-    """How long the first request of a batch waits for others to join it."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0, le=MAX_QUEUE_DELAY_MS)
+    """How long the first request of a batch waits for others to join it (at most 10 s)."""
     batch_wait: Literal["adaptive", "fixed"] = "adaptive"
     """``adaptive``: the delay is only waited out while more requests for the model are being
     preprocessed, so a lone request runs at once (under load batches still grow while the previous
@@ -318,7 +326,13 @@ def _check_security(settings: Settings) -> None:
             raise ValueError(f"{name}: {path} is not a readable file")
     for name in ("inference_token_file", "admin_token_file"):
         path = getattr(settings, name)
-        if path is not None and not path.read_text(encoding="utf-8").strip():
+        if path is None:
+            continue
+        try:
+            token = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: {path} is not UTF-8 text") from None
+        if not token.strip():
             raise ValueError(f"{name}: {path} is empty")
 
 
@@ -340,8 +354,12 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise SettingsError(f"config file {path}: {err}") from None
+    except OSError as err:
+        raise SettingsError(f"config file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path}: not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise SettingsError(f"config file {path}: not valid YAML ({_yaml_problem(err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -350,6 +368,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if unknown:
         raise SettingsError(f"config file {path}: unknown settings {', '.join(map(str, unknown))}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message quotes the file over several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else str(problem)
 
 
 def _check_tracing_installed(exporter: str) -> None:
@@ -362,6 +387,21 @@ def _check_tracing_installed(exporter: str) -> None:
     if not found:
         package = "opentelemetry-sdk" if exporter == "console" else "opentelemetry-exporter-otlp-proto-grpc"
         raise ValueError(f"tracing '{exporter}' needs the {package} package: pip install 'fineserve[otel]'")
+
+
+# FINESERVE_* variables that belong to the project's other programs, not to the server.
+OTHER_PROGRAMS_VARIABLES = frozenset({"FINESERVE_DATA_CACHE", "FINESERVE_HEALTH_ADDRESS"})
+
+
+def unknown_environment_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """``FINESERVE_*`` variables that name no setting (a typo is otherwise silently ignored)."""
+    return sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX)
+        and name not in OTHER_PROGRAMS_VARIABLES
+        and name[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+    )
 
 
 class SettingsError(ValueError):
@@ -380,6 +420,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as err:
         raise SettingsError(_describe(err)) from None
+    except pydantic_settings.SettingsError as err:
+        # A list or map from the environment that is not JSON (FINESERVE_PREFERRED_BATCH_SIZES=abc).
+        raise SettingsError(f"{err} (lists and maps in the environment are JSON: '[8, 16]')") from None
 
 
 def _describe(err: ValidationError) -> str:

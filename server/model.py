@@ -10,7 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from server.batching import (
     BatchTiming,
     Collate,
     RunBatch,
+    Tensors,
     batch_buckets,
     concat_padded,
     padded_to_buckets,
@@ -39,6 +40,24 @@ WARMUP_SEQUENCE_LENGTH = 8
 # Tokens per text when measuring instances (server/tuning.py): about a review sentence, so the
 # model's cost per row is near what it serves.
 TUNING_SEQUENCE_LENGTH = 32
+
+
+def check_scores(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> None:
+    """The scores must have one column per label of model.json: a graph with dynamic output shapes
+    would otherwise load READY and fail every answer. Checked at warmup (the version then fails
+    to load, with this reason) and on every batch (its requests get a generic INTERNAL; the reason
+    is logged).
+
+    Raises:
+        ValueError: they do not (a broken model, not a bad request).
+    """
+    scores = outputs[spec.outputs[0].name]
+    labels = len(spec.labels)
+    if labels and (scores.ndim != 2 or scores.shape[1] != labels):
+        raise ValueError(
+            f"model {spec.name} version {spec.version}: model.json has {labels} labels but the graph's "
+            f"output {spec.outputs[0].name!r} has shape {list(scores.shape)}"
+        )
 
 
 def synthetic_inputs(spec: ModelSpec, rows: int, tokens: int) -> dict[str, np.ndarray]:
@@ -213,9 +232,15 @@ class ServedVersion:
         pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
         # The batch sizes warmup runs: with padding, every size a batch can have.
         self.warmup_batch_sizes = batch_buckets(self.max_batch_size) if pad else (1,)
-        run: RunBatch = (
+        run_graph: RunBatch = (
             padded_to_buckets(self.session.run, self.warmup_batch_sizes) if pad else self.session.run
         )
+
+        def run(inputs: Tensors) -> Tensors:
+            outputs = run_graph(inputs)
+            check_scores(spec, outputs)
+            return outputs
+
         # Up to ``instances`` batches run at once, each on a thread of this version's own: the
         # threads that call onnxruntime stay the same, warm in cache and scheduled, which measured
         # ~0.3 ms less per lone request on 2 busy cores than a shared pool (docs/performance.md).
@@ -250,7 +275,8 @@ class ServedVersion:
         pays for a first run."""
         started = time.perf_counter()
         for rows in self.warmup_batch_sizes:
-            self.session.run(synthetic_inputs(self.spec, rows, WARMUP_SEQUENCE_LENGTH))
+            outputs = self.session.run(synthetic_inputs(self.spec, rows, WARMUP_SEQUENCE_LENGTH))
+            check_scores(self.spec, outputs)
         log.info(
             "model %s version %d warmed up (batch sizes %s) in %.1f ms on %s (%s)",
             self.spec.name,

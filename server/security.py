@@ -23,6 +23,7 @@ import enum
 import hmac
 import inspect
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 import grpc
 from pydantic import SecretStr
 
-from server.config import Settings
+from server.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,15 @@ def access_of(method: str) -> Access:
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings' PEM files; None when TLS is off."""
+    """TLS credentials from the settings' PEM files; None when TLS is off.
+
+    Raises:
+        SettingsError: files that are not a PEM certificate and its key, or PEM CA certificates
+            (gRPC itself would only fail to bind, blaming the address).
+    """
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
+    _check_tls_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -72,14 +79,44 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An empty password: an encrypted key fails here instead of prompting on the terminal.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as err:
+        why = getattr(err, "reason", None) or err
+        raise SettingsError(
+            f"tls_cert_file {cert} and tls_key_file {key} are not a PEM certificate and its unencrypted "
+            f"private key ({why})"
+        ) from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as err:
+            why = getattr(err, "reason", None) or err
+            raise SettingsError(
+                f"tls_client_ca_file {client_ca} is not PEM CA certificates ({why})"
+            ) from None
+
+
 def read_token(value: SecretStr | None, path: Path | None) -> bytes | None:
-    """The token from the setting itself or from its file (whitespace stripped); None: no token."""
+    """The token from the setting itself or from its file (whitespace stripped); None: no token.
+
+    Raises:
+        SettingsError: the file is unreadable, not UTF-8 text, or empty.
+    """
     if value is not None:
         return value.get_secret_value().strip().encode()
     if path is not None:
-        token = path.read_text(encoding="utf-8").strip()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise SettingsError(f"token file {path} is not UTF-8 text") from None
+        except OSError as err:
+            raise SettingsError(f"token file {path}: {err.strerror or err}") from None
         if not token:
-            raise ValueError(f"token file {path} is empty")
+            raise SettingsError(f"token file {path} is empty")
         return token.encode()
     return None
 

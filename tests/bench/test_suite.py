@@ -6,6 +6,8 @@ Benchmarks are not tests: nothing here asserts a speed, only that every figure i
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,3 +190,38 @@ def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path
         plain.start()
         assert loadgen.main(["--target", plain.target, *args]) == 1
     assert set(Path("/dev/shm").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["raw", "--batch-sizes", "a,b"], "expected comma-separated integers, got 'a,b'"),
+        (["raw", "--batch-sizes", "0"], "expected positive integers, got '0'"),
+        (["raw", "--seconds", "0"], r"expected seconds in \(0, 3600\], got '0'"),
+        (["raw", "--intra-threads", "-2"], "--intra-threads and --inter-threads must be >= 0"),
+        (["suite", "--concurrency", "1,-4"], "expected positive integers, got '1,-4'"),
+        (["startup", "--runs", "0"], "--runs must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_one_error_line_and_exit_2(
+    tiny_repository: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    if args[0] == "raw":
+        args = [*args, "--model-dir", str(tiny_repository / "tiny-image" / "1")]
+    with pytest.raises(SystemExit) as exited:
+        bench_main(args)
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_error_line(
+    tiny_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = tmp_path / "tiny-image" / "1"
+    shutil.copytree(tiny_repository / "tiny-image" / "1", version)
+    (version / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(SystemExit) as exited:
+        bench_main(["raw", "--model-dir", str(version), "--batch-sizes", "1", "--seconds", "0.1"])
+    assert exited.value.code == 2
+    assert "model.onnx: onnxruntime cannot load it (InvalidProtobuf)" in capsys.readouterr().err

@@ -121,13 +121,25 @@ def test_corrupt_or_incompatible_new_versions_are_rejected_while_the_old_one_ser
         meta["inputs"][0]["name"] = "pixels"
         (folder / "model.json").write_text(json.dumps(meta))
 
+    def mislabelled(folder: Path) -> None:
+        # Labels that do not match the graph's scores, behind a dynamic output shape: it used to
+        # load READY and fail every request (an IndexError per answer).
+        shutil.copytree(repository / "tiny-image" / "1", folder)
+        meta = json.loads((folder / "model.json").read_text())
+        meta["version"] = 4
+        meta["labels"] = meta["labels"][:2]
+        meta["outputs"][0]["shape"] = [-1, -1]
+        (folder / "model.json").write_text(json.dumps(meta))
+
     publish_atomically(repository / "tiny-image" / "2", corrupt)
     wait_for(lambda: states(channel, "tiny-image").get(2) == "FAILED")
     publish_atomically(repository / "tiny-image" / "3", incompatible)
     wait_for(lambda: states(channel, "tiny-image").get(3) == "FAILED")
+    publish_atomically(repository / "tiny-image" / "4", mislabelled)
+    wait_for(lambda: states(channel, "tiny-image").get(4) == "FAILED")
     time.sleep(0.5)  # a few more polls: the failures are not retried in a loop
     codes = traffic.stop()
-    assert states(channel, "tiny-image") == {1: "READY", 2: "FAILED", 3: "FAILED"}
+    assert states(channel, "tiny-image") == {1: "READY", 2: "FAILED", 3: "FAILED", 4: "FAILED"}
     assert codes and set(codes) == {grpc.StatusCode.OK}, set(codes)
     assert classify(channel) == expected
     kserve = ks_grpc.GRPCInferenceServiceStub(channel)
@@ -135,6 +147,7 @@ def test_corrupt_or_incompatible_new_versions_are_rejected_while_the_old_one_ser
         m.version: m.reason for m in kserve.RepositoryIndex(ks.RepositoryIndexRequest(), timeout=10).models
     }
     assert "pixels" in reasons["3"]
+    assert "model.json has 2 labels but the graph's output 'logits' has shape [1, 3]" in reasons["4"]
     # Asking for a failed version by number says so.
     with pytest.raises(grpc.RpcError) as failed:
         fs_grpc.FineserveStub(channel).Classify(
@@ -238,6 +251,27 @@ def test_an_inference_error_fails_only_its_batch_with_a_generic_internal(
 
 
 # --- SIGTERM under load ---------------------------------------------------------------------------
+
+
+def test_labels_that_do_not_match_the_scores_fail_generically_even_without_warmup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = tmp_path / "models"
+    version = publish_tiny_image_model(repository)
+    meta = json.loads((version / "model.json").read_text())
+    meta["labels"] = meta["labels"][:2]
+    meta["outputs"][0]["shape"] = [-1, -1]  # dynamic: nothing to check before a run
+    (version / "model.json").write_text(json.dumps(meta))
+    caplog.set_level(logging.ERROR)
+    with (
+        RunningServer(repository, repository_poll_s=0, warmup=False) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        with pytest.raises(grpc.RpcError) as failed:
+            classify(channel)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert failed.value.details() == "model tiny-image/1: inference failed; see the server log"
+    assert "model.json has 2 labels but the graph's output 'logits' has shape [1, 3]" in caplog.text
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.__main__ import build_parser, main
-from server.config import Settings, SettingsError, load_settings
+from server.config import Settings, SettingsError, load_settings, unknown_environment_variables
 
 
 def test_defaults_match_the_documented_ports() -> None:
@@ -45,6 +45,15 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path, monkeypatch
         ({"max_queue_size": 0}, "max_queue_size"),
         ({"device": "tpu"}, "device"),
         ({"no_such_setting": 1}, "no_such_setting"),
+        # A typo, not a tuning: an infinite or minutes-long batch delay, thousands of instances.
+        ({"max_queue_delay_ms": float("inf")}, "max_queue_delay_ms: Input should be a finite number"),
+        ({"max_queue_delay_ms": 1e9}, "max_queue_delay_ms: Input should be less than or equal to 10000"),
+        ({"repository_poll_s": float("nan")}, "repository_poll_s: Input should be a finite number"),
+        ({"instances": 100_000}, "instances: Input should be less than or equal to 64"),
+        (
+            {"batching": {"fashion": {"max_queue_delay_ms": float("inf")}}},
+            "batching.fashion.max_queue_delay_ms",
+        ),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_setting(values: dict[str, object], words: str) -> None:
@@ -57,8 +66,30 @@ def test_config_file_errors(tmp_path: Path) -> None:
     bad.write_text("grpc_prot: 1\n")
     with pytest.raises(SettingsError, match="unknown settings grpc_prot"):
         load_settings(config_file=bad)
-    with pytest.raises(SettingsError, match=r"missing\.yaml"):
+    with pytest.raises(SettingsError, match=r"missing\.yaml: No such file or directory$"):
         load_settings(config_file=tmp_path / "missing.yaml")
+    # One line each, where PyYAML's own message quotes the file over several.
+    bad.write_text("grpc_port: [1,\n  x: y\n")
+    with pytest.raises(SettingsError) as broken:
+        load_settings(config_file=bad)
+    problem = "line 3, column 1: expected ',' or ']', but got '<stream end>'"
+    assert str(broken.value) == f"config file {bad}: not valid YAML ({problem})"
+    bad.write_bytes(b"\xff\xfe grpc_port: 1")
+    with pytest.raises(SettingsError, match="not UTF-8 text"):
+        load_settings(config_file=bad)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("PREFERRED_BATCH_SIZES", "abc"), ("PREFERRED_BATCH_SIZES", "[1,2"), ("BATCHING", "notjson")],
+)
+def test_a_list_or_map_in_the_environment_that_is_not_json_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(f"FINESERVE_{variable}", value)
+    with pytest.raises(SettingsError, match=f"{variable.lower()}.*are JSON") as err:
+        load_settings()
+    assert "\n" not in str(err.value)
 
 
 def test_every_setting_is_documented_and_has_a_flag_or_file_entry() -> None:
@@ -101,3 +132,13 @@ def test_instances_can_be_set_per_model(monkeypatch: pytest.MonkeyPatch) -> None
     )
     with pytest.raises(SettingsError, match=r"batching\.sentiment\.instances"):
         load_settings(batching={"sentiment": {"instances": -1}})
+
+
+def test_unknown_fineserve_variables_are_named_for_a_warning() -> None:
+    environ = {
+        "FINESERVE_GRPC_PORT": "1",  # a setting
+        "FINESERVE_GRPC_PROT": "1",  # a typo: the server warns at startup
+        "FINESERVE_DATA_CACHE": "/d",  # the training data cache's, not the server's
+        "PATH": "/bin",
+    }
+    assert unknown_environment_variables(environ) == ["FINESERVE_GRPC_PROT"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server.pb.fineserve.v1 import fineserve_pb2 as pb
 from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
+from tests.reliability.certs import make_pki
 from tests.server.kserve_harness import running_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -122,3 +124,57 @@ def test_cuda_asked_for_but_unavailable_is_an_error_never_a_silent_fallback(tiny
         .splitlines()[-1]
         .startswith("fineserve-serve: error: device=cuda but onnxruntime")
     )
+
+
+def serve_and_fail(tiny_repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "server", "--model-repository", str(tiny_repository), *flags]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_port_in_use_is_one_line_naming_the_settings(tiny_repository: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc_busy = serve_and_fail(tiny_repository, "--grpc-host", "127.0.0.1", "--grpc-port", str(port))
+        metrics_busy = serve_and_fail(
+            tiny_repository, "--grpc-port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", str(port)
+        )
+    assert grpc_busy.returncode == 1
+    assert grpc_busy.stderr.strip().splitlines()[-1] == (
+        f"fineserve-serve: error: cannot bind gRPC to 127.0.0.1:{port} (grpc_host, grpc_port): the port is "
+        "in use, or the address is not one of this host's"
+    )
+    assert "Traceback" not in grpc_busy.stderr
+    assert metrics_busy.returncode == 1 and "Traceback" not in metrics_busy.stderr
+    assert (
+        metrics_busy.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"fineserve-serve: error: cannot serve metrics on 127.0.0.1:{port} (metrics_host, metrics_port):"
+        )
+    )
+
+
+def test_unusable_tls_files_are_one_line_before_anything_binds(tiny_repository: Path, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = {
+        "are not a PEM certificate and its unencrypted private key": [
+            "--tls-cert-file", str(junk), "--tls-key-file", str(pki.server_key),
+        ],
+        "KEY_VALUES_MISMATCH": [
+            "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.client_key),
+        ],
+        "is not PEM CA certificates": [
+            "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key),
+            "--tls-client-ca-file", str(junk),
+        ],
+    }  # fmt: skip
+    for words, flags in cases.items():
+        result = serve_and_fail(tiny_repository, "--grpc-port", "0", "--metrics-port", "-1", *flags)
+        assert result.returncode == 2, result.stderr
+        [line] = [x for x in result.stderr.strip().splitlines() if "error" in x]
+        assert line.startswith("fineserve-serve: error: tls_") and words in line, line
+        assert "Traceback" not in result.stderr
