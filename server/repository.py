@@ -64,11 +64,31 @@ class Repository:
         self._failed: dict[tuple[str, int], tuple[str, _Signature]] = {}
         self._unloaded: set[str] = set()
         self._lock = asyncio.Lock()
+        # Folders already reported as not a model or not a version (each is logged once).
+        self._ignored: set[Path] = set()
 
     # --- what is on disk and what should be served ----------------------------------------------
 
     def model_names(self) -> list[str]:
         return list_models(self.root)
+
+    def _report_ignored(self) -> None:
+        """Logs, once each, folders that look meant to be served but never will be: a model folder
+        whose name is not a model name (``My Model``), a version folder that is not a plain
+        positive number (``v2``, ``02``). Hidden folders (a publish in progress) are skipped."""
+        for model in _folders(self.root):
+            if not MODEL_NAME.match(model.name):
+                self._ignore(model, "model names are 1-64 of a-z, 0-9, - and _, not starting with - or _")
+                continue
+            served = set(map(str, list_versions(model)))
+            for version in _folders(model):
+                if version.name not in served:
+                    self._ignore(version, "version folders are positive numbers without leading zeros")
+
+    def _ignore(self, folder: Path, why: str) -> None:
+        if folder not in self._ignored:
+            self._ignored.add(folder)
+            log.warning("ignoring %s: %s", folder, why)
 
     def versions_on_disk(self, name: str) -> list[int]:
         # Only names a model may have are looked up: a client's "../x" or "/abs" never becomes a
@@ -119,6 +139,7 @@ class Repository:
     async def sync(self) -> None:
         """Loads what the policy wants and is not loaded; retires what it no longer wants."""
         async with self._lock:
+            self._report_ignored()
             names = set(self.model_names()) | set(self.served)
             for name in sorted(names):
                 await self._sync_model(name)
@@ -234,3 +255,11 @@ def _signature(path: Path) -> _Signature:
         )
     except OSError:
         return frozenset()
+
+
+def _folders(path: Path) -> list[Path]:
+    """Sub-folders of ``path`` that are not hidden; none if it cannot be listed."""
+    try:
+        return sorted(c for c in path.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError:
+        return []

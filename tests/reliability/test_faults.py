@@ -322,3 +322,27 @@ def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
     # Requests that were running or queued at the signal finished with their answers.
     assert any(code == grpc.StatusCode.OK and at > signalled for at, code, _ in results), log
     assert [c for _, c, _ in results].count(grpc.StatusCode.UNAVAILABLE) >= 1
+
+
+def test_folders_that_will_never_be_served_are_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository)
+    for folder in ("My Model/1", "tiny-image/v2", "tiny-image/02", "tiny-image/.tmp-publishing"):
+        (repository / folder).mkdir(parents=True)
+    caplog.set_level(logging.WARNING, logger="server.repository")
+    with (
+        RunningServer(repository, repository_poll_s=0.05) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        time.sleep(0.5)  # several polls
+        assert classify(channel).results[0].labels  # the real model serves
+    ignored = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring"))
+    name_rule = "model names are 1-64 of a-z, 0-9, - and _, not starting with - or _"
+    version_rule = "version folders are positive numbers without leading zeros"
+    assert ignored == [
+        f"ignoring {repository / 'My Model'}: {name_rule}",
+        f"ignoring {repository / 'tiny-image' / '02'}: {version_rule}",
+        f"ignoring {repository / 'tiny-image' / 'v2'}: {version_rule}",
+    ]
