@@ -14,9 +14,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.contract import INTERPOLATIONS, PRECISIONS, ImagePreprocessing, ModelSpecError, TextPreprocessing
+from export.contract import (
+    INTERPOLATIONS,
+    MAX_LENGTH_RANGE,
+    PRECISIONS,
+    ImagePreprocessing,
+    ModelSpecError,
+    TextPreprocessing,
+)
 
 EXIT_FAILED = 1
+# Upper bounds that keep a typo from exhausting memory: every checked batch size runs through each
+# variant (a 224 px image batch of 256 is ~150 MB of input alone), and every example is held in
+# memory in each of the model's input forms. The server's own default batch cap is 64.
+MAX_BATCH_SIZE = 256
+MAX_EXAMPLES = 10_000
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,11 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out examples: a folder <label>/<image> (image models) or a label<TAB>text file "
         "(text models); default: rebuild the run's recorded test split",
     )
-    ckpt.add_argument("--max-examples", type=int, default=1000, help="check on at most this many examples")
+    ckpt.add_argument(
+        "--max-examples",
+        type=int,
+        default=1000,
+        help=f"check on at most this many examples (1..{MAX_EXAMPLES})",
+    )
     ckpt.add_argument(
         "--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="ONNX exporter"
     )
-    ckpt.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ckpt.add_argument(
+        "--opset", type=int, default=18, help="ONNX opset (default 18; torchscript 13..20, dynamo 18..23)"
+    )
     ckpt.set_defaults(run=_run_checkpoint)
 
     wrap = commands.add_parser(
@@ -105,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--channel-order", choices=("RGB", "BGR"), default="RGB", help="image models: channel order"
     )
     wrap.add_argument("--tokenizer", type=Path, help="text models: the tokenizers JSON (tokenizer.json)")
-    wrap.add_argument("--max-length", type=int, default=128, help="text models: truncate to this many tokens")
+    wrap.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help=f"text models: truncate to this many tokens ({MAX_LENGTH_RANGE[0]}..{MAX_LENGTH_RANGE[1]})",
+    )
     wrap.add_argument("--examples", type=Path, help="held-out examples (as for `checkpoint --examples`)")
     wrap.add_argument("--reference-logits", type=Path, help=".npy [examples, classes]: the original's logits")
     wrap.add_argument(
@@ -126,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where training run folders go")
     defaults.add_argument(
-        "--max-examples", type=int, default=1000, help="check on at most this many examples"
+        "--max-examples",
+        type=int,
+        default=1000,
+        help=f"check on at most this many examples (1..{MAX_EXAMPLES})",
     )
-    defaults.add_argument("--max-batch-size", type=int, default=32, help="largest batch checked and served")
+    _add_max_batch_size(defaults)
     defaults.set_defaults(run=_run_defaults)
     return parser
 
@@ -146,7 +173,16 @@ def _add_export_options(parser: argparse.ArgumentParser, default_variants: str) 
         help=f"comma-separated precisions to build and check, from {','.join(PRECISIONS)} "
         f"(default {default_variants})",
     )
-    parser.add_argument("--max-batch-size", type=int, default=32, help="largest batch checked and served")
+    _add_max_batch_size(parser)
+
+
+def _add_max_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help=f"largest batch checked and served (1..{MAX_BATCH_SIZE})",
+    )
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
@@ -156,14 +192,37 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     bad = [v for v in chosen if v not in PRECISIONS]
     if bad or "fp32" not in chosen:
         raise UsageError(f"--variants {args.variants!r}: choose from {', '.join(PRECISIONS)}, fp32 included")
-    if args.max_batch_size < 1:
-        raise UsageError("--max-batch-size must be >= 1")
     return ExportSettings(variants=chosen, max_batch_size=args.max_batch_size, **extra)
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """Options every subcommand shares, checked before any export or training work starts."""
+    _check_folder(args.repository, "--repository")
+    _check_range(args.max_batch_size, "--max-batch-size", 1, MAX_BATCH_SIZE)
+    if getattr(args, "max_examples", None) is not None:
+        _check_range(args.max_examples, "--max-examples", 1, MAX_EXAMPLES)
+
+
+def _check_range(value: int, option: str, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise UsageError(f"{option} {value}: must be in {low}..{high}")
+
+
+def _check_folder(path: Path, option: str) -> None:
+    """A folder that exists or can be created: no file where it or a parent should be."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path}: is a file, not a folder")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"{option} {path}: {blocking} is a file, not a folder")
+
+
 def _run_checkpoint(args: argparse.Namespace) -> None:
+    from export.onnx import check_exporter
     from export.pipeline import export_and_publish, model_from_checkpoint
 
+    _check_common(args)
+    check_exporter(args.exporter, args.opset)
     settings = _settings(args, exporter=args.exporter, opset=args.opset)
     item = model_from_checkpoint(args.run_dir)
     calibration = None
@@ -192,15 +251,18 @@ def _run_checkpoint(args: argparse.Namespace) -> None:
 def _run_wrap(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from export.examples import read_examples
+    from export.examples import load_tokenizer, read_examples
     from export.wrap import wrap_onnx
 
+    _check_common(args)
     settings = _settings(args)
     labels = _labels(args.labels)
     image = text = None
     if args.task == "image-classification":
         if not args.image_size:
             raise UsageError("image models need --image-size")
+        if not 0 < args.crop_fraction <= 1:
+            raise UsageError(f"--crop-fraction {args.crop_fraction}: must be in (0, 1]")
         height, width = _size(args.image_size)
         image = ImagePreprocessing(
             height=height,
@@ -212,6 +274,10 @@ def _run_wrap(args: argparse.Namespace) -> None:
             channel_order=args.channel_order,
         )
     elif args.task == "text-classification":
+        _check_range(args.max_length, "--max-length", *MAX_LENGTH_RANGE)
+        if args.tokenizer is None:
+            raise UsageError("text models need --tokenizer (their tokenizer.json)")
+        load_tokenizer(args.tokenizer)  # before any work: the server must be able to load it
         text = TextPreprocessing(max_length=args.max_length)
     examples = None
     if args.examples is not None:
@@ -247,6 +313,8 @@ def _run_defaults(args: argparse.Namespace) -> None:
     from export.defaults import build_defaults
     from export.pipeline import ExportSettings
 
+    _check_common(args)
+    _check_folder(args.runs_dir, "--runs-dir")
     results = build_defaults(
         args.repository,
         only=args.only,
@@ -274,7 +342,11 @@ class UsageError(ValueError):
 def _labels(value: str) -> tuple[str, ...]:
     path = Path(value)
     if path.is_file():
-        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"--labels {value}: not UTF-8 text (one label per line)") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         labels = [v.strip() for v in value.split(",") if v.strip()]
     if len(labels) < 2:
@@ -304,10 +376,16 @@ def _triple(value: str, option: str) -> tuple[float, float, float]:
 
 def _one_line(err: BaseException) -> str | None:
     """The message for an expected failure; None for a bug (which keeps its traceback)."""
-    from export.examples import ExamplesError
+    from export.examples import ExamplesError, TokenizerError
     from export.publish import PublishError
 
-    expected: list[type[BaseException]] = [UsageError, ModelSpecError, ExamplesError, PublishError]
+    expected: list[type[BaseException]] = [
+        UsageError,
+        ModelSpecError,
+        ExamplesError,
+        TokenizerError,
+        PublishError,
+    ]
     if "export.onnx" in sys.modules or "export.pipeline" in sys.modules:
         from export.onnx import ExportError, UnsupportedModelError
 

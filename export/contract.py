@@ -34,6 +34,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 DATATYPES: tuple[str, ...] = ("FP32", "FP16", "INT64", "INT32", "BOOL", "UINT8", "BYTES")
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Tokens per text the server truncates to: at least a [CLS] and a [SEP].
+MAX_LENGTH_RANGE = (2, 8192)
 
 
 class ModelSpecError(ValueError):
@@ -195,6 +197,16 @@ def list_models(repository: Path) -> list[str]:
     )
 
 
+def image_preprocessing_from_dict(value: Any, where: str) -> ImagePreprocessing:
+    """Parses and checks an ``image`` object (as in model.json); errors name ``where``."""
+    return _image(value, where)
+
+
+def text_preprocessing_from_dict(value: Any, where: str) -> TextPreprocessing:
+    """Parses and checks a ``text`` object (as in model.json); errors name ``where``."""
+    return _text(value, where)
+
+
 # --- parsing: every failure names the field -----------------------------------------------------
 
 
@@ -329,8 +341,9 @@ def _text(value: Any, where: str) -> TextPreprocessing:
     if "/" in tokenizer_file or tokenizer_file.startswith("."):
         raise ModelSpecError(f"{where}.tokenizer_file {tokenizer_file!r} must be a plain file name")
     max_length = _int(d.get("max_length", 128), f"{where}.max_length")
-    if not 2 <= max_length <= 8192:
-        raise ModelSpecError(f"{where}.max_length must be in 2..8192, got {max_length}")
+    low, high = MAX_LENGTH_RANGE
+    if not low <= max_length <= high:
+        raise ModelSpecError(f"{where}.max_length must be in {low}..{high}, got {max_length}")
     return TextPreprocessing(tokenizer_file, max_length)
 
 

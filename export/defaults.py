@@ -6,7 +6,7 @@
 - ``imagenet``: the pretrained Lite0 with its 1000 ImageNet classes, no fine-tuning
 
 A model that already has a version in the repository is left alone; a run folder that already
-holds ``best.pt`` is exported without training again.
+holds a finished run is exported without training again (an unfinished one is resumed first).
 """
 
 from __future__ import annotations
@@ -135,11 +135,21 @@ def build_defaults(
 
 
 def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> float:
-    """Runs ``python -m training <recipe> --output-dir <run_dir>`` unless ``best.pt`` exists;
-    returns the seconds it took (0 when skipped)."""
-    if (run_dir / "best.pt").is_file() and (run_dir / "metadata.json").is_file():
-        log(f"{recipe}: using the existing run {run_dir}")
-        return 0.0
+    """Runs ``python -m training <recipe> --output-dir <run_dir>`` unless the folder already holds
+    a finished run; returns the seconds it took (0 when skipped). An unfinished run (interrupted,
+    or failed) is trained again with the same command, which resumes it from its ``last.pt``.
+
+    Raises:
+        TrainingFailedError: the training command exited non-zero.
+        training.checkpoint.CheckpointError: the folder's metadata.json is unreadable.
+    """
+    from training.checkpoint import BEST, METADATA, read_metadata, run_finished
+
+    if (run_dir / METADATA).is_file():
+        if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
+            log(f"{recipe}: using the existing run {run_dir}")
+            return 0.0
+        log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
     command = [sys.executable, "-m", "training", recipe, "--output-dir", str(run_dir)]
     log(f"{recipe}: training ({' '.join(command[1:])})")
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,30 @@ _RESAMPLE = {
 
 class ExamplesError(ValueError):
     """Examples that cannot be read or do not fit the model (unknown label, empty source)."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file the ``tokenizers`` library (and so the server) cannot load."""
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The ``tokenizers.Tokenizer`` in ``path``, loaded as the server loads it
+    (``server/preprocess.py``), so a file it cannot load is never published.
+
+    Raises:
+        TokenizerError: missing, empty, not JSON or not a tokenizer; the message names the file.
+    """
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {path} does not exist")
+    if path.stat().st_size == 0:
+        raise TokenizerError(f"tokenizer {path} is empty; expected a tokenizers JSON (tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for every parse error
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise TokenizerError(f"tokenizer {path} is not a readable tokenizers JSON ({reason})") from None
 
 
 @dataclass(frozen=True)
@@ -90,11 +115,9 @@ def text_examples(
     texts: Sequence[str], labels: Sequence[int], tokenizer_path: Path, prep: TextPreprocessing, source: str
 ) -> Examples:
     """Tokenizes with the model's ``tokenizers`` JSON, truncated to ``prep.max_length``."""
-    from tokenizers import Tokenizer
-
     if not texts:
         raise ExamplesError(f"{source}: no texts")
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.no_padding()
     tokenizer.enable_truncation(prep.max_length)
     encodings = tokenizer.encode_batch(list(texts))
@@ -151,8 +174,12 @@ def read_examples(
         return image_examples(pictures, ids, image, f"folder {path}")
     if text is None or tokenizer_path is None or not path.is_file():
         raise ExamplesError(f"examples {path}: text models need a text file (label<TAB>text per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ExamplesError(f"examples {path}: not UTF-8 text") from None
     texts, ids = [], []
-    for line in path.read_text(encoding="utf-8").splitlines()[:limit]:
+    for line in lines[:limit]:
         if not line.strip():
             continue
         name, sep, rest = line.partition("\t")

@@ -20,6 +20,15 @@ from torch import nn
 OPSET = 18
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+# Opsets we export at, per exporter. The floor is ours: fp16 conversion and int8 per-channel QDQ
+# quantisation need opset 13 (below it the variants fail to load). The ceilings are torch's: the
+# TorchScript exporter implements up to ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (20 in torch 2.13);
+# dynamo translates at 18 and converts up to ONNX_MAX_OPSET (23), below 18 only with a warning.
+_TORCH_OPSETS = getattr(torch.onnx, "_constants", None)
+OPSET_RANGES: dict[str, tuple[int, int]] = {
+    "torchscript": (13, int(getattr(_TORCH_OPSETS, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))),
+    "dynamo": (18, int(getattr(_TORCH_OPSETS, "ONNX_MAX_OPSET", 23))),
+}
 IMAGE_INPUT = "pixel_values"
 TEXT_INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -102,6 +111,20 @@ def _plain_swish(model: nn.Module) -> None:
             module._swish = Swish()
 
 
+def check_exporter(exporter: str, opset: int) -> None:
+    """Refuses an exporter or opset ``export_onnx`` cannot use, before any export work (an
+    opset the exporter rejects makes it print the whole TorchScript graph first).
+
+    Raises:
+        UnsupportedModelError: unknown exporter, or an opset outside ``OPSET_RANGES``.
+    """
+    if exporter not in EXPORTERS:
+        raise UnsupportedModelError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    low, high = OPSET_RANGES[exporter]
+    if not low <= opset <= high:
+        raise UnsupportedModelError(f"opset {opset}: the {exporter} exporter takes opsets {low} to {high}")
+
+
 def example_inputs(task: str, image_size: tuple[int, int] = (224, 224)) -> tuple[torch.Tensor, ...]:
     """Tracing inputs. Batch 2 (not 1) so no exporter specialises the batch axis to a constant."""
     if task == "image-classification":
@@ -122,11 +145,10 @@ def export_onnx(
     """Exports a module made by ``prepare_for_export`` to ``path`` (one self-contained file).
 
     Raises:
-        UnsupportedModelError: unknown task or exporter name.
+        UnsupportedModelError: unknown task or exporter name, or an opset it does not take.
         ExportError: the exporter failed.
     """
-    if exporter not in EXPORTERS:
-        raise UnsupportedModelError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    check_exporter(exporter, opset)
     inputs = example_inputs(task, image_size)
     input_names = (IMAGE_INPUT,) if task == "image-classification" else TEXT_INPUTS
     axes: dict[int, str] = (

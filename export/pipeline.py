@@ -29,9 +29,11 @@ from export.contract import (
     TensorSpec,
     TextPreprocessing,
     Variant,
+    image_preprocessing_from_dict,
     read_model_spec,
+    text_preprocessing_from_dict,
 )
-from export.examples import Examples
+from export.examples import Examples, load_tokenizer
 from export.onnx import (
     IMAGE_INPUT,
     OPSET,
@@ -359,33 +361,32 @@ def _summary(figures: dict[str, Any]) -> str:
 
 
 def model_from_checkpoint(run_dir: Path) -> ModelToExport:
-    """Loads a training run folder (``training.checkpoint``) as something to export.
+    """Loads a finished training run folder (``training.checkpoint``) as something to export.
 
     Raises:
-        training.checkpoint.CheckpointError: missing or malformed run folder.
+        training.checkpoint.CheckpointError: missing, unfinished or malformed run folder
+            (``UnfinishedRunError`` for a run that was interrupted or failed).
         UnsupportedModelError: a task this exporter does not handle.
+        export.contract.ModelSpecError: recorded preprocessing out of contract.
+        export.examples.TokenizerError: a text run whose tokenizer.json cannot be loaded.
     """
-    from training.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint
+    from training.checkpoint import METADATA, checkpoint_sha256, load_checkpoint
 
-    try:
-        model, meta = load_checkpoint(run_dir)
-    except RuntimeError as err:  # load_state_dict: weights of another shape or architecture
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"{run_dir}: best.pt does not fit the recorded model ({first})") from None
+    model, meta = load_checkpoint(run_dir)
     if meta.task not in ("image-classification", "text-classification"):
         raise UnsupportedModelError(f"{run_dir}: unsupported task {meta.task!r}")
+    where = f"{run_dir / METADATA}: preprocessing"
     image = text = None
     tokenizer = None
     if meta.task == "image-classification":
-        fields = dict(meta.preprocessing.get("image") or {})
-        fields.update({k: tuple(fields[k]) for k in ("mean", "std") if k in fields})
-        image = ImagePreprocessing(**fields)
+        image = image_preprocessing_from_dict(meta.preprocessing.get("image"), f"{where}.image")
     else:
-        fields = dict(meta.preprocessing.get("text") or {})
-        text = TextPreprocessing(max_length=int(fields.get("max_length", 128)))
-        tokenizer = run_dir / str(fields.get("tokenizer_file", "tokenizer.json"))
+        recorded = text_preprocessing_from_dict(meta.preprocessing.get("text", {}), f"{where}.text")
+        text = TextPreprocessing(max_length=recorded.max_length)
+        tokenizer = run_dir / recorded.tokenizer_file
         if not tokenizer.is_file():
             raise UnsupportedModelError(f"{run_dir}: text checkpoint without its {tokenizer.name}")
+        load_tokenizer(tokenizer)
     return ModelToExport(
         model=model,
         task=meta.task,

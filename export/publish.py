@@ -36,9 +36,12 @@ def staging_folder(repository: Path, name: str) -> Iterator[Path]:
     if not MODEL_NAME.match(name):
         raise PublishError(f"model name {name!r} must match {MODEL_NAME.pattern}")
     model_dir = repository / name
-    model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    staging.mkdir()
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:  # a file where a folder should be, permissions, a full disk
+        raise PublishError(f"cannot create {staging} in repository {repository}: {err.strerror}") from None
     try:
         yield staging
     finally:

@@ -73,10 +73,18 @@ class Int8AccuracyError(ValidationError):
     pass
 
 
+class GraphLoadError(ValidationError):
+    """onnxruntime refuses to load the graph (a variant converted into an invalid one, say)."""
+
+
 def open_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's Fail, InvalidGraph, NotImplemented, ... share no base
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise GraphLoadError(f"onnxruntime cannot load {path.name}: {reason}") from None
 
 
 def batch_sizes(max_batch_size: int) -> tuple[int, ...]:

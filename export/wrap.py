@@ -19,8 +19,14 @@ import numpy as np
 import onnx
 
 from export import validate
-from export.contract import ImagePreprocessing, TensorSpec, TextPreprocessing, read_model_spec
-from export.examples import Examples
+from export.contract import (
+    MAX_LENGTH_RANGE,
+    ImagePreprocessing,
+    TensorSpec,
+    TextPreprocessing,
+    read_model_spec,
+)
+from export.examples import Examples, load_tokenizer
 from export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS, UnsupportedModelError
 from export.pipeline import FILES, ExportSettings, Published, build_spec, gate_variants
 from export.publish import publish, staging_folder
@@ -157,7 +163,8 @@ def wrap_onnx(
     ``temperature`` divides the logits before the softmax (1.0: the graph's scores as they are).
 
     Raises:
-        WrapError, UnsupportedModelError, validate.ValidationError, export.publish.PublishError.
+        WrapError, UnsupportedModelError, validate.ValidationError, export.publish.PublishError,
+        export.examples.TokenizerError (a text model's tokenizer that cannot be loaded).
     """
     started = time.perf_counter()
     model = read_graph(onnx_path)
@@ -174,8 +181,8 @@ def wrap_onnx(
         h, w = image.height, image.width
         dims = (-1, 3, h, w) if interface.layout == "NCHW" else (-1, h, w, 3)
         interface = replace(interface, inputs=(TensorSpec(IMAGE_INPUT, "FP32", dims),))
-    elif tokenizer_path is None or not tokenizer_path.is_file():
-        raise WrapError(f"a text classifier needs its tokenizer.json (--tokenizer), got {tokenizer_path}")
+    else:
+        _check_text(text, tokenizer_path)
     if examples is None and set(settings.variants) - {"fp32"}:
         raise WrapError("fp16/int8 variants are checked on examples: pass --examples")
     if reference is not None and (examples is None or reference.shape != (len(examples), len(labels))):
@@ -231,6 +238,18 @@ def wrap_onnx(
     seconds = time.perf_counter() - started
     log(f"{name}: published version {published.version} at {version_dir} in {seconds:.1f} s")
     return Published(version_dir, published, seconds)
+
+
+def _check_text(text: TextPreprocessing | None, tokenizer_path: Path | None) -> None:
+    """A text model's tokenizer must load as the server loads it, and ``max_length`` must be one
+    the contract (and the synthetic examples) can use."""
+    if tokenizer_path is None or not tokenizer_path.is_file():
+        raise WrapError(f"a text classifier needs its tokenizer.json (--tokenizer), got {tokenizer_path}")
+    load_tokenizer(tokenizer_path)
+    low, high = MAX_LENGTH_RANGE
+    if text is None or not low <= text.max_length <= high:
+        got = None if text is None else text.max_length
+        raise WrapError(f"a text classifier needs a max_length in {low}..{high} (--max-length), got {got}")
 
 
 def _synthetic_examples(interface: GraphInterface, text: TextPreprocessing | None) -> Examples:

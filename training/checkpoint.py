@@ -6,6 +6,11 @@ A run folder holds::
     metadata.json   what export needs to rebuild and publish the model (see CheckpointMetadata)
     tokenizer.json  text models: the tokenizer the model was trained with
 
+``best.pt`` and ``metadata.json`` are rewritten after every improved epoch, so their presence does
+not mean the run is done: ``metadata.json`` says ``"finished": true`` only once training, test
+evaluation and calibration completed, and ``load_checkpoint`` refuses any other run. Both files
+are written to a temporary name and renamed, so a reader never sees half of one.
+
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``.
 """
 
@@ -13,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,10 @@ TOKENIZER = "tokenizer.json"
 
 class CheckpointError(ValueError):
     """A run folder that is missing, incomplete or of another format."""
+
+
+class UnfinishedRunError(CheckpointError):
+    """A run folder whose training was interrupted or failed before it finished."""
 
 
 @dataclass
@@ -53,53 +65,107 @@ class CheckpointMetadata:
     seed: int | None = None
     git_commit: str | None = None
     format: str = FORMAT
+    # True only once training, test evaluation and calibration completed; False while the run is
+    # in progress (or was interrupted). None: metadata written before this field existed, where
+    # the test metrics, recorded only at the very end, tell instead (see ``run_finished``).
+    finished: bool | None = None
+
+
+def run_finished(meta: CheckpointMetadata) -> bool:
+    """Whether the run that wrote ``meta`` completed."""
+    if meta.finished is not None:
+        return meta.finished
+    return "test_accuracy" in meta.metrics
+
+
+def require_finished(run_dir: Path, meta: CheckpointMetadata) -> None:
+    """Raises ``UnfinishedRunError`` unless the run completed."""
+    if not run_finished(meta):
+        raise UnfinishedRunError(
+            f"{run_dir}: the training run did not finish (interrupted or failed; no test metrics or "
+            f"calibration yet); finish it by rerunning its fineserve-train command with --output-dir "
+            f"{run_dir} (it resumes from last.pt), or train again"
+        )
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, metadata: CheckpointMetadata) -> Path:
     """Writes ``best.pt`` and ``metadata.json`` into ``run_dir`` (created if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    torch.save({"model": state}, run_dir / BEST)
+    _write_atomically(run_dir / BEST, lambda tmp: torch.save({"model": state}, tmp))
     write_metadata(run_dir, metadata)
     return run_dir / BEST
 
 
 def write_metadata(run_dir: Path, metadata: CheckpointMetadata) -> None:
-    (run_dir / METADATA).write_text(json.dumps(asdict(metadata), indent=2) + "\n")
+    text = json.dumps(asdict(metadata), indent=2) + "\n"
+    _write_atomically(run_dir / METADATA, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_metadata(run_dir: Path) -> CheckpointMetadata:
+    """Reads and type-checks ``metadata.json`` (finished or not).
+
+    Raises:
+        CheckpointError: missing, unreadable, not JSON, of another format or with a field of the
+            wrong type; the message names the file and the field.
+    """
     path = run_dir / METADATA
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {METADATA}; is this a training run folder?")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a fineserve checkpoint metadata file (not a JSON object)")
+    try:
         meta = CheckpointMetadata(**data)
-    except (json.JSONDecodeError, TypeError) as err:
+    except TypeError as err:
         raise CheckpointError(f"{path}: not a fineserve checkpoint metadata file ({err})") from None
     if meta.format != FORMAT:
         raise CheckpointError(f"{path}: format {meta.format!r} is not {FORMAT!r}")
+    _check_fields(meta, path)
     return meta
 
 
 def load_checkpoint(run_dir: Path) -> tuple[nn.Module, CheckpointMetadata]:
-    """Rebuilds the trained model from a run folder, in eval mode, on the CPU.
+    """Rebuilds the trained model of a finished run from its folder, in eval mode, on the CPU.
 
     Raises:
-        CheckpointError: the folder, ``best.pt`` or ``metadata.json`` is missing or malformed.
+        UnfinishedRunError: the run was interrupted or failed before it finished.
+        CheckpointError: the folder, ``best.pt`` or ``metadata.json`` is missing, unreadable or
+            malformed, or the weights do not fit the recorded model.
     """
     if not run_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {run_dir} does not exist")
     meta = read_metadata(run_dir)
+    require_finished(run_dir, meta)
     weights = run_dir / BEST
     if not weights.is_file():
         raise CheckpointError(f"{run_dir}: no {BEST}")
+    state = _load_weights(weights)
     model = create_model(meta.backbone, len(meta.labels), pretrained=False, **meta.model_args)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{weights}: expected a dict with a 'model' state_dict")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:  # weights of another shape or architecture
+        first = str(err).splitlines()[0]
+        raise CheckpointError(f"{weights}: does not fit the recorded model ({first})") from None
     return model.eval(), meta
+
+
+def _load_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``best.pt``."""
+    if weights.stat().st_size == 0:
+        raise CheckpointError(f"{weights}: is empty (the run was cut off while writing it?); train again")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises EOFError, KeyError, RuntimeError, UnpicklingError, ...
+        raise CheckpointError(
+            f"{weights}: unreadable, truncated or not a torch checkpoint ({type(err).__name__})"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{weights}: expected a dict with a 'model' state_dict")
+    return state["model"]
 
 
 def checkpoint_sha256(run_dir: Path) -> str:
@@ -109,6 +175,59 @@ def checkpoint_sha256(run_dir: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a temporary name beside ``path``, then rename: readers (export, a resumed
+    run) see the old file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Fields a value of the wrong type would only fail on deep inside export (model building, float()).
+_DICT_FIELDS = ("preprocessing", "model_args", "calibration", "metrics", "config", "split")
+_MODEL_ARGS = {"image_size": 32, "num_layers": 1}  # create_model's keyword -> its minimum
+
+
+def _check_fields(meta: CheckpointMetadata, path: Path) -> None:
+    def bad(field_name: str, expected: str, value: object) -> CheckpointError:
+        return CheckpointError(f"{path}: {field_name} must be {expected}, got {value!r}")
+
+    for name in ("backbone", "task"):
+        if not isinstance(getattr(meta, name), str):
+            raise bad(name, "a string", getattr(meta, name))
+    if not isinstance(meta.labels, list) or len(meta.labels) < 2:
+        raise bad("labels", "a list of at least 2 names", meta.labels)
+    if not all(isinstance(label, str) and label for label in meta.labels):
+        raise bad("labels", "non-empty strings", meta.labels)
+    for name in _DICT_FIELDS:
+        if not isinstance(getattr(meta, name), dict):
+            raise bad(name, "an object", getattr(meta, name))
+    for key, value in meta.model_args.items():
+        if key not in _MODEL_ARGS:
+            known = ", ".join(_MODEL_ARGS)
+            raise CheckpointError(f"{path}: model_args has an unknown key {key!r} (known: {known})")
+        if not _is_int(value) or value < _MODEL_ARGS[key]:
+            raise bad(f"model_args.{key}", f"an integer >= {_MODEL_ARGS[key]}", value)
+    temperature = meta.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise bad("temperature", "a number", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise bad("temperature", "a finite number > 0", temperature)
+    if meta.seed is not None and not _is_int(meta.seed):
+        raise bad("seed", "an integer or null", meta.seed)
+    if meta.git_commit is not None and not isinstance(meta.git_commit, str):
+        raise bad("git_commit", "a string or null", meta.git_commit)
+    if meta.finished is not None and not isinstance(meta.finished, bool):
+        raise bad("finished", "true, false or absent", meta.finished)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

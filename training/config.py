@@ -7,6 +7,7 @@ that involve several fields live in ``TrainConfig.check`` (not where the values 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,7 @@ class TrainConfig:
             raise ConfigError(f"dataset: {self.dataset!r} does not fit the {kind} backbone {self.backbone!r}")
         if self.dataset in ("imagefolder", "text-file") and not self.data_path:
             raise ConfigError(f"data_path: dataset {self.dataset!r} needs data_path")
-        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "trainable_blocks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "distill_temperature"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        self._check_ranges()
         if self.bn_momentum is not None and not (0 < self.bn_momentum <= 1):
             raise ConfigError(f"bn_momentum: must be in (0, 1], got {self.bn_momentum}")
         if not (0 < self.layer_decay <= 1):
@@ -141,9 +137,54 @@ class TrainConfig:
             raise ConfigError("labels: has duplicates")
         return self
 
+    def _check_ranges(self) -> None:
+        """One key at a time: counts, sizes and rates that no run can use (a negative learning
+        rate or sample count would otherwise train silently on nonsense). ``None`` means the
+        key's default behaviour and always passes."""
+        for name, minimum in INT_MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: must be a finite number, got {value}")
+        for name in POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}: must be > 0, got {value}")
+        for name in NON_NEGATIVE_FLOATS:
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name}: must be >= 0, got {value}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# The smallest value of each integer key (where zero means "off", it is allowed).
+INT_MINIMUMS: dict[str, int] = {
+    "epochs": 1,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "grad_accum": 1,
+    "trainable_blocks": 1,
+    "unfreeze_every": 1,
+    "train_samples": 1,
+    "val_samples": 1,
+    "test_samples": 1,
+    "num_layers": 1,
+    "crop_padding": 0,
+    "max_steps_per_epoch": 1,
+    "early_stopping_patience": 1,
+    "seed": 0,
+    "threads": 0,
+    "save_every_steps": 0,
+    "stop_after_steps": 1,
+    "log_every": 0,
+}
+POSITIVE_FLOATS = ("lr", "head_lr", "distill_temperature")
+NON_NEGATIVE_FLOATS = ("weight_decay", "grad_clip")
 
 FIELD_HELP: dict[str, str] = {
     "backbone": "pretrained network: efficientnet-lite0/1/2 (images) or minilm-l6 (text)",
@@ -177,7 +218,7 @@ FIELD_HELP: dict[str, str] = {
     "warmup_fraction": "share of the optimiser steps spent in linear warmup",
     "schedule": "LR decay after warmup: cosine, linear or constant",
     "label_smoothing": "cross-entropy label smoothing",
-    "grad_clip": "clip the global gradient norm to this (null = off)",
+    "grad_clip": "clip the global gradient norm to this (null or 0 = off)",
     "grad_accum": "accumulate gradients over this many batches per optimiser step",
     "amp": "mixed precision (bfloat16 autocast) on CUDA; ignored on CPU",
     "hflip": "images: random horizontal flips while training",
@@ -193,11 +234,11 @@ FIELD_HELP: dict[str, str] = {
     "seed": "seed of splits, subsets, shuffling, init and augmentation",
     "deterministic": "deterministic kernels (torch.use_deterministic_algorithms); slower",
     "device": "auto (CUDA if present), cpu or cuda",
-    "threads": "CPU threads for torch (default: torch's choice)",
+    "threads": "CPU threads for torch (null or 0: torch's choice)",
     "resume": "continue from OUTPUT_DIR/last.pt if it exists",
     "save_every_steps": "also write last.pt every N optimiser steps (0 = at epoch ends only)",
     "stop_after_steps": "save last.pt and stop as if interrupted after N optimiser steps (tests resume)",
-    "log_every": "print a progress line every N optimiser steps",
+    "log_every": "print a progress line every N optimiser steps (0 = never)",
     "progress": "show tqdm progress bars",
     "data_cache": "where fetched data and cached features go (default $FINESERVE_DATA_CACHE or data-cache/)",
     "extra": "free-form notes recorded with the run",
@@ -219,10 +260,18 @@ def recipe_path(recipe: str) -> Path:
 
 
 def load_recipe(path: Path) -> dict[str, Any]:
+    """The keys of a YAML recipe. An empty one is refused: it would silently start a full run
+    of every default (dataset, backbone, epochs), which nobody writes an empty file to get."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a recipe is a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the recipe ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the recipe is empty; give at least its dataset (see training/configs/)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
     return data

@@ -30,7 +30,15 @@ from training.backbones import (
     tokenizer_file,
 )
 from training.calibration import calibration_report
-from training.checkpoint import BEST, TOKENIZER, CheckpointMetadata, save_checkpoint, write_metadata
+from training.checkpoint import (
+    BEST,
+    TOKENIZER,
+    CheckpointError,
+    CheckpointMetadata,
+    read_metadata,
+    save_checkpoint,
+    write_metadata,
+)
 from training.config import ConfigError, TrainConfig
 from training.data import Examples, ImagePipeline, check_labels, image_encoder, make_splits, text_encoder
 from training.datasets import default_cache_dir, load_dataset
@@ -71,7 +79,8 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         ConfigError, DatasetError, CheckpointError: bad recipe, data or teacher (one-line messages).
     """
     started = time.perf_counter()
-    # --- setup: device, processes, seeds ------------------------------------------------------
+    # --- setup: output folder, device, processes, seeds ---------------------------------------
+    create_output_dir(output_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but no CUDA device is available")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -86,9 +95,6 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     seed_everything(cfg.seed, cfg.deterministic)
     show = cfg.progress and ctx.main
     say = print if ctx.main else (lambda *a, **k: None)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.main:
-        (output_dir / ARGS).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # --- data ----------------------------------------------------------------------------------
     cache = Path(cfg.data_cache) if cfg.data_cache else default_cache_dir()
@@ -210,8 +216,12 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         if changed:
             raise ConfigError(f"{last} was written with a different {changed[0]!r}; use another --output-dir")
         say(f"resume: epoch {progress.epoch + 1} batch {progress.batch} step {progress.step}")
-    if ctx.main:  # the metrics file always matches the history (no duplicates after a resume)
+    # Only now, with a refused resume behind us, may the folder change: args.yaml describes
+    # last.pt, and the metrics file always matches the history (no duplicates after a resume).
+    if ctx.main:
+        (output_dir / ARGS).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (output_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+        mark_unfinished(output_dir)
 
     # --- the epoch loop --------------------------------------------------------------------------
     def save_resumable_state() -> None:
@@ -341,7 +351,6 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         meta.calibration = report
     matrix = plots.confusion_matrix(predicted, test_labels, names)
     meta.metrics["confusion_matrix"] = matrix.tolist()
-    write_metadata(output_dir, meta)
     if is_text:
         shutil.copyfile(tokenizer_file(cfg.backbone), output_dir / TOKENIZER)
     if not cfg.plots:
@@ -351,6 +360,9 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         plots.confusion_plot(matrix, names, output_dir / "confusion_matrix.png", f"{cfg.dataset} test")
     else:
         say("plots skipped: matplotlib is not installed (pip install -e '.[train]')")
+    # Last: export takes a run only once its metadata says finished, with everything above in place.
+    meta.finished = True
+    write_metadata(output_dir, meta)
     say(f"test accuracy {meta.metrics['test_accuracy']:.4f}; temperature {meta.temperature:.3f}; "
         f"run folder {output_dir}")  # fmt: skip
     distributed.teardown(ctx)
@@ -393,7 +405,33 @@ def metadata(
         split=dict(splits.record),
         seed=cfg.seed,
         git_commit=git_commit(),
+        finished=False,
     )
+
+
+def create_output_dir(output_dir: Path) -> None:
+    """Creates the run folder, or says in one line why it cannot (a file in the way, permissions)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir}: is a file, not a folder")
+    blocking = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--output-dir {output_dir}: {blocking} is a file, not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--output-dir {output_dir}: cannot create it ({err.strerror})") from None
+
+
+def mark_unfinished(output_dir: Path) -> None:
+    """A run that trains again (resumed for more epochs, or retrained over an old folder) is not
+    finished until it completes again, even before its first improved epoch rewrites the files."""
+    try:
+        meta = read_metadata(output_dir)
+    except CheckpointError:  # none yet, or unreadable: export refuses that folder anyway
+        return
+    if meta.finished is not False:
+        meta.finished = False
+        write_metadata(output_dir, meta)
 
 
 def cached_features(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from export.contract import list_versions
-from export.defaults import DEFAULT_MODELS, UnknownDefaultError, build_defaults, imagenet_labels
+from export.defaults import DEFAULT_MODELS, UnknownDefaultError, build_defaults, imagenet_labels, train
 from tests.fixtures import publish_tiny_image_model
 
 
@@ -33,3 +33,53 @@ def test_imagenet_labels_are_unique_client_names() -> None:
     assert len(labels) == len(set(labels)) == 1000
     assert labels[285] == "Egyptian cat" and labels[967] == "espresso" and labels[281] == "tabby"
     assert labels[134] == "crane (134)" and labels[517] == "crane (517)"
+
+
+def _fake_training(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Records the training commands ``train`` would run, instead of running them."""
+    import subprocess
+
+    import export.defaults
+
+    commands: list[list[str]] = []
+
+    def run(command: list[str], check: bool = False) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(export.defaults.subprocess, "run", run)
+    return commands
+
+
+def _run_folder(run_dir: Path, **metadata: object) -> Path:
+    import json
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "best.pt").write_bytes(b"weights")
+    meta = {"backbone": "efficientnet-lite0", "task": "image-classification", "labels": ["a", "b"]}
+    (run_dir / "metadata.json").write_text(json.dumps({**meta, "preprocessing": {}, **metadata}))
+    return run_dir
+
+
+def test_an_unfinished_run_is_trained_again_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = _fake_training(monkeypatch)
+    # best.pt and metadata.json of the first improved epoch, then Ctrl-C.
+    run = _run_folder(tmp_path / "fashion", finished=False)
+    train("fashion", run, log=lambda _: None)
+    assert len(commands) == 1 and commands[0][-3:] == ["fashion", "--output-dir", str(run)]
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{"finished": True}, {"metrics": {"test_accuracy": 0.9}}],
+    ids=["finished", "legacy-with-test-metrics"],
+)
+def test_a_finished_run_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata: dict[str, object]
+) -> None:
+    commands = _fake_training(monkeypatch)
+    run = _run_folder(tmp_path / "fashion", **metadata)
+    assert train("fashion", run, log=lambda _: None) == 0.0
+    assert commands == []

@@ -66,3 +66,9 @@ def test_publish_skips_a_version_taken_meanwhile(tmp_path: Path) -> None:
 def test_bad_model_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PublishError, match="must match"), staging_folder(tmp_path, "Bad Name"):
         pass
+
+
+def test_a_repository_that_is_a_file_is_a_publish_error(tmp_path: Path) -> None:
+    (tmp_path / "models").write_text("a file where the repository should be")
+    with pytest.raises(PublishError, match="cannot create"), staging_folder(tmp_path / "models", "tiny"):
+        pass

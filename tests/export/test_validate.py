@@ -139,3 +139,10 @@ def test_a_graph_that_differs_from_pytorch_publishes_nothing(tmp_path: Path) -> 
         export_and_publish(item, _examples(), repository, "broken", settings=ExportSettings(max_batch_size=4))
     assert list_versions(repository / "broken") == []
     assert list((repository / "broken").iterdir()) == []  # no temporary folder left behind
+
+
+def test_a_graph_onnxruntime_cannot_load_is_a_failed_check(tmp_path: Path) -> None:
+    # e.g. an fp16 conversion that leaves a float16 tensor where float is declared
+    (tmp_path / "model.fp16.onnx").write_bytes(b"not a graph at all")
+    with pytest.raises(validate.GraphLoadError, match=r"onnxruntime cannot load model\.fp16\.onnx"):
+        validate.open_session(tmp_path / "model.fp16.onnx")

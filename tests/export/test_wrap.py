@@ -182,3 +182,32 @@ def test_channels_last_graph_gets_nhwc_layout_and_transposed_examples(tmp_path: 
     assert spec.image is not None and spec.image.layout == "NHWC"
     assert spec.inputs[0].shape == (-1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3)
     assert spec.variants["fp32"].checks["max_abs_diff"] <= 1e-5
+
+
+def test_text_wrap_refuses_a_tokenizer_the_server_cannot_load(tmp_path: Path) -> None:
+    from export.examples import TokenizerError
+
+    onnx.save(tiny_text_graph(len(tiny_vocab())), tmp_path / "text.onnx")
+    (tmp_path / "tokenizer.json").write_text("")
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json is empty"):
+        wrap_onnx(
+            tmp_path / "text.onnx",
+            tmp_path / "models",
+            "s",
+            task="text-classification",
+            labels=("negative", "positive"),
+            text=TextPreprocessing(max_length=16),
+            tokenizer_path=tmp_path / "tokenizer.json",
+        )
+    assert list_versions(tmp_path / "models" / "s") == []
+    write_tiny_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(WrapError, match=r"max_length in 2\.\.8192"):
+        wrap_onnx(
+            tmp_path / "text.onnx",
+            tmp_path / "models",
+            "s",
+            task="text-classification",
+            labels=("negative", "positive"),
+            text=TextPreprocessing(max_length=0),
+            tokenizer_path=tmp_path / "tokenizer.json",
+        )

@@ -64,6 +64,15 @@ def test_label_mismatch_is_a_one_line_error(tmp_path: Path) -> None:
         (["sentiment", "--set", "dataset=digits"], "does not fit the text backbone"),
         (["digits", "--set", "teacher=x", "--set", "strategy=linear-probe"], "teacher: distillation"),
         (["digits", "--set", "val_fraction=0.6", "--set", "test_fraction=0.5"], "must leave training data"),
+        (["digits", "--threads", "-2"], "threads: must be >= 0, got -2"),
+        (["digits", "--head-lr", "-1"], "head_lr: must be > 0, got -1.0"),
+        (["digits", "--weight-decay", "-1"], "weight_decay: must be >= 0, got -1.0"),
+        (["digits", "--grad-clip", "-1"], "grad_clip: must be >= 0, got -1.0"),
+        (["digits", "--crop-padding", "-3"], "crop_padding: must be >= 0, got -3"),
+        (["digits", "--train-samples", "-5"], "train_samples: must be >= 1, got -5"),
+        (["digits", "--test-samples", "0"], "test_samples: must be >= 1, got 0"),
+        (["digits", "--seed", "-1"], "seed: must be >= 0, got -1"),
+        (["digits", "--lr", ".inf"], "lr: must be a finite number, got inf"),
     ],
 )
 def test_config_errors_in_process(
@@ -105,3 +114,35 @@ def test_quick_recipes_are_valid() -> None:
     for name in ("fashion", "digits", "sentiment"):
         cfg = config_from_args(build_parser().parse_args([name, "--output-dir", "x"]))
         assert cfg.labels is not None and len(cfg.labels) >= 2
+
+
+def test_zero_stays_valid_where_it_means_off() -> None:
+    args = ["digits", "--output-dir", "x", "--weight-decay", "0", "--grad-clip", "0", "--crop-padding", "0"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.weight_decay == 0 and cfg.grad_clip == 0 and cfg.crop_padding == 0
+
+
+def _error_line(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_recipe_that_is_not_utf8_or_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_bytes("dataset: digits\n# caf\u00e9\n".encode("latin-1"))
+    run = ["--output-dir", str(tmp_path / "run")]
+    assert "not UTF-8 text" in _error_line(capsys, str(recipe), *run)
+    for empty in ("", "# nothing but a comment\n", "{}\n"):
+        recipe.write_text(empty)
+        assert "the recipe is empty" in _error_line(capsys, str(recipe), *run)
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_or_is_below_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "taken"
+    a_file.write_text("a file")
+    assert "is a file, not a folder" in _error_line(capsys, "digits", "--output-dir", str(a_file))
+    line = _error_line(capsys, "digits", "--output-dir", str(a_file / "run"))
+    assert f"{a_file} is a file, not a folder" in line

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.training.conftest import tiny_image_config
+from training.checkpoint import UnfinishedRunError, load_checkpoint, read_metadata
 from training.config import ConfigError
 from training.run import train
 
@@ -44,5 +46,29 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=1), run)
+    args_before = (run / "args.yaml").read_text()
     with pytest.raises(ConfigError, match="different 'lr'"):
         train(tiny_image_config(tmp_path, strategy="partial", lr=1e-4), run)
+    # args.yaml still describes last.pt, not the refused recipe
+    assert (run / "args.yaml").read_text() == args_before
+    assert yaml.safe_load(args_before)["lr"] == 2e-3
+
+
+def test_interrupted_run_is_unfinished_until_it_completes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # 2 steps per epoch: epoch 1 improves (best.pt + metadata.json written), then the stop.
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=3), run)
+    assert (run / "best.pt").is_file() and read_metadata(run).finished is False
+    with pytest.raises(UnfinishedRunError, match="did not finish"):
+        load_checkpoint(run)
+
+    train(tiny_image_config(tmp_path, strategy="partial"), run)  # the resume completes it
+    meta = read_metadata(run)
+    assert meta.finished is True and "test_accuracy" in meta.metrics
+    load_checkpoint(run)
+
+    # Training the finished run for more epochs makes it unfinished again until that completes.
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_image_config(tmp_path, strategy="partial", epochs=3, stop_after_steps=5), run)
+    assert read_metadata(run).finished is False
