@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -188,8 +189,14 @@ class StreamFailed(Exception):
     """A streamed request failed; ``args[0]`` names how (counted like a status code)."""
 
 
-async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
-    """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails."""
+async def run_load(
+    target: str, spec: ModelSpec, load: Load, on_window: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Drives one load point; raises ``grpc.aio.AioRpcError`` if the very first call fails.
+
+    ``on_window`` is called when the measured window opens, after the warmup: where a caller
+    snapshots CPU counters, so the warmup's work is not charged to the measured requests.
+    """
     region: InputRegion | None = None
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         message: Any
@@ -204,19 +211,30 @@ async def run_load(target: str, spec: ModelSpec, load: Load) -> dict[str, Any]:
         try:
             if region is not None:
                 await region.register(channel)
-            return await _drive(channel, method, message.SerializeToString(), load)
+            return await _drive(channel, method, message.SerializeToString(), load, on_window)
         finally:
             if region is not None:
                 await region.unregister(channel)
                 region.close()
 
 
-async def _drive(channel: grpc.aio.Channel, method: Any, request: bytes, load: Load) -> dict[str, Any]:
+async def _drive(
+    channel: grpc.aio.Channel,
+    method: Any,
+    request: bytes,
+    load: Load,
+    on_window: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     await method(request, timeout=30)  # one call first: fail fast on a wrong setup
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     counting_from = time.perf_counter() + load.warmup_s
     end = counting_from + load.seconds
+
+    async def open_window() -> None:
+        await asyncio.sleep(max(0.0, counting_from - time.perf_counter()))
+        if on_window is not None:
+            on_window()
 
     async def worker() -> None:
         stream = StreamCaller(channel) if load.protocol == "kserve-stream" else None
@@ -238,7 +256,7 @@ async def _drive(channel: grpc.aio.Channel, method: Any, request: bytes, load: L
         if stream is not None:
             await stream.close()
 
-    await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+    await asyncio.gather(open_window(), *(worker() for _ in range(load.concurrency)))
     # The last requests may finish after `end`: the window is until the last answer.
     elapsed = time.perf_counter() - counting_from
     return {

@@ -103,16 +103,22 @@ class Suite:
         return row
 
     def load(self, server: ServerProcess, spec: ModelSpec, load: Load, label: str = "") -> dict[str, Any]:
-        cpu_client, cpu_server, by_role = time.process_time(), server.cpu_seconds(), server.cpu_by_role()
+        # CPU counters from the end of the warmup: the measured requests are charged their own work.
+        start: dict[str, Any] = {}
+
+        def open_window() -> None:
+            start.update(client=time.process_time(), server=server.cpu_seconds(), roles=server.cpu_by_role())
+
         with PeakMemory(server) as memory:
-            row = asyncio.run(run_load(server.target, spec, load))
+            row = asyncio.run(run_load(server.target, spec, load, on_window=open_window))
         requests = row["requests_ok"] or 1
         served = requests * load.items
-        row["server_cpu_ms_per_item"] = (server.cpu_seconds() - cpu_server) * 1e3 / served
-        row["client_cpu_ms_per_item"] = (time.process_time() - cpu_client) * 1e3 / served
+        row["server_cpu_ms_per_item"] = (server.cpu_seconds() - start["server"]) * 1e3 / served
+        row["client_cpu_ms_per_item"] = (time.process_time() - start["client"]) * 1e3 / served
         # Where the server's CPU went, per answered request: the event loop against the model.
         row["server_cpu_ms_per_request"] = {
-            role: (seconds - by_role[role]) * 1e3 / requests for role, seconds in server.cpu_by_role().items()
+            role: (seconds - start["roles"][role]) * 1e3 / requests
+            for role, seconds in server.cpu_by_role().items()
         }
         row["client_cpu_ms_per_request"] = row["client_cpu_ms_per_item"] * load.items
         row["peak_rss_mb"] = memory.peak_bytes / MB

@@ -225,3 +225,29 @@ def test_a_graph_onnxruntime_cannot_load_is_one_error_line(
         bench_main(["raw", "--model-dir", str(version), "--batch-sizes", "1", "--seconds", "0.1"])
     assert exited.value.code == 2
     assert "model.onnx: onnxruntime cannot load it (InvalidProtobuf)" in capsys.readouterr().err
+
+
+def test_the_measured_window_opens_after_the_warmup(tiny_repository: Path, tmp_path: Path) -> None:
+    """CPU counters are read when the window opens, so the warmup's work is not charged to it."""
+    import asyncio
+    import time
+
+    from bench.server_process import ServerProcess
+    from export.contract import read_model_spec
+
+    version = tiny_repository / "tiny-image" / "1"
+    load = loadgen.Load(items=1, concurrency=2, seconds=0.2, warmup_s=0.4, version_dir=version)
+    opened: list[float] = []
+    with ServerProcess(tiny_repository, ["--log-level=WARNING"], tmp_path / "server.log") as server:
+        server.start()
+        started = time.perf_counter()
+        result = asyncio.run(
+            loadgen.run_load(
+                server.target,
+                read_model_spec(version),
+                load,
+                on_window=lambda: opened.append(time.perf_counter()),
+            )
+        )
+    assert len(opened) == 1 and opened[0] - started >= 0.4
+    assert result["requests_ok"] > 0
