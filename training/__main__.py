@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return build_config(values)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a container or job scheduler stopping the run): handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Without this, SIGTERM ends the process on the spot: no message, and no word on how to resume.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = config_from_args(args)
         from training.run import train  # heavy imports (torch, transformers) after the config is valid
@@ -85,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, UnknownBackboneError, FloatingPointError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        why = "stopped (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(
-            f"error: interrupted; rerun the same command to resume from {args.output_dir}/last.pt",
+            f"error: {why}; rerun the same command to resume from {args.output_dir}/last.pt",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

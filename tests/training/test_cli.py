@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.training.conftest import TINY_IMAGE
 from training.__main__ import build_parser, config_from_args, main
 from training.config import ConfigError
 
@@ -146,3 +149,36 @@ def test_output_dir_that_is_or_is_below_a_file(tmp_path: Path, capsys: pytest.Ca
     assert "is a file, not a folder" in _error_line(capsys, "digits", "--output-dir", str(a_file))
     line = _error_line(capsys, "digits", "--output-dir", str(a_file / "run"))
     assert f"{a_file} is a file, not a folder" in line
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM gets the same one line as Ctrl-C, saying how to resume (exit 143)."""
+    tiny = [f"{key}={value}" for key, value in TINY_IMAGE.items() if key != "dataset"]
+    sets = [arg for pair in tiny for arg in ("--set", pair)]
+    run = tmp_path / "run"
+    env = {**os.environ, "FINESERVE_DATA_CACHE": str(tmp_path / "cache")}
+    command = [
+        sys.executable,
+        "-m",
+        "training",
+        "digits",
+        *sets,
+        "--set",
+        "epochs=500",
+        "--output-dir",
+        str(run),
+    ]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "args.yaml").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # args.yaml: the run has started (its config checked)
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines() == [
+        f"error: stopped (SIGTERM); rerun the same command to resume from {run}/last.pt"
+    ]
