@@ -31,7 +31,8 @@ def _cpu_budget(sat: dict[str, Any]) -> list[str]:
     items = sat["served_at"]["items_per_request"]
     client = sat["client_cpu_ms_per_request"]
     total = sum(cpu.values()) + client
-    rest = total - cpu["event_loop"] - cpu["inference"] - client
+    # Clamped: /proc counts in 10 ms ticks, so a near-idle role can read a hair below zero.
+    rest = max(0.0, total - cpu["event_loop"] - cpu["inference"] - client)
     return [
         f"| (CPU per request of {items} at that point) | event loop {cpu['event_loop']:.2f} ms, "
         f"inference {cpu['inference']:.2f} ms ({cpu['inference'] / items:.2f} per item; raw "
@@ -59,7 +60,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
         f"| served at saturation >= {SATURATION_TARGET:.2f} x raw at its best batch | "
         f"served {sat['served_items_per_s']:.0f} items/s (c={sat['served_at']['concurrency']}, "
         f"{sat['served_at']['items_per_request']} per request) vs raw {sat['raw_items_per_s']:.0f} items/s "
-        f"(batch {sat['raw_best_batch']}) = **{sat['ratio']:.2f} x** | "
+        f"(batch {sat['raw_best_batch']}) = **{sat['ratio']:.3f} x** | "
         f"{_met(sat['ratio'] >= SATURATION_TARGET)} |",
     ]
     lines += _cpu_budget(sat)
@@ -67,7 +68,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
     lines += [
         f"| the same, one item per request (the server does all the batching) | "
         f"served {one['served_items_per_s']:.0f} items/s (c={one['served_at']['concurrency']}) vs raw "
-        f"{one['raw_items_per_s']:.0f} items/s = **{one['ratio']:.2f} x** | "
+        f"{one['raw_items_per_s']:.0f} items/s = **{one['ratio']:.3f} x** | "
         f"{_met(one['ratio'] >= SATURATION_TARGET)} |",
     ]
     lines += _cpu_budget(one)
@@ -76,7 +77,7 @@ def model_tables(name: str, m: dict[str, Any]) -> list[str]:
         lines.append(
             f"| the same as the first, inputs in system shared memory (a client on the same host) | "
             f"served {shm['served_items_per_s']:.0f} items/s vs raw {shm['raw_items_per_s']:.0f} items/s "
-            f"= **{shm['ratio']:.2f} x** | {_met(shm['ratio'] >= SATURATION_TARGET)} |"
+            f"= **{shm['ratio']:.3f} x** | {_met(shm['ratio'] >= SATURATION_TARGET)} |"
         )
         lines += _cpu_budget(shm)
     lines += [
