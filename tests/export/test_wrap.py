@@ -188,26 +188,22 @@ def test_text_wrap_refuses_a_tokenizer_the_server_cannot_load(tmp_path: Path) ->
     from export.examples import TokenizerError
 
     onnx.save(tiny_text_graph(len(tiny_vocab())), tmp_path / "text.onnx")
-    (tmp_path / "tokenizer.json").write_text("")
-    with pytest.raises(TokenizerError, match=r"tokenizer\.json is empty"):
+
+    def wrap_text(max_length: int) -> None:
         wrap_onnx(
             tmp_path / "text.onnx",
             tmp_path / "models",
             "s",
             task="text-classification",
             labels=("negative", "positive"),
-            text=TextPreprocessing(max_length=16),
+            text=TextPreprocessing(max_length=max_length),
             tokenizer_path=tmp_path / "tokenizer.json",
         )
+
+    (tmp_path / "tokenizer.json").write_text("")
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json is empty"):
+        wrap_text(16)
     assert list_versions(tmp_path / "models" / "s") == []
     write_tiny_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(WrapError, match=r"max_length in 2\.\.8192"):
-        wrap_onnx(
-            tmp_path / "text.onnx",
-            tmp_path / "models",
-            "s",
-            task="text-classification",
-            labels=("negative", "positive"),
-            text=TextPreprocessing(max_length=0),
-            tokenizer_path=tmp_path / "tokenizer.json",
-        )
+        wrap_text(0)
