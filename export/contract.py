@@ -33,7 +33,7 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 # KServe v2 datatype names: the server and clients speak these.
 DATATYPES: tuple[str, ...] = ("FP32", "FP16", "INT64", "INT32", "BOOL", "UINT8", "BYTES")
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: "$" would let "name\n" pass
 # Tokens per text the server truncates to: at least a [CLS] and a [SEP].
 MAX_LENGTH_RANGE = (2, 8192)
 

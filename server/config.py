@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +333,8 @@ def _check_security(settings: Settings) -> None:
             token = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{name}: {path} is not UTF-8 text") from None
+        except OSError as err:  # a secret mounted with the wrong owner, say
+            raise ValueError(f"{name}: {path}: {err.strerror or err}") from None
         if not token.strip():
             raise ValueError(f"{name}: {path} is empty")
 
@@ -393,6 +396,11 @@ def _check_tracing_installed(exporter: str) -> None:
 OTHER_PROGRAMS_VARIABLES = frozenset({"FINESERVE_DATA_CACHE", "FINESERVE_HEALTH_ADDRESS"})
 
 
+# What Kubernetes puts in every pod for a Service named "fineserve" (deploy/k8s/service.yaml):
+# FINESERVE_SERVICE_HOST, FINESERVE_SERVICE_PORT_GRPC, FINESERVE_PORT_8001_TCP_ADDR, ...
+_SERVICE_LINKS = re.compile(r"^FINESERVE_(SERVICE_(HOST|PORT)\w*|PORT(_\d+_(TCP|UDP|SCTP)\w*)?)$")
+
+
 def unknown_environment_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     """``FINESERVE_*`` variables that name no setting (a typo is otherwise silently ignored)."""
     return sorted(
@@ -400,6 +408,7 @@ def unknown_environment_variables(environ: Mapping[str, str] = os.environ) -> li
         for name in environ
         if name.startswith(ENV_PREFIX)
         and name not in OTHER_PROGRAMS_VARIABLES
+        and not _SERVICE_LINKS.match(name)
         and name[len(ENV_PREFIX) :].lower() not in Settings.model_fields
     )
 

@@ -28,7 +28,7 @@ from server.errors import InvalidInput, LimitExceeded
 from server.pb.inference import grpc_service_pb2 as pb
 from server.pb.inference import model_config_pb2 as mc
 from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
-from server.tensor_checks import check_tensors
+from server.tensor_checks import check_shape, check_tensors
 
 if TYPE_CHECKING:
     from server.model import Duration, ModelStats
@@ -262,15 +262,15 @@ def decode_inputs(
 
 
 def _check_region_size(name: str, datatype: str, shape: Sequence[int], byte_size: int, limit: int) -> None:
-    """Before a byte is read: a fixed-size tensor's region holds exactly what its shape needs (as
-    raw contents must), and a BYTES one no more than a message could carry."""
+    """Before a byte is read: no more than a request message could carry, and for a fixed-size
+    tensor exactly what its shape needs (as raw contents must)."""
     where = f"input {name!r}"
+    if byte_size > limit:
+        raise LimitExceeded(
+            f"{where}: shared_memory_byte_size {byte_size} is over {limit} bytes, what a request "
+            "message may carry (max_receive_message_bytes)"
+        )
     if datatype == BYTES:
-        if byte_size > limit:
-            raise LimitExceeded(
-                f"{where}: shared_memory_byte_size {byte_size} is over {limit} bytes, what a request "
-                "message may carry (max_receive_message_bytes)"
-            )
         return
     needed = element_count(shape, where) * dtype_of(datatype, where).itemsize
     if byte_size != needed:
@@ -370,14 +370,29 @@ class EncodedRequest:
         return len(self.items)
 
 
-def check_declared_batch(request: pb.ModelInferRequest, interface: ModelInterface) -> None:
-    """Before anything is decoded: no input declares more items (its first dimension) than the
-    model's ``max_batch_size``. Decoding twenty million empty BYTES elements only to refuse the
-    batch would hold the event loop for seconds."""
+def check_declared_batch(request: pb.ModelInferRequest, interface: ModelInterface, model: str) -> None:
+    """Before anything is decoded, from the declared names and shapes alone: every input is one
+    the model takes, a tensor has its rank and fixed dimensions, and no input holds more items
+    than ``max_batch_size`` (a BYTES input: all its elements, whatever its shape). Decoding twenty
+    million empty BYTES elements only to refuse them held the event loop for seconds."""
+    tensors = {t.name: t for t in interface.tensor_inputs}
     for tensor in request.inputs:
-        if tensor.shape and tensor.shape[0] > interface.max_batch_size:
+        shape = list(tensor.shape)
+        if tensor.name == interface.encoded_input.name:
+            items = element_count(shape, f"input {tensor.name!r}")
+        elif tensor.name in tensors:
+            spec = tensors[tensor.name]
+            if tensor.datatype != spec.datatype:
+                continue  # decoding says what is wrong with the datatype first, as it always did
+            check_shape(spec, shape)
+            items = shape[0]
+        else:
             raise InvalidInput(
-                f"input {tensor.name!r}: batch size {tensor.shape[0]} is over the model's max_batch_size "
+                f"model {model!r} has no input {tensor.name!r}; it takes {interface.describe_inputs()}"
+            )
+        if items > interface.max_batch_size:
+            raise InvalidInput(
+                f"input {tensor.name!r}: batch size {items} is over the model's max_batch_size "
                 f"{interface.max_batch_size}"
             )
 

@@ -27,9 +27,9 @@ from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionN
 
 SHM_ROOT = Path("/dev/shm")
 # A POSIX shared-memory key: one leading slash at most, then a plain file name (no "..", no "/").
-_KEY = re.compile(r"^/?((?!\.\.?$)[A-Za-z0-9_.-]{1,200})$")
+_KEY = re.compile(r"^/?((?!\.\.?\Z)[A-Za-z0-9_.-]{1,200})\Z")
 # Region names are the client's labels; kept printable and short so errors can quote them.
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,17 @@ def _check_one(spec: TensorSpec, array: np.ndarray) -> None:
     if want is None or array.dtype != want:
         got = datatype_name(array.dtype) or str(array.dtype)
         raise InvalidInput(f"{where}: datatype must be {spec.datatype}, got {got}")
-    shape = array.shape
+    check_shape(spec, array.shape)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # NaN or infinity in would be NaN scores out: refused, not computed.
+        raise InvalidInput(f"{where}: contains NaN or infinite values")
+
+
+def check_shape(spec: TensorSpec, shape: Sequence[int]) -> None:
+    """Rank and fixed dimensions as declared, no empty dimension past the batch axis; also run by
+    the KServe codec on the declared shape, before any byte is decoded."""
+    where = f"input {spec.name!r}"
+    shape = tuple(shape)
     if len(shape) != len(spec.shape):
         raise InvalidInput(
             f"{where}: shape {list(shape)} must have {len(spec.shape)} dimensions {list(spec.shape)}"
@@ -61,6 +71,3 @@ def _check_one(spec: TensorSpec, array: np.ndarray) -> None:
             )
         if axis > 0 and got_size == 0:
             raise InvalidInput(f"{where}: shape {list(shape)} has an empty dimension {axis}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        # NaN or infinity in would be NaN scores out: refused, not computed.
-        raise InvalidInput(f"{where}: contains NaN or infinite values")

@@ -121,30 +121,44 @@ def thread_cpu(pid: int | str = "self") -> dict[int, tuple[str, float]]:
 
 
 class RoleCpu:
-    """CPU seconds per role since the process started, never decreasing (a Prometheus counter):
-    a thread that ended keeps its last reading in its role, and a role's total never goes back
-    (a thread renamed meanwhile keeps its earlier time where it was counted)."""
+    """CPU seconds per role since the process started, never decreasing (a Prometheus counter).
+
+    Each live thread's time counts to its role from the reading it was first seen in that role; a
+    thread that ends keeps what it had in its role, and one renamed into another role (a loading
+    thread while it creates a session) leaves its time so far where it was and counts on in the
+    new one. Readings are serialised: two scrapes at once cannot count a thread twice.
+    """
 
     def __init__(self, pid: int | str = "self") -> None:
         self.pid = pid
         # The event loop's thread id, once the server runs (its name is the process's).
         self.loop_tid: int | None = None
-        self._seen: dict[int, tuple[str, float]] = {}  # tid -> (role, seconds) at the last reading
-        self._ended = dict.fromkeys(ROLES, 0.0)
-        self._totals = dict.fromkeys(ROLES, 0.0)
+        # tid -> (role, seconds at the last reading, seconds when it entered that role)
+        self._seen: dict[int, tuple[str, float, float]] = {}
+        self._ended = dict.fromkeys(ROLES, 0.0)  # what threads left behind in each role
         self._lock = threading.Lock()
 
     def read(self) -> dict[str, float]:
-        now = thread_cpu(self.pid)
         with self._lock:
-            for tid, (role, seconds) in self._seen.items():
-                if tid not in now or now[tid][1] < seconds:  # ended (its id maybe reused)
-                    self._ended[role] += seconds
-            self._seen = {
-                tid: (role_of(name, tid, self.loop_tid), seconds) for tid, (name, seconds) in now.items()
-            }
+            now = thread_cpu(self.pid)
+            seen: dict[int, tuple[str, float, float]] = {}
+            carried_on: set[int] = set()  # same thread, same role as at the last reading
+            for tid, (name, seconds) in now.items():
+                role = role_of(name, tid, self.loop_tid)
+                old = self._seen.get(tid)
+                if old is None or seconds < old[1]:  # a new thread (its id maybe reused)
+                    base = 0.0
+                elif role != old[0]:  # renamed into another role: counts there from now on
+                    base = old[1]
+                else:
+                    base = old[2]
+                    carried_on.add(tid)
+                seen[tid] = (role, seconds, base)
+            for tid, (role, seconds, base) in self._seen.items():
+                if tid not in carried_on:  # it ended, or left this role: its time there stays
+                    self._ended[role] += seconds - base
+            self._seen = seen
             totals = dict(self._ended)
-            for role, seconds in self._seen.values():
-                totals[role] += seconds
-            self._totals = {role: max(self._totals[role], totals[role]) for role in ROLES}
-            return dict(self._totals)
+            for role, seconds, base in seen.values():
+                totals[role] += seconds - base
+            return totals

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 143 if isinstance(err, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

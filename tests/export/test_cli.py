@@ -257,8 +257,8 @@ def test_repository_that_is_a_file_is_refused(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--max-batch-size", "0"], "--max-batch-size 0: must be in 1..256"),
-        (["--max-batch-size", "100000"], "--max-batch-size 100000: must be in 1..256"),
+        (["--max-batch-size", "0"], "--max-batch-size 0: must be in 1..1024"),
+        (["--max-batch-size", "100000"], "--max-batch-size 100000: must be in 1..1024"),
         (["--max-examples", "-1"], "--max-examples -1: must be in 1..10000"),
         (["--max-examples", "100000"], "--max-examples 100000: must be in 1..10000"),
     ],
@@ -280,7 +280,7 @@ def test_defaults_checks_its_options_before_any_work(
         (["--opset", "999"], "opset 999: the torchscript exporter takes opsets 13 to 20"),
         (["--opset", "12"], "opset 12: the torchscript exporter takes opsets 13 to 20"),
         (["--exporter", "dynamo", "--opset", "17"], "opset 17: the dynamo exporter takes opsets 18 to 23"),
-        (["--max-batch-size", "100000"], "--max-batch-size 100000: must be in 1..256"),
+        (["--max-batch-size", "100000"], "--max-batch-size 100000: must be in 1..1024"),
         (["--max-examples", "-5"], "--max-examples -5: must be in 1..10000"),
     ],
 )

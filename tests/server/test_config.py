@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,32 @@ def test_unknown_fineserve_variables_are_named_for_a_warning() -> None:
         "PATH": "/bin",
     }
     assert unknown_environment_variables(environ) == ["FINESERVE_GRPC_PROT"]
+
+
+def test_kubernetes_service_links_are_not_taken_for_typos() -> None:
+    # Kubernetes injects these into every pod for the Service named "fineserve".
+    links = {
+        "FINESERVE_SERVICE_HOST": "10.0.0.1",
+        "FINESERVE_SERVICE_PORT": "8001",
+        "FINESERVE_SERVICE_PORT_GRPC": "8001",
+        "FINESERVE_PORT": "tcp://10.0.0.1:8001",
+        "FINESERVE_PORT_8001_TCP": "tcp://10.0.0.1:8001",
+        "FINESERVE_PORT_8001_TCP_ADDR": "10.0.0.1",
+    }
+    assert unknown_environment_variables(links) == []
+
+
+def test_an_unreadable_token_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "token"
+    secret.write_text("s3cret")
+    read_text = Path.read_text
+
+    def denied(path: Path, *args: Any, **kwargs: Any) -> str:
+        # A secret mounted with the wrong owner; as root (here) chmod cannot make a file unreadable.
+        if path == secret:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(SettingsError, match=r"inference_token_file: .*token: Permission denied"):
+        load_settings(inference_token_file=secret)

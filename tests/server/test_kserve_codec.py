@@ -589,33 +589,49 @@ def test_shared_memory_input_errors(shm_objects: MakeObject, registry: SharedMem
         decode(codec.SharedMemoryRef("r", 64), [16])
 
 
-def test_a_bytes_input_in_shared_memory_reads_no_more_than_a_message_could_carry(
+def test_an_input_in_shared_memory_reads_no_more_than_a_message_could_carry(
     shm_objects: MakeObject,
 ) -> None:
     key, _ = shm_objects(4096)
     registry = SharedMemoryRegistry(enabled=True, max_read_bytes=1024)
     try:
         registry.register("r", key, 0, 4096)
-        request = pb.ModelInferRequest(model_name="m")
-        placed_input(request, "texts", "BYTES", [1], codec.SharedMemoryRef("r", 2048))
-        with pytest.raises(LimitExceeded, match="shared_memory_byte_size 2048 is over 1024 bytes"):
-            codec.decode_inputs(request, registry)
+        for name, datatype, shape in (("texts", "BYTES", [1]), ("x", "FP32", [512])):
+            request = pb.ModelInferRequest(model_name="m")
+            placed_input(request, name, datatype, shape, codec.SharedMemoryRef("r", 2048))
+            with pytest.raises(LimitExceeded, match="shared_memory_byte_size 2048 is over 1024 bytes"):
+                codec.decode_inputs(request, registry)
     finally:
         registry.close()
 
 
-def test_declared_batch_sizes_are_checked_before_decoding(specs: dict[str, ModelSpec]) -> None:
+def test_declared_inputs_are_checked_before_decoding(specs: dict[str, ModelSpec]) -> None:
     interface = codec.interface_of(specs["image"], max_batch_size=4)
-    request = pb.ModelInferRequest(model_name="m")
-    # Twenty million empty BYTES elements: refused from the shape alone, nothing decoded.
-    request.inputs.add(name="images", datatype="BYTES", shape=[20_000_000])
-    request.raw_input_contents.append(b"\0\0\0\0" * 1000)
+
+    def declared(*inputs: tuple[str, str, list[int]]) -> None:
+        request = pb.ModelInferRequest(model_name="m")
+        for name, datatype, shape in inputs:
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(b"\0\0\0\0" * 1000)  # never looked at
+        codec.check_declared_batch(request, interface, "m")
+
+    declared(("pixel_values", "FP32", [4, 3, 8, 8]))
+    declared(("images", "BYTES", [4]), ("images", "BYTES", [4, 1]))
+    # Twenty million empty BYTES elements, as [N] or hidden in a second dimension: from the shape alone.
     with invalid("input 'images': batch size 20000000 is over the model's max_batch_size 4"):
-        codec.check_declared_batch(request, interface)
-    within = pb.ModelInferRequest(model_name="m")
-    within.inputs.add(name="pixel_values", datatype="FP32", shape=[4, 3, 8, 8])
-    within.inputs.add(name="scalar", datatype="FP32", shape=[])
-    codec.check_declared_batch(within, interface)  # the rest is decode_inputs' and check_inputs' to say
+        declared(("images", "BYTES", [20_000_000]))
+    with invalid("input 'images': batch size 2000000 is over the model's max_batch_size 4"):
+        declared(("images", "BYTES", [1, 2_000_000]))
+    with invalid(r"input 'pixel_values': shape \[1, 3, 8, 8, 1\] must have 4 dimensions \[-1, 3, 8, 8\]"):
+        declared(("pixel_values", "FP32", [1, 3, 8, 8, 1]))
+    with invalid(
+        r"input 'pixel_values': shape \[1, 2147483648, 8, 8\] does not match .* \(dimension 1 must be 3\)"
+    ):
+        declared(("pixel_values", "FP32", [1, 1 << 31, 8, 8]))
+    with invalid("model 'm' has no input 'extra'; it takes either 'images' \\(BYTES\\) or the tensors"):
+        declared(("pixel_values", "FP32", [1, 3, 8, 8]), ("extra", "BYTES", [1, 5_000_000]))
+    with invalid("input 'pixel_values': batch size 5 is over the model's max_batch_size 4"):
+        declared(("pixel_values", "FP32", [5, 3, 8, 8]))
 
 
 def test_output_written_to_shared_memory_keeps_an_empty_raw_entry(

@@ -58,6 +58,57 @@ def test_roles_come_from_names_and_the_loop_from_its_thread_id() -> None:
     assert role_of("python", 8, loop_tid=7) == threads.OTHER
 
 
+def burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_role_cpu_counts_each_phase_of_a_renamed_thread_once_and_keeps_ended_ones() -> None:
+    role_cpu = RoleCpu()
+    role_cpu.loop_tid = -1
+    steps = [threading.Event() for _ in range(3)]
+    done = [threading.Event() for _ in range(3)]
+
+    def worker() -> None:
+        name_thread("fs-worker")  # preprocessing, then inference (as a loading thread's session)
+        burn(0.3)
+        done[0].set()
+        steps[0].wait(10)
+        name_thread("infer:renamed")
+        burn(0.3)
+        done[1].set()
+        steps[1].wait(10)
+
+    thread = threading.Thread(target=worker)
+    start = role_cpu.read()
+    thread.start()
+    done[0].wait(10)
+    first = role_cpu.read()
+    steps[0].set()
+    done[1].wait(10)
+    # Scrapes at once (Prometheus' HTTP server answers each on its own thread): counted once.
+    readers = [threading.Thread(target=role_cpu.read) for _ in range(8)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    second = role_cpu.read()
+    steps[1].set()
+    thread.join()
+    after = role_cpu.read()
+
+    def grew(a: dict[str, float], b: dict[str, float], role: str) -> float:
+        return b[role] - a[role]
+
+    # /proc counts in 10 ms ticks: each phase's 0.3 s shows as 0.25-0.4 s.
+    assert 0.25 <= grew(start, first, threads.PREPROCESSING) <= 0.4
+    assert 0.25 <= grew(first, second, threads.INFERENCE) <= 0.4
+    assert grew(first, after, threads.PREPROCESSING) < 0.05  # its first phase stayed, no more
+    assert 0.25 <= grew(start, after, threads.INFERENCE) <= 0.4  # ended: kept, counted once
+    assert all(after[role] >= second[role] >= first[role] for role in threads.ROLES)
+
+
 def test_role_cpu_counts_a_thread_that_ended_and_never_goes_back() -> None:
     role_cpu = RoleCpu()
     role_cpu.loop_tid = threading.get_native_id()
