@@ -317,7 +317,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return _guarded(handler, message, refused)
         if handler.stream_stream is not None:
             return _guarded_stream(handler, message, refused, in_band=method in self._in_band_streams)
-        # Unary-stream (health Watch) and stream-unary methods: gRPC's own answer stands.
+        if handler.unary_stream is not None:
+            return _guarded_response_stream(handler, message, refused)
+        # Stream-unary methods (none served): gRPC's own answer stands.
         return handler
 
 
@@ -344,6 +346,34 @@ def _guarded(
 
     return grpc.unary_unary_rpc_method_handler(
         checked,
+        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _guarded_response_stream(
+    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None]
+) -> grpc.RpcMethodHandler:
+    """One request, a stream of answers (health Watch): an unparsable request ends the call with
+    INVALID_ARGUMENT before any answer (gRPC's own is UNKNOWN, naming a Python exception class)."""
+    inner = handler.unary_stream
+
+    async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if request is _UNPARSABLE:
+            refused()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def generated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        await check(request, context)
+        async for response in inner(request, context):
+            yield response
+
+    async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await check(request, context)  # health's Watch writes with context.write
+        await inner(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(
+        generated if inspect.isasyncgenfunction(inner) else written,
         request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
         response_serializer=handler.response_serializer,
     )

@@ -741,6 +741,24 @@ def test_a_malformed_message_in_another_request_stream_ends_it_with_invalid_argu
     assert "ServerReflectionInfo is not a valid message" in failed.value.details()
 
 
+def test_a_malformed_request_to_a_response_stream_is_invalid_argument(clients: Clients) -> None:
+    # Health Watch: one request, a stream of answers. gRPC's own answer was UNKNOWN, naming a
+    # Python exception class.
+    watch = clients.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        list(watch(b"\xff" * 12, timeout=10))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Watch is not a valid message" in failed.value.details()
+    # A good Watch still streams the status.
+    good = clients.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch", request_serializer=None, response_deserializer=None
+    )(b"", timeout=10)
+    assert next(iter(good))  # SERVING, as bytes
+    good.cancel()
+
+
 def scores(clients: Clients, item: bytes) -> list[float]:
     response = clients.fineserve.Classify(
         fs.ClassifyRequest(model="tiny-image", images=[fs.ImageInput(encoded=item)], top_k=3), timeout=10
