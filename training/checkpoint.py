@@ -137,7 +137,8 @@ def load_checkpoint(run_dir: Path) -> tuple[nn.Module, CheckpointMetadata]:
             malformed, or the weights do not fit the recorded model.
     """
     if not run_dir.is_dir():
-        raise CheckpointError(f"checkpoint folder {run_dir} does not exist")
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint folder {run_dir} {what}")
     meta = read_metadata(run_dir)
     require_finished(run_dir, meta)
     weights = run_dir / BEST

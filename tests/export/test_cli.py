@@ -32,6 +32,11 @@ def test_missing_checkpoint(tmp_path: Path) -> None:
         _cli("checkpoint", str(tmp_path / "nope"), "--repository", str(tmp_path), "--name", "m")
     )
     assert "does not exist" in line
+    (tmp_path / "afile").write_text("not a run")
+    line = _one_error_line(
+        _cli("checkpoint", str(tmp_path / "afile"), "--repository", str(tmp_path), "--name", "m")
+    )
+    assert "is a file, not a run folder" in line
 
 
 def _in_process(capsys: pytest.CaptureFixture[str], *args: str) -> str:
