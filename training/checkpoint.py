@@ -92,14 +92,14 @@ def save_checkpoint(run_dir: Path, model: nn.Module, metadata: CheckpointMetadat
     """Writes ``best.pt`` and ``metadata.json`` into ``run_dir`` (created if needed)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    _write_atomically(run_dir / BEST, lambda tmp: torch.save({"model": state}, tmp))
+    write_atomically(run_dir / BEST, lambda tmp: torch.save({"model": state}, tmp))
     write_metadata(run_dir, metadata)
     return run_dir / BEST
 
 
 def write_metadata(run_dir: Path, metadata: CheckpointMetadata) -> None:
     text = json.dumps(asdict(metadata), indent=2) + "\n"
-    _write_atomically(run_dir / METADATA, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(run_dir / METADATA, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_metadata(run_dir: Path) -> CheckpointMetadata:
@@ -178,9 +178,10 @@ def checkpoint_sha256(run_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a temporary name beside ``path``, then rename: readers (export, a resumed
-    run) see the old file or the new one, never a half-written one."""
+    run) see the old file or the new one, never a half-written one; a failed write leaves no
+    temporary file behind. Every file a run writes for later readers goes through here."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)

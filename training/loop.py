@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from training import layers
+from training.checkpoint import write_atomically
 from training.data import Examples, epoch_order
 from training.distributed import Dist, all_sum
 
@@ -165,9 +166,7 @@ def save_state(
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a crash mid-write never leaves a truncated last.pt
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # never a truncated last.pt
 
 
 def load_state(

@@ -37,6 +37,7 @@ from training.checkpoint import (
     CheckpointMetadata,
     read_metadata,
     save_checkpoint,
+    write_atomically,
     write_metadata,
 )
 from training.config import ConfigError, TrainConfig
@@ -466,9 +467,8 @@ def cached_features(
                     outputs.append(layers.features(model, prepared).float().cpu())
             parts.append(torch.cat(outputs))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(dict(zip(("train", "val", "test"), parts, strict=True)), tmp)
-        tmp.replace(path)
+        features = dict(zip(("train", "val", "test"), parts, strict=True))
+        write_atomically(path, lambda tmp: torch.save(features, tmp))
     return tuple(  # type: ignore[return-value]
         Examples({"features": feats}, data.labels)
         for feats, data in zip(parts, (splits.train, splits.val, splits.test), strict=True)
