@@ -327,16 +327,29 @@ def _check_security(settings: Settings) -> None:
             raise ValueError(f"{name}: {path} is not a readable file")
     for name in ("inference_token_file", "admin_token_file"):
         path = getattr(settings, name)
-        if path is None:
-            continue
-        try:
-            token = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{name}: {path} is not UTF-8 text") from None
-        except OSError as err:  # a secret mounted with the wrong owner, say
-            raise ValueError(f"{name}: {path}: {err.strerror or err}") from None
-        if not token.strip():
-            raise ValueError(f"{name}: {path} is empty")
+        if path is not None:
+            try:
+                read_token_file(path)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
+
+
+def read_token_file(path: Path) -> str:
+    """A bearer token from its file, whitespace stripped.
+
+    Raises:
+        ValueError: unreadable (a secret mounted with the wrong owner, say), not UTF-8, or empty;
+            the message starts with the path.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as err:
+        raise ValueError(f"{path}: {err.strerror or err}") from None
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
 
 
 class _YamlFileSource(PydanticBaseSettingsSource):

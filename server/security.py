@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from pydantic import SecretStr
 
-from server.config import Settings, SettingsError
+from server.config import Settings, SettingsError, read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,9 @@ def read_token(value: SecretStr | None, path: Path | None) -> bytes | None:
         return value.get_secret_value().strip().encode()
     if path is not None:
         try:
-            token = path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise SettingsError(f"token file {path} is not UTF-8 text") from None
-        except OSError as err:
-            raise SettingsError(f"token file {path}: {err.strerror or err}") from None
-        if not token:
-            raise SettingsError(f"token file {path} is empty")
-        return token.encode()
+            return read_token_file(path).encode()
+        except ValueError as err:  # checked with the settings, but the file may have changed since
+            raise SettingsError(f"token file {err}") from None
     return None
 
 
