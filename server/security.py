@@ -328,20 +328,38 @@ def _lenient(parse: Callable[[bytes], Any], unparsable: Callable[[], Any]) -> Ca
     return lenient
 
 
+_Refusal = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[None]]
+
+
+def _refusal_of_unparsable(message: str, refused: Callable[[], None]) -> _Refusal:
+    """What every guard does with a request that did not parse: count it, end the call with
+    INVALID_ARGUMENT; any other request passes."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if request is _UNPARSABLE:
+            refused()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    return refuse
+
+
+def _unparsable_marked(handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any]:
+    return _lenient(handler.request_deserializer, lambda: _UNPARSABLE)
+
+
 def _guarded(
     handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None]
 ) -> grpc.RpcMethodHandler:
     inner = handler.unary_unary
+    refuse = _refusal_of_unparsable(message, refused)
 
     async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        if request is _UNPARSABLE:
-            refused()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        await refuse(request, context)
         return await inner(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
         checked,
-        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        request_deserializer=_unparsable_marked(handler),
         response_serializer=handler.response_serializer,
     )
 
@@ -352,24 +370,20 @@ def _guarded_response_stream(
     """One request, a stream of answers (health Watch): an unparsable request ends the call with
     INVALID_ARGUMENT before any answer (gRPC's own is UNKNOWN, naming a Python exception class)."""
     inner = handler.unary_stream
-
-    async def check(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if request is _UNPARSABLE:
-            refused()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    refuse = _refusal_of_unparsable(message, refused)
 
     async def generated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        await check(request, context)
+        await refuse(request, context)
         async for response in inner(request, context):
             yield response
 
     async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await check(request, context)  # health's Watch writes with context.write
+        await refuse(request, context)  # health's Watch writes with context.write
         await inner(request, context)
 
     return grpc.unary_stream_rpc_method_handler(
         generated if inspect.isasyncgenfunction(inner) else written,
-        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        request_deserializer=_unparsable_marked(handler),
         response_serializer=handler.response_serializer,
     )
 
@@ -391,15 +405,14 @@ def _guarded_stream(
     inner = handler.stream_stream
     if not inspect.isasyncgenfunction(inner):
         return handler  # reads with context.read(): gRPC's own answer stands
+    refuse = _refusal_of_unparsable(message, refused)
 
     async def checked(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         async def parsed() -> AsyncIterator[Any]:
             async for request in requests:
-                if request is _UNPARSABLE:
-                    refused()
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                await refuse(request, context)
                 yield request
 
         async for response in inner(parsed(), context):
@@ -407,6 +420,6 @@ def _guarded_stream(
 
     return grpc.stream_stream_rpc_method_handler(
         checked,
-        request_deserializer=_lenient(handler.request_deserializer, lambda: _UNPARSABLE),
+        request_deserializer=_unparsable_marked(handler),
         response_serializer=handler.response_serializer,
     )
