@@ -220,7 +220,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         handle = self._dataplane.resolve(request.model_name, version)
         interface = self._interface(handle)
         wanted = codec.requested_outputs(request, interface)
-        codec.check_declared_batch(request, interface, handle.name)
+        codec.check_declared_inputs(request, interface, handle.name)
         form = codec.check_inputs(interface, handle.name, codec.decode_inputs(request, self._shared_memory))
         codec.check_output_regions(wanted, interface, form.batch_size, self._shared_memory)
         # The request's version (None = newest) goes to the core, not the resolved one: a newer

@@ -370,7 +370,7 @@ class EncodedRequest:
         return len(self.items)
 
 
-def check_declared_batch(request: pb.ModelInferRequest, interface: ModelInterface, model: str) -> None:
+def check_declared_inputs(request: pb.ModelInferRequest, interface: ModelInterface, model: str) -> None:
     """Before anything is decoded, from the declared names and shapes alone: every input is one
     the model takes, a tensor has its rank and fixed dimensions, and no input holds more items
     than ``max_batch_size`` (a BYTES input: all its elements, whatever its shape). Decoding twenty
@@ -387,14 +387,8 @@ def check_declared_batch(request: pb.ModelInferRequest, interface: ModelInterfac
             check_shape(spec, shape)
             items = shape[0]
         else:
-            raise InvalidInput(
-                f"model {model!r} has no input {tensor.name!r}; it takes {interface.describe_inputs()}"
-            )
-        if items > interface.max_batch_size:
-            raise InvalidInput(
-                f"input {tensor.name!r}: batch size {items} is over the model's max_batch_size "
-                f"{interface.max_batch_size}"
-            )
+            raise _no_such_input(interface, model, tensor.name)
+        _check_not_over_max(interface, items, f"input {tensor.name!r}: ")
 
 
 def check_inputs(
@@ -413,9 +407,7 @@ def check_inputs(
     expected = {t.name: t for t in interface.tensor_inputs}
     for name in by_name:
         if name not in expected:
-            raise InvalidInput(
-                f"model {model!r} has no input {name!r}; it takes {interface.describe_inputs()}"
-            )
+            raise _no_such_input(interface, model, name)
     for name in expected:
         if name not in by_name:
             raise InvalidInput(
@@ -444,10 +436,18 @@ def _check_encoded(interface: ModelInterface, given: RequestInput) -> EncodedReq
 def _check_batch_size(interface: ModelInterface, batch_size: int) -> None:
     if batch_size < 1:
         raise InvalidInput("the batch is empty: send at least one item")
+    _check_not_over_max(interface, batch_size)
+
+
+def _check_not_over_max(interface: ModelInterface, batch_size: int, where: str = "") -> None:
     if batch_size > interface.max_batch_size:
         raise InvalidInput(
-            f"batch size {batch_size} is over the model's max_batch_size {interface.max_batch_size}"
+            f"{where}batch size {batch_size} is over the model's max_batch_size {interface.max_batch_size}"
         )
+
+
+def _no_such_input(interface: ModelInterface, model: str, name: str) -> InvalidInput:
+    return InvalidInput(f"model {model!r} has no input {name!r}; it takes {interface.describe_inputs()}")
 
 
 @dataclass(frozen=True)

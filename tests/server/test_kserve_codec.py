@@ -613,7 +613,7 @@ def test_declared_inputs_are_checked_before_decoding(specs: dict[str, ModelSpec]
         for name, datatype, shape in inputs:
             request.inputs.add(name=name, datatype=datatype, shape=shape)
         request.raw_input_contents.append(b"\0\0\0\0" * 1000)  # never looked at
-        codec.check_declared_batch(request, interface, "m")
+        codec.check_declared_inputs(request, interface, "m")
 
     declared(("pixel_values", "FP32", [4, 3, 8, 8]))
     declared(("images", "BYTES", [4]), ("images", "BYTES", [4, 1]))
