@@ -368,21 +368,17 @@ class DataPlane:
             prepare_ns = time.perf_counter_ns() - started
             observation.items = rows
             results = await self._submit_chunks(served, tensors, rows, deadline, is_cancelled)
+            if len(results) == 1:
+                outputs = results[0].outputs
+            else:
+                outputs = {k: np.concatenate([r.outputs[k] for r in results]) for k in results[0].outputs}
+            _check_finite(outputs)
         except BaseException:
             elapsed = time.perf_counter_ns() - started
             served.stats.record_request(False, elapsed)
             raise
         finally:
             served.in_flight -= 1
-        if len(results) == 1:
-            outputs = results[0].outputs
-        else:
-            outputs = {key: np.concatenate([r.outputs[key] for r in results]) for key in results[0].outputs}
-        try:
-            _check_finite(outputs)
-        except InvalidInput:
-            served.stats.record_request(False, time.perf_counter_ns() - started)
-            raise
         elapsed = time.perf_counter_ns() - started
         # Chunks wait side by side (the longest wait counts) and run one after another (summed);
         # preprocessing counts as computing the input, as in Triton's statistics.
