@@ -72,18 +72,23 @@ class Repository:
     def model_names(self) -> list[str]:
         return list_models(self.root)
 
-    def _report_ignored(self) -> None:
-        """Logs, once each, folders that look meant to be served but never will be: a model folder
-        whose name is not a model name (``My Model``), a version folder that is not a plain
-        positive number (``v2``, ``02``). Hidden folders (a publish in progress) are skipped."""
+    def _scan(self) -> list[str]:
+        """The models on disk (as ``model_names``), logging once each the folders that look meant
+        to be served but never will be: a model folder whose name is not a model name
+        (``My Model``), a version folder that is not a plain positive number (``v2``, ``02``).
+        Hidden folders (a publish in progress) are skipped."""
+        names = []
         for model in _folders(self.root):
             if not MODEL_NAME.match(model.name):
                 self._ignore(model, "model names are 1-64 of a-z, 0-9, - and _, not starting with - or _")
                 continue
-            served = set(map(str, list_versions(model)))
+            versions = set(map(str, list_versions(model)))
             for version in _folders(model):
-                if version.name not in served:
+                if version.name not in versions:
                     self._ignore(version, "version folders are positive numbers without leading zeros")
+            if versions:
+                names.append(model.name)
+        return names
 
     def _ignore(self, folder: Path, why: str) -> None:
         if folder not in self._ignored:
@@ -139,8 +144,7 @@ class Repository:
     async def sync(self) -> None:
         """Loads what the policy wants and is not loaded; retires what it no longer wants."""
         async with self._lock:
-            self._report_ignored()
-            names = set(self.model_names()) | set(self.served)
+            names = set(self._scan()) | set(self.served)
             for name in sorted(names):
                 await self._sync_model(name)
 
