@@ -2,7 +2,7 @@
 # fineserve container images. Targets (docs/deploy.md):
 #   serve      (default, last stage) onnxruntime-gpu on a CUDA 13 + cuDNN 9 runtime base; no torch, no compilers
 #   serve-cpu  onnxruntime (CPU) on plain Ubuntu, for machines without a GPU
-#   train      torch + the train extra: fineserve-train, fineserve-export, torchrun
+#   train      torch + the train extra: fineserve train, fineserve export, torchrun
 #
 #   docker build -t fineserve:serve .
 #   docker build --target train -t fineserve:train .
@@ -40,6 +40,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# fineserve/ holds the package's own modules and symlinks to the four folders below (one import name).
+COPY fineserve/ fineserve/
 COPY server/ server/
 COPY export/ export/
 COPY training/ training/
@@ -85,8 +87,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     FINESERVE_DATA_CACHE=/work/data-cache
 WORKDIR /work
 USER 10001:10001
-# No entrypoint: run fineserve-train, fineserve-export or torchrun (docs/deploy.md).
-CMD ["fineserve-train", "--help"]
+# No entrypoint: run fineserve train, fineserve export or torchrun (docs/deploy.md).
+CMD ["fineserve", "--help"]
 
 # ---- serve-cpu: the same server on onnxruntime's CPU build -------------------------------
 FROM ${UBUNTU_IMAGE} AS serve-cpu
@@ -113,7 +115,7 @@ EXPOSE 8001 8002
 # Loading and warming the models takes a while: failures count only after the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["/opt/venv/bin/python", "/opt/fineserve/grpc_health_check.py"]
-ENTRYPOINT ["fineserve-serve"]
+ENTRYPOINT ["fineserve", "serve"]
 
 # ---- serve: onnxruntime-gpu on the CUDA runtime (the default target) --------------------
 # The "runtime" flavour of the CUDA image: CUDA and cuDNN libraries, no nvcc, no headers.
@@ -140,4 +142,4 @@ USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["/opt/venv/bin/python", "/opt/fineserve/grpc_health_check.py"]
-ENTRYPOINT ["fineserve-serve"]
+ENTRYPOINT ["fineserve", "serve"]

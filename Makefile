@@ -48,14 +48,14 @@ protos: install
 
 # The default model repository: trains (quick recipes), exports and publishes what is missing.
 models: install
-	$(BIN)/python -m export defaults --repository $(MODELS)
+	$(BIN)/fineserve export defaults --repository $(MODELS)
 
 # The main job: the default models (built if missing), then the gRPC server on them.
 serve: models
-	$(BIN)/fineserve-serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/fineserve serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 bench: install
-	$(BIN)/fineserve-bench --help
+	$(BIN)/fineserve bench --help
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,10 @@
-"""fineserve-bench: benchmarks that print their figures and write JSON (not tests).
+"""fineserve bench: benchmarks that print their figures and write JSON (not tests).
 
-    fineserve-bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
-    fineserve-bench load  --target 127.0.0.1:8001 ...        load generator against a server
-    fineserve-bench suite --model-repository models ...     the server against raw onnxruntime, all figures
-    fineserve-bench startup --model-repository models       seconds to SERVING, idle memory
-    fineserve-bench train ...                               the training results table
+    fineserve bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
+    fineserve bench load  --target 127.0.0.1:8001 ...        load generator against a server
+    fineserve bench suite --model-repository models ...     the server against raw onnxruntime, all figures
+    fineserve bench startup --model-repository models       seconds to SERVING, idle memory
+    fineserve bench train ...                               the training results table
 
 Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
 """
@@ -14,23 +14,29 @@ from __future__ import annotations
 import importlib
 import sys
 
-from export.contract import ModelSpecError
+from fineserve.export.contract import ModelSpecError
 
 COMMANDS = {
-    "raw": ("bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
-    "load": ("bench.loadgen", "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)"),
-    "suite": ("bench.suite", "start the server and measure it against raw onnxruntime (every figure)"),
-    "stream": ("bench.stream_compare", "KServe unary calls against one open stream per client"),
-    "startup": ("bench.startup", "seconds from process start to health SERVING, idle memory"),
-    "train": ("bench.train_results", "train the result recipes and print the accuracy table"),
+    "raw": ("fineserve.bench.raw_ort", "raw onnxruntime throughput and latency per batch size"),
+    "load": (
+        "fineserve.bench.loadgen",
+        "concurrent gRPC load against a running server (KServe v2 or fineserve.v1)",
+    ),
+    "suite": (
+        "fineserve.bench.suite",
+        "start the server and measure it against raw onnxruntime (every figure)",
+    ),
+    "stream": ("fineserve.bench.stream_compare", "KServe unary calls against one open stream per client"),
+    "startup": ("fineserve.bench.startup", "seconds from process start to health SERVING, idle memory"),
+    "train": ("fineserve.bench.train_results", "train the result recipes and print the accuracy table"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fineserve-bench {" + ",".join(COMMANDS) + "} [options]", ""]
+    lines = ["usage: fineserve bench {" + ",".join(COMMANDS) + "} [options]", ""]
     lines.append(__doc__.strip().splitlines()[0])
     lines += ["", "commands:"] + [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines.append("\nRun `fineserve-bench COMMAND --help` for a command's options.")
+    lines.append("\nRun `fineserve bench COMMAND --help` for a command's options.")
     return "\n".join(lines)
 
 

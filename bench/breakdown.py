@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from server.pb.inference import grpc_service_pb2 as pb
-from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
 STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 

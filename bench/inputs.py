@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import ModelSpec
-from server.preprocess import Limits
+from fineserve.export.contract import ModelSpec
+from fineserve.server.preprocess import Limits
 
 # The benchmarks' own inputs stay far inside these.
 _NO_LIMITS = Limits(1 << 30, 1 << 30, 1 << 20, 1 << 20)
@@ -67,7 +67,7 @@ def encoded_items(spec: ModelSpec, count: int, image_side: int = 480, seed: int 
 
 def sample_tokens(spec: ModelSpec, version_dir: Path, batch: int) -> dict[str, np.ndarray]:
     """``batch`` rows of the sample texts, tokenized as the server tokenizes them."""
-    from server.preprocess import TextPreprocessor
+    from fineserve.server.preprocess import TextPreprocessor
 
     assert spec.text is not None
     tokenizer = TextPreprocessor(

@@ -1,6 +1,6 @@
 """A bounded async gRPC load generator for a running fineserve (loopback only).
 
-    fineserve-bench load --target 127.0.0.1:8001 --model-dir models/fashion/1 \
+    fineserve bench load --target 127.0.0.1:8001 --model-dir models/fashion/1 \
         --protocol kserve --kind tensor --concurrency 32 --items 1 --seconds 10
 
 Each of ``--concurrency`` workers sends one request at a time for ``--seconds``; the report gives
@@ -28,12 +28,12 @@ from typing import Any
 
 import grpc
 
-from bench.inputs import encoded_items, tensor_batch
-from bench.stats import latency_summary, write_json
-from export.contract import ModelSpec, read_model_spec
-from server.kserve_codec import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
-from server.pb.fineserve.v1 import fineserve_pb2
-from server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from fineserve.bench.inputs import encoded_items, tensor_batch
+from fineserve.bench.stats import latency_summary, write_json
+from fineserve.export.contract import ModelSpec, read_model_spec
+from fineserve.server.kserve_codec import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2
+from fineserve.server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 
 DATATYPES = {"float32": "FP32", "int64": "INT64"}
 LOOPBACK = ("127.", "localhost", "[::1]")
@@ -274,7 +274,7 @@ async def _drive(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fineserve-bench load", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineserve bench load", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:8001", help="server address (loopback only)")
     parser.add_argument("--model-dir", type=Path, required=True, help="the served version folder (shapes)")
     parser.add_argument(

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.inputs import encoded_items
-from export.contract import ModelSpec
-from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
+from fineserve.bench.inputs import encoded_items
+from fineserve.export.contract import ModelSpec
+from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
 
 # The server's defaults: nothing the benchmark inputs come near.
 LIMITS = Limits(

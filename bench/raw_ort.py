@@ -1,6 +1,6 @@
 """The baseline: raw onnxruntime ``session.run`` on a published model, per batch size.
 
-    fineserve-bench raw --model-dir models/fashion/1 --variant fp32 --batch-sizes 1,8,32 \
+    fineserve bench raw --model-dir models/fashion/1 --variant fp32 --batch-sizes 1,8,32 \
         --seconds 5 --json bench/results/raw-fashion.json
 
 Thread settings as given: ``--intra-threads`` per run and ``--callers`` runs side by side (the
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.inputs import tensor_batch
-from bench.stats import latency_summary, positive_ints, positive_seconds, write_json
-from export.contract import read_model_spec
+from fineserve.bench.inputs import tensor_batch
+from fineserve.bench.stats import latency_summary, positive_ints, positive_seconds, write_json
+from fineserve.export.contract import read_model_spec
 
 
 def make_session(
@@ -32,7 +32,7 @@ def make_session(
             import torch  # noqa: F401
     import onnxruntime as ort
 
-    from server.runtime import session_options
+    from fineserve.server.runtime import session_options
 
     # The server's own session options (server/runtime.py), so both sides run alike.
     ort_provider = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
@@ -107,7 +107,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fineserve-bench raw", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineserve bench raw", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="<repo>/<model>/<version>")
     parser.add_argument("--variant", default="fp32", choices=["fp32", "fp16", "int8"], help="graph variant")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="execution provider")

@@ -1,6 +1,6 @@
 """The real server as a subprocess on loopback: start it, time it to SERVING, watch its memory and CPU.
 
-The benchmarks drive ``python -m server`` exactly as a user would run it, so the figures include
+The benchmarks drive ``python -m fineserve.server`` exactly as a user would run it, so the figures include
 everything the server really does (gRPC, health, metrics, the repository poll).
 """
 
@@ -19,7 +19,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.threads import RoleCpu
+from fineserve.server.threads import RoleCpu
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -57,14 +57,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server`` with the given flags, on free loopback ports; a context manager."""
+    """``python -m fineserve.server`` with the given flags, on free loopback ports; a context manager."""
 
     def __init__(self, repository: Path, flags: list[str], log_path: Path) -> None:
         self.port = free_port()
         self.command = [
             sys.executable,
             "-m",
-            "server",
+            "fineserve.server",
             "--model-repository",
             str(repository),
             "--grpc-host",

@@ -1,8 +1,8 @@
 """Seconds from process start to health SERVING, and resident memory once idle, for a repository.
 
-    fineserve-bench startup --model-repository models --runs 3
+    fineserve bench startup --model-repository models --runs 3
 
-Starts ``python -m server`` (every model of the repository, default settings) ``--runs`` times,
+Starts ``python -m fineserve.server`` (every model of the repository, default settings) ``--runs`` times,
 one after another, and prints each run and the median.
 """
 
@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from statistics import median
 
-from bench.server_process import ServerProcess
-from bench.stats import write_json
-from export.contract import list_models
+from fineserve.bench.server_process import ServerProcess
+from fineserve.bench.stats import write_json
+from fineserve.export.contract import list_models
 
 MB = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fineserve-bench startup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineserve bench startup", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")

@@ -1,6 +1,6 @@
 """KServe unary ``ModelInfer`` against ``ModelStreamInfer`` (one open stream per client worker).
 
-    fineserve-bench stream --model-repository models --model fashion --concurrency 1,64
+    fineserve bench stream --model-repository models --model fashion --concurrency 1,64
 
 Starts the server (same thread settings as the suite) and alternates the two protocols in short
 rounds, one item per request as ready tensors; prints the medians of items/s, p50 and the
@@ -17,16 +17,16 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.loadgen import Load, run_load
-from bench.server_process import ServerProcess
-from bench.stats import write_json
-from export.contract import list_versions, read_model_spec
+from fineserve.bench.loadgen import Load, run_load
+from fineserve.bench.server_process import ServerProcess
+from fineserve.bench.stats import write_json
+from fineserve.export.contract import list_versions, read_model_spec
 
 PROTOCOLS = ("kserve", "kserve-stream")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fineserve-bench stream", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineserve bench stream", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--model", default="fashion")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated requests in flight")

@@ -1,8 +1,8 @@
 """The serving benchmark suite: the real server against raw onnxruntime, in one run, on one machine.
 
-    fineserve-bench suite --model-repository models --models fashion,sentiment
+    fineserve bench suite --model-repository models --models fashion,sentiment
 
-Starts ``python -m server`` as a subprocess on loopback with the same onnxruntime thread settings
+Starts ``python -m fineserve.server`` as a subprocess on loopback with the same onnxruntime thread settings
 as the raw baseline (intra-op threads per run, and as many runs side by side as the server has
 instances), and measures, per model: raw ``session.run`` per batch size; served latency
 at concurrency 1 against raw batch 1; throughput and latency against concurrency for ready
@@ -23,16 +23,16 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.breakdown import empty_rpc_p50_ms, instance_count, mean_stage_ms, stage_totals
-from bench.inputs import tensor_batch
-from bench.loadgen import Load, run_load
-from bench.preprocess_bench import measure_preprocessing
-from bench.raw_ort import add_spinning_flag, make_session, measure
-from bench.report import write_plots, write_tables
-from bench.server_process import PeakMemory, ServerProcess
-from bench.stats import machine, positive_ints, positive_seconds, write_json
-from export.contract import ModelSpec, list_versions, read_model_spec
-from server.runtime import CPU, cpu_cores, plan_threads
+from fineserve.bench.breakdown import empty_rpc_p50_ms, instance_count, mean_stage_ms, stage_totals
+from fineserve.bench.inputs import tensor_batch
+from fineserve.bench.loadgen import Load, run_load
+from fineserve.bench.preprocess_bench import measure_preprocessing
+from fineserve.bench.raw_ort import add_spinning_flag, make_session, measure
+from fineserve.bench.report import write_plots, write_tables
+from fineserve.bench.server_process import PeakMemory, ServerProcess
+from fineserve.bench.stats import machine, positive_ints, positive_seconds, write_json
+from fineserve.export.contract import ModelSpec, list_versions, read_model_spec
+from fineserve.server.runtime import CPU, cpu_cores, plan_threads
 
 MB = 1 << 20
 # Idle time between raw runs for the "session idle in between" baseline: about what a server's
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
     import sys
 
-    parser = argparse.ArgumentParser(prog="fineserve-bench suite", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fineserve bench suite", description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", type=Path, default=Path("models"))
     parser.add_argument("--models", default="fashion,sentiment", help="comma-separated model names")
     parser.add_argument("--seconds", type=positive_seconds, default=3.0, help="measuring time per point")
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")
     args = parser.parse_args(argv)
-    args.command_line = shlex.join(["fineserve-bench", "suite", *(sys.argv[2:] if argv is None else argv)])
+    args.command_line = shlex.join(["fineserve", "bench", "suite", *(sys.argv[2:] if argv is None else argv)])
     args.models = [m for m in args.models.split(",") if m]
     if not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 10:
         parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")

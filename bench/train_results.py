@@ -1,10 +1,10 @@
 """The training result rows (not a test): runs recipes, prints a table, writes JSON.
 
-    python -m bench.train_results --rows quick              # the CPU-sized rows
-    python -m bench.train_results --rows gpu --device cuda  # the full result rows (one GPU)
-    python -m bench.train_results --rows sentiment-full,sentiment-student
+    python -m fineserve.bench.train_results --rows quick              # the CPU-sized rows
+    python -m fineserve.bench.train_results --rows gpu --device cuda  # the full result rows (one GPU)
+    python -m fineserve.bench.train_results --rows sentiment-full,sentiment-student
 
-Each row is one ``python -m training RECIPE`` run (the command is recorded with the row), so
+Each row is one ``python -m fineserve.training RECIPE`` run (the command is recorded with the row), so
 a row can be reproduced alone. Distillation rows name the row of their teacher, which runs first;
 they also report teacher vs student size and CPU latency (batch 1). The JSON is rewritten after
 every row, so an interrupted bench keeps what it finished.
@@ -106,7 +106,7 @@ def select(spec: str, keep_teachers: bool = False) -> list[Row]:
 
 def command(row: Row, run_dir: Path, device: str, teacher_dir: Path | None) -> str:
     # resume=false: a bench row always trains from scratch, even over an older run folder
-    parts = [f"python -m training {row.recipe} --output-dir {run_dir} --set resume=false"]
+    parts = [f"python -m fineserve.training {row.recipe} --output-dir {run_dir} --set resume=false"]
     if device != "auto":
         parts.append(f"--set device={device}")
     if teacher_dir is not None:
@@ -116,8 +116,8 @@ def command(row: Row, run_dir: Path, device: str, teacher_dir: Path | None) -> s
 
 
 def run_row(row: Row, runs: Path, device: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from training.__main__ import build_parser, config_from_args
-    from training.run import train
+    from fineserve.training.__main__ import build_parser, config_from_args
+    from fineserve.training.run import train
 
     run_dir = runs / row.name
     teacher_dir = runs / row.teacher if row.teacher else None
@@ -167,8 +167,8 @@ def run_row(row: Row, runs: Path, device: str, done: dict[str, dict[str, Any]]) 
 
 def cpu_latency_ms(run_dir: Path, repeats: int = 30) -> dict[str, float]:
     """Median batch-1 latency of the checkpoint on this machine's CPU (eager PyTorch)."""
-    from training.backbones import count_parameters, model_size_bytes
-    from training.checkpoint import load_checkpoint
+    from fineserve.training.backbones import count_parameters, model_size_bytes
+    from fineserve.training.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(run_dir)
     if "image" in meta.preprocessing:

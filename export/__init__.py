@@ -1,5 +1,5 @@
 """Export: trained checkpoints -> validated ONNX graphs in a versioned model repository.
 
 Importing this package must stay cheap and torch-free: the server imports
-``export.contract`` to read what export publishes.
+``fineserve.export.contract`` to read what export publishes.
 """

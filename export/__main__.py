@@ -1,4 +1,4 @@
-"""``fineserve-export`` (= ``python -m export``): checkpoints and ONNX files -> checked repository versions.
+"""``fineserve export`` (``python -m fineserve.export``): checkpoints, ONNX files -> checked versions.
 
 Thin on purpose: it parses arguments and calls ``export.pipeline`` / ``export.wrap`` /
 ``export.defaults``. Expected failures end in one line, ``error: ...``, and exit status 1
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.contract import (
+from fineserve.export.contract import (
     INTERPOLATIONS,
     MAX_LENGTH_RANGE,
     PRECISIONS,
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fineserve-export",
+        prog="fineserve export",
         description="Export, check and publish classifiers into a versioned model repository.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -187,7 +187,7 @@ def _add_max_batch_size(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Any:
-    from export.pipeline import ExportSettings
+    from fineserve.export.pipeline import ExportSettings
 
     chosen = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     bad = [v for v in chosen if v not in PRECISIONS]
@@ -219,8 +219,8 @@ def _check_folder(path: Path, option: str) -> None:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> None:
-    from export.onnx import check_exporter
-    from export.pipeline import export_and_publish, model_from_checkpoint
+    from fineserve.export.onnx import check_exporter
+    from fineserve.export.pipeline import export_and_publish, model_from_checkpoint
 
     _check_common(args)
     check_exporter(args.exporter, args.opset)
@@ -228,7 +228,7 @@ def _run_checkpoint(args: argparse.Namespace) -> None:
     item = model_from_checkpoint(args.run_dir)
     calibration = None
     if args.examples is not None:
-        from export.examples import read_examples
+        from fineserve.export.examples import read_examples
 
         examples = read_examples(
             args.examples,
@@ -240,8 +240,8 @@ def _run_checkpoint(args: argparse.Namespace) -> None:
             limit=args.max_examples,
         )
     else:
-        from export.heldout import examples_from_run
-        from training.checkpoint import read_metadata
+        from fineserve.export.heldout import examples_from_run
+        from fineserve.training.checkpoint import read_metadata
 
         examples, calibration = examples_from_run(
             read_metadata(args.run_dir), args.run_dir, limit=args.max_examples
@@ -252,8 +252,8 @@ def _run_checkpoint(args: argparse.Namespace) -> None:
 def _run_wrap(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from export.examples import load_tokenizer, read_examples
-    from export.wrap import wrap_onnx
+    from fineserve.export.examples import load_tokenizer, read_examples
+    from fineserve.export.wrap import wrap_onnx
 
     _check_common(args)
     settings = _settings(args)
@@ -311,8 +311,8 @@ def _run_wrap(args: argparse.Namespace) -> None:
 
 
 def _run_defaults(args: argparse.Namespace) -> None:
-    from export.defaults import build_defaults
-    from export.pipeline import ExportSettings
+    from fineserve.export.defaults import build_defaults
+    from fineserve.export.pipeline import ExportSettings
 
     _check_common(args)
     _check_folder(args.runs_dir, "--runs-dir")
@@ -377,8 +377,8 @@ def _triple(value: str, option: str) -> tuple[float, float, float]:
 
 def _one_line(err: BaseException) -> str | None:
     """The message for an expected failure; None for a bug (which keeps its traceback)."""
-    from export.examples import ExamplesError, TokenizerError
-    from export.publish import PublishError
+    from fineserve.export.examples import ExamplesError, TokenizerError
+    from fineserve.export.publish import PublishError
 
     expected: list[type[BaseException]] = [
         UsageError,
@@ -387,29 +387,29 @@ def _one_line(err: BaseException) -> str | None:
         TokenizerError,
         PublishError,
     ]
-    if "export.onnx" in sys.modules or "export.pipeline" in sys.modules:
-        from export.onnx import ExportError, UnsupportedModelError
+    if "fineserve.export.onnx" in sys.modules or "fineserve.export.pipeline" in sys.modules:
+        from fineserve.export.onnx import ExportError, UnsupportedModelError
 
         expected += [ExportError, UnsupportedModelError]
-    if "export.validate" in sys.modules:
-        from export.validate import ValidationError
+    if "fineserve.export.validate" in sys.modules:
+        from fineserve.export.validate import ValidationError
 
         if isinstance(err, ValidationError):
             return f"check failed ({type(err).__name__}): {err}; nothing was published"
-    if "export.wrap" in sys.modules:
-        from export.wrap import WrapError
+    if "fineserve.export.wrap" in sys.modules:
+        from fineserve.export.wrap import WrapError
 
         expected.append(WrapError)
-    if "export.defaults" in sys.modules:
-        from export.defaults import TrainingFailedError, UnknownDefaultError
+    if "fineserve.export.defaults" in sys.modules:
+        from fineserve.export.defaults import TrainingFailedError, UnknownDefaultError
 
         expected += [TrainingFailedError, UnknownDefaultError]
-    if "training.checkpoint" in sys.modules:
-        from training.checkpoint import CheckpointError
+    if "fineserve.training.checkpoint" in sys.modules:
+        from fineserve.training.checkpoint import CheckpointError
 
         expected.append(CheckpointError)
-    if "training.backbones" in sys.modules:
-        from training.backbones import UnknownBackboneError
+    if "fineserve.training.backbones" in sys.modules:
+        from fineserve.training.backbones import UnknownBackboneError
 
         if isinstance(err, UnknownBackboneError):
             return f"unsupported model: {err}"

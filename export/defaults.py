@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from export.contract import ImagePreprocessing, list_versions
-from export.examples import UNLABELLED, Examples, image_examples
-from export.pipeline import (
+from fineserve.export.contract import ImagePreprocessing, list_versions
+from fineserve.export.examples import UNLABELLED, Examples, image_examples
+from fineserve.export.pipeline import (
     ExportSettings,
     ModelToExport,
     Published,
     export_and_publish,
     model_from_checkpoint,
 )
-from export.validate import ValidationError
+from fineserve.export.validate import ValidationError
 
 IMAGENET_SIZE = 224
 # What the pretrained network must say about the sample photos (ImageNet class ids).
@@ -116,8 +116,8 @@ def build_defaults(
             continue
         run_dir = runs_dir / default.name
         train_seconds = train(default.recipe, run_dir, log)
-        from export.heldout import examples_from_run
-        from training.checkpoint import read_metadata
+        from fineserve.export.heldout import examples_from_run
+        from fineserve.training.checkpoint import read_metadata
 
         item = model_from_checkpoint(run_dir)
         examples, calibration = examples_from_run(read_metadata(run_dir), run_dir, limit=max_examples)
@@ -135,7 +135,7 @@ def build_defaults(
 
 
 def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> float:
-    """Runs ``python -m training <recipe> --output-dir <run_dir>`` unless the folder already holds
+    """Runs ``python -m fineserve.training <recipe> --output-dir <run_dir>`` unless the folder already holds
     a finished run; returns the seconds it took (0 when skipped). An unfinished run (interrupted,
     or failed) is trained again with the same command, which resumes it from its ``last.pt``.
 
@@ -143,14 +143,14 @@ def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> floa
         TrainingFailedError: the training command exited non-zero.
         training.checkpoint.CheckpointError: the folder's metadata.json is unreadable.
     """
-    from training.checkpoint import BEST, METADATA, read_metadata, run_finished
+    from fineserve.training.checkpoint import BEST, METADATA, read_metadata, run_finished
 
     if (run_dir / METADATA).is_file():
         if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
             log(f"{recipe}: using the existing run {run_dir}")
             return 0.0
         log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
-    command = [sys.executable, "-m", "training", recipe, "--output-dir", str(run_dir)]
+    command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
     log(f"{recipe}: training ({' '.join(command[1:])})")
     started = time.perf_counter()
     completed = subprocess.run(command, check=False)
@@ -205,8 +205,8 @@ def imagenet_model(log: Callable[[str], Any] = print) -> tuple[ModelToExport, Ex
     """
     import torch
 
-    from export.onnx import prepare_for_export
-    from training.backbones import backbone_config, create_model
+    from fineserve.export.onnx import prepare_for_export
+    from fineserve.training.backbones import backbone_config, create_model
 
     cfg = backbone_config("efficientnet-lite0")
     prep = ImagePreprocessing(

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from export.contract import ImagePreprocessing, TextPreprocessing
+from fineserve.export.contract import ImagePreprocessing, TextPreprocessing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 UNLABELLED = -1

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from export.contract import ImagePreprocessing
-from export.examples import Examples, ExamplesError, image_examples
-from training.checkpoint import CheckpointMetadata
+from fineserve.export.contract import ImagePreprocessing
+from fineserve.export.examples import Examples, ExamplesError, image_examples
+from fineserve.training.checkpoint import CheckpointMetadata
 
 
 def examples_from_run(
@@ -29,9 +29,9 @@ def examples_from_run(
             differs from the recorded one (pass ``--examples`` instead).
     """
     try:
-        from training.config import TrainConfig, build_config
-        from training.data import check_labels, image_encoder, make_splits, text_encoder
-        from training.datasets import default_cache_dir, load_dataset
+        from fineserve.training.config import TrainConfig, build_config
+        from fineserve.training.data import check_labels, image_encoder, make_splits, text_encoder
+        from fineserve.training.datasets import default_cache_dir, load_dataset
 
         # Only the keys this version of training knows: run-control keys added later (plots,
         # progress, ...) do not change the split, and the digest below proves the split.

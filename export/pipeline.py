@@ -22,8 +22,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export import validate, variants
-from export.contract import (
+from fineserve.export import validate, variants
+from fineserve.export.contract import (
     ImagePreprocessing,
     ModelSpec,
     TensorSpec,
@@ -33,8 +33,8 @@ from export.contract import (
     read_model_spec,
     text_preprocessing_from_dict,
 )
-from export.examples import Examples, load_tokenizer
-from export.onnx import (
+from fineserve.export.examples import Examples, load_tokenizer
+from fineserve.export.onnx import (
     IMAGE_INPUT,
     OPSET,
     OUTPUT,
@@ -43,7 +43,7 @@ from export.onnx import (
     export_onnx,
     prepare_for_export,
 )
-from export.publish import publish, staging_folder
+from fineserve.export.publish import publish, staging_folder
 
 FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 DEFAULT_VARIANTS: tuple[str, ...] = ("fp32", "fp16", "int8")
@@ -370,7 +370,7 @@ def model_from_checkpoint(run_dir: Path) -> ModelToExport:
         export.contract.ModelSpecError: recorded preprocessing out of contract.
         export.examples.TokenizerError: a text run whose tokenizer.json cannot be loaded.
     """
-    from training.checkpoint import METADATA, checkpoint_sha256, load_checkpoint
+    from fineserve.training.checkpoint import METADATA, checkpoint_sha256, load_checkpoint
 
     model, meta = load_checkpoint(run_dir)
     if meta.task not in ("image-classification", "text-classification"):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from export.contract import MODEL_NAME, ModelSpec, list_versions, write_model_spec
+from fineserve.export.contract import MODEL_NAME, ModelSpec, list_versions, write_model_spec
 
 TMP_PREFIX = ".tmp-"
 _RENAME_ATTEMPTS = 20

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.contract import TensorSpec
-from export.examples import UNLABELLED, Examples
+from fineserve.export.contract import TensorSpec
+from fineserve.export.examples import UNLABELLED, Examples
 
 FP32_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 0.995

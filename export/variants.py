@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.validate import open_session
+from fineserve.export.validate import open_session
 
 # Kept in fp32 in the fp16 graph: onnxconverter-common's defaults plus the ops whose fp16
 # accumulation loses accuracy (variance, exp-sums, large reductions).

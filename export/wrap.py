@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export import validate
-from export.contract import (
+from fineserve.export import validate
+from fineserve.export.contract import (
     MAX_LENGTH_RANGE,
     ImagePreprocessing,
     TensorSpec,
     TextPreprocessing,
     read_model_spec,
 )
-from export.examples import Examples, load_tokenizer
-from export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS, UnsupportedModelError
-from export.pipeline import FILES, ExportSettings, Published, build_spec, gate_variants
-from export.publish import publish, staging_folder
+from fineserve.export.examples import Examples, load_tokenizer
+from fineserve.export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS, UnsupportedModelError
+from fineserve.export.pipeline import FILES, ExportSettings, Published, build_spec, gate_variants
+from fineserve.export.publish import publish, staging_folder
 
 _FLOAT = onnx.TensorProto.FLOAT
 _INTS = {onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32"}

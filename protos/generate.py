@@ -19,7 +19,7 @@ from grpc_tools import protoc
 
 PROTOS = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTOS.parent / "server" / "pb"
-PACKAGE = "server.pb"
+PACKAGE = "fineserve.server.pb"
 # protoc writes imports relative to the proto root ("from inference import ..."); the stubs
 # live inside our package, so those imports are rewritten to absolute ones.
 _IMPORT = re.compile(r"^from (inference|fineserve\.v1) import ", re.MULTILINE)

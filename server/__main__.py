@@ -1,4 +1,4 @@
-"""``fineserve-serve`` (= ``python -m server``): read settings, run the server until SIGTERM.
+"""``fineserve serve`` (= ``python -m fineserve.server``): read settings, run the server until SIGTERM.
 
 Every setting has a flag (``--grpc-port 9001`` for ``grpc_port``); flags beat environment
 variables (``FINESERVE_GRPC_PORT``), which beat the YAML file (``--config FILE``). Maps
@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.config import Settings, SettingsError, load_settings, unknown_environment_variables
+from fineserve.server.config import Settings, SettingsError, load_settings, unknown_environment_variables
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fineserve-serve",
+        prog="fineserve serve",
         description="Serve the model repository over gRPC (fineserve.v1 and KServe v2), with metrics.",
     )
     for name, field in Settings.model_fields.items():
@@ -86,22 +86,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(**vars(args))
     except SettingsError as err:
         for line in str(err).splitlines():
-            print(f"fineserve-serve: error: {line}", file=sys.stderr)
+            print(f"fineserve serve: error: {line}", file=sys.stderr)
         return 2
     # Imported after the settings are valid: a bad flag answers fast, without loading grpc or onnxruntime.
-    from server.app import configure_logging, serve
-    from server.runtime import ProviderUnavailable
+    from fineserve.server.app import configure_logging, serve
+    from fineserve.server.runtime import ProviderUnavailable
 
     configure_logging(settings)
     for name in unknown_environment_variables():
-        logging.getLogger("server").warning("%s is not a fineserve-serve setting; ignored", name)
+        logging.getLogger("fineserve.server").warning("%s is not a fineserve serve setting; ignored", name)
     try:
         asyncio.run(serve(settings))
     except (ProviderUnavailable, SettingsError) as err:  # settings only found wanting at startup
-        print(f"fineserve-serve: error: {err}", file=sys.stderr)
+        print(f"fineserve serve: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"fineserve-serve: error: {err}", file=sys.stderr)
+        print(f"fineserve serve: error: {err}", file=sys.stderr)
         return 1
     return 0
 

@@ -24,16 +24,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import kserve, security
-from server.config import Settings
-from server.dataplane import DataPlane
-from server.grpc_api import FineserveServicer
-from server.logs import configure_logging
-from server.metrics import Metrics
-from server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
-from server.pb.inference import grpc_service_pb2
-from server.shared_memory import SharedMemoryRegistry
-from server.threads import WORKER_NAME, name_thread
+from fineserve.server import kserve, security
+from fineserve.server.config import Settings
+from fineserve.server.dataplane import DataPlane
+from fineserve.server.grpc_api import FineserveServicer
+from fineserve.server.logs import configure_logging
+from fineserve.server.metrics import Metrics
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
+from fineserve.server.pb.inference import grpc_service_pb2
+from fineserve.server.shared_memory import SharedMemoryRegistry
+from fineserve.server.threads import WORKER_NAME, name_thread
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import (
+from fineserve.server.errors import (
     Cancelled,
     DeadlineExceeded,
     InferenceFailed,
@@ -40,7 +40,7 @@ from server.errors import (
     ServerShuttingDown,
     ServingError,
 )
-from server.threads import name_thread
+from fineserve.server.threads import name_thread
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.contract import MODEL_NAME, ModelSpec
-from server.batching import BatchedResult, Tensors
-from server.config import Settings
-from server.errors import (
+from fineserve.export.contract import MODEL_NAME, ModelSpec
+from fineserve.server.batching import BatchedResult, Tensors
+from fineserve.server.config import Settings
+from fineserve.server.errors import (
     DeadlineExceeded,
     InvalidInput,
     LimitExceeded,
@@ -31,14 +31,14 @@ from server.errors import (
     PermissionDenied,
     ServingError,
 )
-from server.metrics import Metrics
-from server.model import ModelStats, ServedVersion
-from server.observe import RequestObservation, Telemetry, current_request
-from server.preprocess import TextPreprocessor, check_items
-from server.repository import Repository, VersionState
-from server.runtime import CUDA, choose_provider
-from server.tensor_checks import check_tensors
-from server.threads import DECODE_NAME, name_thread
+from fineserve.server.metrics import Metrics
+from fineserve.server.model import ModelStats, ServedVersion
+from fineserve.server.observe import RequestObservation, Telemetry, current_request
+from fineserve.server.preprocess import TextPreprocessor, check_items
+from fineserve.server.repository import Repository, VersionState
+from fineserve.server.runtime import CUDA, choose_provider
+from fineserve.server.tensor_checks import check_tensors
+from fineserve.server.threads import DECODE_NAME, name_thread
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class DataPlane:
             self.metrics.enable_gpu()
         tracer = None
         if settings.tracing != "off":
-            from server.tracing import RequestTracer  # imports OpenTelemetry: only when asked for
+            from fineserve.server.tracing import RequestTracer  # imports OpenTelemetry: only when asked for
 
             tracer = RequestTracer.from_setting(settings.tracing)
         self.telemetry = Telemetry(self.metrics, settings.log_slow_request_ms, tracer)

@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 from typing_extensions import override
 
-from export.contract import ModelSpec
-from server.dataplane import DataPlane, InferResult, ModelHandle, ModelIndexEntry
-from server.errors import InvalidInput
-from server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.export.contract import ModelSpec
+from fineserve.server.dataplane import DataPlane, InferResult, ModelHandle, ModelIndexEntry
+from fineserve.server.errors import InvalidInput
+from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DEFAULT_TOP_K = 5

@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
-from server.errors import ServingError, status_of
+from fineserve.server.errors import ServingError, status_of
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 from typing_extensions import override
 
-from server import kserve_codec as codec
-from server.errors import InvalidInput
-from server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
-from server.pb.inference import grpc_service_pb2 as pb
-from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from server.pb.inference import model_config_pb2 as mc
-from server.security import UnparsableRequest
-from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
+from fineserve.server import kserve_codec as codec
+from fineserve.server.errors import InvalidInput
+from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import model_config_pb2 as mc
+from fineserve.server.security import UnparsableRequest
+from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
 
 if TYPE_CHECKING:
-    from server.config import Settings
-    from server.dataplane import DataPlane, ModelHandle
+    from fineserve.server.config import Settings
+    from fineserve.server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
 # Request streams whose unparsable messages are answered in band (server/security.py).

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from export.contract import ModelSpec, TensorSpec
-from server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
-from server.errors import InvalidInput, LimitExceeded
-from server.pb.inference import grpc_service_pb2 as pb
-from server.pb.inference import model_config_pb2 as mc
-from server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
-from server.tensor_checks import check_shape, check_tensors
+from fineserve.export.contract import ModelSpec, TensorSpec
+from fineserve.server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
+from fineserve.server.errors import InvalidInput, LimitExceeded
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.pb.inference import model_config_pb2 as mc
+from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
+from fineserve.server.tensor_checks import check_shape, check_tensors
 
 if TYPE_CHECKING:
-    from server.model import Duration, ModelStats
+    from fineserve.server.model import Duration, ModelStats
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"

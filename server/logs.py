@@ -12,9 +12,9 @@ import logging
 import sys
 from typing import IO, Any
 
-from server.config import Settings
+from fineserve.server.config import Settings
 
-REQUEST_LOGGER = "server.requests"
+REQUEST_LOGGER = "fineserve.server.requests"
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -26,7 +26,7 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    logging.getLogger("server").setLevel(settings.log_level)
+    logging.getLogger("fineserve.server").setLevel(settings.log_level)
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:

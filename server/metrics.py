@@ -31,7 +31,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from server.threads import RoleCpu
+from fineserve.server.threads import RoleCpu
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contract import ModelSpec
-from server.batching import (
+from fineserve.export.contract import ModelSpec
+from fineserve.server.batching import (
     Batcher,
     BatchTiming,
     Collate,
@@ -27,12 +27,12 @@ from server.batching import (
     concat_padded,
     padded_to_buckets,
 )
-from server.config import Settings
-from server.datatypes import NUMPY_DTYPES
-from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
-from server.runtime import CUDA, ModelSession, choose_variant, plan_threads
-from server.threads import INFER_PREFIX
-from server.tuning import Choice, return_freed_memory, tune_instances
+from fineserve.server.config import Settings
+from fineserve.server.datatypes import NUMPY_DTYPES
+from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
+from fineserve.server.runtime import CUDA, ModelSession, choose_variant, plan_threads
+from fineserve.server.threads import INFER_PREFIX
+from fineserve.server.tuning import Choice, return_freed_memory, tune_instances
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from server.errors import status_of
-from server.logs import REQUEST_LOGGER
-from server.metrics import UNKNOWN, Metrics
+from fineserve.server.errors import status_of
+from fineserve.server.logs import REQUEST_LOGGER
+from fineserve.server.metrics import UNKNOWN, Metrics
 
 if TYPE_CHECKING:
-    from server.tracing import RequestTracer
+    from fineserve.server.tracing import RequestTracer
 
 log = logging.getLogger(REQUEST_LOGGER)
 

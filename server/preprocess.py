@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from export.contract import ImagePreprocessing, ModelSpec, TextPreprocessing
-from server.errors import InvalidInput, LimitExceeded
+from fineserve.export.contract import ImagePreprocessing, ModelSpec, TextPreprocessing
+from fineserve.server.errors import InvalidInput, LimitExceeded
 
 Tensors = dict[str, np.ndarray]
 

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import MODEL_NAME, ModelSpecError, list_models, list_versions, read_model_spec
-from server.config import Settings
-from server.errors import ModelNotFound
-from server.metrics import Metrics, WatchedVersion
-from server.model import ServedVersion
+from fineserve.export.contract import MODEL_NAME, ModelSpecError, list_models, list_versions, read_model_spec
+from fineserve.server.config import Settings
+from fineserve.server.errors import ModelNotFound
+from fineserve.server.metrics import Metrics, WatchedVersion
+from fineserve.server.model import ServedVersion
 
 log = logging.getLogger(__name__)
 

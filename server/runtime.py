@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.contract import ModelSpec, Variant
-from server.config import Settings
-from server.threads import ORT_PREFIX, named
+from fineserve.export.contract import ModelSpec, Variant
+from fineserve.server.config import Settings
+from fineserve.server.threads import ORT_PREFIX, named
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from pydantic import SecretStr
 
-from server.config import Settings, SettingsError, read_token_file
+from fineserve.server.config import Settings, SettingsError, read_token_file
 
 log = logging.getLogger(__name__)
 

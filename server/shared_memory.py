@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
+from fineserve.server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
 
 SHM_ROOT = Path("/dev/shm")
 # A POSIX shared-memory key: one leading slash at most, then a plain file name (no "..", no "/").

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from export.contract import TensorSpec
-from server.datatypes import NUMPY_DTYPES, datatype_name
-from server.errors import InvalidInput
+from fineserve.export.contract import TensorSpec
+from fineserve.server.datatypes import NUMPY_DTYPES, datatype_name
+from fineserve.server.errors import InvalidInput
 
 
 def check_tensors(declared: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> int:

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
-    from server.observe import Outcome, RequestObservation
+    from fineserve.server.observe import Outcome, RequestObservation
 
 SERVICE_NAME = "fineserve"
 

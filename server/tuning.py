@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.config import Settings
-from server.runtime import CUDA, ModelSession, Threads, cpu_cores, plan_threads
+from fineserve.server.config import Settings
+from fineserve.server.runtime import CUDA, ModelSession, Threads, cpu_cores, plan_threads
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.contract import (
+from fineserve.export.contract import (
     ImagePreprocessing,
     ModelSpec,
     TensorSpec,

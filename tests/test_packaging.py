@@ -1,11 +1,13 @@
-"""Packaging: the serving install stays lean, and every console script answers --help."""
+"""Packaging: one import name, a lean serving install, and every command answers --help."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,6 @@ HEAVY = {"torch", "transformers", "tensorflow", "jax", "onnxruntime-gpu"}
 
 
 def _names(requirements: list[str]) -> set[str]:
-    import re
-
     return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
 
 
@@ -48,15 +48,71 @@ def test_serve_install_resolves_without_torch(tmp_path: Path) -> None:
     assert not installed & HEAVY, installed & HEAVY
 
 
-@pytest.mark.parametrize(
-    ("script", "module"),
-    [("fineserve-serve", "server"), ("fineserve-train", "training"), ("fineserve-export", "export"),
-     ("fineserve-bench", "bench")],
-)  # fmt: skip
-def test_console_script_help(script: str, module: str) -> None:
-    assert PYPROJECT["project"]["scripts"][script] == f"{module}.__main__:main"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    """The wheel `pip wheel --no-deps .` builds from this checkout."""
+    out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+         "--wheel-dir", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage" in proc.stdout.lower()
+    [built] = out.glob("fineserve-*.whl")
+    return zipfile.ZipFile(built)
+
+
+def test_wheel_installs_one_import_name(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"fineserve"}, top_level
+    [declared] = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+    assert wheel.read(declared).decode().split() == ["fineserve"]
+
+
+def test_wheel_holds_every_part_and_no_results_or_tests(wheel: zipfile.ZipFile) -> None:
+    names = set(wheel.namelist())
+    for needed in (
+        "fineserve/cli.py",
+        "fineserve/client.py",
+        "fineserve/server/app.py",
+        "fineserve/server/pb/inference/grpc_service_pb2.py",
+        "fineserve/server/pb/py.typed",
+        "fineserve/training/configs/fashion.yaml",
+        "fineserve/export/contract.py",
+        "fineserve/bench/suite.py",
+    ):
+        assert needed in names, needed
+    assert not [n for n in names if n.startswith(("fineserve/bench/results/", "tests/"))]
+
+
+def test_console_scripts_point_into_the_package() -> None:
+    scripts = PYPROJECT["project"]["scripts"]
+    assert scripts["fineserve"] == "fineserve.cli:main"
+    for alias, part in [("fineserve-serve", "server"), ("fineserve-train", "training"),
+                        ("fineserve-export", "export"), ("fineserve-bench", "bench")]:  # fmt: skip
+        assert scripts[alias] == f"fineserve.{part}.__main__:main"
+
+
+@pytest.mark.parametrize("command", ["train", "export", "serve", "predict", "bench"])
+def test_each_command_answers_help(command: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fineserve", command, "--help"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"usage: fineserve {command}" in proc.stdout.lower()
+
+
+def test_the_command_lists_its_commands_and_refuses_unknown_ones() -> None:
+    listed = subprocess.run([sys.executable, "-m", "fineserve"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0
+    for command in ("train", "export", "serve", "predict", "bench"):
+        assert f"\n  {command} " in listed.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "fineserve", "fly"], capture_output=True, text=True, timeout=60
+    )
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "fineserve: unknown command 'fly'; choose one of: " + ", ".join(
+        ["train", "export", "serve", "predict", "bench"]
+    )

@@ -39,7 +39,7 @@ def test_every_proto_is_versioned_or_kserve() -> None:
 
 
 def test_generated_modules_import_and_declare_services() -> None:
-    from server.pb.fineserve.v1 import fineserve_pb2
+    from fineserve.server.pb.fineserve.v1 import fineserve_pb2
 
     service = fineserve_pb2.DESCRIPTOR.services_by_name["Fineserve"]
     assert [m.name for m in service.methods] == ["Classify", "AnalyzeSentiment", "ListModels"]

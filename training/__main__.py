@@ -1,4 +1,4 @@
-"""``fineserve-train`` / ``python -m training``: a YAML recipe, overrides, one run folder.
+"""``fineserve train`` / ``python -m fineserve.training``: a YAML recipe, overrides, one run folder.
 
 Thin on purpose: argument parsing and error reporting here, the work in ``training.run``.
 """
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from training.backbones import UnknownBackboneError
-from training.checkpoint import CheckpointError
-from training.config import (
+from fineserve.training.backbones import UnknownBackboneError
+from fineserve.training.checkpoint import CheckpointError
+from fineserve.training.config import (
     FIELD_HELP,
     ConfigError,
     TrainConfig,
@@ -23,7 +23,7 @@ from training.config import (
     parse_override,
     recipe_path,
 )
-from training.datasets import DatasetError
+from fineserve.training.datasets import DatasetError
 
 DESCRIPTION = """Fine-tune a pretrained backbone on a dataset and write a run folder:
 best.pt + metadata.json (+ tokenizer.json for text), last.pt (resume state), metrics.jsonl,
@@ -37,7 +37,7 @@ OUTPUT_DIR/last.pt. Under torchrun the same command trains data-parallel."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fineserve-train",
+        prog="fineserve train",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cfg = config_from_args(args)
-        from training.run import train  # heavy imports (torch, transformers) after the config is valid
+        from fineserve.training.run import (
+            train,  # heavy imports (torch, transformers) after the config is valid
+        )
 
         train(cfg, args.output_dir)
     except (ConfigError, DatasetError, CheckpointError, UnknownBackboneError, FloatingPointError) as err:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.backbones import create_model
+from fineserve.training.backbones import create_model
 
 FORMAT = "fineserve-checkpoint/1"
 BEST = "best.pt"
@@ -83,7 +83,7 @@ def require_finished(run_dir: Path, meta: CheckpointMetadata) -> None:
     if not run_finished(meta):
         raise UnfinishedRunError(
             f"{run_dir}: the training run did not finish (interrupted or failed; no test metrics or "
-            f"calibration yet); finish it by rerunning its fineserve-train command with --output-dir "
+            f"calibration yet); finish it by rerunning its fineserve train command with --output-dir "
             f"{run_dir} (it resumes from last.pt), or train again"
         )
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from training.backbones import BACKBONES
+from fineserve.training.backbones import BACKBONES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRATEGIES = ("linear-probe", "partial", "full", "gradual")

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from training.config import TrainConfig
-from training.datasets import DatasetError, RawData
+from fineserve.training.config import TrainConfig
+from fineserve.training.datasets import DatasetError, RawData
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

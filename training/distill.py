@@ -13,8 +13,8 @@ from pathlib import Path
 from torch import Tensor, nn
 from torch.nn import functional
 
-from training.checkpoint import CheckpointMetadata, load_checkpoint
-from training.datasets import DatasetError
+from fineserve.training.checkpoint import CheckpointMetadata, load_checkpoint
+from fineserve.training.datasets import DatasetError
 
 
 def distillation_loss(

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from training import layers
+from fineserve.training import layers
 
 
 def set_trainable_blocks(model: nn.Module, n: int) -> None:

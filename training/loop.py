@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training import layers
-from training.checkpoint import write_atomically
-from training.data import Examples, epoch_order
-from training.distributed import Dist, all_sum
+from fineserve.training import layers
+from fineserve.training.checkpoint import write_atomically
+from fineserve.training.data import Examples, epoch_order
+from fineserve.training.distributed import Dist, all_sum
 
 LAST = "last.pt"
 

@@ -21,16 +21,16 @@ from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training import distributed, finetune, layers, plots
-from training.backbones import (
+from fineserve.training import distributed, finetune, layers, plots
+from fineserve.training.backbones import (
     backbone_config,
     count_parameters,
     create_model,
     model_size_bytes,
     tokenizer_file,
 )
-from training.calibration import calibration_report
-from training.checkpoint import (
+from fineserve.training.calibration import calibration_report
+from fineserve.training.checkpoint import (
     BEST,
     TOKENIZER,
     CheckpointError,
@@ -40,11 +40,23 @@ from training.checkpoint import (
     write_atomically,
     write_metadata,
 )
-from training.config import ConfigError, TrainConfig
-from training.data import Examples, ImagePipeline, check_labels, image_encoder, make_splits, text_encoder
-from training.datasets import default_cache_dir, load_dataset
-from training.distill import default_student_layers, distillation_loss, init_text_student, load_teacher
-from training.loop import (
+from fineserve.training.config import ConfigError, TrainConfig
+from fineserve.training.data import (
+    Examples,
+    ImagePipeline,
+    check_labels,
+    image_encoder,
+    make_splits,
+    text_encoder,
+)
+from fineserve.training.datasets import default_cache_dir, load_dataset
+from fineserve.training.distill import (
+    default_student_layers,
+    distillation_loss,
+    init_text_student,
+    load_teacher,
+)
+from fineserve.training.loop import (
     LAST,
     Progress,
     Step,

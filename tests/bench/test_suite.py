@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import loadgen, raw_ort, suite
-from bench.__main__ import main as bench_main
-from bench.server_process import free_port
+from fineserve.bench import loadgen, raw_ort, suite
+from fineserve.bench.__main__ import main as bench_main
+from fineserve.bench.server_process import free_port
 
 
 def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_suite_writes_every_figure_tables_and_plots(tiny_repository: Path, tmp_p
     assert tables.count("| served at saturation >=") == 2
     assert tables.count("inputs in system shared memory") == 2
     assert tables.count("of the CPU spent") == 6  # three saturation points per model
-    assert "fineserve-bench suite --model-repository" in tables  # the command that made them
+    assert "fineserve bench suite --model-repository" in tables  # the command that made them
 
 
 def test_load_and_raw_commands_run_on_a_tiny_model(
@@ -118,7 +118,7 @@ def test_bad_arguments_are_one_line_errors(tiny_repository: Path, capsys: pytest
 
 
 def test_startup_reports_seconds_to_serving(tiny_repository: Path, tmp_path: Path) -> None:
-    from bench import startup
+    from fineserve.bench import startup
 
     out = tmp_path / "startup.json"
     assert startup.main(["--model-repository", str(tiny_repository), "--runs", "1", "--json", str(out)]) == 0
@@ -128,7 +128,7 @@ def test_startup_reports_seconds_to_serving(tiny_repository: Path, tmp_path: Pat
 
 
 def test_stream_compares_unary_calls_with_an_open_stream(tiny_repository: Path, tmp_path: Path) -> None:
-    from bench import stream_compare
+    from fineserve.bench import stream_compare
 
     out = tmp_path / "stream.json"
     args = ["--model-repository", str(tiny_repository), "--model", "tiny-image", "--concurrency", "1,4"]
@@ -156,8 +156,8 @@ def test_suite_with_instances_runs_raw_side_by_side_the_same(tiny_repository: Pa
 
 
 def test_raw_runs_side_by_side_count_every_run(tiny_repository: Path) -> None:
-    from bench.inputs import tensor_batch
-    from export.contract import read_model_spec
+    from fineserve.bench.inputs import tensor_batch
+    from fineserve.export.contract import read_model_spec
 
     version = tiny_repository / "tiny-image" / "1"
     spec = read_model_spec(version)
@@ -171,7 +171,7 @@ def test_raw_runs_side_by_side_count_every_run(tiny_repository: Path) -> None:
 
 
 def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path) -> None:
-    from bench.server_process import ServerProcess
+    from fineserve.bench.server_process import ServerProcess
 
     version = tiny_repository / "tiny-text" / "1"  # two inputs: two places in one region
     out = tmp_path / "load.json"
@@ -232,8 +232,8 @@ def test_the_measured_window_opens_after_the_warmup(tiny_repository: Path, tmp_p
     import asyncio
     import time
 
-    from bench.server_process import ServerProcess
-    from export.contract import read_model_spec
+    from fineserve.bench.server_process import ServerProcess
+    from fineserve.export.contract import read_model_spec
 
     version = tiny_repository / "tiny-image" / "1"
     load = loadgen.Load(items=1, concurrency=2, seconds=0.2, warmup_s=0.4, version_dir=version)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from server.config import Settings
+from fineserve.server.config import Settings
 from tests.deploy.dockerfile import parse
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from server.config import ENV_PREFIX, Settings, load_settings
+from fineserve.server.config import ENV_PREFIX, Settings, load_settings
 from tests.deploy.dockerfile import Dockerfile, PipInstall, Stage, parse
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.app import LIVENESS_SERVICE
-from server.config import ENV_PREFIX, Settings, load_settings
-from server.metrics import Metrics
+from fineserve.server.app import LIVENESS_SERVICE
+from fineserve.server.config import ENV_PREFIX, Settings, load_settings
+from fineserve.server.metrics import Metrics
 from tests.deploy.dockerfile import parse
 
 ROOT = Path(__file__).resolve().parents[2]

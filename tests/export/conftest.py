@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from export.contract import ImagePreprocessing, TextPreprocessing
-from export.examples import UNLABELLED, Examples, image_examples, text_examples
-from training.backbones import _efficientnet_weights, create_model, tokenizer_file
-from training.checkpoint import CheckpointMetadata, save_checkpoint
+from fineserve.export.contract import ImagePreprocessing, TextPreprocessing
+from fineserve.export.examples import UNLABELLED, Examples, image_examples, text_examples
+from fineserve.training.backbones import _efficientnet_weights, create_model, tokenizer_file
+from fineserve.training.checkpoint import CheckpointMetadata, save_checkpoint
 
 IMAGE_SIZE = 64
 IMAGENET_ROWS = (285, 967, 812)

@@ -1,4 +1,4 @@
-"""``python -m export``: one-line ``error: ...`` messages and a non-zero exit for expected failures."""
+"""``fineserve export``: one-line ``error: ...`` messages and a non-zero exit for expected failures."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import pytest
 
-from export.__main__ import main
+from fineserve.export.__main__ import main
 from tests.export.test_wrap import foreign_image_graph
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "export", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fineserve.export", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -95,8 +95,8 @@ def test_failed_check_names_the_check_and_publishes_nothing(tmp_path: Path) -> N
     rng = np.random.default_rng(3)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    from export.contract import ImagePreprocessing
-    from export.examples import read_examples
+    from fineserve.export.contract import ImagePreprocessing
+    from fineserve.export.examples import read_examples
     from tests.export.test_validate import _reference
 
     read = read_examples(
@@ -172,7 +172,7 @@ def test_every_option_has_help(command: str, capsys: pytest.CaptureFixture[str])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "--repository" in text
-    from export.__main__ import build_parser
+    from fineserve.export.__main__ import build_parser
 
     sub = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
     for action in sub._actions:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from export.contract import ModelSpecError, list_models, list_versions, read_model_spec
+from fineserve.export.contract import ModelSpecError, list_models, list_versions, read_model_spec
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 
 

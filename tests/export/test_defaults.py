@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from export.contract import list_versions
-from export.defaults import DEFAULT_MODELS, UnknownDefaultError, build_defaults, imagenet_labels, train
+from fineserve.export.contract import list_versions
+from fineserve.export.defaults import (
+    DEFAULT_MODELS,
+    UnknownDefaultError,
+    build_defaults,
+    imagenet_labels,
+    train,
+)
 from tests.fixtures import publish_tiny_image_model
 
 
@@ -39,7 +45,7 @@ def _fake_training(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Records the training commands ``train`` would run, instead of running them."""
     import subprocess
 
-    import export.defaults
+    import fineserve.export.defaults
 
     commands: list[list[str]] = []
 
@@ -47,7 +53,7 @@ def _fake_training(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
         commands.append(command)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(export.defaults.subprocess, "run", run)
+    monkeypatch.setattr(fineserve.export.defaults.subprocess, "run", run)
     return commands
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from export.examples import Examples
-from export.onnx import UnsupportedModelError, export_onnx, prepare_for_export
-from export.pipeline import torch_logits
-from export.validate import check_fp32, open_session
-from training.checkpoint import load_checkpoint
+from fineserve.export.examples import Examples
+from fineserve.export.onnx import UnsupportedModelError, export_onnx, prepare_for_export
+from fineserve.export.pipeline import torch_logits
+from fineserve.export.validate import check_fp32, open_session
+from fineserve.training.checkpoint import load_checkpoint
 
 
 class TinyConvNet(nn.Module):

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.examples import ExamplesError
-from export.heldout import examples_from_run
-from training.checkpoint import CheckpointMetadata
-from training.config import build_config
-from training.data import image_encoder, make_splits
-from training.datasets import load_dataset
+from fineserve.export.examples import ExamplesError
+from fineserve.export.heldout import examples_from_run
+from fineserve.training.checkpoint import CheckpointMetadata
+from fineserve.training.config import build_config
+from fineserve.training.data import image_encoder, make_splits
+from fineserve.training.datasets import load_dataset
 
 LABELS = [str(i) for i in range(10)]
 CONFIG = {"dataset": "digits", "labels": LABELS, "image_size": 32, "test_samples": 30, "seed": 3}

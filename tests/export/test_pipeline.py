@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.contract import list_versions, read_model_spec
-from export.examples import Examples
-from export.pipeline import ExportSettings, export_and_publish, model_from_checkpoint
+from fineserve.export.contract import list_versions, read_model_spec
+from fineserve.export.examples import Examples
+from fineserve.export.pipeline import ExportSettings, export_and_publish, model_from_checkpoint
 from tests.export.conftest import IMAGE_LABELS, IMAGE_SIZE
 
 
@@ -92,7 +92,7 @@ def test_text_checkpoint_gets_fusions_tokenizer_and_variants(
 def test_a_failed_optional_variant_is_left_out_and_recorded(
     image_run: Path, image_examples_: Examples, tmp_path: Path
 ) -> None:
-    from export.validate import Fp16AgreementError
+    from fineserve.export.validate import Fp16AgreementError
 
     repository = tmp_path / "models"
     item = model_from_checkpoint(image_run)

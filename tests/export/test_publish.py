@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.contract import list_models, list_versions, read_model_spec
-from export.publish import PublishError, publish, staging_folder
+from fineserve.export.contract import list_models, list_versions, read_model_spec
+from fineserve.export.publish import PublishError, publish, staging_folder
 from tests.fixtures import publish_tiny_image_model, tiny_image_graph
 
 

@@ -11,10 +11,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from export import validate
-from export.contract import ImagePreprocessing, TensorSpec, list_versions
-from export.examples import UNLABELLED, Examples
-from export.pipeline import ExportSettings, ModelToExport, export_and_publish
+from fineserve.export import validate
+from fineserve.export.contract import ImagePreprocessing, TensorSpec, list_versions
+from fineserve.export.examples import UNLABELLED, Examples
+from fineserve.export.pipeline import ExportSettings, ModelToExport, export_and_publish
 from tests.fixtures import TINY_IMAGE_SIZE, tiny_image_graph
 
 INPUTS = (TensorSpec("pixel_values", "FP32", (-1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)),)

@@ -9,11 +9,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.contract import ImagePreprocessing, TextPreprocessing, list_versions, read_model_spec
-from export.examples import UNLABELLED, Examples, text_examples
-from export.pipeline import ExportSettings
-from export.validate import DynamicAxesError, ValueMismatchError, open_session
-from export.wrap import WrapError, wrap_onnx
+from fineserve.export.contract import ImagePreprocessing, TextPreprocessing, list_versions, read_model_spec
+from fineserve.export.examples import UNLABELLED, Examples, text_examples
+from fineserve.export.pipeline import ExportSettings
+from fineserve.export.validate import DynamicAxesError, ValueMismatchError, open_session
+from fineserve.export.wrap import WrapError, wrap_onnx
 from tests.fixtures import (
     TINY_IMAGE_SIZE,
     tiny_image_graph,
@@ -185,7 +185,7 @@ def test_channels_last_graph_gets_nhwc_layout_and_transposed_examples(tmp_path: 
 
 
 def test_text_wrap_refuses_a_tokenizer_the_server_cannot_load(tmp_path: Path) -> None:
-    from export.examples import TokenizerError
+    from fineserve.export.examples import TokenizerError
 
     onnx.save(tiny_text_graph(len(tiny_vocab())), tmp_path / "text.onnx")
 

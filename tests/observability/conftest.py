@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from tests.fixtures import TINY_IMAGE_SIZE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server import kserve_codec as codec
-from server.config import load_settings
-from server.logs import configure_logging
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from server.pb.inference import grpc_service_pb2 as kpb
-from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from fineserve.server import kserve_codec as codec
+from fineserve.server.config import load_settings
+from fineserve.server.logs import configure_logging
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as kpb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.observability.conftest import tensor_request
 from tests.server.running import RunningServer
 
@@ -28,7 +28,7 @@ CANARY = "zebra-canary-8472"
 @pytest.fixture
 def log_output() -> Iterator[io.StringIO]:
     """Where the server's log goes during the test; the logging setup is restored afterwards."""
-    root, ours = logging.getLogger(), logging.getLogger("server")
+    root, ours = logging.getLogger(), logging.getLogger("fineserve.server")
     saved = (root.handlers[:], root.level, ours.level)
     yield io.StringIO()
     root.handlers[:], _, _ = saved
@@ -38,7 +38,7 @@ def log_output() -> Iterator[io.StringIO]:
 
 def request_lines(text: str) -> list[dict[str, object]]:
     entries = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
-    return [e for e in entries if e["logger"] == "server.requests"]
+    return [e for e in entries if e["logger"] == "fineserve.server.requests"]
 
 
 def test_json_request_log_has_ids_status_and_timings_and_never_the_payload(
@@ -110,13 +110,13 @@ def test_text_log_has_slow_and_failed_requests_only(tiny_repository: Path, log_o
         ours.Classify(tensor_request("tiny-image", 1))
         with pytest.raises(grpc.RpcError):
             ours.Classify(tensor_request("no-such-model", 1))
-    lines = [line for line in log_output.getvalue().splitlines() if " server.requests: " in line]
+    lines = [line for line in log_output.getvalue().splitlines() if " fineserve.server.requests: " in line]
     assert len(lines) == 2, lines
     slow, failed = lines
-    assert "WARNING server.requests: slow request request_id=" in slow
+    assert "WARNING fineserve.server.requests: slow request request_id=" in slow
     assert " model=tiny-image version=1 status=OK items=1 " in slow
     assert float(slow.split("queue_ms=")[1].split()[0]) >= 400
-    assert "INFO server.requests: request failed " in failed
+    assert "INFO fineserve.server.requests: request failed " in failed
     assert ' model=no-such-model version="" status=NOT_FOUND ' in failed
     assert "error=\"model 'no-such-model' is not in the repository\"" in failed
 
@@ -124,7 +124,7 @@ def test_text_log_has_slow_and_failed_requests_only(tiny_repository: Path, log_o
 def test_text_log_fields_are_one_token_each_whatever_a_client_sends(log_output: io.StringIO) -> None:
     configure_logging(load_settings(log_format="text", log_level="INFO"), log_output)
     forged = "x\nERROR fake line\x1b[31m"
-    logging.getLogger("server.requests").info(
+    logging.getLogger("fineserve.server.requests").info(
         "request failed", extra={"fields": {"model": forged, "status": "NOT_FOUND", "note": "a b"}}
     )
     (line,) = log_output.getvalue().splitlines()  # the newline did not start a line of its own

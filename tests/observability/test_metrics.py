@@ -15,13 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import kserve_codec as codec
-from server.metrics import UNKNOWN, GpuCollector, Metrics
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from server.pb.inference import grpc_service_pb2 as kpb
-from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
-from server.threads import thread_cpu
+from fineserve.server import kserve_codec as codec
+from fineserve.server.metrics import UNKNOWN, GpuCollector, Metrics
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as kpb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from fineserve.server.threads import thread_cpu
 from tests.fixtures import TINY_IMAGE_SIZE
 from tests.observability.conftest import (
     ROOT,

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.metrics import LATENCY_BUCKETS
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.metrics import LATENCY_BUCKETS
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.observability.conftest import (
     DASHBOARD,

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import pytest
 
-from server.config import SettingsError, load_settings
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.config import SettingsError, load_settings
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.observability.conftest import ROOT, tensor_request
 from tests.server.running import RunningServer
 
@@ -28,7 +28,7 @@ def test_tracing_off_imports_no_opentelemetry(tiny_repository: Path) -> None:
 import sys, grpc
 from tests.server.running import RunningServer
 from tests.observability.conftest import tensor_request
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 with RunningServer({str(tiny_repository)!r}) as server, grpc.insecure_channel(server.target) as ch:
     pb_grpc.FineserveStub(ch).Classify(tensor_request("tiny-image", 1))
 print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
@@ -58,14 +58,14 @@ def test_tracing_without_its_package_is_a_clear_startup_error(monkeypatch: pytes
     # The CLI turns it into one line and exit code 2.
     script = (
         "import importlib.util, sys; importlib.util.find_spec = lambda name, package=None: None; "
-        "from server.__main__ import main; "
+        "from fineserve.server.__main__ import main; "
         "sys.exit(main(['--tracing', 'otlp', '--model-repository', '.']))"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("fineserve-serve: error: ")
+    assert result.stderr.strip().splitlines()[-1].startswith("fineserve serve: error: ")
     assert "pip install 'fineserve[otel]'" in result.stderr
 
 
@@ -74,7 +74,7 @@ def test_a_request_is_traced_through_preprocess_queue_and_inference(tiny_reposit
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.trace import SpanKind, StatusCode
 
-    from server.tracing import RequestTracer
+    from fineserve.server.tracing import RequestTracer
 
     exporter = InMemorySpanExporter()
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -183,7 +183,7 @@ def test_the_service_is_named_fineserve_unless_the_environment_names_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("opentelemetry.sdk", reason="the otel extra (opentelemetry-sdk) is not installed")
-    from server.tracing import _resource
+    from fineserve.server.tracing import _resource
 
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)

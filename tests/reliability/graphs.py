@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.contract import Variant, read_model_spec, write_model_spec
+from fineserve.export.contract import Variant, read_model_spec, write_model_spec
 from tests.fixtures import OPSET, publish_tiny_image_model
 
 STATE = 32

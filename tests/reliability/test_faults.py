@@ -18,11 +18,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bench.server_process import wait_serving
-from server.pb.fineserve.v1 import fineserve_pb2 as fs
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
-from server.pb.inference import grpc_service_pb2 as ks
-from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
+from fineserve.bench.server_process import wait_serving
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as ks
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model, tiny_image_graph
 from tests.reliability import images
 from tests.reliability.graphs import publish_odd_batch_failing_model, publish_slow_image_model, work
@@ -331,7 +331,7 @@ def test_folders_that_will_never_be_served_are_logged_once(
     publish_tiny_image_model(repository)
     for folder in ("My Model/1", "tiny-image/v2", "tiny-image/02", "tiny-image/.tmp-publishing"):
         (repository / folder).mkdir(parents=True)
-    caplog.set_level(logging.WARNING, logger="server.repository")
+    caplog.set_level(logging.WARNING, logger="fineserve.server.repository")
     with (
         RunningServer(repository, repository_poll_s=0.05) as server,
         grpc.insecure_channel(server.target) as channel,

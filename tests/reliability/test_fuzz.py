@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export.contract import ImagePreprocessing, TensorSpec, TextPreprocessing
-from server import kserve_codec as codec
-from server.errors import ServingError
-from server.pb.inference import grpc_service_pb2 as pb
-from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
+from fineserve.export.contract import ImagePreprocessing, TensorSpec, TextPreprocessing
+from fineserve.server import kserve_codec as codec
+from fineserve.server.errors import ServingError
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
 from tests.fixtures import write_tiny_tokenizer
 from tests.reliability import images
 

@@ -22,11 +22,11 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.server_process import rss_bytes, wait_serving
-from server.pb.fineserve.v1 import fineserve_pb2 as fs
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
-from server.pb.inference import grpc_service_pb2 as ks
-from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
+from fineserve.bench.server_process import rss_bytes, wait_serving
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as ks
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.reliability.graphs import publish_slow_image_model, work
 from tests.server.kserve_harness import ServerProcess, running_server
 

@@ -20,12 +20,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server import security
-from server.config import SettingsError, load_settings
-from server.pb.fineserve.v1 import fineserve_pb2 as fs
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
-from server.pb.inference import grpc_service_pb2 as ks
-from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
+from fineserve.server import security
+from fineserve.server.config import SettingsError, load_settings
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as ks
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
@@ -418,7 +418,7 @@ def test_tritonclient_speaks_mutual_tls_with_a_token(repository: Path, pki: Pki)
 def test_the_python_clients_reach_a_server_with_mutual_tls_and_a_token(
     repository: Path, pki: Pki, tmp_path: Path
 ) -> None:
-    from server.client import Credentials, FineserveClient, SyncFineserveClient
+    from fineserve.client import Credentials, FineserveClient, SyncFineserveClient
 
     token_file = tmp_path / "token"
     token_file.write_text(f"  {INFERENCE_TOKEN}\n")
@@ -453,7 +453,7 @@ def test_the_python_clients_reach_a_server_with_mutual_tls_and_a_token(
 
 
 def test_client_credentials_refuse_half_set_ups_and_hide_secrets(pki: Pki) -> None:
-    from server.client import Credentials
+    from fineserve.client import Credentials
 
     with pytest.raises(ValueError, match="private key"):
         Credentials.from_files(ca_file=pki.ca_cert, cert_file=pki.client_cert)

@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.server_process import rss_bytes, wait_serving
-from server import kserve_codec as codec
-from server.pb.fineserve.v1 import fineserve_pb2 as fs
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
-from server.pb.inference import grpc_service_pb2 as ks
-from server.pb.inference import grpc_service_pb2_grpc as ks_grpc
+from fineserve.bench.server_process import rss_bytes, wait_serving
+from fineserve.server import kserve_codec as codec
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as ks
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.reliability import images
 from tests.server.kserve_harness import running_server

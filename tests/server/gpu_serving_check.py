@@ -32,7 +32,7 @@ def build_repository(root: Path, model_name: str) -> Path:
     import torch
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from export.contract import ImagePreprocessing, ModelSpec, TensorSpec, Variant, write_model_spec
+    from fineserve.export.contract import ImagePreprocessing, ModelSpec, TensorSpec, Variant, write_model_spec
 
     version_dir = root / "resnet" / "1"
     version_dir.mkdir(parents=True)
@@ -116,7 +116,7 @@ def client_process(  # noqa: PLR0917 (a process target takes positional argument
 ) -> None:
     import grpc
 
-    from server.pb.fineserve.v1 import fineserve_pb2 as pb
+    from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 
     if jpeg:
         import io
@@ -208,10 +208,10 @@ def main() -> int:
     )
     print(json.dumps(report, indent=1), flush=True)
 
-    from server.app import Server
-    from server.config import load_settings
-    from server.pb.fineserve.v1 import fineserve_pb2 as pb
-    from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+    from fineserve.server.app import Server
+    from fineserve.server.config import load_settings
+    from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+    from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 
     settings = load_settings(
         model_repository=args.workdir / "models",

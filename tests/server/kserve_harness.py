@@ -1,6 +1,6 @@
 """Test harness for the KServe v2 service: the real server in a subprocess, tritonclient in another.
 
-The server runs as ``python -m server ... --grpc-port 0`` and reports its port in its log.
+The server runs as ``python -m fineserve.server ... --grpc-port 0`` and reports its port in its log.
 
 tritonclient ships its own compiled ``inference`` protos; our generated ``server.pb.inference``
 registers the same symbols, and the two cannot live in one Python process (protobuf raises
@@ -405,9 +405,9 @@ def connected(server: ServerProcess, timeout_s: float = 60) -> Iterator[Triton]:
 def running_server(
     repository: Path, *flags: str, env: dict[str, str] | None = None, timeout_s: float = 60
 ) -> Iterator[ServerProcess]:
-    """``python -m server`` on a free port (0), stopped with SIGTERM at the end."""
+    """``python -m fineserve.server`` on a free port (0), stopped with SIGTERM at the end."""
     command = [
-        sys.executable, "-m", "server", "--model-repository", str(repository),
+        sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
         "--grpc-port", "0", "--metrics-port", "-1", "--repository-poll-s", "0", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(

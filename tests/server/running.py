@@ -8,8 +8,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.app import Server
-from server.config import Settings, load_settings
+from fineserve.server.app import Server
+from fineserve.server.config import Settings, load_settings
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.batching import (
+from fineserve.server.batching import (
     Batcher,
     BatchTiming,
     RunBatch,
@@ -22,7 +22,13 @@ from server.batching import (
     concat_padded,
     padded_to_buckets,
 )
-from server.errors import Cancelled, DeadlineExceeded, InferenceFailed, Overloaded, ServerShuttingDown
+from fineserve.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InferenceFailed,
+    Overloaded,
+    ServerShuttingDown,
+)
 
 
 class Doubler:

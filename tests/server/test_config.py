@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.__main__ import build_parser, main
-from server.config import Settings, SettingsError, load_settings, unknown_environment_variables
+from fineserve.server.__main__ import build_parser, main
+from fineserve.server.config import Settings, SettingsError, load_settings, unknown_environment_variables
 
 
 def test_defaults_match_the_documented_ports() -> None:
@@ -104,7 +104,7 @@ def test_cli_answers_a_bad_value_with_one_line_and_exit_2(capsys: pytest.Capture
     assert main(["--grpc-port", "many"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert err[0].startswith("fineserve-serve: error: grpc_port: Input should be a valid integer")
+    assert err[0].startswith("fineserve serve: error: grpc_port: Input should be a valid integer")
 
 
 def test_per_model_batching_overrides_the_server_wide_values(monkeypatch: pytest.MonkeyPatch) -> None:

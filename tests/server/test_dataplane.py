@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import pytest
 
-from server.app import configure_logging
-from server.config import load_settings
-from server.dataplane import DataPlane
-from server.errors import InvalidInput, LimitExceeded, ModelNotFound, Overloaded
+from fineserve.server.app import configure_logging
+from fineserve.server.config import load_settings
+from fineserve.server.dataplane import DataPlane
+from fineserve.server.errors import InvalidInput, LimitExceeded, ModelNotFound, Overloaded
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, tiny_image_graph
 
 
@@ -103,11 +103,11 @@ def test_probabilities_are_a_tempered_softmax(tiny_repository: Path) -> None:
 def test_json_logs_are_one_object_per_line(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(load_settings(log_json=True))
     try:
-        logging.getLogger("server.test").warning("hello %s", "there")
+        logging.getLogger("fineserve.server.test").warning("hello %s", "there")
         record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
         assert (record["level"], record["logger"], record["message"]) == (
             "WARNING",
-            "server.test",
+            "fineserve.server.test",
             "hello there",
         )
     finally:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.contract import list_models
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.export.contract import list_models
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.server.running import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,16 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return DEFAULTS
     repository = tmp_path_factory.mktemp("defaults") / "models"
     proc = subprocess.run(
-        [sys.executable, "-m", "export", "defaults", "--repository", str(repository), "--only", "imagenet"],
+        [
+            sys.executable,
+            "-m",
+            "fineserve.export",
+            "defaults",
+            "--repository",
+            str(repository),
+            "--only",
+            "imagenet",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

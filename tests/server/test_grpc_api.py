@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from server.client import SyncFineserveClient
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.client import SyncFineserveClient
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
 from tests.server.running import RunningServer
 

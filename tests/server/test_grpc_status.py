@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
-from server import errors
-from server.grpc_status import to_status
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server import errors
+from fineserve.server.grpc_status import to_status
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import publish_graph_that_fails_above_batch_1
 from tests.server.running import RunningServer
 

@@ -12,12 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from export.contract import ModelSpec, read_model_spec
-from server import kserve_codec as codec
-from server.errors import InvalidInput, LimitExceeded, PermissionDenied
-from server.pb.inference import grpc_service_pb2 as pb
-from server.pb.inference import model_config_pb2 as mc
-from server.shared_memory import SharedMemoryRegistry
+from fineserve.export.contract import ModelSpec, read_model_spec
+from fineserve.server import kserve_codec as codec
+from fineserve.server.errors import InvalidInput, LimitExceeded, PermissionDenied
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.pb.inference import model_config_pb2 as mc
+from fineserve.server.shared_memory import SharedMemoryRegistry
 from tests.fixtures import TINY_IMAGE_SIZE, MakeObject, publish_tiny_image_model, publish_tiny_text_model
 
 
@@ -438,7 +438,7 @@ def test_model_config(specs: dict[str, ModelSpec]) -> None:
 
 
 def test_model_statistics_conversion() -> None:
-    from server.model import BatchStats, Duration, ModelStats
+    from fineserve.server.model import BatchStats, Duration, ModelStats
 
     stats = ModelStats(
         name="m",

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from server import kserve_codec as codec
-from server.pb.inference import grpc_service_pb2 as pb
-from server.pb.inference import grpc_service_pb2_grpc as pb_grpc
+from fineserve.server import kserve_codec as codec
+from fineserve.server.pb.inference import grpc_service_pb2 as pb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
 from tests.server.kserve_harness import ServerProcess, running_server
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.contract import ImagePreprocessing, TextPreprocessing
-from export.examples import preprocess_image
-from server.errors import InvalidInput, LimitExceeded
-from server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
+from fineserve.export.contract import ImagePreprocessing, TextPreprocessing
+from fineserve.export.examples import preprocess_image
+from fineserve.server.errors import InvalidInput, LimitExceeded
+from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
 from tests.fixtures import write_tiny_tokenizer
 
 LIMITS = Limits(

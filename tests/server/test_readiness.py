@@ -9,11 +9,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import LIVENESS_SERVICE
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from server.pb.inference import grpc_service_pb2 as kpb
-from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from fineserve.server.app import LIVENESS_SERVICE
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as kpb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model
 from tests.server.running import RunningServer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.runtime import CPU, CUDA, Threads, cpu_cores, plan_threads, session_options
+from fineserve.server.runtime import CPU, CUDA, Threads, cpu_cores, plan_threads, session_options
 
 
 def write_cpu_max(tmp_path: Path, text: str) -> Path:
@@ -30,7 +30,7 @@ def test_cores_follow_the_affinity_and_a_cgroup_quota_caps_them(tmp_path: Path) 
 
 @pytest.fixture
 def four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.runtime.cpu_cores", lambda: 4)
+    monkeypatch.setattr("fineserve.server.runtime.cpu_cores", lambda: 4)
 
 
 @pytest.mark.usefixtures("four_cores")

@@ -1,4 +1,4 @@
-"""``python -m server`` as a process: startup, metrics over HTTP, graceful SIGTERM."""
+"""``python -m fineserve.server`` as a process: startup, metrics over HTTP, graceful SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
 from tests.reliability.certs import make_pki
 from tests.server.kserve_harness import running_server
@@ -83,14 +83,14 @@ def test_metrics_are_served_over_http(tiny_repository: Path) -> None:
 
 def test_a_bad_flag_exits_2_with_a_one_line_message(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--max-batch-size", "0"],
+        [sys.executable, "-m", "fineserve.server", "--max-batch-size", "0"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "fineserve-serve: error: max_batch_size: Input should be greater than or equal to 1"
+        "fineserve serve: error: max_batch_size: Input should be greater than or equal to 1"
     ]
 
 
@@ -98,7 +98,7 @@ def test_a_missing_repository_exits_1_with_a_one_line_message(tmp_path: Path) ->
     command = [
         sys.executable,
         "-m",
-        "server",
+        "fineserve.server",
         "--model-repository",
         str(tmp_path / "nope"),
         "--grpc-port",
@@ -107,7 +107,7 @@ def test_a_missing_repository_exits_1_with_a_one_line_message(tmp_path: Path) ->
     result = subprocess.run([*command, "--metrics-port", "-1"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"fineserve-serve: error: model repository {tmp_path / 'nope'} is not a folder"
+        f"fineserve serve: error: model repository {tmp_path / 'nope'} is not a folder"
     )
 
 
@@ -116,18 +116,26 @@ def test_cuda_asked_for_but_unavailable_is_an_error_never_a_silent_fallback(tiny
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA")
-    command = [sys.executable, "-m", "server", "--model-repository", str(tiny_repository), "--device", "cuda"]
+    command = [
+        sys.executable,
+        "-m",
+        "fineserve.server",
+        "--model-repository",
+        str(tiny_repository),
+        "--device",
+        "cuda",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith("fineserve-serve: error: device=cuda but onnxruntime")
+        .startswith("fineserve serve: error: device=cuda but onnxruntime")
     )
 
 
 def serve_and_fail(tiny_repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "server", "--model-repository", str(tiny_repository), *flags]
+    command = [sys.executable, "-m", "fineserve.server", "--model-repository", str(tiny_repository), *flags]
     return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -142,7 +150,7 @@ def test_a_port_in_use_is_one_line_naming_the_settings(tiny_repository: Path) ->
         )
     assert grpc_busy.returncode == 1
     assert grpc_busy.stderr.strip().splitlines()[-1] == (
-        f"fineserve-serve: error: cannot bind gRPC to 127.0.0.1:{port} (grpc_host, grpc_port): the port is "
+        f"fineserve serve: error: cannot bind gRPC to 127.0.0.1:{port} (grpc_host, grpc_port): the port is "
         "in use, or the address is not one of this host's"
     )
     assert "Traceback" not in grpc_busy.stderr
@@ -151,7 +159,7 @@ def test_a_port_in_use_is_one_line_naming_the_settings(tiny_repository: Path) ->
         metrics_busy.stderr.strip()
         .splitlines()[-1]
         .startswith(
-            f"fineserve-serve: error: cannot serve metrics on 127.0.0.1:{port} (metrics_host, metrics_port):"
+            f"fineserve serve: error: cannot serve metrics on 127.0.0.1:{port} (metrics_host, metrics_port):"
         )
     )
 
@@ -176,5 +184,5 @@ def test_unusable_tls_files_are_one_line_before_anything_binds(tiny_repository: 
         result = serve_and_fail(tiny_repository, "--grpc-port", "0", "--metrics-port", "-1", *flags)
         assert result.returncode == 2, result.stderr
         [line] = [x for x in result.stderr.strip().splitlines() if "error" in x]
-        assert line.startswith("fineserve-serve: error: tls_") and words in line, line
+        assert line.startswith("fineserve serve: error: tls_") and words in line, line
         assert "Traceback" not in result.stderr

@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
-from server.errors import ModelNotFound, PermissionDenied
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.errors import ModelNotFound, PermissionDenied
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model
 from tests.server.running import RunningServer
 
@@ -117,7 +117,7 @@ def test_expired_and_cancelled_requests_are_dropped_unrun(tiny_repository: Path)
 
 
 async def _status_of_infer(server: RunningServer, deadline: float) -> str:
-    from server.errors import status_of
+    from fineserve.server.errors import status_of
 
     image = np.zeros((1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), np.float32)
     try:

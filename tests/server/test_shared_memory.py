@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
-from server.shared_memory import SharedMemoryRegistry
+from fineserve.server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
+from fineserve.server.shared_memory import SharedMemoryRegistry
 from tests.fixtures import (
     TINY_IMAGE_SIZE,
     MakeObject,

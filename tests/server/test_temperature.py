@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from server.pb.inference import grpc_service_pb2 as kpb
-from server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.inference import grpc_service_pb2 as kpb
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as kpb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model
 from tests.server.running import RunningServer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server import threads
-from server.threads import RoleCpu, name_thread, named, role_of, thread_name
+from fineserve.server import threads
+from fineserve.server.threads import RoleCpu, name_thread, named, role_of, thread_name
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 

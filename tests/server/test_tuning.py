@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.contract import read_model_spec
-from server.config import load_settings
-from server.model import synthetic_inputs
-from server.runtime import CPU, ModelSession, Threads, cpu_cores
-from server.tuning import Choice, Run, choose, rows_per_s, tune_instances
+from fineserve.export.contract import read_model_spec
+from fineserve.server.config import load_settings
+from fineserve.server.model import synthetic_inputs
+from fineserve.server.runtime import CPU, ModelSession, Threads, cpu_cores
+from fineserve.server.tuning import Choice, Run, choose, rows_per_s, tune_instances
 from tests.fixtures import publish_graph_that_fails_above_batch_1
 
 ONE = Threads(instances=1, intra_op=2)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from training.config import TrainConfig, build_config
+from fineserve.training.config import TrainConfig, build_config
 
 TINY_IMAGE: dict[str, Any] = {
     "backbone": "efficientnet-lite0",
@@ -86,7 +86,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="session")
 def partial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One finished partial fine-tune on the whole digits test split (shared: a teacher, a checkpoint)."""
-    from training.run import train
+    from fineserve.training.run import train
 
     tmp = tmp_path_factory.mktemp("partial")
     run = tmp / "run"

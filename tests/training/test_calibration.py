@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from training.calibration import calibration_report, expected_calibration_error, fit_temperature, nll
+from fineserve.training.calibration import (
+    calibration_report,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
 
 
 def test_temperature_scaling_lowers_nll_and_ece_of_overconfident_logits() -> None:

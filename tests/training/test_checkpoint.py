@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from training import checkpoint
-from training.checkpoint import (
+from fineserve.training import checkpoint
+from fineserve.training.checkpoint import (
     CheckpointError,
     CheckpointMetadata,
     read_metadata,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from fineserve.training.__main__ import build_parser, config_from_args, main
+from fineserve.training.config import ConfigError
 from tests.training.conftest import TINY_IMAGE
-from training.__main__ import build_parser, config_from_args, main
-from training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FINESERVE_DATA_CACHE": str(tmp_path / "cache")}
     return subprocess.run(
-        [sys.executable, "-m", "training", *args, "--output-dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "fineserve.training", *args, "--output-dir", str(tmp_path / "run")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -160,7 +160,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path) -> None:
     command = [
         sys.executable,
         "-m",
-        "training",
+        "fineserve.training",
         "digits",
         *sets,
         "--set",

@@ -12,9 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.training.conftest import tiny_image_config
-from training.data import check_labels, image_encoder, make_splits
-from training.datasets import (
+from fineserve.training.data import check_labels, image_encoder, make_splits
+from fineserve.training.datasets import (
     FASHION_SYSTEM_DIR,
     DatasetError,
     fashion_mnist_dir,
@@ -23,6 +22,7 @@ from training.datasets import (
     sklearn_digits,
     text_file,
 )
+from tests.training.conftest import tiny_image_config
 
 
 def test_splits_are_seeded_disjoint_and_recorded(tmp_path: Path) -> None:

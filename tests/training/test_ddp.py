@@ -22,7 +22,7 @@ def test_torchrun_two_gloo_processes(tmp_path: Path) -> None:
     env = {**os.environ, "FINESERVE_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
-        [*torchrun, "-m", "training", str(recipe), "--output-dir", str(run)],
+        [*torchrun, "-m", "fineserve.training", str(recipe), "--output-dir", str(run)],
         cwd=ROOT,
         capture_output=True,
         text=True,

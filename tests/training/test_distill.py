@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fineserve.training.backbones import create_model
+from fineserve.training.checkpoint import load_checkpoint
+from fineserve.training.distill import default_student_layers, distillation_loss, init_text_student
+from fineserve.training.run import train
 from tests.training.conftest import tiny_image_config
-from training.backbones import create_model
-from training.checkpoint import load_checkpoint
-from training.distill import default_student_layers, distillation_loss, init_text_student
-from training.run import train
 
 
 def test_distillation_loss_matches_hand_computed_case() -> None:

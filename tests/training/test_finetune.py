@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from training import finetune, layers
-from training.backbones import create_model
+from fineserve.training import finetune, layers
+from fineserve.training.backbones import create_model
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fineserve.training.run import train
 from tests.training.conftest import tiny_image_config
-from training.run import train
 
 
 def test_gradient_accumulation_matches_the_larger_batch(

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
+from fineserve.training.checkpoint import UnfinishedRunError, load_checkpoint, read_metadata
+from fineserve.training.config import ConfigError
+from fineserve.training.run import train
 from tests.training.conftest import tiny_image_config
-from training.checkpoint import UnfinishedRunError, load_checkpoint, read_metadata
-from training.config import ConfigError
-from training.run import train
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fineserve.training import layers
+from fineserve.training.backbones import create_model
+from fineserve.training.checkpoint import load_checkpoint
+from fineserve.training.data import ImagePipeline
+from fineserve.training.datasets import sklearn_digits
+from fineserve.training.run import train
 from tests.training.conftest import losses, tiny_image_config, tiny_text_config
-from training import layers
-from training.backbones import create_model
-from training.checkpoint import load_checkpoint
-from training.data import ImagePipeline
-from training.datasets import sklearn_digits
-from training.run import train
 
 
 def frozen_state(model: torch.nn.Module, trainable_blocks: int) -> dict[str, torch.Tensor]:

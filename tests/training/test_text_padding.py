@@ -9,10 +9,10 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from export.contract import TextPreprocessing
-from server.preprocess import Limits, TextPreprocessor
-from training.data import text_encoder
-from training.datasets import RawData
+from fineserve.export.contract import TextPreprocessing
+from fineserve.server.preprocess import Limits, TextPreprocessor
+from fineserve.training.data import text_encoder
+from fineserve.training.datasets import RawData
 
 TEXTS = ["good movie", "the good the bad the"]
 LIMITS = Limits(max_image_pixels=1, max_request_bytes=1_000, max_items_per_request=8, max_text_chars=100)

@@ -10,7 +10,7 @@ trace and log RPCs are not: calling them answers UNIMPLEMENTED.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from server.pb.inference import grpc_service_pb2 as _grpc_service_pb2
+from fineserve.server.pb.inference import grpc_service_pb2 as _grpc_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

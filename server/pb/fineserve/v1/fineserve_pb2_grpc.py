@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.pb.fineserve.v1 import fineserve_pb2 as fineserve_dot_v1_dot_fineserve__pb2
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fineserve_dot_v1_dot_fineserve__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

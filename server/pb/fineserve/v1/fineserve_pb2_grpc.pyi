@@ -8,7 +8,7 @@ gets a new package (fineserve.v2) served beside this one.
 """
 
 from collections import abc as _abc
-from server.pb.fineserve.v1 import fineserve_pb2 as _fineserve_pb2
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as _fineserve_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -1,6 +1,6 @@
 """A small typed Python client for the fineserve.v1 API, async and sync.
 
-    from server.client import FineserveClient
+    from fineserve.client import FineserveClient
 
     async with FineserveClient("localhost:8001") as client:
         labels = await client.classify("fashion", [jpeg_bytes], top_k=3)
@@ -28,8 +28,8 @@ from typing import Any, Self
 import grpc
 import numpy as np
 
-from server.pb.fineserve.v1 import fineserve_pb2 as pb
-from server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
+from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
 Image = bytes | np.ndarray

@@ -1,0 +1,66 @@
+"""``fineserve``: one command for the whole pipeline, as ``mlserver`` or ``optimum-cli`` have.
+
+    fineserve train fashion --output-dir runs/fashion
+    fineserve export run runs/fashion --repository models --name fashion
+    fineserve serve --model-repository models
+    fineserve predict --model sentiment "a warm film"
+    fineserve bench suite --model-repository models
+
+Each command is the program of its part, imported only when it runs (``fineserve predict`` never
+loads torch or onnxruntime); ``fineserve-train`` and the other older names stay as aliases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fineserve import __version__
+
+# name -> (module whose main(argv) runs it, one line of help)
+COMMANDS = {
+    "train": ("fineserve.training.__main__", "fine-tune a pretrained backbone from a YAML recipe"),
+    "export": ("fineserve.export.__main__", "checkpoints -> validated ONNX versions in a model repository"),
+    "serve": ("fineserve.server.__main__", "serve a model repository over gRPC (KServe v2 and fineserve.v1)"),
+    "predict": ("fineserve.predict", "call a running server: top-k labels for images, sentiment for texts"),
+    "bench": ("fineserve.bench.__main__", "benchmarks that print their figures and write JSON"),
+}
+
+
+def usage() -> str:
+    lines = [f"usage: fineserve {{{','.join(COMMANDS)}}} [options]", "", __doc__.strip().splitlines()[0]]
+    lines += ["", "commands:", *(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())]
+    lines += ["", "Run `fineserve COMMAND --help` for a command's options; `fineserve --version`."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if args[0] == "--version":
+        print(f"fineserve {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"fineserve: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as err:  # the command's extra is not installed
+        if (err.name or "").startswith("fineserve"):
+            raise
+        extra = {"train": "train", "export": "train", "bench": "serve,train"}.get(name, "serve")
+        print(
+            f"fineserve {name}: needs the {err.name!r} package: pip install 'fineserve[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = module.main(rest)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
