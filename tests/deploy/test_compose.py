@@ -7,7 +7,6 @@ the files are there yet, and their contents once they are."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,6 +16,7 @@ import yaml
 
 from fineserve.server.config import Settings
 from tests.deploy.dockerfile import parse
+from tests.tools import binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -94,9 +94,7 @@ def test_prometheus_scrapes_fineserve_and_loads_the_alert_rules() -> None:
     assert _published("prometheus") == {9090: 9090}
 
 
-def test_alert_rules_once_written_are_prometheus_rule_groups() -> None:
-    if not ALERTS.exists():
-        pytest.skip(f"{ALERTS.relative_to(ROOT)} is not written yet (observability work)")
+def test_alert_rules_are_prometheus_rule_groups() -> None:
     rules = yaml.safe_load(ALERTS.read_text())
     assert rules["groups"] and all(group["rules"] for group in rules["groups"])
     for rule in (r for group in rules["groups"] for r in group["rules"]):
@@ -119,9 +117,7 @@ def test_grafana_gets_the_prometheus_data_source_and_the_dashboard_folder() -> N
     assert _host_path("grafana", home) == DASHBOARD
 
 
-def test_dashboard_once_written_uses_the_provisioned_data_source() -> None:
-    if not DASHBOARD.exists():
-        pytest.skip(f"{DASHBOARD.relative_to(ROOT)} is not written yet (observability work)")
+def test_dashboard_uses_the_provisioned_data_source() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     [source] = _grafana_provisioning("datasources")[0]["datasources"]
     variables = {
@@ -147,11 +143,7 @@ def test_dashboard_once_written_uses_the_provisioned_data_source() -> None:
 
 def test_prometheus_config_passes_promtool_with_the_mounts_resolved(tmp_path: Path) -> None:
     """promtool checks the config and the rule files it loads, read where compose mounts them."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
-    if not ALERTS.exists():
-        pytest.skip(f"{ALERTS.relative_to(ROOT)} is not written yet (observability work)")
+    promtool = binary("promtool")
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["rule_files"] = [str(_host_path("prometheus", f)) for f in config["rule_files"]]
     checked = tmp_path / "prometheus.yml"

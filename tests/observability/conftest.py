@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -20,25 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from tests.fixtures import TINY_IMAGE_SIZE
+from tests.tools import binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/fineserve.json"
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 ALERTS_TEST = ROOT / "deploy/prometheus/alerts_test.yml"
-INSTALL_HINT = (
-    "Debian package 'prometheus' is not installed and could not be (make test installs it as root "
-    "through tests/observability/install_prometheus.sh)"
-)
-
-
-def binary(name: str) -> str:
-    """The path of ``prometheus`` or ``promtool``; skips the test, saying why, when missing."""
-    found = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/bin") / name, Path("/usr/local/bin") / name) if p.exists()), None
-    )
-    if found is None:
-        pytest.skip(f"{name} not found: {INSTALL_HINT}")
-    return found
 
 
 def scrape(port: int) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from tests.observability.conftest import ALERTS, ALERTS_TEST, binary
+from tests.observability.conftest import ALERTS, ALERTS_TEST
+from tests.tools import binary
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:

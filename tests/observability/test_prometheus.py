@@ -28,7 +28,6 @@ from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 from tests.observability.conftest import (
     DASHBOARD,
     Prometheus,
-    binary,
     dashboard_expressions,
     metric_names,
     sample_names,
@@ -36,6 +35,7 @@ from tests.observability.conftest import (
     tensor_request,
 )
 from tests.server.running import RunningServer
+from tests.tools import binary
 
 QUEUE_DELAY_S = 0.05
 SUCCESSES, IMAGES_PER_REQUEST = 20, 2
