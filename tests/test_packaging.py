@@ -94,25 +94,15 @@ def test_console_scripts_point_into_the_package() -> None:
         assert scripts[alias] == f"fineserve.{part}.__main__:main"
 
 
-@pytest.mark.parametrize("command", ["train", "export", "serve", "predict", "bench"])
-def test_each_command_answers_help(command: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fineserve", command, "--help"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"usage: fineserve {command}" in proc.stdout.lower()
-
-
-def test_the_command_lists_its_commands_and_refuses_unknown_ones() -> None:
-    listed = subprocess.run([sys.executable, "-m", "fineserve"], capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0
-    for command in ("train", "export", "serve", "predict", "bench"):
-        assert f"\n  {command} " in listed.stdout
-    unknown = subprocess.run(
-        [sys.executable, "-m", "fineserve", "fly"], capture_output=True, text=True, timeout=60
+def test_the_client_extra_and_imports_stay_small() -> None:
+    """A calling service installs `fineserve[client]`: the client and `predict` import no runtime."""
+    client = _names(PYPROJECT["project"]["optional-dependencies"]["client"])
+    assert client == {"grpcio", "protobuf"}
+    probe = (
+        "import sys, fineserve.client, fineserve.predict; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnxruntime', 'torch', 'PIL', 'tokenizers', "
+        "'pydantic', 'prometheus_client', 'yaml'}))"
     )
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "fineserve: unknown command 'fly'; choose one of: " + ", ".join(
-        ["train", "export", "serve", "predict", "bench"]
-    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
