@@ -1,8 +1,8 @@
 """The training result rows (not a test): runs recipes, prints a table, writes JSON.
 
-    python -m fineserve.bench.train_results --rows quick              # the CPU-sized rows
-    python -m fineserve.bench.train_results --rows gpu --device cuda  # the full result rows (one GPU)
-    python -m fineserve.bench.train_results --rows sentiment-full,sentiment-student
+    fineserve bench train --rows quick              # the CPU-sized rows
+    fineserve bench train --rows gpu --device cuda  # the full result rows (one GPU)
+    fineserve bench train --rows sentiment-full,sentiment-student
 
 Each row is one ``python -m fineserve.training RECIPE`` run (the command is recorded with the row), so
 a row can be reproduced alone. Distillation rows name the row of their teacher, which runs first;
