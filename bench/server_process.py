@@ -1,18 +1,21 @@
-"""The real server as a subprocess on loopback: start it, time it to SERVING, watch its memory and CPU.
+"""The real server as a subprocess on loopback: the one way benchmarks and tests start it.
 
-The benchmarks drive ``python -m fineserve.server`` exactly as a user would run it, so the figures include
-everything the server really does (gRPC, health, metrics, the repository poll).
+``python -m fineserve.server`` runs exactly as a user would run it, so benchmark figures include
+everything the server really does (gRPC, health, metrics, the repository poll) and tests see the
+real process (signals, exit codes, its log). It also watches the process's memory and CPU.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +26,9 @@ from fineserve.server.threads import RoleCpu
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
+# The server's INFO lines that name the ports it bound when asked for port 0.
+_GRPC_PORT_LINE = re.compile(r"gRPC listening on port (\d+)")
+_METRICS_PORT_LINE = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 
 
 def rss_bytes(pid: int) -> int:
@@ -51,57 +57,80 @@ def wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
 
 
 def free_port() -> int:
+    """A port free now; for servers whose log level hides the line naming the port they bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 class ServerProcess:
-    """``python -m fineserve.server`` with the given flags, on free loopback ports; a context manager."""
+    """``python -m fineserve.server --model-repository REPO [flags]`` on loopback; a context manager.
 
-    def __init__(self, repository: Path, flags: list[str], log_path: Path) -> None:
-        self.port = free_port()
+    With ``grpc_port=0`` (the default) the server binds a port of its own choosing and reports it
+    in its log, which needs INFO logging; a server run at WARNING is given ports (``free_port()``).
+    Every line the process writes is kept in ``log`` (and written to ``log_path`` when given).
+    ``start`` returns once the server is listening, or once health says SERVING.
+    """
+
+    def __init__(
+        self,
+        repository: Path,
+        flags: Sequence[str] = (),
+        log_path: Path | None = None,
+        *,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.command = [
-            sys.executable,
-            "-m",
-            "fineserve.server",
-            "--model-repository",
-            str(repository),
-            "--grpc-host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(self.port),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(free_port()),
+            sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
+            "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
             *flags,
-        ]
+        ]  # fmt: skip
+        self.port = grpc_port
+        self.metrics_port = metrics_port
         self.log_path = log_path
-        self._log: IO[bytes] | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.log: list[str] = []
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[str] | None = None
         self.seconds_to_serving = float("nan")
+        self._log_file: IO[str] | None = None
+        self._reader: threading.Thread | None = None
         self._role_cpu: RoleCpu | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 600.0) -> float:
-        """Starts the process and waits for health SERVING; returns the seconds that took.
+    url = target
+
+    def start(self, timeout: float = 600.0, *, until: str = "serving") -> float:
+        """Starts the process; waits until it listens (``until="listening"``) or until health says
+        SERVING (``"serving"``), and returns the seconds that took.
 
         Raises:
-            RuntimeError: the process exited or did not serve within ``timeout`` (log path named).
+            RuntimeError: the process exited first, or did not get there within ``timeout``
+                (the log's last lines are in the message).
         """
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("wb")
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.log_path.open("w")
         started = time.perf_counter()
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+        )
+        self._reader = threading.Thread(target=self._read_log, name="server-log", daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        if self.port == 0:
+            self.port = int(self.wait_for(_GRPC_PORT_LINE.pattern, deadline - time.monotonic()).group(1))
+        if until == "listening":
+            return time.perf_counter() - started
         with grpc.insecure_channel(self.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            while time.perf_counter() - started < timeout:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            while time.monotonic() < deadline:
+                self._check_alive()
                 try:
                     reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -111,7 +140,48 @@ class ServerProcess:
                     pass  # not listening yet
                 time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"server not SERVING after {timeout:.0f} s; see {self.log_path}")
+        raise RuntimeError(f"server not SERVING after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _read_log(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log.append(line.rstrip("\n"))
+            if self._log_file is not None:
+                self._log_file.write(line)
+            if self.metrics_port == 0 and (found := _METRICS_PORT_LINE.search(line)):
+                self.metrics_port = int(found.group(1))
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            if self._reader is not None:
+                self._reader.join(2)  # its last lines
+            raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """The first log line matching ``pattern``, waiting for it to be written.
+
+        Raises:
+            RuntimeError: not written within ``timeout``, or the process exited without it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.log):
+                if found := re.search(pattern, line):
+                    return found
+            assert self.process is not None
+            exited = self.process.poll() is not None
+            if exited and self._reader is not None:
+                self._reader.join(2)  # the last lines may still be on their way
+                if found := next((m for line in self.log if (m := re.search(pattern, line))), None):
+                    return found
+            if exited or time.monotonic() > deadline:
+                why = f"exited with {self.process.returncode}" if exited else f"not within {timeout:.0f} s"
+                raise RuntimeError(f"no {pattern!r} in the server log ({why}):\n{self.log_tail(200)}")
+            time.sleep(0.02)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log[-lines:])
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process now."""
@@ -143,9 +213,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if self._reader is not None:
+            self._reader.join(5)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -18,7 +18,7 @@ from statistics import median
 from typing import Any
 
 from fineserve.bench.loadgen import Load, run_load
-from fineserve.bench.server_process import ServerProcess
+from fineserve.bench.server_process import ServerProcess, free_port
 from fineserve.bench.stats import write_json
 from fineserve.export.contract import list_versions, read_model_spec
 
@@ -44,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict[str, Any]]] = {}
     with (
         tempfile.TemporaryDirectory() as logs,
-        ServerProcess(args.model_repository, flags, Path(logs) / "server.log") as server,
+        ServerProcess(
+            args.model_repository,
+            flags,
+            Path(logs) / "server.log",
+            grpc_port=free_port(),  # at WARNING the server does not log the ports it binds
+            metrics_port=free_port(),
+        ) as server,
     ):
         server.start()
         for _ in range(args.rounds):

@@ -29,7 +29,7 @@ from fineserve.bench.loadgen import Load, run_load
 from fineserve.bench.preprocess_bench import measure_preprocessing
 from fineserve.bench.raw_ort import add_spinning_flag, make_session, measure
 from fineserve.bench.report import write_plots, write_tables
-from fineserve.bench.server_process import PeakMemory, ServerProcess
+from fineserve.bench.server_process import PeakMemory, ServerProcess, free_port
 from fineserve.bench.stats import machine, positive_ints, positive_seconds, write_json
 from fineserve.export.contract import ModelSpec, list_versions, read_model_spec
 from fineserve.server.runtime import CPU, cpu_cores, plan_threads
@@ -352,7 +352,9 @@ class Suite:
     def run(self) -> dict[str, Any]:
         out_dir: Path = self.args.out
         repository: Path = self.args.model_repository
-        with ServerProcess(repository, self.server_flags, out_dir / "server-batching.log") as server:
+        # At WARNING the server does not log the ports it binds: it is given free ones.
+        ports = {"grpc_port": free_port(), "metrics_port": free_port()}
+        with ServerProcess(repository, self.server_flags, out_dir / "server-batching.log", **ports) as server:
             seconds = server.start()
             time.sleep(1.0)  # let warmup allocations settle before reading idle memory
             self.results["server"] = {
@@ -373,7 +375,8 @@ class Suite:
             )
             self.results["server"]["peak_rss_under_load_mb"] = peak
             off_flags = [*self.server_flags, "--max-batch-size=1"]
-            with ServerProcess(repository, off_flags, out_dir / "server-no-batching.log") as off:
+            ports = {"grpc_port": free_port(), "metrics_port": free_port()}
+            with ServerProcess(repository, off_flags, out_dir / "server-no-batching.log", **ports) as off:
                 off.start()
                 for name in self.args.models:
                     self.results["models"][name]["batching"] = self.batching_on_off(server, off, name)

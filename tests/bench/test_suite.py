@@ -179,14 +179,15 @@ def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path
     args += ["--items", "3", "--shared-memory", "--json", str(out)]
     before = set(Path("/dev/shm").iterdir())
     flags = ["--system-shared-memory", "--log-level=WARNING"]
-    with ServerProcess(tiny_repository, flags, tmp_path / "server.log") as server:
+    with ServerProcess(tiny_repository, flags, tmp_path / "server.log", grpc_port=free_port()) as server:
         server.start()
         assert loadgen.main(["--target", server.target, *args]) == 0
     result = json.loads(out.read_text())
     assert result["shared_memory"] is True
     assert result["requests_ok"] > 0 and set(result["codes"]) == {"OK"}
     # A server without shared memory refuses the region: a one-line error, nothing left behind.
-    with ServerProcess(tiny_repository, ["--log-level=WARNING"], tmp_path / "plain.log") as plain:
+    quiet = ["--log-level=WARNING"]
+    with ServerProcess(tiny_repository, quiet, tmp_path / "plain.log", grpc_port=free_port()) as plain:
         plain.start()
         assert loadgen.main(["--target", plain.target, *args]) == 1
     assert set(Path("/dev/shm").iterdir()) == before
@@ -238,7 +239,8 @@ def test_the_measured_window_opens_after_the_warmup(tiny_repository: Path, tmp_p
     version = tiny_repository / "tiny-image" / "1"
     load = loadgen.Load(items=1, concurrency=2, seconds=0.2, warmup_s=0.4, version_dir=version)
     opened: list[float] = []
-    with ServerProcess(tiny_repository, ["--log-level=WARNING"], tmp_path / "server.log") as server:
+    quiet = ["--log-level=WARNING"]
+    with ServerProcess(tiny_repository, quiet, tmp_path / "server.log", grpc_port=free_port()) as server:
         server.start()
         started = time.perf_counter()
         result = asyncio.run(

@@ -1,6 +1,6 @@
 """Test harness for the KServe v2 service: the real server in a subprocess, tritonclient in another.
 
-The server runs as ``python -m fineserve.server ... --grpc-port 0`` and reports its port in its log.
+The server runs through the one process harness, ``fineserve.bench.server_process.ServerProcess``.
 
 tritonclient ships its own compiled ``inference`` protos; our generated ``server.pb.inference``
 registers the same symbols, and the two cannot live in one Python process (protobuf raises
@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import queue
-import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fineserve.bench.server_process import ServerProcess
 
 # (name, datatype, array) for one input.
 Input = tuple[str, str, np.ndarray]
@@ -357,35 +354,6 @@ class Triton:
 
 # --- the server under test ------------------------------------------------------------------------
 
-_PORT_LINE = re.compile(r"gRPC listening on port (\d+)")
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    port: int
-    log: list[str]
-
-    @property
-    def url(self) -> str:
-        return f"localhost:{self.port}"
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log[-lines:])
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        """The first log line matching ``pattern``, waiting for it to be written."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.log):
-                if found := re.search(pattern, line):
-                    return found
-            if self.process.poll() is not None:
-                # Exited: its last lines may still be on their way to the log reader.
-                deadline = min(deadline, time.monotonic() + 1.0)
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the server log:\n{self.log_tail(200)}")
-
 
 @contextmanager
 def connected(server: ServerProcess, timeout_s: float = 60) -> Iterator[Triton]:
@@ -405,42 +373,10 @@ def connected(server: ServerProcess, timeout_s: float = 60) -> Iterator[Triton]:
 def running_server(
     repository: Path, *flags: str, env: dict[str, str] | None = None, timeout_s: float = 60
 ) -> Iterator[ServerProcess]:
-    """``python -m fineserve.server`` on a free port (0), stopped with SIGTERM at the end."""
-    command = [
-        sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
-        "--grpc-port", "0", "--metrics-port", "-1", "--repository-poll-s", "0", *flags,
-    ]  # fmt: skip
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    log: list[str] = []
-    port: list[int] = []
-    found = threading.Event()
-
-    def read_log() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line.rstrip())
-            match = _PORT_LINE.search(line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-        found.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    try:
-        if not found.wait(timeout_s) or not port:
-            raise RuntimeError("the server did not report its port:\n" + "\n".join(log[-30:]))
-        yield ServerProcess(process, port[0], log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """``python -m fineserve.server`` through the one process harness (``fineserve.bench.server_process``)
+    on a port it picks, without metrics or repository polling unless ``flags`` say otherwise; it
+    yields once the server listens and stops it with SIGTERM at the end."""
+    quiet = ["--metrics-port", "-1", "--repository-poll-s", "0"]
+    with ServerProcess(repository, [*quiet, *flags], env=env) as server:
+        server.start(timeout_s, until="listening")
+        yield server
