@@ -5,6 +5,7 @@
     fineserve bench suite --model-repository models ...     the server against raw onnxruntime, all figures
     fineserve bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve bench train ...                               the training results table
+    fineserve bench newcomer --json FILE                    the README's two commands on a fresh clone
 
 Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
 """
@@ -29,13 +30,14 @@ COMMANDS = {
     "stream": ("fineserve.bench.stream_compare", "KServe unary calls against one open stream per client"),
     "startup": ("fineserve.bench.startup", "seconds from process start to health SERVING, idle memory"),
     "train": ("fineserve.bench.train_results", "train the result recipes and print the accuracy table"),
+    "newcomer": ("fineserve.bench.newcomer", "a fresh clone: make serve until SERVING, predict, make test"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: fineserve bench {" + ",".join(COMMANDS) + "} [options]", ""]
     lines.append(__doc__.strip().splitlines()[0])
-    lines += ["", "commands:"] + [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "commands:"] + [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines.append("\nRun `fineserve bench COMMAND --help` for a command's options.")
     return "\n".join(lines)
 

@@ -202,6 +202,7 @@ def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path
         (["raw", "--intra-threads", "-2"], "--intra-threads and --inter-threads must be >= 0"),
         (["suite", "--concurrency", "1,-4"], "expected positive integers, got '1,-4'"),
         (["startup", "--runs", "0"], "--runs must be >= 1"),
+        (["newcomer", "--repo", "/nonexistent"], "--repo /nonexistent: not a git checkout"),
     ],
 )
 def test_bad_arguments_are_one_error_line_and_exit_2(
