@@ -5,7 +5,8 @@
 Clones the checkout's HEAD into a new folder, runs ``make serve`` there (install, default models,
 server) until health says SERVING on the given port, calls the served models with ``fineserve
 predict``, stops it, then runs ``make test`` (unless ``--no-test``). Prints and writes the wall
-time of each command, the commit, and the pytest summary line. Takes tens of minutes.
+time of each command, the commit, the pytest summary line, and what export published for each
+default model (accuracy; size, CPU latency and checks per variant). Takes tens of minutes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def _predict_each(clone: Path, port: int) -> dict[str, Any]:
     return answers
 
 
+def published_models(repository: Path) -> dict[str, Any]:
+    """What export published for each default model: test accuracy, and per variant its size,
+    CPU latency and validation checks (the figures the README's export paragraph cites)."""
+    models: dict[str, Any] = {}
+    for spec_path in sorted(repository.glob("*/*/model.json")):
+        spec = json.loads(spec_path.read_text())
+        models[spec["name"]] = {
+            "version": spec["version"],
+            "test_accuracy": (spec.get("source") or {}).get("metrics", {}).get("test_accuracy"),
+            "variants": {
+                name: {key: variant.get(key) for key in ("size_bytes", "cpu_latency_ms", "checks")}
+                for name, variant in spec["variants"].items()
+            },
+        }
+    return models
+
+
 def make_test(clone: Path, log: Path) -> dict[str, Any]:
     started = time.perf_counter()
     with log.open("w") as out:
@@ -121,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result["make_serve"] = make_serve(
         clone, args.port or free_port(), workdir / "make-serve.log", args.timeout_s
     )
+    result["models"] = published_models(clone / "models")
     if not args.no_test:
         result["make_test"] = make_test(clone, workdir / "make-test.log")
     write_json(args.json, result)
