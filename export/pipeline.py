@@ -8,6 +8,7 @@ check raises and the folder disappears, so nothing half-checked is ever publishe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import platform
 import shutil
@@ -115,10 +116,29 @@ def torch_logits(
     return logits.astype(np.float32) if dtype == torch.float32 else logits
 
 
+# Examples that PyTorch also runs one at a time to measure its own fp32 error at batch 1.
+ONE_BY_ONE_EXAMPLES = 256
+
+
 def reference_error(wrapped: nn.Module, examples: Examples, reference: np.ndarray) -> float:
-    """How far PyTorch's own fp32 logits are from the exact (float64) ones on these examples."""
+    """How far PyTorch's own fp32 logits are from the exact (float64) ones: the largest error of
+    the reference (batch 64) and of PyTorch at batch 1 on the first examples.
+
+    PyTorch's fp32 error changes with the batch size (other kernels, other summation orders), and
+    the graph is checked at batch 1 too: measured at batch 64 alone, it understated the error the
+    gate must allow (docs/export.md, "The fp32 tolerance").
+    """
     exact = torch_logits(copy.deepcopy(wrapped).double(), examples, dtype=torch.float64)
-    return float(np.abs(reference.astype(np.float64) - exact).max())
+    error = float(np.abs(reference.astype(np.float64) - exact).max())
+    first = slice(0, min(len(examples), ONE_BY_ONE_EXAMPLES))
+    subset = dataclasses.replace(
+        examples,
+        features={k: v[first] for k, v in examples.features.items()},
+        labels=examples.labels[first],
+        lengths=None if examples.lengths is None else examples.lengths[first],
+    )
+    one_by_one = torch_logits(wrapped, subset, batch_size=1).astype(np.float64)
+    return max(error, float(np.abs(one_by_one - exact[first]).max()))
 
 
 def export_and_publish(
