@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fineserve.server import kserve, security
+from fineserve.server import kserve, malformed, security, shutdown
 from fineserve.server.config import Settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
@@ -58,14 +58,14 @@ class Server:
         self.dataplane = DataPlane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
         refused = self.metrics.call_refused
-        self._gate = security.ShutdownGate(on_refused=refused)
+        self._gate = shutdown.ShutdownGate(on_refused=refused)
         self.grpc = grpc.aio.server(
             # Tokens are checked first: an unauthenticated request is never parsed, and gets
             # UNAUTHENTICATED even while shutting down. Each refusal is counted once, as answered.
             interceptors=[
                 security.AuthInterceptor(tokens, on_refused=refused),
                 self._gate,
-                security.MalformedRequestInterceptor(
+                malformed.MalformedRequestInterceptor(
                     in_band_streams=kserve.IN_BAND_STREAMS, on_refused=refused
                 ),
             ],

@@ -19,10 +19,10 @@ from typing_extensions import override
 from fineserve.server import kserve_codec as codec
 from fineserve.server.errors import InvalidInput
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
+from fineserve.server.malformed import UnparsableRequest
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from fineserve.server.pb.inference import model_config_pb2 as mc
-from fineserve.server.security import UnparsableRequest
 from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from fineserve.server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
-# Request streams whose unparsable messages are answered in band (server/security.py).
+# Request streams whose unparsable messages are answered in band (server/malformed.py).
 IN_BAND_STREAMS = frozenset(
     {f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelStreamInfer"}
 )
