@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fineserve.export.contract import MODEL_NAME, ModelSpec
+from fineserve.server import classification
 from fineserve.server.batching import BatchedResult, Tensors
 from fineserve.server.config import Settings
 from fineserve.server.errors import (
@@ -80,6 +81,11 @@ class InferResult:
 
     handle: ModelHandle
     outputs: dict[str, np.ndarray]
+
+    def probabilities(self) -> np.ndarray:
+        """Calibrated probabilities of the model's scores (its first output, the logits)."""
+        logits = self.outputs[self.handle.spec.outputs[0].name]
+        return classification.probabilities(logits, self.handle.spec.temperature)
 
 
 class DataPlane:
@@ -333,14 +339,6 @@ class DataPlane:
             return tensors, len(items)
 
         return await self._run(served, deadline, is_cancelled, prepare)
-
-    def probabilities(self, handle: ModelHandle, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities: softmax of ``logits / temperature`` over the last axis."""
-        scaled = np.asarray(logits, dtype=np.float64) / handle.spec.temperature
-        scaled -= scaled.max(axis=-1, keepdims=True)
-        exp = np.exp(scaled)
-        probabilities: np.ndarray = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-        return probabilities
 
     async def _run(
         self,

@@ -235,8 +235,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         outputs = dict(result.outputs)
         if any(w.name == codec.PROBABILITIES for w in wanted):
-            logits = outputs[result.handle.spec.outputs[0].name]
-            outputs[codec.PROBABILITIES] = self._dataplane.probabilities(result.handle, logits)
+            outputs[codec.PROBABILITIES] = result.probabilities()
         response = pb.ModelInferResponse(
             model_name=result.handle.name, model_version=str(result.handle.version), id=request.id
         )

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fineserve.export.contract import ModelSpec, TensorSpec
+from fineserve.server.classification import top_classes
 from fineserve.server.datatypes import BYTES, NUMPY_DTYPES, datatype_name
 from fineserve.server.errors import InvalidInput, LimitExceeded
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
@@ -520,15 +521,11 @@ def check_output_regions(
 def classify(scores: NDArray[np.generic], class_count: int, labels: Sequence[str]) -> NDArray[np.object_]:
     """The classification extension: per row, the top ``class_count`` classes (at most all of
     them), best first, each as ``b"<score>:<index>:<label>"`` (score printed like C's ``%f``)."""
-    rows = np.asarray(scores).reshape(len(scores), -1)
-    k = min(class_count, rows.shape[1])
-    # Stable sort on the negated scores: ties keep the lower class index first.
-    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]
-    out = np.empty((rows.shape[0], k), dtype=np.object_)
-    for r, indices in enumerate(order):
-        for c, index in enumerate(indices.tolist()):
-            label = labels[index] if index < len(labels) else ""
-            out[r, c] = f"{float(rows[r, index]):f}:{index}:{label}".encode()
+    ranked = top_classes(scores, class_count, labels)
+    out = np.empty((len(ranked), len(ranked[0])), dtype=np.object_)
+    for r, row in enumerate(ranked):
+        for c, found in enumerate(row):
+            out[r, c] = f"{found.score:f}:{found.index}:{found.label}".encode()
     return out
 
 

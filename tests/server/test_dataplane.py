@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from fineserve.server.app import configure_logging
+from fineserve.server.classification import probabilities
 from fineserve.server.config import load_settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.errors import InvalidInput, LimitExceeded, ModelNotFound, Overloaded
@@ -91,11 +92,12 @@ def test_statistics_count_requests_rows_and_batches(tiny_repository: Path) -> No
     run_with_dataplane(tiny_repository, scenario)
 
 
-def test_probabilities_are_a_tempered_softmax(tiny_repository: Path) -> None:
+def test_a_result_calibrates_its_logits_with_the_model_temperature(tiny_repository: Path) -> None:
     async def scenario(dataplane: DataPlane) -> None:
-        handle = dataplane.resolve("tiny-image", None)
-        probabilities = dataplane.probabilities(handle, np.array([[0.0, np.log(3.0), -1000.0]]))
-        np.testing.assert_allclose(probabilities, [[0.25, 0.75, 0.0]], atol=1e-6)
+        result = await dataplane.infer("tiny-image", None, images(2), deadline=None)
+        expected = probabilities(result.outputs["logits"], result.handle.spec.temperature)
+        np.testing.assert_array_equal(result.probabilities(), expected)
+        assert result.probabilities().shape == (2, 3)
 
     run_with_dataplane(tiny_repository, scenario)
 
