@@ -24,10 +24,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fineserve.server import kserve, malformed, security, shutdown
+from fineserve.server import malformed, security, shutdown
 from fineserve.server.config import Settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
+from fineserve.server.kserve import service as kserve
 from fineserve.server.logs import configure_logging
 from fineserve.server.metrics import Metrics
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
