@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fineserve.export.contract import ModelSpec, TensorSpec
+from fineserve.export.contract import TensorSpec
 from fineserve.server.datatypes import BYTES
 from fineserve.server.kserve.interface import ModelInterface
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
@@ -17,6 +16,7 @@ from fineserve.server.pb.inference import model_config_pb2 as mc
 
 if TYPE_CHECKING:
     from fineserve.server.config import Settings
+    from fineserve.server.dataplane import ModelHandle
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -55,38 +55,30 @@ def model_metadata(name: str, versions: Sequence[int], interface: ModelInterface
     )
 
 
-@dataclass(frozen=True)
-class ServingFacts:
-    """What the model config reports beyond the spec: how this server runs the model."""
-
-    provider: str
-    variant: str
-    preferred_batch_sizes: tuple[int, ...] = ()
-    max_queue_delay_us: int = 0
-    instance_count: int = 1
-
-
-def model_config(spec: ModelSpec, interface: ModelInterface, facts: ServingFacts) -> mc.ModelConfig:
-    """A Triton-style ModelConfig. Dims leave out the batch axis (max_batch_size > 0 implies it).
+def model_config(handle: ModelHandle, interface: ModelInterface) -> mc.ModelConfig:
+    """A Triton-style ModelConfig of a served version: its spec, and how this server runs it
+    (provider, variant, its batching). Dims leave out the batch axis (max_batch_size > 0 implies it).
 
     Both input forms are marked ``optional``: a request sends one of them. The BYTES input is
     declared Triton's way for one string per batch item: dims [1] reshaped to [].
     """
+    spec, batching = handle.spec, handle.batching
     config = mc.ModelConfig(
         name=spec.name,
         platform=PLATFORM,
         backend=BACKEND,
         max_batch_size=interface.max_batch_size,
         dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=list(facts.preferred_batch_sizes),
-            max_queue_delay_microseconds=facts.max_queue_delay_us,
+            preferred_batch_size=list(batching.preferred_batch_sizes),
+            # The protocol's unit; ours is seconds.
+            max_queue_delay_microseconds=round(batching.max_queue_delay_s * 1_000_000),
         ),
         instance_group=[
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",
-                count=facts.instance_count,
+                count=batching.instances,
                 kind=mc.ModelInstanceGroup.KIND_GPU
-                if facts.provider.startswith("CUDA")
+                if handle.provider.startswith("CUDA")
                 else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
@@ -121,8 +113,8 @@ def model_config(spec: ModelSpec, interface: ModelInterface, facts: ServingFacts
         )
     parameters = {
         "task": spec.task,
-        "provider": facts.provider,
-        "variant": facts.variant,
+        "provider": handle.provider,
+        "variant": handle.variant,
         "labels": json.dumps(list(spec.labels)),
         "temperature": repr(spec.temperature),
     }

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 from typing_extensions import override
 
-from fineserve.server.errors import InvalidInput
+from fineserve.server.errors import InvalidInput, ServingError
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
 from fineserve.server.kserve.input_checks import EncodedRequest, check_declared_inputs, check_inputs
 from fineserve.server.kserve.inputs import decode_inputs
 from fineserve.server.kserve.interface import PROBABILITIES, ModelInterface, interface_of
-from fineserve.server.kserve.model_config import ServingFacts, model_config, model_metadata, version_policy
+from fineserve.server.kserve.model_config import model_config, model_metadata, version_policy
 from fineserve.server.kserve.outputs import check_output_regions, requested_outputs, select_outputs
 from fineserve.server.kserve.parameters import (
     check_no_load_parameters,
@@ -114,18 +114,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         handle = self._resolve(request.name, request.version)
-        interface = self._interface(handle)
-        batching = self._settings.batching_for(handle.name)
-        facts = ServingFacts(
-            provider=handle.provider,
-            variant=handle.variant,
-            preferred_batch_sizes=tuple(
-                b for b in batching.preferred_batch_sizes if b <= interface.max_batch_size
-            ),
-            max_queue_delay_us=round(batching.max_queue_delay_ms * 1000),
-            instance_count=handle.instances,
-        )
-        config = model_config(handle.spec, interface, facts)
+        config = model_config(handle, self._interface(handle))
         config.version_policy.CopyFrom(version_policy(self._settings, handle.name))
         return pb.ModelConfigResponse(config=config)
 
@@ -192,7 +181,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                         await take_slot(self._settings.max_queue_size)
                         responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.message))
                         continue
-                    await take_slot(self._settings.batching_for(request.model_name).max_queue_size)
+                    await take_slot(self._queue_size(request))
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -331,7 +320,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._dataplane.resolve(name, parse_version(version))
 
     def _interface(self, handle: ModelHandle) -> ModelInterface:
-        return interface_of(handle.spec, max_batch_size=handle.max_batch_size)
+        return interface_of(handle.spec, max_batch_size=handle.batching.max_batch_size)
+
+    def _queue_size(self, request: pb.ModelInferRequest) -> int:
+        """A stream's bound on unsent requests: the queue size of the request's model version;
+        one that does not resolve fails at once, within the server-wide bound."""
+        try:
+            return self._resolve(request.model_name, request.model_version).batching.max_queue_size
+        except ServingError:
+            return self._settings.max_queue_size
 
 
 def add_to_server(

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from fineserve.server.app import configure_logging
+from fineserve.server.app import build_dataplane, configure_logging
+from fineserve.server.batching import Batching
 from fineserve.server.classification import probabilities
 from fineserve.server.config import load_settings
 from fineserve.server.dataplane import DataPlane
@@ -24,7 +25,9 @@ def run_with_dataplane(
     repository: Path, scenario: Callable[[DataPlane], Awaitable[None]], **settings: object
 ) -> None:
     async def main() -> None:
-        dataplane = DataPlane(load_settings(model_repository=repository, repository_poll_s=0, **settings))
+        dataplane = build_dataplane(
+            load_settings(model_repository=repository, repository_poll_s=0, **settings)
+        )
         await dataplane.start()
         try:
             await scenario(dataplane)
@@ -70,6 +73,31 @@ def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: P
         assert stats.fail.count == 5  # four invalid inputs and one over the limit
 
     run_with_dataplane(tiny_repository, scenario)
+
+
+def test_each_version_gets_one_batching_from_the_settings_and_its_model(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        handle = dataplane.resolve("tiny-image", None)
+        # The settings allow 64 rows and prefer 4 and 16; the model takes at most 8.
+        assert handle.batching == Batching(
+            max_batch_size=8,
+            max_queue_delay_s=0.005,
+            max_queue_size=3,
+            preferred_batch_sizes=(4,),
+            instances=1,
+        )
+        served = dataplane.repository.served["tiny-image"][1]
+        assert served.batching is handle.batching is served.batcher.batching
+
+    run_with_dataplane(
+        tiny_repository,
+        scenario,
+        max_batch_size=64,
+        max_queue_delay_ms=5,
+        max_queue_size=3,
+        preferred_batch_sizes=[4, 16],
+        instances=1,
+    )
 
 
 def test_statistics_count_requests_rows_and_batches(tiny_repository: Path) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 from fineserve.export.contract import ModelSpec
+from fineserve.server.batching import Batching
 from fineserve.server.config import load_settings
+from fineserve.server.dataplane import ModelHandle
 from fineserve.server.kserve.interface import interface_of
-from fineserve.server.kserve.model_config import ServingFacts, model_config, model_metadata, version_policy
+from fineserve.server.kserve.model_config import model_config, model_metadata, version_policy
 from fineserve.server.pb.inference import model_config_pb2 as mc
 from tests.fixtures import TINY_IMAGE_SIZE
 
@@ -27,10 +29,17 @@ def test_model_metadata(specs: dict[str, ModelSpec]) -> None:
     ]
 
 
+def handle_of(spec: ModelSpec, provider: str, variant: str, batching: Batching) -> ModelHandle:
+    return ModelHandle(spec.name, spec.version, spec, provider, variant, (spec.version,), batching)
+
+
 def test_model_config(specs: dict[str, ModelSpec]) -> None:
     spec = specs["image"]
-    facts = ServingFacts("CPUExecutionProvider", "fp32", (2, 4), 2000)
-    config = model_config(spec, interface_of(spec, max_batch_size=4), facts)
+    batching = Batching(
+        max_batch_size=4, max_queue_delay_s=0.002, max_queue_size=8, preferred_batch_sizes=(2, 4)
+    )
+    handle = handle_of(spec, "CPUExecutionProvider", "fp32", batching)
+    config = model_config(handle, interface_of(spec, max_batch_size=4))
     assert (config.name, config.platform, config.backend, config.max_batch_size) == (
         "tiny-image",
         "onnxruntime_onnx",
@@ -54,10 +63,15 @@ def test_model_config(specs: dict[str, ModelSpec]) -> None:
     assert images.HasField("reshape") and list(images.reshape.shape) == []
     assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [3]), ("probabilities", [3])]
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
-    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    gpu = model_config(spec, interface_of(spec), ServingFacts("CUDAExecutionProvider", "fp16"))
-    assert gpu.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000  # seconds in, µs out
+    assert (config.instance_group[0].kind, config.instance_group[0].count) == (
+        mc.ModelInstanceGroup.KIND_CPU,
+        1,
+    )
+    two = Batching(max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=8, instances=2)
+    gpu = model_config(handle_of(spec, "CUDAExecutionProvider", "fp16", two), interface_of(spec))
+    assert (gpu.instance_group[0].kind, gpu.instance_group[0].count) == (mc.ModelInstanceGroup.KIND_GPU, 2)
+    assert gpu.dynamic_batching.max_queue_delay_microseconds == 0
     assert gpu.parameters["variant"].string_value == "fp16"
     assert json.loads(config.parameters["labels"].string_value) == list(spec.labels)
     assert config.parameters["task"].string_value == "image-classification"
