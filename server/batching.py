@@ -1,23 +1,6 @@
-"""Dynamic batching: requests for one model version merged into batches, run off the event loop.
-
-A ``Batcher`` has two settings that matter, ``max_batch_size`` (rows) and ``max_queue_delay_s``
-(seconds the first request waits for company); optional preferred batch sizes end the wait early.
-With ``more_coming`` the wait only lasts while requests are known to be on their way (being
-preprocessed): a lone request runs at once instead of sitting out the delay, and under load
-batches still grow, because the queue fills while the previous batch runs.
-Each request gets its own future. What a full queue does: the request is rejected at once
-with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
-deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run
-(they are answered with the rest of their batch, once it has run).
-If running a batch fails, every request in it gets the error.
-
-Batches are formed and run on the batcher's own threads, one per instance, not on the event
-loop: a thread that finishes a batch forms the next from the queue at once. Formed on the loop,
-the next batch waited behind whatever the loop was doing (receiving and decoding requests,
-sending answers): 1.6-1.9 ms between batches of 32 images, 13% of the model's time idle on the
-benchmark machine (docs/performance.md). The loop only queues requests and, once per batch,
-answers them. A batch is formed when an instance comes free, so while they all run the queue
-fills up, which is what makes batches grow under load.
+"""Dynamic batching: concurrent requests for one model version merged into batches, which are
+formed and run on the batcher's own threads, off the event loop. ``Batching`` is how one version
+batches; ``Batcher`` does it (docs/serving.md, Batching).
 """
 
 from __future__ import annotations
@@ -133,7 +116,17 @@ class _Ran:
 class Batcher:
     """Merges concurrent requests for one model version into batches, run on its own threads.
 
-    ``start`` it inside the running event loop: requests are answered on that loop.
+    ``start`` it inside the running event loop: requests are answered on that loop, each through
+    its own future. The first request of a batch waits up to ``max_queue_delay_s`` for company
+    (with ``more_coming``, only while more are known to be on their way); a preferred batch size
+    ends the wait early. A full queue rejects at once with ``Overloaded`` (RESOURCE_EXHAUSTED),
+    it never blocks. When a batch is formed, requests whose deadline has passed get
+    ``DeadlineExceeded`` and cancelled ones are skipped: neither is run. If running a batch
+    fails, every request in it gets the error.
+
+    A thread that finishes a batch forms the next from the queue at once, so batches never wait
+    behind the event loop, which only queues requests and answers each batch once
+    (docs/performance.md); while every instance runs, the queue fills and batches grow.
     """
 
     def __init__(

@@ -248,8 +248,8 @@ class ServedVersion:
             return outputs
 
         # Up to ``instances`` batches run at once, each on a thread of this version's own: the
-        # threads that call onnxruntime stay the same, warm in cache and scheduled, which measured
-        # ~0.3 ms less per lone request on 2 busy cores than a shared pool (docs/performance.md).
+        # threads that call onnxruntime stay the same, warm in cache and scheduled, which served
+        # lone requests faster than a shared pool (docs/performance.md).
         self.batcher = Batcher(
             f"{spec.name}/{spec.version}",
             run,
