@@ -80,6 +80,11 @@ async def echo_server(interceptors: Sequence[grpc.aio.ServerInterceptor]) -> Asy
         await server.stop(None)
 
 
+async def answers(call: AsyncIterator[Any]) -> list[str]:
+    """The echoed strings a streaming call answers, once it ends."""
+    return [answer.service async for answer in call]
+
+
 def unary_call(channel: grpc.aio.Channel, method: str = UNARY) -> Any:
     return channel.unary_unary(method, request_serializer=None, response_deserializer=Echo.FromString)
 

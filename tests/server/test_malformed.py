@@ -5,7 +5,6 @@ request message get INVALID_ARGUMENT naming the method (or, in an in-band stream
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,6 +18,7 @@ from tests.server.echo_server import (
     STREAM,
     UNARY,
     Echo,
+    answers,
     echo_server,
     response_stream_call,
     stream_call,
@@ -30,10 +30,6 @@ GOOD = Echo(service="hi").SerializeToString()
 
 def not_valid(method: str) -> str:
     return f"the request to {method} is not a valid message of its type (malformed protobuf or invalid UTF-8)"
-
-
-async def answers(call: AsyncIterator[Any]) -> list[str]:
-    return [answer.service async for answer in call]
 
 
 def run_against_interceptor(scenario: Any) -> list[tuple[str, str]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +16,7 @@ from tests.server.echo_server import (
     STREAM,
     UNARY,
     Echo,
+    answers,
     echo_server,
     response_stream_call,
     stream_call,
@@ -25,10 +24,6 @@ from tests.server.echo_server import (
 )
 
 REFUSAL = "the server is shutting down; retry elsewhere"
-
-
-async def answers(call: AsyncIterator[Any]) -> list[Any]:
-    return [answer async for answer in call]
 
 
 def test_an_open_gate_lets_every_call_through() -> None:
@@ -39,8 +34,8 @@ def test_an_open_gate_lets_every_call_through() -> None:
         async with echo_server([gate]) as channel:
             request = Echo(service="hi").SerializeToString()
             assert (await unary_call(channel)(request, timeout=10)).service == "hi"
-            assert [r.service async for r in response_stream_call(channel)(request, timeout=10)] == ["hi"] * 2
-            assert [r.service async for r in stream_call(channel)(iter([request]), timeout=10)] == ["hi"]
+            assert await answers(response_stream_call(channel)(request, timeout=10)) == ["hi"] * 2
+            assert await answers(stream_call(channel)(iter([request]), timeout=10)) == ["hi"]
         assert (gate.closed, gate.last_refused) == (False, float("-inf"))
 
     asyncio.run(scenario())
