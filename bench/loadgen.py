@@ -31,7 +31,7 @@ import grpc
 from fineserve.bench.inputs import encoded_items, tensor_batch
 from fineserve.bench.stats import latency_summary, write_json
 from fineserve.export.contract import ModelSpec, read_model_spec
-from fineserve.server.kserve_codec import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
+from fineserve.server.kserve.regions import SHM_BYTE_SIZE, SHM_OFFSET, SHM_REGION
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2
 from fineserve.server.pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 

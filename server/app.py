@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
 import threading
 import time
@@ -24,16 +25,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fineserve.server import kserve, security
+from fineserve.server import malformed, security, shutdown
 from fineserve.server.config import Settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
+from fineserve.server.kserve import service as kserve
 from fineserve.server.logs import configure_logging
 from fineserve.server.metrics import Metrics
+from fineserve.server.observe import Telemetry
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
 from fineserve.server.pb.inference import grpc_service_pb2
+from fineserve.server.repository import Repository
+from fineserve.server.runtime import CUDA, choose_provider
 from fineserve.server.shared_memory import SharedMemoryRegistry
-from fineserve.server.threads import WORKER_NAME, name_thread
+from fineserve.server.threads import DECODE_NAME, WORKER_NAME, name_thread
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +49,37 @@ HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
 # Liveness: SERVING while the process runs and its event loop answers, loading or not; a probe
 # that restarts pods must not follow readiness (a pod busy warming up is alive).
 LIVENESS_SERVICE = "liveness"
-__all__ = ["LIVENESS_SERVICE", "Server", "configure_logging", "serve"]
+__all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
+
+
+def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataPlane:
+    """The serving core and its parts: the execution provider, telemetry (metrics, request log,
+    optional tracing), the image-decoding pool and the model repository, which decides each
+    version's batching once as it loads it."""
+    metrics = metrics or Metrics()
+    provider = choose_provider(settings)
+    metrics.provider.info({"provider": provider, "device": settings.device})
+    log.info("execution provider: %s", provider)
+    if provider == CUDA:
+        metrics.enable_gpu()
+    tracer = None
+    if settings.tracing != "off":
+        from fineserve.server.tracing import RequestTracer  # imports OpenTelemetry: only when asked for
+
+        tracer = RequestTracer.from_setting(settings.tracing)
+    telemetry = Telemetry(metrics, settings.log_slow_request_ms, tracer)
+    # Batches run on each model version's own threads (server/model.py). Image decoding has a
+    # pool of its own, so a batch run never waits behind decoding, and vice versa.
+    image_pool = concurrent.futures.ThreadPoolExecutor(
+        settings.preprocess_threads or os.cpu_count() or 1,
+        thread_name_prefix="decode",
+        initializer=name_thread,
+        initargs=(DECODE_NAME,),
+    )
+    repository = Repository(settings, provider, metrics, image_pool)
+    return DataPlane(settings, repository, telemetry, image_pool)
 
 
 class Server:
@@ -55,17 +88,17 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.dataplane = DataPlane(settings, self.metrics)
+        self.dataplane = build_dataplane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
         refused = self.metrics.call_refused
-        self._gate = security.ShutdownGate(on_refused=refused)
+        self._gate = shutdown.ShutdownGate(on_refused=refused)
         self.grpc = grpc.aio.server(
             # Tokens are checked first: an unauthenticated request is never parsed, and gets
             # UNAUTHENTICATED even while shutting down. Each refusal is counted once, as answered.
             interceptors=[
                 security.AuthInterceptor(tokens, on_refused=refused),
                 self._gate,
-                security.MalformedRequestInterceptor(
+                malformed.MalformedRequestInterceptor(
                     in_band_streams=kserve.IN_BAND_STREAMS, on_refused=refused
                 ),
             ],

@@ -1,29 +1,13 @@
-"""Dynamic batching: requests for one model version merged into batches, run off the event loop.
-
-A ``Batcher`` has two settings that matter, ``max_batch_size`` (rows) and ``max_batch_time``
-(seconds the first request waits for company); optional preferred batch sizes end the wait early.
-With ``more_coming`` the wait only lasts while requests are known to be on their way (being
-preprocessed): a lone request runs at once instead of sitting out the delay, and under load
-batches still grow, because the queue fills while the previous batch runs.
-Each request gets its own future. What a full queue does: the request is rejected at once
-with ``Overloaded`` (RESOURCE_EXHAUSTED), never blocked. When a batch is formed, requests whose
-deadline has passed get ``DeadlineExceeded`` and cancelled requests are skipped: neither is run
-(they are answered with the rest of their batch, once it has run).
-If running a batch fails, every request in it gets the error.
-
-Batches are formed and run on the batcher's own threads, one per instance, not on the event
-loop: a thread that finishes a batch forms the next from the queue at once. Formed on the loop,
-the next batch waited behind whatever the loop was doing (receiving and decoding requests,
-sending answers): 1.6-1.9 ms between batches of 32 images, 13% of the model's time idle on the
-benchmark machine (docs/performance.md). The loop only queues requests and, once per batch,
-answers them. A batch is formed when an instance comes free, so while they all run the queue
-fills up, which is what makes batches grow under load.
+"""Dynamic batching: concurrent requests for one model version merged into batches, which are
+formed and run on the batcher's own threads, off the event loop. ``Batching`` is how one version
+batches; ``Batcher`` does it (docs/serving.md, Batching).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +32,30 @@ Tensors = dict[str, np.ndarray]
 # Merges the inputs of several requests into one batch (concatenating, padding as the model needs).
 Collate = Callable[[Sequence[Tensors]], Tensors]
 RunBatch = Callable[[Tensors], Tensors]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How one model version batches, decided once when it loads (``Settings.batching_for``, then
+    ``for_model``) and read from there by its batcher, its handle and the transports."""
+
+    max_batch_size: int
+    """Rows per batch at most: the smaller of the settings' cap and the model's own."""
+    max_queue_delay_s: float
+    """How long the first request of a batch waits for others to join it, in seconds (the
+    settings say it in ms, KServe's ModelConfig in µs: each converts at its edge)."""
+    max_queue_size: int
+    """Requests waiting at most; one more is rejected at once with ``Overloaded``."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes that run at once without waiting out the delay; none above ``max_batch_size``."""
+    instances: int = 1
+    """Batches that run at once, each on its own thread (0 in the settings: measured at load)."""
+
+    def for_model(self, model_max_batch_size: int) -> Batching:
+        """These settings for a model whose own ``max_batch_size`` (model.json) caps the batch."""
+        cap = min(self.max_batch_size, model_max_batch_size)
+        preferred = tuple(b for b in self.preferred_batch_sizes if b <= cap)
+        return dataclasses.replace(self, max_batch_size=cap, preferred_batch_sizes=preferred)
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,17 @@ class _Ran:
 class Batcher:
     """Merges concurrent requests for one model version into batches, run on its own threads.
 
-    ``start`` it inside the running event loop: requests are answered on that loop.
+    ``start`` it inside the running event loop: requests are answered on that loop, each through
+    its own future. The first request of a batch waits up to ``max_queue_delay_s`` for company
+    (with ``more_coming``, only while more are known to be on their way); a preferred batch size
+    ends the wait early. A full queue rejects at once with ``Overloaded`` (RESOURCE_EXHAUSTED),
+    it never blocks. When a batch is formed, requests whose deadline has passed get
+    ``DeadlineExceeded`` and cancelled ones are skipped: neither is run. If running a batch
+    fails, every request in it gets the error.
+
+    A thread that finishes a batch forms the next from the queue at once, so batches never wait
+    behind the event loop, which only queues requests and answers each batch once
+    (docs/performance.md); while every instance runs, the queue fills and batches grow.
     """
 
     def __init__(
@@ -116,27 +134,20 @@ class Batcher:
         name: str,
         run: RunBatch,
         collate: Collate,
+        batching: Batching,
         *,
-        instances: int = 1,
-        max_batch_size: int,
-        max_batch_time: float,
-        max_queue_size: int,
-        preferred_batch_sizes: Sequence[int] = (),
         on_batch: Callable[[BatchTiming], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
         thread_name: str | None = None,
     ) -> None:
-        if instances < 1:
-            raise ValueError(f"instances must be at least 1, got {instances}")
+        if batching.instances < 1:
+            raise ValueError(f"instances must be at least 1, got {batching.instances}")
         self.name = name
-        self.instances = instances
-        # None: always wait up to max_batch_time for company (a plain fixed delay). Called on a
+        self.batching = batching
+        # None: always wait up to max_queue_delay_s for company (a plain fixed delay). Called on a
         # batching thread, so it must only read.
         self._more_coming = more_coming
-        self.max_batch_size = max_batch_size
-        self.max_batch_time = max_batch_time
-        self.max_queue_size = max_queue_size
-        self.preferred_batch_sizes = frozenset(preferred_batch_sizes)
+        self._preferred = frozenset(batching.preferred_batch_sizes)
         self._run = run
         self._on_batch = on_batch
         self._collate = collate
@@ -158,7 +169,7 @@ class Batcher:
     def start(self) -> None:
         """Starts one batching thread per instance; answers go to the running loop."""
         self._loop = asyncio.get_running_loop()
-        for index in range(self.instances):
+        for index in range(self.batching.instances):
             thread = threading.Thread(target=self._work, name=f"{self._thread_name}_{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -187,17 +198,18 @@ class Batcher:
         """
         if self._loop is None or self._closing:
             raise ServerShuttingDown(f"model {self.name} is shutting down")
-        if not 1 <= rows <= self.max_batch_size:
-            raise ValueError(f"rows {rows} outside 1..{self.max_batch_size}")
+        if not 1 <= rows <= self.batching.max_batch_size:
+            raise ValueError(f"rows {rows} outside 1..{self.batching.max_batch_size}")
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if not self._threads_alive():
             raise InferenceFailed(f"model {self.name}: its batching threads stopped; see the server log")
         pending = _Pending(inputs, rows, deadline, is_cancelled, self._loop.create_future())
         with self._lock:
-            if self._waiting >= self.max_queue_size:
+            if self._waiting >= self.batching.max_queue_size:
                 raise Overloaded(
-                    f"model {self.name}: queue full ({self.max_queue_size} requests waiting); retry later"
+                    f"model {self.name}: queue full ({self.batching.max_queue_size} requests waiting); "
+                    "retry later"
                 )
             self._queue.append(pending)
             self._waiting += 1
@@ -265,7 +277,7 @@ class Batcher:
         with self._lock:
             rows = 0
             give_up_at = 0.0
-            while rows < self.max_batch_size and rows not in self.preferred_batch_sizes:
+            while rows < self.batching.max_batch_size and rows not in self._preferred:
                 if not self._queue:
                     if self._stopping:
                         break
@@ -282,11 +294,11 @@ class Batcher:
                     self._queue.popleft()
                     self._release(item)
                     continue
-                if rows + item.rows > self.max_batch_size:
+                if rows + item.rows > self.batching.max_batch_size:
                     break  # it starts the next batch
                 self._queue.popleft()
                 if not batch:
-                    give_up_at = time.monotonic() + self.max_batch_time
+                    give_up_at = time.monotonic() + self.batching.max_queue_delay_s
                 batch.append(item)
                 rows += item.rows
             if not batch:

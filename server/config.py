@@ -13,7 +13,6 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +26,8 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from fineserve.server.batching import Batching
 
 ENV_PREFIX = "FINESERVE_"
 
@@ -58,17 +59,6 @@ class ModelBatching(BaseModel):
     """Requests waiting for this model before RESOURCE_EXHAUSTED."""
     instances: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
     """Batches of this model that run at once (0: measured at load, as the server-wide 0)."""
-
-
-@dataclass(frozen=True)
-class Batching:
-    """The batching settings in force for one model (overrides resolved)."""
-
-    max_batch_size: int
-    max_queue_delay_ms: float
-    preferred_batch_sizes: tuple[int, ...]
-    max_queue_size: int
-    instances: int
 
 
 class Settings(BaseSettings):
@@ -273,16 +263,16 @@ class Settings(BaseSettings):
         return self
 
     def batching_for(self, model: str) -> Batching:
-        """The batching settings for ``model``: its overrides over the server-wide values."""
+        """The batching settings for ``model``: its overrides over the server-wide values, the
+        queue delay in seconds (the one place its milliseconds are read)."""
         override = self.batching.get(model, ModelBatching())
         preferred = override.preferred_batch_sizes
+        delay_ms = override.max_queue_delay_ms
+        if delay_ms is None:
+            delay_ms = self.max_queue_delay_ms
         return Batching(
             max_batch_size=override.max_batch_size or self.max_batch_size,
-            max_queue_delay_ms=(
-                self.max_queue_delay_ms
-                if override.max_queue_delay_ms is None
-                else override.max_queue_delay_ms
-            ),
+            max_queue_delay_s=delay_ms / 1000,
             preferred_batch_sizes=tuple(self.preferred_batch_sizes if preferred is None else preferred),
             max_queue_size=override.max_queue_size or self.max_queue_size,
             instances=self.instances if override.instances is None else override.instances,

@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fineserve.export.contract import MODEL_NAME, ModelSpec
-from fineserve.server.batching import BatchedResult, Tensors
+from fineserve.server import classification
+from fineserve.server.batching import BatchedResult, Batching, Tensors
 from fineserve.server.config import Settings
 from fineserve.server.errors import (
     DeadlineExceeded,
@@ -31,14 +31,11 @@ from fineserve.server.errors import (
     PermissionDenied,
     ServingError,
 )
-from fineserve.server.metrics import Metrics
 from fineserve.server.model import ModelStats, ServedVersion
 from fineserve.server.observe import RequestObservation, Telemetry, current_request
 from fineserve.server.preprocess import TextPreprocessor, check_items
 from fineserve.server.repository import Repository, VersionState
-from fineserve.server.runtime import CUDA, choose_provider
 from fineserve.server.tensor_checks import check_tensors
-from fineserve.server.threads import DECODE_NAME, name_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +53,8 @@ class ModelHandle:
     variant: str
     # Every READY version of this model, ascending.
     versions: tuple[int, ...]
-    max_batch_size: int
-    # Batches of this version that run at once.
-    instances: int = 1
+    # How this version batches (rows, queue delay, queue size, instances), as its batcher does.
+    batching: Batching
 
 
 @dataclass(frozen=True)
@@ -81,34 +77,31 @@ class InferResult:
     handle: ModelHandle
     outputs: dict[str, np.ndarray]
 
+    def probabilities(self) -> np.ndarray:
+        """Calibrated probabilities of the model's scores (its first output, the logits)."""
+        logits = self.outputs[self.handle.spec.outputs[0].name]
+        return classification.probabilities(logits, self.handle.spec.temperature)
+
 
 class DataPlane:
-    """Resolves models, validates and preprocesses inputs, batches, runs, and keeps statistics."""
+    """Resolves models, validates and preprocesses inputs, batches, runs, and keeps statistics.
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    Its parts are built by the app (``app.build_dataplane``) and handed in: the repository (and
+    the image-decoding pool its versions preprocess on) and the telemetry. ``close`` releases
+    them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        repository: Repository,
+        telemetry: Telemetry,
+        image_pool: concurrent.futures.Executor,
+    ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.provider = choose_provider(settings)
-        self.metrics.provider.info({"provider": self.provider, "device": settings.device})
-        log.info("execution provider: %s", self.provider)
-        if self.provider == CUDA:
-            self.metrics.enable_gpu()
-        tracer = None
-        if settings.tracing != "off":
-            from fineserve.server.tracing import RequestTracer  # imports OpenTelemetry: only when asked for
-
-            tracer = RequestTracer.from_setting(settings.tracing)
-        self.telemetry = Telemetry(self.metrics, settings.log_slow_request_ms, tracer)
-        # Batches run on each model version's own threads (server/model.py). Image decoding has a
-        # pool of its own, so a batch run never waits behind decoding, and vice versa.
-        cores = os.cpu_count() or 1
-        self._image_pool = concurrent.futures.ThreadPoolExecutor(
-            settings.preprocess_threads or cores,
-            thread_name_prefix="decode",
-            initializer=name_thread,
-            initargs=(DECODE_NAME,),
-        )
-        self.repository = Repository(settings, self.provider, self.metrics, self._image_pool)
+        self.repository = repository
+        self.telemetry = telemetry
+        self._image_pool = image_pool
         self._started = False
         self._closing = False
         self._poll_task: asyncio.Task[None] | None = None
@@ -220,8 +213,7 @@ class DataPlane:
             provider=served.provider,
             variant=served.variant,
             versions=tuple(sorted(self.repository.served.get(served.spec.name, {}))),
-            max_batch_size=served.max_batch_size,
-            instances=served.threads.instances,
+            batching=served.batching,
         )
 
     def index(self) -> list[ModelIndexEntry]:
@@ -334,14 +326,6 @@ class DataPlane:
 
         return await self._run(served, deadline, is_cancelled, prepare)
 
-    def probabilities(self, handle: ModelHandle, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities: softmax of ``logits / temperature`` over the last axis."""
-        scaled = np.asarray(logits, dtype=np.float64) / handle.spec.temperature
-        scaled -= scaled.max(axis=-1, keepdims=True)
-        exp = np.exp(scaled)
-        probabilities: np.ndarray = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-        return probabilities
-
     async def _run(
         self,
         served: ServedVersion,
@@ -400,7 +384,7 @@ class DataPlane:
         deadline: float | None,
         is_cancelled: Callable[[], bool] | None,
     ) -> list[BatchedResult]:
-        size = served.max_batch_size
+        size = served.batching.max_batch_size
         chunks = [
             ({k: v[start : start + size] for k, v in tensors.items()}, min(size, rows - start))
             for start in range(0, rows, size)

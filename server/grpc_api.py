@@ -15,7 +15,8 @@ import numpy as np
 from typing_extensions import override
 
 from fineserve.export.contract import ModelSpec
-from fineserve.server.dataplane import DataPlane, InferResult, ModelHandle, ModelIndexEntry
+from fineserve.server.classification import ClassScore, top_classes
+from fineserve.server.dataplane import DataPlane, ModelHandle, ModelIndexEntry
 from fineserve.server.errors import InvalidInput
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
@@ -46,8 +47,7 @@ class FineserveServicer(pb_grpc.FineserveServicer):
                 result = await self._dataplane.infer(
                     handle.name, handle.version, tensors, deadline=deadline, is_cancelled=is_cancelled
                 )
-            probabilities = self._probabilities(result)
-            return classify_response(result.handle, probabilities, top_k)
+            return classify_response(result.handle, result.probabilities(), top_k)
 
     @override
     @grpc_errors
@@ -65,16 +65,12 @@ class FineserveServicer(pb_grpc.FineserveServicer):
                 deadline=deadline_of(context),
                 is_cancelled=cancelled_of(context),
             )
-            return sentiment_response(result.handle, self._probabilities(result))
+            return sentiment_response(result.handle, result.probabilities())
 
     @override
     @grpc_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         return list_models_response(self._dataplane.index())
-
-    def _probabilities(self, result: InferResult) -> np.ndarray:
-        logits = result.outputs[result.handle.spec.outputs[0].name]
-        return self._dataplane.probabilities(result.handle, logits)
 
 
 # --- converters ---------------------------------------------------------------------------------
@@ -124,14 +120,14 @@ def tensor_from_message(index: int, tensor: pb.Tensor) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4").reshape(shape)
 
 
+def _label_score(found: ClassScore) -> pb.LabelScore:
+    return pb.LabelScore(label=found.label, score=found.score, index=found.index)
+
+
 def classify_response(handle: ModelHandle, probabilities: np.ndarray, top_k: int) -> pb.ClassifyResponse:
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    labels = handle.spec.labels
     results = [
-        pb.Classification(
-            labels=[pb.LabelScore(label=labels[i], score=float(row[i]), index=int(i)) for i in top]
-        )
-        for row, top in zip(probabilities, order, strict=True)
+        pb.Classification(labels=[_label_score(found) for found in row])
+        for row in top_classes(probabilities, top_k, handle.spec.labels)
     ]
     return pb.ClassifyResponse(model=handle.name, version=handle.version, results=results)
 
@@ -139,13 +135,12 @@ def classify_response(handle: ModelHandle, probabilities: np.ndarray, top_k: int
 def sentiment_response(handle: ModelHandle, probabilities: np.ndarray) -> pb.AnalyzeSentimentResponse:
     labels = handle.spec.labels
     results = []
-    for row in probabilities:
-        best = int(np.argmax(row))
+    for row, [best] in zip(probabilities, top_classes(probabilities, 1, labels), strict=True):
         scores = [
             pb.LabelScore(label=label, score=float(p), index=i)
             for i, (label, p) in enumerate(zip(labels, row, strict=True))
         ]
-        results.append(pb.Sentiment(label=labels[best], score=float(row[best]), scores=scores))
+        results.append(pb.Sentiment(label=best.label, score=best.score, scores=scores))
     return pb.AnalyzeSentimentResponse(model=handle.name, version=handle.version, results=results)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +20,7 @@ import numpy as np
 from fineserve.export.contract import ModelSpec
 from fineserve.server.batching import (
     Batcher,
+    Batching,
     BatchTiming,
     Collate,
     RunBatch,
@@ -171,8 +173,11 @@ class StatsRecorder:
 class ServedVersion:
     """A loaded model version: session + preprocessing + batcher + statistics.
 
-    ``in_flight`` counts requests that resolved this version and have not finished; the
-    repository retires a version only once it drops to zero, so a version switch drops nothing.
+    ``batching`` is the one batching object the version was given (already capped by the model's
+    own ``max_batch_size``), kept with its instance count resolved: the batcher, the model's
+    handle and the transports all read this one. ``in_flight`` counts requests that resolved
+    this version and have not finished; the repository retires a version only once it drops to
+    zero, so a version switch drops nothing.
     """
 
     def __init__(
@@ -181,6 +186,7 @@ class ServedVersion:
         path: Path,
         provider: str,
         settings: Settings,
+        batching: Batching,
         *,
         image_pool: concurrent.futures.Executor,
         batch_metrics: Callable[[int, int], None] | None = None,
@@ -189,7 +195,6 @@ class ServedVersion:
         self.path = path
         variant = choose_variant(spec, provider, settings)
         self.variant = variant.precision
-        batching = settings.batching_for(spec.name)
         self.threads = plan_threads(provider, batching.instances or 1, settings.intra_op_threads)
         self.session = ModelSession(path / variant.file, provider, settings, self.threads.intra_op)
         self.provider = self.session.provider
@@ -205,7 +210,7 @@ class ServedVersion:
                 self.session,
                 settings,
                 sample=lambda rows: synthetic_inputs(spec, rows, TUNING_SEQUENCE_LENGTH),
-                max_rows=min(spec.max_batch_size, batching.max_batch_size),
+                max_rows=batching.max_batch_size,
             )
         if self.tuning is not None:
             return_freed_memory()  # the losing session is gone now
@@ -227,11 +232,12 @@ class ServedVersion:
                 path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
             )
             collate = concat_padded(self.preprocess.pad_values)
-        self.max_batch_size = min(spec.max_batch_size, batching.max_batch_size)
+        # Measured at load (instances=0) or as set: the count the batcher runs.
+        self.batching = dataclasses.replace(batching, instances=self.threads.instances)
         self.stats = StatsRecorder(spec.name, spec.version)
         pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
         # The batch sizes warmup runs: with padding, every size a batch can have.
-        self.warmup_batch_sizes = batch_buckets(self.max_batch_size) if pad else (1,)
+        self.warmup_batch_sizes = batch_buckets(self.batching.max_batch_size) if pad else (1,)
         run_graph: RunBatch = (
             padded_to_buckets(self.session.run, self.warmup_batch_sizes) if pad else self.session.run
         )
@@ -242,18 +248,14 @@ class ServedVersion:
             return outputs
 
         # Up to ``instances`` batches run at once, each on a thread of this version's own: the
-        # threads that call onnxruntime stay the same, warm in cache and scheduled, which measured
-        # ~0.3 ms less per lone request on 2 busy cores than a shared pool (docs/performance.md).
+        # threads that call onnxruntime stay the same, warm in cache and scheduled, which served
+        # lone requests faster than a shared pool (docs/performance.md).
         self.batcher = Batcher(
             f"{spec.name}/{spec.version}",
             run,
             collate,
+            self.batching,
             thread_name=f"{INFER_PREFIX}{spec.name}",
-            instances=self.threads.instances,
-            max_batch_size=self.max_batch_size,
-            max_batch_time=batching.max_queue_delay_ms / 1000.0,
-            max_queue_size=batching.max_queue_size,
-            preferred_batch_sizes=[b for b in batching.preferred_batch_sizes if b <= self.max_batch_size],
             on_batch=self._on_batch,
             more_coming=(lambda: self.preparing > 0) if settings.batch_wait == "adaptive" else None,
         )

@@ -218,7 +218,7 @@ class Repository:
             variant=served.variant,
             watched=WatchedVersion(
                 queue_depth=lambda: served.batcher.queue_depth,
-                queue_capacity=served.batcher.max_queue_size,
+                queue_capacity=served.batching.max_queue_size,
                 in_flight=lambda: served.in_flight,
             ),
         )
@@ -226,11 +226,15 @@ class Repository:
 
     def _build(self, path: Path) -> ServedVersion:
         spec = read_model_spec(path)
+        # The version's batching, decided here once: the settings for its model, capped by its own
+        # max_batch_size (model.json).
+        batching = self._settings.batching_for(spec.name).for_model(spec.max_batch_size)
         served = ServedVersion(
             spec,
             path,
             self._provider,
             self._settings,
+            batching,
             image_pool=self._image_pool,
             batch_metrics=self._metrics.batch_recorder(spec.name, spec.version),
         )

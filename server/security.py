@@ -1,31 +1,18 @@
-"""Who may call the server: TLS (optionally mutual) and bearer tokens, for the gRPC port.
+"""Who may call the gRPC port: TLS (optionally mutual) and bearer tokens checked per method.
 
-TLS: with ``tls_cert_file`` and ``tls_key_file`` the port speaks TLS only; with
-``tls_require_client_cert`` every client must present a certificate signed by
-``tls_client_ca_file`` (mutual TLS), checked by gRPC during the handshake.
-
-Tokens: ``AuthInterceptor`` checks the ``authorization: Bearer <token>`` metadata of each call
-before the call's handler runs (before its request is even parsed). Three kinds of method:
-
-- open: the standard health service, reflection, and KServe ServerLive/ServerReady (probes must
-  work without secrets; they reveal nothing about models);
-- management (KServe RepositoryModelLoad/Unload): the admin token if one is set, else the
-  inference token's rule;
-- everything else (inference, metadata, statistics, model lists): the inference token.
-
-A kind whose token is unset is open. Missing or wrong tokens get UNAUTHENTICATED; tokens are
-compared in constant time (``hmac.compare_digest``) and never logged.
+``AuthInterceptor`` checks a call's ``authorization: Bearer <token>`` metadata before its request
+is parsed: health, reflection and KServe liveness/readiness are open, model management needs the
+admin token, everything else the inference token (docs/reliability.md, Who may call).
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
-import inspect
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +21,12 @@ import grpc
 from pydantic import SecretStr
 
 from fineserve.server.config import Settings, SettingsError, read_token_file
+from fineserve.server.refusal import HEALTH_PREFIX, OnRefused, not_counted, refusal
 
 log = logging.getLogger(__name__)
 
 KSERVE = "/inference.GRPCInferenceService/"
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_PREFIXES = (HEALTH_PREFIX, "/grpc.reflection.")
 OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady"})
 MANAGEMENT_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload"})
 _BEARER = "bearer "
@@ -158,9 +146,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
     """Refuses calls without the token their method needs, with UNAUTHENTICATED; ``on_refused``
     hears of each (method, status code name), for metrics."""
 
-    def __init__(self, tokens: Tokens, on_refused: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, tokens: Tokens, on_refused: OnRefused | None = None) -> None:
         self._tokens = tokens
-        self._on_refused = on_refused or _not_counted
+        self._on_refused = on_refused or not_counted
         self._rejected_since_log = 0
         self._last_log = float("-inf")
 
@@ -179,7 +167,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             return handler
         message = "missing bearer token" if given is None else "invalid bearer token"
         self._log_rejection(method, message)
-        return _refusal(
+        return refusal(
             handler,
             grpc.StatusCode.UNAUTHENTICATED,
             f"{message} (authorization: Bearer <token> metadata)",
@@ -199,227 +187,3 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
             )
             self._rejected_since_log = 0
             self._last_log = now
-
-
-def _not_counted(method: str, code: str) -> None:
-    """The default ``on_refused``: no metrics."""
-
-
-def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, answered: Callable[[], object]
-) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers ``code`` without reading the request
-    (no deserializer: the bytes are never parsed). ``answered`` runs when it does: an outer
-    interceptor may still replace it, and a call is counted only for the answer it gets."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        answered()
-        await context.abort(code, message)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
-
-
-# --- shutting down -------------------------------------------------------------------------------
-
-
-class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
-    """Once ``close`` is called, new calls (but health checks) get UNAVAILABLE at once: never run,
-    safe to retry elsewhere. Without it, a call that reaches gRPC after its own stop began waits
-    in gRPC's queue and is CANCELLED when the port closes, which a client cannot tell from a
-    request that was cancelled while running."""
-
-    def __init__(self, on_refused: Callable[[str, str], None] | None = None) -> None:
-        self.closed = False
-        self.last_refused = float("-inf")  # time.monotonic() of the latest refusal
-        self._on_refused = on_refused or _not_counted
-
-    def close(self) -> None:
-        self.closed = True
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if not self.closed or handler is None or handler_call_details.method.startswith(OPEN_PREFIXES[0]):
-            return handler
-        self.last_refused = time.monotonic()
-        method = handler_call_details.method
-        return _refusal(
-            handler,
-            grpc.StatusCode.UNAVAILABLE,
-            "the server is shutting down; retry elsewhere",
-            lambda: self._on_refused(method, grpc.StatusCode.UNAVAILABLE.name),
-        )
-
-
-# --- requests that are not even protobuf --------------------------------------------------------
-
-_UNPARSABLE = object()
-
-
-class UnparsableRequest:
-    """Stands in a request stream for a message that did not parse, for the methods that answer
-    it in band (``in_band_streams``) and go on with the stream."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
-    """Bytes that do not parse as the method's request message (a string field holding invalid
-    UTF-8, a truncated or corrupt message) get INVALID_ARGUMENT naming the method. Left alone, gRPC
-    answers UNKNOWN with the parser's exception class in the message.
-
-    In a request stream the message boundaries still hold, so a stream method named in
-    ``in_band_streams`` receives an ``UnparsableRequest`` in its place, answers it and reads on
-    (KServe's ModelStreamInfer reports errors per message); any other request stream ends with
-    INVALID_ARGUMENT at the bad message.
-    """
-
-    def __init__(
-        self,
-        in_band_streams: frozenset[str] = frozenset(),
-        on_refused: Callable[[str, str], None] | None = None,
-    ) -> None:
-        self._in_band_streams = in_band_streams
-        # Hears of each unparsable request (method, "INVALID_ARGUMENT"), for metrics.
-        self._on_refused = on_refused or _not_counted
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        method = handler_call_details.method
-        why = "malformed protobuf or invalid UTF-8"
-        message = f"the request to {method} is not a valid message of its type ({why})"
-
-        def refused() -> None:
-            self._on_refused(method, grpc.StatusCode.INVALID_ARGUMENT.name)
-
-        if handler.unary_unary is not None:
-            return _guarded(handler, message, refused)
-        if handler.stream_stream is not None:
-            return _guarded_stream(handler, message, refused, in_band=method in self._in_band_streams)
-        if handler.unary_stream is not None:
-            return _guarded_response_stream(handler, message, refused)
-        # Stream-unary methods (none served): gRPC's own answer stands.
-        return handler
-
-
-def _lenient(parse: Callable[[bytes], Any], unparsable: Callable[[], Any]) -> Callable[[bytes], Any]:
-    def lenient(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception:
-            return unparsable()
-
-    return lenient
-
-
-_Refusal = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[None]]
-
-
-def _refusal_of_unparsable(message: str, refused: Callable[[], None]) -> _Refusal:
-    """What every guard does with a request that did not parse: count it, end the call with
-    INVALID_ARGUMENT; any other request passes."""
-
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if request is _UNPARSABLE:
-            refused()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-    return refuse
-
-
-def _unparsable_marked(handler: grpc.RpcMethodHandler) -> Callable[[bytes], Any]:
-    return _lenient(handler.request_deserializer, lambda: _UNPARSABLE)
-
-
-def _guarded(
-    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None]
-) -> grpc.RpcMethodHandler:
-    inner = handler.unary_unary
-    refuse = _refusal_of_unparsable(message, refused)
-
-    async def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await refuse(request, context)
-        return await inner(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        checked,
-        request_deserializer=_unparsable_marked(handler),
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _guarded_response_stream(
-    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None]
-) -> grpc.RpcMethodHandler:
-    """One request, a stream of answers (health Watch): an unparsable request ends the call with
-    INVALID_ARGUMENT before any answer (gRPC's own is UNKNOWN, naming a Python exception class)."""
-    inner = handler.unary_stream
-    refuse = _refusal_of_unparsable(message, refused)
-
-    async def generated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        await refuse(request, context)
-        async for response in inner(request, context):
-            yield response
-
-    async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await refuse(request, context)  # health's Watch writes with context.write
-        await inner(request, context)
-
-    return grpc.unary_stream_rpc_method_handler(
-        generated if inspect.isasyncgenfunction(inner) else written,
-        request_deserializer=_unparsable_marked(handler),
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _guarded_stream(
-    handler: grpc.RpcMethodHandler, message: str, refused: Callable[[], None], *, in_band: bool
-) -> grpc.RpcMethodHandler:
-    if in_band:
-
-        def unparsable() -> UnparsableRequest:
-            refused()
-            return UnparsableRequest(message)
-
-        return grpc.stream_stream_rpc_method_handler(
-            handler.stream_stream,
-            request_deserializer=_lenient(handler.request_deserializer, unparsable),
-            response_serializer=handler.response_serializer,
-        )
-    inner = handler.stream_stream
-    if not inspect.isasyncgenfunction(inner):
-        return handler  # reads with context.read(): gRPC's own answer stands
-    refuse = _refusal_of_unparsable(message, refused)
-
-    async def checked(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        async def parsed() -> AsyncIterator[Any]:
-            async for request in requests:
-                await refuse(request, context)
-                yield request
-
-        async for response in inner(parsed(), context):
-            yield response
-
-    return grpc.stream_stream_rpc_method_handler(
-        checked,
-        request_deserializer=_unparsable_marked(handler),
-        response_serializer=handler.response_serializer,
-    )

@@ -1,8 +1,9 @@
 """Ready tensors against a model's declared inputs: the one set of checks every transport gets.
 
-Run by the core on every tensor request (fineserve.v1, KServe, embedded use); the KServe codec
-runs it too, before its own rule that a batch may not exceed the model's ``max_batch_size``.
-Each failure is an ``InvalidInput`` whose message names the input and what is wrong with it.
+Run by the core on every tensor request (fineserve.v1, KServe, embedded use); KServe's input
+checks (``server/kserve/input_checks.py``) run it too, before their own rule that a batch may not
+exceed the model's ``max_batch_size``. Each failure is an ``InvalidInput`` whose message names the
+input and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _check_one(spec: TensorSpec, array: np.ndarray) -> None:
 
 def check_shape(spec: TensorSpec, shape: Sequence[int]) -> None:
     """Rank and fixed dimensions as declared, no empty dimension past the batch axis; also run by
-    the KServe codec on the declared shape, before any byte is decoded."""
+    KServe's input checks on the declared shape, before any byte is decoded."""
     where = f"input {spec.name!r}"
     shape = tuple(shape)
     if len(shape) != len(spec.shape):

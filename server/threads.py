@@ -1,19 +1,8 @@
-"""The server's threads by role: operating-system names, and CPU time per role.
+"""The server's threads by role: the names the operating system shows (``top -H``, py-spy), and
+CPU time per role for ``fineserve_thread_cpu_seconds_total`` (docs/observability.md).
 
-Python 3.11 names threads only for itself: ``top -H``, ``ps -L``, py-spy's native view and /proc
-show every thread of the server as "python". The server names its own with ``prctl(PR_SET_NAME)``
-(Linux; elsewhere naming does nothing), so an operator can see which part of the server is busy:
-
-- ``infer:<model>``: a model version's batching thread, which runs onnxruntime;
-- ``ort:<model>``: onnxruntime's own intra-op workers (named after the thread that created the
-  session: a new thread takes its creator's name);
-- ``fs-decode``: image decoding; ``fs-worker``: other blocking work (tokenising, model loading);
-- gRPC's core names its threads itself (``event_engine``, ``grpc_global_tim``, ...).
-
-The event loop runs on the thread that started the server; it keeps its name, which is the
-process's name. ``RoleCpu`` sums CPU time per role, for the ``fineserve_thread_cpu_seconds_total``
-metric and the benchmarks: with a small model on a few cores, the event loop, not the model, is
-what saturates first (docs/performance.md).
+Python names threads only for itself; ``name_thread`` sets the OS name with ``prctl(PR_SET_NAME)``
+(Linux; elsewhere it does nothing).
 """
 
 from __future__ import annotations
@@ -34,10 +23,11 @@ GRPC = "grpc"
 OTHER = "other"
 ROLES = (EVENT_LOOP, INFERENCE, PREPROCESSING, GRPC, OTHER)
 
-INFER_PREFIX = "infer:"
-ORT_PREFIX = "ort:"
-DECODE_NAME = "fs-decode"
-WORKER_NAME = "fs-worker"
+# The event loop runs on the thread that started the server and keeps its name (the process's).
+INFER_PREFIX = "infer:"  # + model: a version's batching thread, which runs onnxruntime
+ORT_PREFIX = "ort:"  # + model: onnxruntime's intra-op workers (a new thread takes its creator's name)
+DECODE_NAME = "fs-decode"  # image decoding
+WORKER_NAME = "fs-worker"  # other blocking work: tokenising, model loading
 # Thread names gRPC's core gives its own threads.
 _GRPC_PREFIXES = ("event_engine", "grpc", "lifeguard", "default-executo", "resolver-executo")
 

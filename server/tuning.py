@@ -1,18 +1,9 @@
 """How many batches of a model version run at once on CPU, measured at load (``instances=0``).
 
-One run spread over every core, or runs side by side on a core each: which serves more depends on
-the model, and no rule of thumb tells them apart. On the 2-core benchmark machine (raw
-onnxruntime, docs/performance.md) fashion (EfficientNet-Lite0 at 64 px: small convolutions) ran a
-lone image in 0.46 ms on one core against 0.54 ms on two, and two runs side by side served 4,400
-images/s against 3,100 for one run over both cores; sentiment (MiniLM: large matrix products) is
-the other way round, a lone text in 4.2 ms on one core against 2.5 ms on two, and no more
-throughput side by side. So with ``instances=0`` each CPU version measures both, briefly, on
-synthetic input, and takes two instances only where they answer a lone request as fast (within
-``LONE_TOLERANCE``) *and* serve more rows under load (by ``LOAD_MARGIN``): a lone request runs on
-one instance, so its latency must not pay for throughput, and a near tie (as when a set
-``intra_op_threads`` gives both the same session, so that only load tells them apart) stays at one.
-Under load the measuring runs batches of ``LOAD_ROWS``; a busy server may form larger ones, which
-suit one instance better, so the choice leans to two where they win only at small batches.
+One run over every core, or two side by side on a core each: which serves more depends on the
+model, so each CPU version measures both briefly on synthetic input and keeps two only where they
+answer a lone row as fast and serve more rows under load (docs/performance.md, Instances
+measured per model at load).
 """
 
 from __future__ import annotations
@@ -42,11 +33,14 @@ LONE_RUNS, LONE_BUDGET_S = 50, 0.05
 LOAD_RUNS, LOAD_BUDGET_S = 20, 0.15
 MIN_RUNS = 3
 # Two instances must be this close to one for a lone row, and this much ahead under load: the
-# measurements are short, on a machine other work shares.
+# measurements are short, on a machine other work shares. A lone request runs on one instance, so
+# its latency must not pay for throughput; a near tie (as when a set intra_op_threads gives both
+# the same session, and only load tells them apart) stays at one.
 LONE_TOLERANCE = 1.05
 LOAD_MARGIN = 1.05
 # Rows per run when measuring under load: a batch a busy server forms, small enough that a large
-# model still runs it several times within the budget.
+# model still runs it several times within the budget. A busy server may form larger ones, which
+# suit one instance better: the choice leans to two where they win only at small batches.
 LOAD_ROWS = 8
 
 
@@ -155,7 +149,7 @@ def return_freed_memory() -> None:
     """Hands the heap that glibc kept from dropped objects back to the system (a no-op elsewhere).
 
     A session dropped after measuring leaves its weights' memory in glibc's free lists, counted in
-    the process's resident memory (sentiment: ~80 MB) until malloc_trim returns it.
+    the process's resident memory until malloc_trim returns it (docs/performance.md).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

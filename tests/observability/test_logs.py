@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fineserve.server import kserve_codec as codec
 from fineserve.server.config import load_settings
+from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.logs import configure_logging
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
@@ -89,7 +89,7 @@ def test_json_request_log_has_ids_status_and_timings_and_never_the_payload(
 def kserve_bytes(model: str, data: bytes) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=model)
     request.inputs.add(name="texts", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(codec.encode_bytes_elements([data]))
+    request.raw_input_contents.append(encode_bytes_elements([data]))
     return request
 
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fineserve.server import kserve_codec as codec
+from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.metrics import UNKNOWN, GpuCollector, Metrics
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
@@ -65,7 +65,7 @@ def requests_by_labels(port: int) -> dict[tuple[str, str, str], float]:
 def kserve_text(model: str, text: bytes) -> kpb.ModelInferRequest:
     request = kpb.ModelInferRequest(model_name=model)
     request.inputs.add(name="texts", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(codec.encode_bytes_elements([text]))
+    request.raw_input_contents.append(encode_bytes_elements([text]))
     return request
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fineserve.bench.server_process import rss_bytes, wait_serving
-from fineserve.server import kserve_codec as codec
+from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
@@ -152,7 +152,7 @@ def token_ids(bad: int) -> KInput:
 
 
 def byte_items(name: str, *items: bytes) -> KInput:
-    return (name, "BYTES", [len(items)], codec.encode_bytes_elements(items), None)
+    return (name, "BYTES", [len(items)], encode_bytes_elements(items), None)
 
 
 def classification(count: ks.InferParameter) -> list[ks.ModelInferRequest.InferRequestedOutputTensor]:
@@ -522,13 +522,13 @@ CASES = [
     ),
     Case(
         "kserve BYTES trailing bytes",
-        kinfer(("images", "BYTES", [1], codec.encode_bytes_elements([GOOD_PNG]) + b"xx", None)),
+        kinfer(("images", "BYTES", [1], encode_bytes_elements([GOOD_PNG]) + b"xx", None)),
         INVALID,
         "bytes after",
     ),
     Case(
         "kserve BYTES wrong shape",
-        kinfer(("images", "BYTES", [2, 2], codec.encode_bytes_elements([GOOD_PNG] * 4), None)),
+        kinfer(("images", "BYTES", [2, 2], encode_bytes_elements([GOOD_PNG] * 4), None)),
         INVALID,
         r"must be \[N\]",
     ),

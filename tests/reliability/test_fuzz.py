@@ -1,4 +1,4 @@
-"""Property-based fuzzing of request decoding (``kserve_codec``) and preprocessing (``preprocess``).
+"""Property-based fuzzing of request decoding (``server/kserve/``) and preprocessing (``preprocess``).
 
 The one property: whatever arrives, the code either succeeds or raises a ``ServingError`` (which
 the transport turns into its documented status); never any other exception. Bounded for CI:
@@ -18,8 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fineserve.export.contract import ImagePreprocessing, TensorSpec, TextPreprocessing
-from fineserve.server import kserve_codec as codec
+from fineserve.server.datatypes import BYTES, NUMPY_DTYPES
 from fineserve.server.errors import ServingError
+from fineserve.server.kserve.input_checks import TensorRequest, check_inputs
+from fineserve.server.kserve.inputs import decode_inputs
+from fineserve.server.kserve.interface import ModelInterface
+from fineserve.server.kserve.outputs import requested_outputs
+from fineserve.server.kserve.parameters import check_request_parameters, parse_version, request_timeout_us
+from fineserve.server.kserve.tensors import ALL_CONTENTS_FIELDS, decode_bytes_elements, encode_bytes_elements
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor, check_items
 from tests.fixtures import write_tiny_tokenizer
@@ -34,17 +40,17 @@ BOUNDED = settings(
 LIMITS = Limits(
     max_image_pixels=1_000_000, max_request_bytes=1 << 20, max_items_per_request=8, max_text_chars=500
 )
-INTERFACE = codec.ModelInterface(
+INTERFACE = ModelInterface(
     tensor_inputs=(
         TensorSpec("input_ids", "INT64", (-1, -1)),
         TensorSpec("attention_mask", "INT64", (-1, -1)),
     ),
-    encoded_input=TensorSpec("texts", codec.BYTES, (-1,)),
+    encoded_input=TensorSpec("texts", BYTES, (-1,)),
     outputs=(TensorSpec("logits", "FP32", (-1, 2)), TensorSpec("probabilities", "FP32", (-1, 2))),
     max_batch_size=8,
 )
 NAMES = st.sampled_from(["input_ids", "attention_mask", "texts", "images", "x", ""])
-DATATYPES = st.sampled_from([*codec.NUMPY_DTYPES, codec.BYTES, "BF16", "FP128", "", "int64"])
+DATATYPES = st.sampled_from([*NUMPY_DTYPES, BYTES, "BF16", "FP128", "", "int64"])
 SHAPES = st.lists(st.integers(-3, 6) | st.sampled_from([0, 1 << 31, 1 << 62]), max_size=5)
 
 
@@ -52,7 +58,7 @@ SHAPES = st.lists(st.integers(-3, 6) | st.sampled_from([0, 1 << 31, 1 << 62]), m
 def contents(draw: st.DrawFn) -> pb.InferTensorContents:
     """Typed contents with one or more fields filled, of any length and range."""
     message = pb.InferTensorContents()
-    for field in draw(st.lists(st.sampled_from(codec.ALL_CONTENTS_FIELDS), max_size=2, unique=True)):
+    for field in draw(st.lists(st.sampled_from(ALL_CONTENTS_FIELDS), max_size=2, unique=True)):
         if field == "bytes_contents":
             values: list[object] = draw(st.lists(st.binary(max_size=8), max_size=6))
         elif field == "bool_contents":
@@ -78,8 +84,8 @@ def nearly_valid_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
             request.inputs.add(name=name, datatype="INT64", shape=[batch, length])
             request.raw_input_contents.append(np.ones((batch, length), "<i8").tobytes())
     else:
-        request.inputs.add(name="texts", datatype=codec.BYTES, shape=[batch])
-        request.raw_input_contents.append(codec.encode_bytes_elements([b"good"] * batch))
+        request.inputs.add(name="texts", datatype=BYTES, shape=[batch])
+        request.raw_input_contents.append(encode_bytes_elements([b"good"] * batch))
     index = draw(st.integers(0, len(request.inputs) - 1))
     tensor = request.inputs[index]
     change = draw(st.sampled_from(["none", "datatype", "shape", "raw", "contents", "drop", "extra"]))
@@ -126,15 +132,15 @@ def decode_whole_request(request: pb.ModelInferRequest) -> None:
     """What the KServe servicer does with a request before it reaches the core; every step runs
     (a ServingError in one does not hide the later ones from the fuzzer)."""
     for step in (
-        lambda: codec.check_request_parameters(request.parameters),
-        lambda: codec.request_timeout_us(request.parameters),
-        lambda: codec.parse_version(request.model_version),
-        lambda: codec.requested_outputs(request, INTERFACE),
+        lambda: check_request_parameters(request.parameters),
+        lambda: request_timeout_us(request.parameters),
+        lambda: parse_version(request.model_version),
+        lambda: requested_outputs(request, INTERFACE),
     ):
         with contextlib.suppress(ServingError):
             step()
-    form = codec.check_inputs(INTERFACE, "m", codec.decode_inputs(request))
-    if isinstance(form, codec.TensorRequest):
+    form = check_inputs(INTERFACE, "m", decode_inputs(request))
+    if isinstance(form, TensorRequest):
         assert 1 <= form.batch_size <= INTERFACE.max_batch_size
         assert {a.shape for a in form.inputs.values()} == {next(iter(form.inputs.values())).shape}
     else:
@@ -163,11 +169,11 @@ def test_arbitrary_bytes_that_parse_decode_or_raise_a_serving_error(data: bytes)
 @given(st.binary(max_size=200), st.integers(0, 6))
 def test_bytes_elements_decode_or_raise_a_serving_error(raw: bytes, count: int) -> None:
     try:
-        items = codec.decode_bytes_elements(raw, count, "input 'texts'")
+        items = decode_bytes_elements(raw, count, "input 'texts'")
     except ServingError:
         return
     assert len(items) == count
-    assert codec.encode_bytes_elements(items) == raw
+    assert encode_bytes_elements(items) == raw
 
 
 # --- preprocessing ------------------------------------------------------------------------------

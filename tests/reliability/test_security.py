@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fineserve.server import security
+from fineserve.server import security, shutdown
 from fineserve.server.config import SettingsError, load_settings
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
@@ -506,7 +506,7 @@ def test_a_call_refused_while_shutting_down_is_counted_once_as_answered(
     """The interceptors in the server's order (auth, then the shutdown gate): each refusal is
     counted when it is the answer, so one call is never counted by both."""
     counted: list[tuple[str, str]] = []
-    gate = security.ShutdownGate(on_refused=lambda method, code: counted.append((method, code)))
+    gate = shutdown.ShutdownGate(on_refused=lambda method, code: counted.append((method, code)))
     gate.close()
     tokens = security.Tokens(inference=INFERENCE_TOKEN.encode(), admin=None)
     auth = security.AuthInterceptor(tokens, on_refused=lambda method, code: counted.append((method, code)))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fineserve.bench.server_process import rss_bytes, wait_serving
-from fineserve.server import kserve_codec as codec
+from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
@@ -44,7 +44,7 @@ def mixed_requests(channel: grpc.Channel) -> list[Callable[[], object]]:
     )
     encoded_texts = ks.ModelInferRequest(model_name="tiny-text")
     encoded_texts.inputs.add(name="texts", datatype="BYTES", shape=[len(texts)])
-    encoded_texts.raw_input_contents.append(codec.encode_bytes_elements(t.encode() for t in texts))
+    encoded_texts.raw_input_contents.append(encode_bytes_elements(t.encode() for t in texts))
     image_request = fs.ClassifyRequest(model="tiny-image", images=[fs.ImageInput(encoded=p) for p in pngs])
     return [
         lambda: fineserve.Classify(image_request, timeout=10),

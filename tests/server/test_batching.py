@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 import time
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from fineserve.server.batching import (
     Batcher,
+    Batching,
     BatchTiming,
     RunBatch,
     Tensors,
@@ -42,10 +44,16 @@ class Doubler:
         return {"y": inputs["x"] * 2}
 
 
+BATCHING_FIELDS = {field.name for field in dataclasses.fields(Batching)}
+
+
 def make(run: RunBatch, **options: Any) -> Batcher:
-    """A batcher over ``run`` with small defaults; any Batcher option given replaces its default."""
-    settings: dict[str, Any] = {"max_batch_size": 8, "max_batch_time": 0.05, "max_queue_size": 16}
-    return Batcher("test", run, concat_padded({}), **(settings | options))
+    """A batcher over ``run`` with small defaults; a Batching field or Batcher option given
+    replaces its default."""
+    settings = {"max_batch_size": 8, "max_queue_delay_s": 0.05, "max_queue_size": 16}
+    batching = Batching(**(settings | {k: v for k, v in options.items() if k in BATCHING_FIELDS}))
+    rest = {k: v for k, v in options.items() if k not in BATCHING_FIELDS}
+    return Batcher("test", run, concat_padded({}), batching, **rest)
 
 
 def rows(*values: float) -> Tensors:
@@ -84,7 +92,7 @@ def test_batches_never_exceed_max_batch_size() -> None:
 
 def test_a_full_queue_rejects_at_once() -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), max_queue_size=2, max_batch_time=0.3)
+        batcher = make(Doubler(), max_queue_size=2, max_queue_delay_s=0.3)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(rows(1), 1))
         second = asyncio.ensure_future(batcher.submit(rows(2), 1))
@@ -104,7 +112,7 @@ def test_a_full_queue_rejects_at_once() -> None:
 def test_expired_and_cancelled_requests_are_not_run() -> None:
     async def scenario() -> None:
         run = Doubler()
-        batcher = make(run, max_batch_time=0.2)
+        batcher = make(run, max_queue_delay_s=0.2)
         batcher.start()
         expired = asyncio.ensure_future(batcher.submit(rows(1), 1, deadline=time.monotonic() + 0.05))
         cancelled = asyncio.ensure_future(batcher.submit(rows(2), 1, is_cancelled=lambda: True))
@@ -151,7 +159,7 @@ def test_a_failing_batch_hook_neither_loses_answers_nor_hangs_close() -> None:
         batcher = make(
             Doubler(),
             max_batch_size=2,
-            max_batch_time=0.01,
+            max_queue_delay_s=0.01,
             max_queue_size=8,
             on_batch=broken_hook,
         )
@@ -177,7 +185,7 @@ def test_a_bug_while_forming_a_batch_fails_its_requests_and_batching_goes_on() -
         return False
 
     async def scenario() -> None:
-        batcher = make(Doubler(), max_batch_time=5.0, more_coming=more_coming)
+        batcher = make(Doubler(), max_queue_delay_s=5.0, more_coming=more_coming)
         batcher.start()
         # Taken off the queue, then the bug: the request is answered, not lost.
         with pytest.raises(InferenceFailed):
@@ -198,7 +206,7 @@ def test_when_the_last_batching_thread_stops_every_request_is_answered(
 ) -> None:
     async def scenario() -> None:
         gate = threading.Event()
-        batcher = make(Doubler(), max_batch_size=1, max_batch_time=0.0, thread_name="doomed")
+        batcher = make(Doubler(), max_batch_size=1, max_queue_delay_s=0.0, thread_name="doomed")
 
         def stopped(batch: object) -> None:
             gate.wait(5)
@@ -237,7 +245,7 @@ def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
         return {"y": inputs["x"] * 2}
 
     async def scenario() -> tuple[float, float, list[list[float]]]:
-        batcher = make(run, max_batch_size=1, max_batch_time=0.0)
+        batcher = make(run, max_batch_size=1, max_queue_delay_s=0.0)
         batcher.start()
         requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(3)]
         await asyncio.sleep(0.01)  # all three queued, the first running
@@ -259,9 +267,9 @@ def test_preferred_batch_size_runs_without_waiting_out_the_delay() -> None:
         batcher = make(
             Doubler(),
             max_batch_size=8,
-            max_batch_time=5.0,
+            max_queue_delay_s=5.0,
             max_queue_size=8,
-            preferred_batch_sizes=[2],
+            preferred_batch_sizes=(2,),
         )
         batcher.start()
         started = time.monotonic()
@@ -278,7 +286,7 @@ def test_a_lone_request_runs_at_once_when_nobody_is_coming() -> None:
         batcher = make(
             Doubler(),
             max_batch_size=8,
-            max_batch_time=5.0,
+            max_queue_delay_s=5.0,
             max_queue_size=8,
             more_coming=lambda: False,
         )
@@ -299,7 +307,7 @@ def test_the_batch_waits_for_a_request_that_is_on_its_way() -> None:
         batcher = make(
             run,
             max_batch_size=8,
-            max_batch_time=5.0,
+            max_queue_delay_s=5.0,
             max_queue_size=8,
             more_coming=lambda: preparing[0] > 0,
         )
@@ -352,7 +360,7 @@ def test_every_request_gets_exactly_its_own_rows(
             batch_function,
             instances=instances,
             max_batch_size=max_batch_size,
-            max_batch_time=0.002,
+            max_queue_delay_s=0.002,
             max_queue_size=64,
         )
         batcher.start()
@@ -392,7 +400,7 @@ def test_at_most_instances_batches_run_at_once(instances: int) -> None:
     run = Overlap(0.05)
 
     async def scenario() -> list[list[float]]:
-        batcher = make(run, instances=instances, max_batch_size=1, max_batch_time=0.0, max_queue_size=16)
+        batcher = make(run, instances=instances, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=16)
         batcher.start()
         results = await asyncio.gather(*(batcher.submit(rows(i), 1) for i in range(6)))
         await asyncio.wait_for(batcher.close(), timeout=5)
@@ -413,7 +421,7 @@ def test_with_two_instances_a_slow_batch_does_not_hold_up_the_next() -> None:
         return {"y": inputs["x"] * 2}
 
     async def scenario() -> list[list[float]]:
-        batcher = make(run, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
+        batcher = make(run, instances=2, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=4)
         batcher.start()
         results = await asyncio.wait_for(
             asyncio.gather(batcher.submit(rows(1), 1), batcher.submit(rows(2), 1)), timeout=10
@@ -428,7 +436,7 @@ def test_close_waits_for_every_running_batch() -> None:
     run = Overlap(0.2)
 
     async def scenario() -> None:
-        batcher = make(run, instances=2, max_batch_size=1, max_batch_time=0.0, max_queue_size=4)
+        batcher = make(run, instances=2, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=4)
         batcher.start()
         requests = [asyncio.ensure_future(batcher.submit(rows(i), 1)) for i in range(2)]
         await asyncio.sleep(0.05)  # both running now
@@ -442,6 +450,20 @@ def test_close_waits_for_every_running_batch() -> None:
     assert run.most == 2
 
 
+def test_batching_for_a_model_caps_rows_and_preferred_sizes() -> None:
+    settings = Batching(
+        max_batch_size=32,
+        max_queue_delay_s=0.002,
+        max_queue_size=8,
+        preferred_batch_sizes=(4, 8, 16),
+        instances=2,
+    )
+    assert settings.for_model(8) == Batching(
+        max_batch_size=8, max_queue_delay_s=0.002, max_queue_size=8, preferred_batch_sizes=(4, 8), instances=2
+    )
+    assert settings.for_model(64) == settings
+
+
 def test_instances_must_be_positive() -> None:
     with pytest.raises(ValueError, match="instances"):
         make(Doubler(), instances=0)
@@ -451,7 +473,7 @@ def test_every_request_is_answered_even_when_answering_its_batch_breaks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def scenario() -> None:
-        batcher = make(Doubler(), instances=2, max_batch_size=1, max_batch_time=0.0)
+        batcher = make(Doubler(), instances=2, max_batch_size=1, max_queue_delay_s=0.0)
 
         def broken(*args: object) -> None:
             raise RuntimeError("a bug past the inference")

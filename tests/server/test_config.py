@@ -113,9 +113,10 @@ def test_per_model_batching_overrides_the_server_wide_values(monkeypatch: pytest
     )
     settings = load_settings(max_batch_size=32, max_queue_size=50)
     sentiment = settings.batching_for("sentiment")
-    assert (sentiment.max_batch_size, sentiment.max_queue_delay_ms, sentiment.max_queue_size) == (16, 10, 50)
+    # The delay is set in ms and kept in seconds.
+    assert (sentiment.max_batch_size, sentiment.max_queue_delay_s, sentiment.max_queue_size) == (16, 0.01, 50)
     other = settings.batching_for("fashion")
-    assert (other.max_batch_size, other.max_queue_delay_ms) == (32, 2.0)
+    assert (other.max_batch_size, other.max_queue_delay_s) == (32, 0.002)
 
 
 def test_instances_can_be_set_per_model(monkeypatch: pytest.MonkeyPatch) -> None:

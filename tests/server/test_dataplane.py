@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from fineserve.server.app import configure_logging
+from fineserve.server.app import build_dataplane, configure_logging
+from fineserve.server.batching import Batching
+from fineserve.server.classification import probabilities
 from fineserve.server.config import load_settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.errors import InvalidInput, LimitExceeded, ModelNotFound, Overloaded
@@ -23,7 +25,9 @@ def run_with_dataplane(
     repository: Path, scenario: Callable[[DataPlane], Awaitable[None]], **settings: object
 ) -> None:
     async def main() -> None:
-        dataplane = DataPlane(load_settings(model_repository=repository, repository_poll_s=0, **settings))
+        dataplane = build_dataplane(
+            load_settings(model_repository=repository, repository_poll_s=0, **settings)
+        )
         await dataplane.start()
         try:
             await scenario(dataplane)
@@ -71,6 +75,31 @@ def test_inputs_are_checked_against_the_model_before_queueing(tiny_repository: P
     run_with_dataplane(tiny_repository, scenario)
 
 
+def test_each_version_gets_one_batching_from_the_settings_and_its_model(tiny_repository: Path) -> None:
+    async def scenario(dataplane: DataPlane) -> None:
+        handle = dataplane.resolve("tiny-image", None)
+        # The settings allow 64 rows and prefer 4 and 16; the model takes at most 8.
+        assert handle.batching == Batching(
+            max_batch_size=8,
+            max_queue_delay_s=0.005,
+            max_queue_size=3,
+            preferred_batch_sizes=(4,),
+            instances=1,
+        )
+        served = dataplane.repository.served["tiny-image"][1]
+        assert served.batching is handle.batching is served.batcher.batching
+
+    run_with_dataplane(
+        tiny_repository,
+        scenario,
+        max_batch_size=64,
+        max_queue_delay_ms=5,
+        max_queue_size=3,
+        preferred_batch_sizes=[4, 16],
+        instances=1,
+    )
+
+
 def test_statistics_count_requests_rows_and_batches(tiny_repository: Path) -> None:
     async def scenario(dataplane: DataPlane) -> None:
         # 20 rows with a model batch size of 8: chunks of 8, 8 and 4 in one request.
@@ -91,11 +120,12 @@ def test_statistics_count_requests_rows_and_batches(tiny_repository: Path) -> No
     run_with_dataplane(tiny_repository, scenario)
 
 
-def test_probabilities_are_a_tempered_softmax(tiny_repository: Path) -> None:
+def test_a_result_calibrates_its_logits_with_the_model_temperature(tiny_repository: Path) -> None:
     async def scenario(dataplane: DataPlane) -> None:
-        handle = dataplane.resolve("tiny-image", None)
-        probabilities = dataplane.probabilities(handle, np.array([[0.0, np.log(3.0), -1000.0]]))
-        np.testing.assert_allclose(probabilities, [[0.25, 0.75, 0.0]], atol=1e-6)
+        result = await dataplane.infer("tiny-image", None, images(2), deadline=None)
+        expected = probabilities(result.outputs["logits"], result.handle.spec.temperature)
+        np.testing.assert_array_equal(result.probabilities(), expected)
+        assert result.probabilities().shape == (2, 3)
 
     run_with_dataplane(tiny_repository, scenario)
 

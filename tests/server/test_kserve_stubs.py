@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fineserve.server import kserve_codec as codec
+from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
@@ -84,7 +84,7 @@ def image_request(request_id: str) -> pb.ModelInferRequest:
 def text_request(text: bytes, request_id: str = "", model: str = "tiny-text") -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="texts", datatype="BYTES", shape=[1])
-    request.raw_input_contents.append(codec.encode_bytes_elements([text]))
+    request.raw_input_contents.append(encode_bytes_elements([text]))
     return request
 
 

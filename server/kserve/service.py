@@ -1,28 +1,39 @@
 """The KServe v2 / Open Inference Protocol gRPC service (grpc.aio), over the core's DataPlane.
 
-Each RPC converts the request (``kserve_codec``), calls the DataPlane, converts the reply.
-Exceptions become statuses in ``server.grpc_status`` (``@grpc_errors``); in a stream, a failed
-request answers with ``error_message`` and the stream goes on.
+Each RPC converts the request (the modules of this package), calls the DataPlane, converts the
+reply. Exceptions become statuses in ``server.grpc_status`` (``@grpc_errors``); in a stream, a
+failed request answers with ``error_message`` and the stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 from typing_extensions import override
 
-from fineserve.server import kserve_codec as codec
-from fineserve.server.errors import InvalidInput
+from fineserve.server.errors import InvalidInput, ServingError
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
+from fineserve.server.kserve.input_checks import EncodedRequest, check_declared_inputs, check_inputs
+from fineserve.server.kserve.inputs import decode_inputs
+from fineserve.server.kserve.interface import PROBABILITIES, ModelInterface, interface_of
+from fineserve.server.kserve.model_config import model_config, model_metadata, version_policy
+from fineserve.server.kserve.outputs import check_output_regions, requested_outputs, select_outputs
+from fineserve.server.kserve.parameters import (
+    check_no_load_parameters,
+    check_repository_name,
+    check_request_parameters,
+    deadline,
+    parse_version,
+)
+from fineserve.server.kserve.replies import encode_outputs
+from fineserve.server.kserve.statistics import model_statistics
+from fineserve.server.malformed import UnparsableRequest
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from fineserve.server.pb.inference import model_config_pb2 as mc
-from fineserve.server.security import UnparsableRequest
 from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
 
 if TYPE_CHECKING:
@@ -30,7 +41,7 @@ if TYPE_CHECKING:
     from fineserve.server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
-# Request streams whose unparsable messages are answered in band (server/security.py).
+# Request streams whose unparsable messages are answered in band (server/malformed.py).
 IN_BAND_STREAMS = frozenset(
     {f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelStreamInfer"}
 )
@@ -88,7 +99,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     @grpc_errors
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         # An unknown model is "not ready", not an error (as the protocol's servers answer).
-        version = codec.parse_version(request.version)
+        version = parse_version(request.version)
         return pb.ModelReadyResponse(ready=self._dataplane.model_ready(request.name, version))
 
     @override
@@ -97,25 +108,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
         handle = self._resolve(request.name, request.version)
-        return codec.model_metadata(handle.name, handle.versions, self._interface(handle))
+        return model_metadata(handle.name, handle.versions, self._interface(handle))
 
     @override
     @grpc_errors
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         handle = self._resolve(request.name, request.version)
-        interface = self._interface(handle)
-        batching = self._settings.batching_for(handle.name)
-        facts = codec.ServingFacts(
-            provider=handle.provider,
-            variant=handle.variant,
-            preferred_batch_sizes=tuple(
-                b for b in batching.preferred_batch_sizes if b <= interface.max_batch_size
-            ),
-            max_queue_delay_us=round(batching.max_queue_delay_ms * 1000),
-            instance_count=handle.instances,
-        )
-        config = codec.model_config(handle.spec, interface, facts)
-        config.version_policy.CopyFrom(self._version_policy(handle.name))
+        config = model_config(handle, self._interface(handle))
+        config.version_policy.CopyFrom(version_policy(self._settings, handle.name))
         return pb.ModelConfigResponse(config=config)
 
     @override
@@ -123,11 +123,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        version = codec.parse_version(request.version)
+        version = parse_version(request.version)
         if version is not None and not request.name:
             raise InvalidInput("a model version needs a model name")
         stats = self._dataplane.statistics(request.name or None, version)
-        return pb.ModelStatisticsResponse(model_stats=[codec.model_statistics(s) for s in stats])
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(s) for s in stats])
 
     # --- inference ------------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                         await take_slot(self._settings.max_queue_size)
                         responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.message))
                         continue
-                    await take_slot(self._settings.batching_for(request.model_name).max_queue_size)
+                    await take_slot(self._queue_size(request))
                     task = asyncio.create_task(answer(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -213,35 +213,34 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer_observed(request, context)
 
     async def _infer_observed(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        deadline = _deadline(request.parameters, deadline_of(context))
+        until = deadline(request.parameters, deadline_of(context))
         is_cancelled = cancelled_of(context)
-        codec.check_request_parameters(request.parameters)
-        version = codec.parse_version(request.model_version)
+        check_request_parameters(request.parameters)
+        version = parse_version(request.model_version)
         handle = self._dataplane.resolve(request.model_name, version)
         interface = self._interface(handle)
-        wanted = codec.requested_outputs(request, interface)
-        codec.check_declared_inputs(request, interface, handle.name)
-        form = codec.check_inputs(interface, handle.name, codec.decode_inputs(request, self._shared_memory))
-        codec.check_output_regions(wanted, interface, form.batch_size, self._shared_memory)
+        wanted = requested_outputs(request, interface)
+        check_declared_inputs(request, interface, handle.name)
+        form = check_inputs(interface, handle.name, decode_inputs(request, self._shared_memory))
+        check_output_regions(wanted, interface, form.batch_size, self._shared_memory)
         # The request's version (None = newest) goes to the core, not the resolved one: a newer
         # version swapped in meanwhile then serves the request instead of failing it.
-        if isinstance(form, codec.EncodedRequest):
+        if isinstance(form, EncodedRequest):
             result = await self._dataplane.infer_encoded(
-                request.model_name, version, form.items, deadline=deadline, is_cancelled=is_cancelled
+                request.model_name, version, form.items, deadline=until, is_cancelled=is_cancelled
             )
         else:
             result = await self._dataplane.infer(
-                request.model_name, version, form.inputs, deadline=deadline, is_cancelled=is_cancelled
+                request.model_name, version, form.inputs, deadline=until, is_cancelled=is_cancelled
             )
         outputs = dict(result.outputs)
-        if any(w.name == codec.PROBABILITIES for w in wanted):
-            logits = outputs[result.handle.spec.outputs[0].name]
-            outputs[codec.PROBABILITIES] = self._dataplane.probabilities(result.handle, logits)
+        if any(w.name == PROBABILITIES for w in wanted):
+            outputs[PROBABILITIES] = result.probabilities()
         response = pb.ModelInferResponse(
             model_name=result.handle.name, model_version=str(result.handle.version), id=request.id
         )
-        selected = codec.select_outputs(outputs, wanted, result.handle.spec.labels)
-        codec.encode_outputs(selected, wanted, response, self._shared_memory)
+        selected = select_outputs(outputs, wanted, result.handle.spec.labels)
+        encode_outputs(selected, wanted, response, self._shared_memory)
         return response
 
     # --- repository -----------------------------------------------------------------------------
@@ -251,7 +250,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        _check_repository_name(request.repository_name)
+        check_repository_name(request.repository_name)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(
@@ -267,8 +266,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        _check_repository_name(request.repository_name)
-        _check_no_load_parameters(request.parameters)
+        check_repository_name(request.repository_name)
+        check_no_load_parameters(request.parameters)
         await self._dataplane.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -277,9 +276,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        _check_repository_name(request.repository_name)
+        check_repository_name(request.repository_name)
         # tritonclient always sends unload_dependents; with no ensembles it changes nothing.
-        _check_no_load_parameters({k: v for k, v in request.parameters.items() if k != "unload_dependents"})
+        check_no_load_parameters({k: v for k, v in request.parameters.items() if k != "unload_dependents"})
         await self._dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -318,43 +317,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- helpers --------------------------------------------------------------------------------
 
     def _resolve(self, name: str, version: str) -> ModelHandle:
-        return self._dataplane.resolve(name, codec.parse_version(version))
+        return self._dataplane.resolve(name, parse_version(version))
 
-    def _interface(self, handle: ModelHandle) -> codec.ModelInterface:
-        return codec.interface_of(handle.spec, max_batch_size=handle.max_batch_size)
+    def _interface(self, handle: ModelHandle) -> ModelInterface:
+        return interface_of(handle.spec, max_batch_size=handle.batching.max_batch_size)
 
-    def _version_policy(self, name: str) -> mc.ModelVersionPolicy:
-        policy = self._settings.version_policy
-        if policy == "all":
-            return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
-        if policy == "specific":
-            versions = self._settings.specific_versions.get(name, [])
-            return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=versions))
-        latest = mc.ModelVersionPolicy.Latest(num_versions=self._settings.latest_versions)
-        return mc.ModelVersionPolicy(latest=latest)
-
-
-def _deadline(parameters: Mapping[str, pb.InferParameter], grpc_deadline: float | None) -> float | None:
-    """Absolute ``time.monotonic()`` deadline: the sooner of the gRPC deadline and ``timeout`` (µs)."""
-    timeout_us = codec.request_timeout_us(parameters)
-    bounds = [] if grpc_deadline is None else [grpc_deadline]
-    if timeout_us is not None:
-        bounds.append(time.monotonic() + timeout_us / 1e6)
-    return min(bounds, default=None)
-
-
-def _check_repository_name(name: str) -> None:
-    if name:
-        raise InvalidInput(
-            f"repository {name!r}: fineserve serves one repository; leave repository_name empty"
-        )
-
-
-def _check_no_load_parameters(parameters: Mapping[str, Any]) -> None:
-    for key in parameters:
-        raise InvalidInput(
-            f"parameter {key!r} is not supported: models load from the repository as published (model.json)"
-        )
+    def _queue_size(self, request: pb.ModelInferRequest) -> int:
+        """A stream's bound on unsent requests: the queue size of the request's model version;
+        one that does not resolve fails at once, within the server-wide bound."""
+        try:
+            return self._resolve(request.model_name, request.model_version).batching.max_queue_size
+        except ServingError:
+            return self._settings.max_queue_size
 
 
 def add_to_server(
