@@ -412,66 +412,6 @@ def test_tritonclient_speaks_mutual_tls_with_a_token(repository: Path, pki: Pki)
     assert refused[:2] == ("error", "UNAUTHENTICATED"), refused
 
 
-# --- the Python client ---------------------------------------------------------------------------
-
-
-def test_the_python_clients_reach_a_server_with_mutual_tls_and_a_token(
-    repository: Path, pki: Pki, tmp_path: Path
-) -> None:
-    from fineserve.client import Credentials, FineserveClient, SyncFineserveClient
-
-    token_file = tmp_path / "token"
-    token_file.write_text(f"  {INFERENCE_TOKEN}\n")
-    tls = {
-        "tls_cert_file": pki.server_cert,
-        "tls_key_file": pki.server_key,
-        "tls_client_ca_file": pki.ca_cert,
-        "tls_require_client_cert": True,
-    }
-    with serve(repository, inference_token=INFERENCE_TOKEN, **tls) as server:
-        good = Credentials.from_files(
-            ca_file=pki.ca_cert, cert_file=pki.client_cert, key_file=pki.client_key, token_file=token_file
-        )
-        with SyncFineserveClient(server.target, credentials=good, timeout=10) as client:
-            assert client.classify("tiny-image", [PNG], top_k=1)[0][0].label
-            assert client.analyze_sentiment("tiny-text", ["fine"])[0].label
-
-        async def classify_async() -> str:
-            async with FineserveClient(server.target, credentials=good, timeout=10) as client:
-                return (await client.classify("tiny-image", [PNG], top_k=1))[0][0].label
-
-        assert asyncio.run(classify_async())
-
-        without_token = Credentials.from_files(
-            ca_file=pki.ca_cert, cert_file=pki.client_cert, key_file=pki.client_key
-        )
-        with SyncFineserveClient(server.target, credentials=without_token, timeout=10) as client:
-            assert code_of(lambda: client.classify("tiny-image", [PNG])) == UNAUTHENTICATED
-        without_certificate = Credentials.from_files(ca_file=pki.ca_cert, token=INFERENCE_TOKEN)
-        with SyncFineserveClient(server.target, credentials=without_certificate, timeout=10) as client:
-            assert code_of(lambda: client.classify("tiny-image", [PNG])) == grpc.StatusCode.UNAVAILABLE
-
-
-def test_client_credentials_refuse_half_set_ups_and_hide_secrets(pki: Pki) -> None:
-    from fineserve.client import Credentials
-
-    with pytest.raises(ValueError, match="private key"):
-        Credentials.from_files(ca_file=pki.ca_cert, cert_file=pki.client_cert)
-    with pytest.raises(ValueError, match="tls=True"):
-        Credentials(root_certificates=pki.ca_cert.read_bytes())
-    with pytest.raises(ValueError, match="empty"):
-        Credentials(token="  ")
-    with pytest.raises(ValueError, match="not both"):
-        Credentials.from_files(token="a", token_file=pki.ca_cert)
-    credentials = Credentials.from_files(
-        cert_file=pki.client_cert, key_file=pki.client_key, token=INFERENCE_TOKEN
-    )
-    assert credentials.tls
-    assert INFERENCE_TOKEN not in repr(credentials)
-    assert "PRIVATE KEY" not in repr(credentials)
-    assert credentials.metadata == bearer(INFERENCE_TOKEN)
-
-
 def test_refused_calls_are_counted_by_method_and_code(repository: Path) -> None:
     with (
         serve(repository, inference_token=INFERENCE_TOKEN, metrics_port=0) as server,

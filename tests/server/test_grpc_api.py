@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from fineserve.client import SyncFineserveClient
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE
@@ -124,15 +123,6 @@ def test_list_models_reports_versions_provider_and_metadata(stub: pb_grpc.Finese
         ("pixel_values", "FP32", [-1, 3, 8, 8])
     ]
     assert '"name": "tiny-image"' in image.metadata_json
-
-
-def test_typed_client(running: RunningServer) -> None:
-    with SyncFineserveClient(running.target) as client:
-        [labels] = client.classify("tiny-image", [png(9, 9)], top_k=1)
-        assert labels[0].label.startswith("class_")
-        [sentiment] = client.analyze_sentiment("tiny-text", ["good"])
-        assert sentiment.label == "positive" and len(sentiment.scores) == 2
-        assert {m.name for m in client.list_models()} == {"tiny-image", "tiny-text"}
 
 
 def test_health_is_serving_for_the_server_and_each_service(channel: grpc.Channel) -> None:
