@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fineserve.bench.server_process import rss_bytes, wait_serving
+from fineserve.bench.server_process import ServerProcess, rss_bytes, wait_serving
 from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
@@ -25,7 +25,7 @@ from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
 from tests.reliability import images
-from tests.server.kserve_harness import ServerProcess, running_server
+from tests.server.kserve_harness import running_server
 
 MAX_RECEIVE = 4 * 1024 * 1024
 MAX_REQUEST = 2 * 1024 * 1024

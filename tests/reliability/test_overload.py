@@ -22,13 +22,13 @@ import grpc
 import numpy as np
 import pytest
 
-from fineserve.bench.server_process import rss_bytes, wait_serving
+from fineserve.bench.server_process import ServerProcess, rss_bytes, wait_serving
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.reliability.graphs import publish_slow_image_model, work
-from tests.server.kserve_harness import ServerProcess, running_server
+from tests.server.kserve_harness import running_server
 
 QUEUE = 4
 TARGET_S = 0.04  # the work per request the test aims for

@@ -16,11 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
+from fineserve.bench.server_process import ServerProcess
 from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
-from tests.server.kserve_harness import ServerProcess, running_server
+from tests.server.kserve_harness import running_server
 
 SERVICE = "/inference.GRPCInferenceService/"
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fineserve.bench.server_process import ServerProcess
 from fineserve.server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
 from fineserve.server.shared_memory import SharedMemoryRegistry
 from tests.fixtures import (
@@ -27,7 +28,7 @@ from tests.fixtures import (
     publish_tiny_text_model,
     unique_name,
 )
-from tests.server.kserve_harness import ServerProcess, Triton, TritonError, connected, running_server
+from tests.server.kserve_harness import Triton, TritonError, connected, running_server
 
 IMAGE = "tiny-image"
 TEXT = "tiny-text"
