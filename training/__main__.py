@@ -12,18 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fineserve.training.backbones import UnknownBackboneError
-from fineserve.training.checkpoint import CheckpointError
 from fineserve.training.config import (
     FIELD_HELP,
-    ConfigError,
     TrainConfig,
     build_config,
     load_recipe,
     parse_override,
     recipe_path,
 )
-from fineserve.training.datasets import DatasetError
+from fineserve.training.errors import TrainingError
 
 DESCRIPTION = """Fine-tune a pretrained backbone on a dataset and write a run folder:
 best.pt + metadata.json (+ tokenizer.json for text), last.pt (resume state), metrics.jsonl,
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         train(cfg, args.output_dir)
-    except (ConfigError, DatasetError, CheckpointError, UnknownBackboneError, FloatingPointError) as err:
+    except (TrainingError, FloatingPointError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

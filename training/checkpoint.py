@@ -29,19 +29,12 @@ import torch
 from torch import nn
 
 from fineserve.training.backbones import create_model
+from fineserve.training.errors import CheckpointError, UnfinishedRunError
 
 FORMAT = "fineserve-checkpoint/1"
 BEST = "best.pt"
 METADATA = "metadata.json"
 TOKENIZER = "tokenizer.json"
-
-
-class CheckpointError(ValueError):
-    """A run folder that is missing, incomplete or of another format."""
-
-
-class UnfinishedRunError(CheckpointError):
-    """A run folder whose training was interrupted or failed before it finished."""
 
 
 @dataclass

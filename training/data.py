@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn import functional
 
 from fineserve.training.config import TrainConfig
-from fineserve.training.datasets import DatasetError, RawData
+from fineserve.training.datasets import RawData
+from fineserve.training.errors import DatasetError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from fineserve.training.checkpoint import CheckpointMetadata, load_checkpoint
-from fineserve.training.datasets import DatasetError
+from fineserve.training.errors import DatasetError
 
 
 def distillation_loss(
