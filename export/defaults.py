@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fineserve.export.contract import ImagePreprocessing, list_versions
+from fineserve.export.errors import ExpectationError, TrainingFailedError, UnknownDefaultError
 from fineserve.export.examples import UNLABELLED, Examples, image_examples
 from fineserve.export.pipeline import (
     ExportSettings,
@@ -30,23 +31,10 @@ from fineserve.export.pipeline import (
     export_and_publish,
     model_from_checkpoint,
 )
-from fineserve.export.validate import ValidationError
 
 IMAGENET_SIZE = 224
 # What the pretrained network must say about the sample photos (ImageNet class ids).
 IMAGENET_EXPECTED = {"chelsea": 285, "coffee": 967}  # Egyptian cat, espresso
-
-
-class UnknownDefaultError(ValueError):
-    """A name given to ``--only`` that is not a default model."""
-
-
-class TrainingFailedError(RuntimeError):
-    """The training subprocess for a default model exited non-zero."""
-
-
-class ExpectationError(ValidationError):
-    """The PyTorch model itself gets a known example wrong (broken weights or preprocessing)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +129,7 @@ def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> floa
 
     Raises:
         TrainingFailedError: the training command exited non-zero.
-        training.checkpoint.CheckpointError: the folder's metadata.json is unreadable.
+        training.errors.CheckpointError: the folder's metadata.json is unreadable.
     """
     from fineserve.training.checkpoint import BEST, METADATA, read_metadata, run_finished
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fineserve.export.errors import OnnxExportError, UnsupportedModelError
+
 OPSET = 18
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
@@ -34,14 +36,6 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
-
-
-class ExportError(RuntimeError):
-    """The exporter could not turn the model into an ONNX graph."""
-
-
-class UnsupportedModelError(ValueError):
-    """A task or model this exporter does not know how to export."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +140,7 @@ def export_onnx(
 
     Raises:
         UnsupportedModelError: unknown task or exporter name, or an opset it does not take.
-        ExportError: the exporter failed.
+        OnnxExportError: the exporter failed.
     """
     check_exporter(exporter, opset)
     inputs = example_inputs(task, image_size)
@@ -175,7 +169,8 @@ def export_onnx(
                 **kwargs,
             )
     except Exception as err:  # the exporters raise many unrelated types
-        raise ExportError(f"{exporter} export failed: {type(err).__name__}: {err}".splitlines()[0]) from err
+        message = f"{exporter} export failed: {type(err).__name__}: {err}".splitlines()[0]
+        raise OnnxExportError(message) from err
     finally:
         # The exporter restores the training mode the module had before; a wrapper built
         # without .eval() would then compare with dropout on. Always back to eval.

@@ -23,6 +23,17 @@ import numpy as np
 import onnxruntime as ort
 
 from fineserve.export.contract import TensorSpec
+from fineserve.export.errors import (
+    DynamicAxesError,
+    Fp16AgreementError,
+    GraphLoadError,
+    InputNamesError,
+    Int8AccuracyError,
+    OutputNamesError,
+    ShapeError,
+    TopOneMismatchError,
+    ValueMismatchError,
+)
 from fineserve.export.examples import UNLABELLED, Examples
 
 FP32_TOLERANCE = 1e-4
@@ -35,46 +46,6 @@ _ORT_TYPES = {
     "tensor(int64)": "INT64",
     "tensor(int32)": "INT32",
 }
-
-
-class ValidationError(Exception):
-    """A graph failed the gate: nothing is published."""
-
-
-class InputNamesError(ValidationError):
-    pass
-
-
-class OutputNamesError(ValidationError):
-    pass
-
-
-class DynamicAxesError(ValidationError):
-    pass
-
-
-class ShapeError(ValidationError):
-    pass
-
-
-class ValueMismatchError(ValidationError):
-    """fp32 logits further from the reference than the tolerance."""
-
-
-class TopOneMismatchError(ValidationError):
-    """fp32 top-1 differs from the reference on at least one example."""
-
-
-class Fp16AgreementError(ValidationError):
-    pass
-
-
-class Int8AccuracyError(ValidationError):
-    pass
-
-
-class GraphLoadError(ValidationError):
-    """onnxruntime refuses to load the graph (a variant converted into an invalid one, say)."""
 
 
 def open_session(path: Path) -> ort.InferenceSession:
