@@ -201,3 +201,26 @@ class ImagePipeline:
             flip = torch.rand(len(x)) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
         return x
+
+
+@dataclass(frozen=True)
+class PrepareBatch:
+    """A raw batch -> model inputs on the device; images go through the pipeline, and for a
+    teacher that takes another size, once more at its size (``teacher_pixels``)."""
+
+    device: torch.device
+    pipeline: ImagePipeline
+    teacher_size: int | None = None  # None: no teacher
+
+    def __call__(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "pixels" in out:
+            raw_pixels = out["pixels"]
+            out["pixels"] = self.pipeline(raw_pixels, train=train)
+            if self.teacher_size is not None:
+                out["teacher_pixels"] = (
+                    out["pixels"]
+                    if self.teacher_size == self.pipeline.size
+                    else self.pipeline(raw_pixels, train=False, size=self.teacher_size)
+                )
+        return out

@@ -32,7 +32,7 @@ def test_early_stopping_ends_the_run_when_validation_stalls(tmp_path: Path) -> N
     cfg = tiny_image_config(
         tmp_path, strategy="linear-probe", lr=1e-12, head_lr=1e-12, epochs=6, early_stopping_patience=2
     )
-    metrics = train(cfg, tmp_path / "run")
+    metrics = train(cfg, tmp_path / "run").metrics
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
     assert json.loads(lines[-1])["epoch"] == 3
