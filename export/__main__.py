@@ -1,8 +1,8 @@
 """``fineserve export`` (``python -m fineserve.export``): checkpoints, ONNX files -> checked versions.
 
 Thin on purpose: it parses arguments and calls ``export.pipeline`` / ``export.wrap`` /
-``export.defaults``. Expected failures end in one line, ``error: ...``, and exit status 1
-(2 for bad usage, from argparse); a failed check names the check. Heavy imports (torch) happen only in the
+``export.defaults``. An expected failure (``export.errors``) ends in one line, ``error: ...``, and
+exit status 1 (2 for bad usage, from argparse). Heavy imports (torch) happen only in the
 subcommand that needs them, so ``--help`` stays quick.
 """
 
@@ -26,9 +26,7 @@ from fineserve.training.errors import TrainingError, UnknownBackboneError
 
 EXIT_FAILED = 1
 # Upper bounds that keep a typo from exhausting memory: every checked batch size runs through each
-# variant (a 224 px image batch of 1024 is ~600 MB of input alone; 100000 was OOM-killed), and
-# every example is held in memory in each of the model's input forms. The server's own default
-# batch cap is 64; GPU deployments raise it to a few hundred.
+# variant, and every example is held in memory in each of the model's input forms (docs/export.md).
 MAX_BATCH_SIZE = 1024
 MAX_EXAMPLES = 10_000
 

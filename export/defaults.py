@@ -50,8 +50,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
     DefaultModel("digits", "digits", ("fp32", "fp16", "int8"), "Lite0 on MNIST handwriting"),
     DefaultModel("sentiment", "sentiment", ("fp32", "fp16", "int8"), "MiniLM-L6 on Rotten Tomatoes"),
     # No int8: its check is an accuracy drop, and no labelled ImageNet images exist offline to
-    # measure one (on a dozen sample-photo views int8 agrees with fp32 on only ~75-83%: near
-    # ties between similar classes). See docs/export.md.
+    # measure one (docs/export.md).
     DefaultModel("imagenet", None, ("fp32", "fp16"), "pretrained Lite0, 1000 ImageNet classes"),
 )
 

@@ -24,8 +24,8 @@ Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
 # Opsets we export at, per exporter. The floor is ours: fp16 conversion and int8 per-channel QDQ
 # quantisation need opset 13 (below it the variants fail to load). The ceilings are torch's: the
-# TorchScript exporter implements up to ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (20 in torch 2.13);
-# dynamo translates at 18 and converts up to ONNX_MAX_OPSET (23), below 18 only with a warning.
+# TorchScript exporter implements up to ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; dynamo translates at
+# 18 and converts up to ONNX_MAX_OPSET, below 18 only with a warning.
 _TORCH_OPSETS = getattr(torch.onnx, "_constants", None)
 OPSET_RANGES: dict[str, tuple[int, int]] = {
     "torchscript": (13, int(getattr(_TORCH_OPSETS, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))),

@@ -1,8 +1,9 @@
 """Seeded splits, the tensors a run trains on, and the per-batch image pipeline.
 
-Everything is held in memory as tensors and batched by index: no DataLoader workers to fight
-over two CPU cores, a batch order that is a pure function of (seed, epoch) so a resumed run
-sees the same batches, and data-parallel shards that are simple slices of that order.
+Everything is held in memory as tensors and batched by index: no DataLoader worker processes,
+a batch order that is a pure function of (seed, epoch) so a resumed run sees the same batches,
+and data-parallel shards that are simple slices of that order. ``PrepareBatch`` moves a batch
+to the device and through the image pipeline.
 """
 
 from __future__ import annotations
