@@ -131,7 +131,7 @@ def run_row(row: Row, runs: Path, device: str, done: dict[str, dict[str, Any]]) 
     try:
         cfg = config_from_args(build_parser().parse_args(cmd.split()[3:]))
         cfg.progress = False
-        metrics = train(cfg, run_dir)
+        metrics = train(cfg, run_dir).metrics
     except Exception as err:  # one failed row must not lose the others
         return {**result, "status": "error", "error": f"{type(err).__name__}: {err}"}
     result.update(

@@ -1,8 +1,8 @@
 """``fineserve export`` (``python -m fineserve.export``): checkpoints, ONNX files -> checked versions.
 
 Thin on purpose: it parses arguments and calls ``export.pipeline`` / ``export.wrap`` /
-``export.defaults``. Expected failures end in one line, ``error: ...``, and exit status 1
-(2 for bad usage, from argparse); a failed check names the check. Heavy imports (torch) happen only in the
+``export.defaults``. An expected failure (``export.errors``) ends in one line, ``error: ...``, and
+exit status 1 (2 for bad usage, from argparse). Heavy imports (torch) happen only in the
 subcommand that needs them, so ``--help`` stays quick.
 """
 
@@ -19,15 +19,14 @@ from fineserve.export.contract import (
     MAX_LENGTH_RANGE,
     PRECISIONS,
     ImagePreprocessing,
-    ModelSpecError,
     TextPreprocessing,
 )
+from fineserve.export.errors import ExportError, UsageError, ValidationError
+from fineserve.training.errors import TrainingError, UnknownBackboneError
 
 EXIT_FAILED = 1
 # Upper bounds that keep a typo from exhausting memory: every checked batch size runs through each
-# variant (a 224 px image batch of 1024 is ~600 MB of input alone; 100000 was OOM-killed), and
-# every example is held in memory in each of the model's input forms. The server's own default
-# batch cap is 64; GPU deployments raise it to a few hundred.
+# variant, and every example is held in memory in each of the model's input forms (docs/export.md).
 MAX_BATCH_SIZE = 1024
 MAX_EXAMPLES = 10_000
 
@@ -37,15 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was published", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as err:
-        message = _one_line(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed("interrupted; nothing was published")
+    except ValidationError as err:
+        return _failed(f"check failed ({type(err).__name__}): {err}; nothing was published")
+    except UnknownBackboneError as err:
+        return _failed(f"unsupported model: {err}")
+    except (ExportError, TrainingError) as err:  # anything else is a bug: it keeps its traceback
+        return _failed(str(err).splitlines()[0] if str(err) else type(err).__name__)
     return 0
+
+
+def _failed(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,10 +339,6 @@ def _run_defaults(args: argparse.Namespace) -> None:
             )
 
 
-class UsageError(ValueError):
-    """A command-line value that cannot be used."""
-
-
 def _labels(value: str) -> tuple[str, ...]:
     path = Path(value)
     if path.is_file():
@@ -373,49 +372,6 @@ def _triple(value: str, option: str) -> tuple[float, float, float]:
     except ValueError:
         raise UsageError(f"{option} {value!r}: expected three comma-separated numbers") from None
     return a, b, c
-
-
-def _one_line(err: BaseException) -> str | None:
-    """The message for an expected failure; None for a bug (which keeps its traceback)."""
-    from fineserve.export.examples import ExamplesError, TokenizerError
-    from fineserve.export.publish import PublishError
-
-    expected: list[type[BaseException]] = [
-        UsageError,
-        ModelSpecError,
-        ExamplesError,
-        TokenizerError,
-        PublishError,
-    ]
-    if "fineserve.export.onnx" in sys.modules or "fineserve.export.pipeline" in sys.modules:
-        from fineserve.export.onnx import ExportError, UnsupportedModelError
-
-        expected += [ExportError, UnsupportedModelError]
-    if "fineserve.export.validate" in sys.modules:
-        from fineserve.export.validate import ValidationError
-
-        if isinstance(err, ValidationError):
-            return f"check failed ({type(err).__name__}): {err}; nothing was published"
-    if "fineserve.export.wrap" in sys.modules:
-        from fineserve.export.wrap import WrapError
-
-        expected.append(WrapError)
-    if "fineserve.export.defaults" in sys.modules:
-        from fineserve.export.defaults import TrainingFailedError, UnknownDefaultError
-
-        expected += [TrainingFailedError, UnknownDefaultError]
-    if "fineserve.training.checkpoint" in sys.modules:
-        from fineserve.training.checkpoint import CheckpointError
-
-        expected.append(CheckpointError)
-    if "fineserve.training.backbones" in sys.modules:
-        from fineserve.training.backbones import UnknownBackboneError
-
-        if isinstance(err, UnknownBackboneError):
-            return f"unsupported model: {err}"
-    if isinstance(err, tuple(expected)):
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
-    return None
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fineserve.export.errors import ExportError
+
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -38,7 +40,7 @@ MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: "$" would let "na
 MAX_LENGTH_RANGE = (2, 8192)
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ExportError, ValueError):
     """A model.json (or a version folder) that breaks the contract; the message names the field."""
 
 

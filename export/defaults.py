@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fineserve.export.contract import ImagePreprocessing, list_versions
+from fineserve.export.errors import ExpectationError, TrainingFailedError, UnknownDefaultError
 from fineserve.export.examples import UNLABELLED, Examples, image_examples
 from fineserve.export.pipeline import (
     ExportSettings,
@@ -30,23 +31,10 @@ from fineserve.export.pipeline import (
     export_and_publish,
     model_from_checkpoint,
 )
-from fineserve.export.validate import ValidationError
 
 IMAGENET_SIZE = 224
 # What the pretrained network must say about the sample photos (ImageNet class ids).
 IMAGENET_EXPECTED = {"chelsea": 285, "coffee": 967}  # Egyptian cat, espresso
-
-
-class UnknownDefaultError(ValueError):
-    """A name given to ``--only`` that is not a default model."""
-
-
-class TrainingFailedError(RuntimeError):
-    """The training subprocess for a default model exited non-zero."""
-
-
-class ExpectationError(ValidationError):
-    """The PyTorch model itself gets a known example wrong (broken weights or preprocessing)."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +50,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
     DefaultModel("digits", "digits", ("fp32", "fp16", "int8"), "Lite0 on MNIST handwriting"),
     DefaultModel("sentiment", "sentiment", ("fp32", "fp16", "int8"), "MiniLM-L6 on Rotten Tomatoes"),
     # No int8: its check is an accuracy drop, and no labelled ImageNet images exist offline to
-    # measure one (on a dozen sample-photo views int8 agrees with fp32 on only ~75-83%: near
-    # ties between similar classes). See docs/export.md.
+    # measure one (docs/export.md).
     DefaultModel("imagenet", None, ("fp32", "fp16"), "pretrained Lite0, 1000 ImageNet classes"),
 )
 
@@ -141,7 +128,7 @@ def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> floa
 
     Raises:
         TrainingFailedError: the training command exited non-zero.
-        training.checkpoint.CheckpointError: the folder's metadata.json is unreadable.
+        training.errors.CheckpointError: the folder's metadata.json is unreadable.
     """
     from fineserve.training.checkpoint import BEST, METADATA, read_metadata, run_finished
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fineserve.export.contract import ImagePreprocessing, TextPreprocessing
+from fineserve.export.errors import ExamplesError, TokenizerError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 UNLABELLED = -1
@@ -25,14 +26,6 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
-
-
-class ExamplesError(ValueError):
-    """Examples that cannot be read or do not fit the model (unknown label, empty source)."""
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file the ``tokenizers`` library (and so the server) cannot load."""
 
 
 def load_tokenizer(path: Path) -> Any:

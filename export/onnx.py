@@ -17,13 +17,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fineserve.export.errors import OnnxExportError, UnsupportedModelError
+
 OPSET = 18
 Exporter = Literal["torchscript", "dynamo"]
 EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
 # Opsets we export at, per exporter. The floor is ours: fp16 conversion and int8 per-channel QDQ
 # quantisation need opset 13 (below it the variants fail to load). The ceilings are torch's: the
-# TorchScript exporter implements up to ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET (20 in torch 2.13);
-# dynamo translates at 18 and converts up to ONNX_MAX_OPSET (23), below 18 only with a warning.
+# TorchScript exporter implements up to ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET; dynamo translates at
+# 18 and converts up to ONNX_MAX_OPSET, below 18 only with a warning.
 _TORCH_OPSETS = getattr(torch.onnx, "_constants", None)
 OPSET_RANGES: dict[str, tuple[int, int]] = {
     "torchscript": (13, int(getattr(_TORCH_OPSETS, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))),
@@ -34,14 +36,6 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
 BATCH_AXIS = "batch"
 SEQUENCE_AXIS = "sequence"
-
-
-class ExportError(RuntimeError):
-    """The exporter could not turn the model into an ONNX graph."""
-
-
-class UnsupportedModelError(ValueError):
-    """A task or model this exporter does not know how to export."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +140,7 @@ def export_onnx(
 
     Raises:
         UnsupportedModelError: unknown task or exporter name, or an opset it does not take.
-        ExportError: the exporter failed.
+        OnnxExportError: the exporter failed.
     """
     check_exporter(exporter, opset)
     inputs = example_inputs(task, image_size)
@@ -175,7 +169,8 @@ def export_onnx(
                 **kwargs,
             )
     except Exception as err:  # the exporters raise many unrelated types
-        raise ExportError(f"{exporter} export failed: {type(err).__name__}: {err}".splitlines()[0]) from err
+        message = f"{exporter} export failed: {type(err).__name__}: {err}".splitlines()[0]
+        raise OnnxExportError(message) from err
     finally:
         # The exporter restores the training mode the module had before; a wrapper built
         # without .eval() would then compare with dropout on. Always back to eval.

@@ -34,13 +34,13 @@ from fineserve.export.contract import (
     read_model_spec,
     text_preprocessing_from_dict,
 )
+from fineserve.export.errors import UnsupportedModelError, ValidationError
 from fineserve.export.examples import Examples, load_tokenizer
 from fineserve.export.onnx import (
     IMAGE_INPUT,
     OPSET,
     OUTPUT,
     TEXT_INPUTS,
-    UnsupportedModelError,
     export_onnx,
     prepare_for_export,
 )
@@ -154,8 +154,8 @@ def export_and_publish(
     """Exports, checks and publishes ``item`` as the next version of ``name``.
 
     Raises:
-        validate.ValidationError (a subclass per check), export.onnx.ExportError,
-        export.onnx.UnsupportedModelError, export.publish.PublishError.
+        ValidationError (a subclass per check), OnnxExportError, UnsupportedModelError,
+        PublishError (all ``export.errors``).
     """
     started = time.perf_counter()
     wrapped = prepare_for_export(item.model, item.task)
@@ -276,7 +276,7 @@ def gate_variants(
     Used for our own exports and for wrapped ONNX models alike.
 
     Raises:
-        validate.ValidationError: the first failed check of a variant that is not optional.
+        ValidationError: the first failed check of a variant that is not optional.
     """
     latency_feed = examples.take(np.array([0]))
     made: dict[str, Variant] = {}
@@ -299,7 +299,7 @@ def gate_variants(
                 task,
                 reference_fp32_error,
             )
-        except validate.ValidationError as err:
+        except ValidationError as err:
             if precision == "fp32" or precision not in settings.optional_variants:
                 raise
             path.unlink(missing_ok=True)
@@ -384,11 +384,11 @@ def model_from_checkpoint(run_dir: Path) -> ModelToExport:
     """Loads a finished training run folder (``training.checkpoint``) as something to export.
 
     Raises:
-        training.checkpoint.CheckpointError: missing, unfinished or malformed run folder
+        training.errors.CheckpointError: missing, unfinished or malformed run folder
             (``UnfinishedRunError`` for a run that was interrupted or failed).
         UnsupportedModelError: a task this exporter does not handle.
-        export.contract.ModelSpecError: recorded preprocessing out of contract.
-        export.examples.TokenizerError: a text run whose tokenizer.json cannot be loaded.
+        contract.ModelSpecError: recorded preprocessing out of contract.
+        TokenizerError: a text run whose tokenizer.json cannot be loaded.
     """
     from fineserve.training.checkpoint import METADATA, checkpoint_sha256, load_checkpoint
 

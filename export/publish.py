@@ -18,13 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fineserve.export.contract import MODEL_NAME, ModelSpec, list_versions, write_model_spec
+from fineserve.export.errors import PublishError
 
 TMP_PREFIX = ".tmp-"
 _RENAME_ATTEMPTS = 20
-
-
-class PublishError(RuntimeError):
-    """The version could not be published (bad name, incomplete folder, file-system error)."""
 
 
 @contextmanager

@@ -26,8 +26,9 @@ from fineserve.export.contract import (
     TextPreprocessing,
     read_model_spec,
 )
+from fineserve.export.errors import UnsupportedModelError, WrapError
 from fineserve.export.examples import Examples, load_tokenizer
-from fineserve.export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS, UnsupportedModelError
+from fineserve.export.onnx import IMAGE_INPUT, OUTPUT, TEXT_INPUTS
 from fineserve.export.pipeline import FILES, ExportSettings, Published, build_spec, gate_variants
 from fineserve.export.publish import publish, staging_folder
 
@@ -36,10 +37,6 @@ _INTS = {onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT32: "INT32"}
 
 
 FP32_ONLY = ExportSettings(variants=("fp32",))
-
-
-class WrapError(ValueError):
-    """The ONNX file is unreadable or does not look like the classifier described."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +160,8 @@ def wrap_onnx(
     ``temperature`` divides the logits before the softmax (1.0: the graph's scores as they are).
 
     Raises:
-        WrapError, UnsupportedModelError, validate.ValidationError, export.publish.PublishError,
-        export.examples.TokenizerError (a text model's tokenizer that cannot be loaded).
+        WrapError, UnsupportedModelError, ValidationError, PublishError, TokenizerError (a text
+        model's tokenizer that cannot be loaded); all ``export.errors``.
     """
     started = time.perf_counter()
     model = read_graph(onnx_path)

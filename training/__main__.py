@@ -12,18 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fineserve.training.backbones import UnknownBackboneError
-from fineserve.training.checkpoint import CheckpointError
 from fineserve.training.config import (
     FIELD_HELP,
-    ConfigError,
     TrainConfig,
     build_config,
     load_recipe,
     parse_override,
     recipe_path,
 )
-from fineserve.training.datasets import DatasetError
+from fineserve.training.errors import TrainingError
 
 DESCRIPTION = """Fine-tune a pretrained backbone on a dataset and write a run folder:
 best.pt + metadata.json (+ tokenizer.json for text), last.pt (resume state), metrics.jsonl,
@@ -94,21 +91,25 @@ def main(argv: list[str] | None = None) -> int:
             train,  # heavy imports (torch, transformers) after the config is valid
         )
 
-        train(cfg, args.output_dir)
-    except (ConfigError, DatasetError, CheckpointError, UnknownBackboneError, FloatingPointError) as err:
+        result = train(cfg, args.output_dir)
+    except (TrainingError, FloatingPointError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        why = "stopped (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
-        print(
-            f"error: {why}; rerun the same command to resume from {args.output_dir}/last.pt",
-            file=sys.stderr,
-        )
-        return 143 if isinstance(err, Terminated) else 130
+    except Terminated:
+        return _stopped("stopped (SIGTERM)", args.output_dir, 143)
+    except KeyboardInterrupt:
+        return _stopped("interrupted", args.output_dir, 130)
     finally:
         if previous is not None:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
+    if result.stopped:  # stop_after_steps: stopped as if interrupted
+        return _stopped("interrupted", args.output_dir, 130)
     return 0
+
+
+def _stopped(why: str, output_dir: Path, status: int) -> int:
+    print(f"error: {why}; rerun the same command to resume from {output_dir}/last.pt", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fineserve.training.errors import UnknownBackboneError
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -40,10 +42,6 @@ BACKBONES: dict[str, BackboneConfig] = {
     "efficientnet-lite2": BackboneConfig("efficientnet-lite2", "image", image_size=260),
     "minilm-l6": BackboneConfig("minilm-l6", "text", max_length=128),
 }
-
-
-class UnknownBackboneError(ValueError):
-    """The backbone name is not one of ``BACKBONES``."""
 
 
 def backbone_config(name: str) -> BackboneConfig:

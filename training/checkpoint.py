@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,20 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fineserve.training.backbones import create_model
+from fineserve.training.backbones import backbone_config, create_model
+from fineserve.training.config import TrainConfig
+from fineserve.training.errors import CheckpointError, UnfinishedRunError
 
 FORMAT = "fineserve-checkpoint/1"
 BEST = "best.pt"
 METADATA = "metadata.json"
 TOKENIZER = "tokenizer.json"
-
-
-class CheckpointError(ValueError):
-    """A run folder that is missing, incomplete or of another format."""
-
-
-class UnfinishedRunError(CheckpointError):
-    """A run folder whose training was interrupted or failed before it finished."""
 
 
 @dataclass
@@ -69,6 +64,61 @@ class CheckpointMetadata:
     # in progress (or was interrupted). None: metadata written before this field existed, where
     # the test metrics, recorded only at the very end, tell instead (see ``run_finished``).
     finished: bool | None = None
+
+
+def run_metadata(
+    cfg: TrainConfig,
+    labels: list[str],
+    split: dict[str, Any],
+    *,
+    image_size: int,
+    max_length: int,
+    model_args: dict[str, Any],
+) -> CheckpointMetadata:
+    """The metadata of a run's model before the run finishes (no test metrics yet)."""
+    backbone = backbone_config(cfg.backbone)
+    if backbone.kind == "text":
+        preprocessing: dict[str, Any] = {"text": {"tokenizer_file": TOKENIZER, "max_length": max_length}}
+    else:
+        preprocessing = {
+            "image": {
+                "height": image_size,
+                "width": image_size,
+                "mean": list(backbone.mean),
+                "std": list(backbone.std),
+                # Training resizes the whole (square) image: no center crop.
+                "crop_fraction": 1.0,
+                "interpolation": "bilinear",
+                "channel_order": "RGB",
+                "layout": "NCHW",
+            }
+        }
+    return CheckpointMetadata(
+        backbone=cfg.backbone,
+        task="text-classification" if backbone.kind == "text" else "image-classification",
+        labels=list(labels),
+        preprocessing=preprocessing,
+        model_args=dict(model_args),
+        config=cfg.to_dict(),
+        split=dict(split),
+        seed=cfg.seed,
+        git_commit=git_commit(),
+        finished=False,
+    )
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def run_finished(meta: CheckpointMetadata) -> bool:
@@ -126,6 +176,18 @@ def read_metadata(run_dir: Path) -> CheckpointMetadata:
         raise CheckpointError(f"{path}: format {meta.format!r} is not {FORMAT!r}")
     _check_fields(meta, path)
     return meta
+
+
+def mark_unfinished(output_dir: Path) -> None:
+    """A run that trains again (resumed for more epochs, or retrained over an old folder) is not
+    finished until it completes again, even before its first improved epoch rewrites the files."""
+    try:
+        meta = read_metadata(output_dir)
+    except CheckpointError:  # none yet, or unreadable: export refuses that folder anyway
+        return
+    if meta.finished is not False:
+        meta.finished = False
+        write_metadata(output_dir, meta)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[nn.Module, CheckpointMetadata]:

@@ -15,15 +15,12 @@ from typing import Any
 import yaml
 
 from fineserve.training.backbones import BACKBONES
+from fineserve.training.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRATEGIES = ("linear-probe", "partial", "full", "gradual")
 SCHEDULES = ("cosine", "linear", "constant")
 DATASETS = ("fashion-mnist", "mnist-subset", "digits", "rotten-tomatoes", "imagefolder", "text-file")
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot describe a run; the message names the key."""
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Seeded splits, the tensors a run trains on, and the per-batch image pipeline.
 
-Everything is held in memory as tensors and batched by index: no DataLoader workers to fight
-over two CPU cores, a batch order that is a pure function of (seed, epoch) so a resumed run
-sees the same batches, and data-parallel shards that are simple slices of that order.
+Everything is held in memory as tensors and batched by index: no DataLoader worker processes,
+a batch order that is a pure function of (seed, epoch) so a resumed run sees the same batches,
+and data-parallel shards that are simple slices of that order. ``PrepareBatch`` moves a batch
+to the device and through the image pipeline.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from torch import Tensor
 from torch.nn import functional
 
 from fineserve.training.config import TrainConfig
-from fineserve.training.datasets import DatasetError, RawData
+from fineserve.training.datasets import RawData
+from fineserve.training.errors import DatasetError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -200,3 +202,26 @@ class ImagePipeline:
             flip = torch.rand(len(x)) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
         return x
+
+
+@dataclass(frozen=True)
+class PrepareBatch:
+    """A raw batch -> model inputs on the device; images go through the pipeline, and for a
+    teacher that takes another size, once more at its size (``teacher_pixels``)."""
+
+    device: torch.device
+    pipeline: ImagePipeline
+    teacher_size: int | None = None  # None: no teacher
+
+    def __call__(self, batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "pixels" in out:
+            raw_pixels = out["pixels"]
+            out["pixels"] = self.pipeline(raw_pixels, train=train)
+            if self.teacher_size is not None:
+                out["teacher_pixels"] = (
+                    out["pixels"]
+                    if self.teacher_size == self.pipeline.size
+                    else self.pipeline(raw_pixels, train=False, size=self.teacher_size)
+                )
+        return out

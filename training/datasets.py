@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fineserve.training.errors import DatasetError
+
 FASHION_PACKAGE = "dataset-fashion-mnist"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")
@@ -28,10 +30,6 @@ FASHION_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-class DatasetError(ValueError):
-    """The dataset is missing, unreadable, or its labels are not what the recipe expects."""
 
 
 @dataclass

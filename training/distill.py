@@ -8,13 +8,16 @@ changes (Hinton et al., 2015).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional
 
+from fineserve.training import layers
 from fineserve.training.checkpoint import CheckpointMetadata, load_checkpoint
-from fineserve.training.datasets import DatasetError
+from fineserve.training.errors import DatasetError
 
 
 def distillation_loss(
@@ -35,6 +38,29 @@ def distillation_loss(
     )
     hard = functional.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return alpha * t * t * soft + (1 - alpha) * hard
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """The training loss against the labels blended with the teacher's softened logits."""
+
+    teacher: nn.Module
+    temperature: float
+    alpha: float
+    label_smoothing: float
+
+    def __call__(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        teacher_batch = dict(batch, pixels=batch["teacher_pixels"]) if "teacher_pixels" in batch else batch
+        with torch.no_grad():
+            teacher_logits = layers.logits(self.teacher, teacher_batch).float()
+        return distillation_loss(
+            logits,
+            teacher_logits,
+            batch["labels"],
+            temperature=self.temperature,
+            alpha=self.alpha,
+            label_smoothing=self.label_smoothing,
+        )
 
 
 def load_teacher(run_dir: Path, labels: list[str]) -> tuple[nn.Module, CheckpointMetadata]:

@@ -48,13 +48,9 @@ def barrier(ctx: Dist) -> None:
 
 
 def teardown(ctx: Dist) -> None:
-    """Leaves the process group, all processes together.
-
-    The main process finishes the run alone (test metrics, plots) while the others are done:
-    one that destroyed its group meanwhile could abort in gloo's teardown ("terminate called
-    without an active exception", SIGABRT, seen once in CI), so every process first meets the
-    others here.
-    """
+    """Leaves the process group, all processes together: the main process finishes the run alone
+    (test metrics, plots), and one that destroyed its group meanwhile could abort in gloo's
+    teardown (docs/training.md)."""
     if ctx.enabled and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """The inner loops: one training epoch, evaluation, and the resumable state in ``last.pt``.
 
 A ``Step`` bundles what differs between runs (how a raw batch becomes model inputs on the
-device, and the loss), so the loops themselves read the same for every strategy.
+device, and the loss), so the loops themselves read the same for every strategy. A ``Stop`` ends
+an epoch early: the epoch loop checks it after every optimiser step.
 """
 
 from __future__ import annotations
@@ -55,6 +56,24 @@ class Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Stop:
+    """Whether the run ends before its last epoch, and why; checked after every optimiser step.
+
+    ``after_steps`` (the recipe's ``stop_after_steps``) makes it due once that many steps are
+    taken; setting ``reason`` requests a stop at the next check.
+    """
+
+    after_steps: int | None = None
+    reason: str | None = None
+
+    def due(self, step: int) -> bool:
+        """True once a stop is due after ``step`` optimiser steps (or was requested)."""
+        if self.reason is None and self.after_steps is not None and step >= self.after_steps:
+            self.reason = f"stop_after_steps={self.after_steps} reached"
+        return self.reason is not None
+
+
 def epoch_batches(
     n: int, batch_size: int, *, seed: int, epoch: int, ctx: Dist, max_batches: int | None
 ) -> list[Tensor]:
@@ -76,11 +95,13 @@ def train_one_epoch(
     grad_clip: float | None,
     set_train_mode: Callable[[], None],
     on_step: Callable[[float], None],
+    stop: Stop,
     show: bool,
     desc: str,
 ) -> float:
     """Runs the batches from ``progress.batch`` on; returns the mean training loss of the epoch
-    part it ran. ``on_step(loss)`` runs after each optimiser step (logging, saving last.pt)."""
+    part it ran. ``on_step(loss)`` runs after each optimiser step (logging, saving last.pt); then
+    the epoch ends there if ``stop`` is due (``progress`` says where to resume)."""
     set_train_mode()
     total, count, window = 0.0, 0, 0.0
     bar = tqdm(total=len(batches), initial=progress.batch, desc=desc, disable=not show, leave=False)
@@ -111,6 +132,8 @@ def train_one_epoch(
             window = 0.0
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}")
+        if last_micro and stop.due(progress.step):
+            break
     bar.close()
     return total / max(1, count)
 

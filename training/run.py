@@ -1,16 +1,17 @@
-"""One training run, top to bottom: setup, data, model, strategy, optimiser, resume, the epoch
-loop, then calibration, test metrics, plots and the checkpoint metadata export reads."""
+"""One training run, top to bottom: ``train`` names the steps (set up, data, model, loss,
+strategy, optimiser, resume, fit, finish) and each step is a function below it, in that order."""
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import math
 import os
 import random
 import shutil
-import subprocess
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,10 @@ import yaml
 from torch import Tensor, nn
 from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from fineserve.training import distributed, finetune, layers, plots
 from fineserve.training.backbones import (
+    BackboneConfig,
     backbone_config,
     count_parameters,
     create_model,
@@ -33,17 +34,18 @@ from fineserve.training.calibration import calibration_report
 from fineserve.training.checkpoint import (
     BEST,
     TOKENIZER,
-    CheckpointError,
     CheckpointMetadata,
-    read_metadata,
+    mark_unfinished,
+    run_metadata,
     save_checkpoint,
-    write_atomically,
     write_metadata,
 )
-from fineserve.training.config import ConfigError, TrainConfig
+from fineserve.training.config import TrainConfig
 from fineserve.training.data import (
     Examples,
     ImagePipeline,
+    PrepareBatch,
+    Splits,
     check_labels,
     image_encoder,
     make_splits,
@@ -51,16 +53,19 @@ from fineserve.training.data import (
 )
 from fineserve.training.datasets import default_cache_dir, load_dataset
 from fineserve.training.distill import (
+    DistillationLoss,
     default_student_layers,
-    distillation_loss,
     init_text_student,
     load_teacher,
 )
+from fineserve.training.errors import ConfigError
+from fineserve.training.features import cached_features
 from fineserve.training.loop import (
     LAST,
     Progress,
     Step,
     StepLogger,
+    Stop,
     batches_per_epoch,
     epoch_batches,
     evaluate,
@@ -85,14 +90,100 @@ RESUMABLE_CHANGES = {
 }
 
 
-def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
-    """Trains per ``cfg`` into ``output_dir``; returns the final metrics (main process).
+@dataclass(frozen=True)
+class RunResult:
+    """What ``train`` returns: the final metrics, or why the run stopped before finishing."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)  # empty on all but the main process
+    stopped: str | None = None  # e.g. "stop_after_steps=3 reached"; rerunning resumes from last.pt
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every step shares: the recipe, the run folder, the processes and the device."""
+
+    cfg: TrainConfig
+    output_dir: Path
+    ctx: distributed.Dist
+    device: torch.device
+    started: float
+
+    @property
+    def show(self) -> bool:
+        """Progress bars: on the main process, when the recipe asks for them."""
+        return self.cfg.progress and self.ctx.main
+
+    def say(self, message: str) -> None:
+        if self.ctx.main:
+            print(message)
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.started, 2)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The encoded splits and the input sizes the model is built for."""
+
+    splits: Splits
+    backbone: BackboneConfig
+    image_size: int
+    max_length: int
+    cache: Path
+
+    @property
+    def is_text(self) -> bool:
+        return self.backbone.kind == "text"
+
+
+@dataclass(frozen=True)
+class Net:
+    """The classifier being fine-tuned, its ``metadata.json`` (unfinished), and its teacher, if any."""
+
+    model: nn.Module
+    meta: CheckpointMetadata
+    teacher: nn.Module | None = None
+    teacher_meta: CheckpointMetadata | None = None
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """What the optimiser trains, how batches reach it, and the splits it sees: the whole model
+    on the encoded splits, or for a linear probe the head alone on cached backbone features."""
+
+    module: nn.Module
+    step: Step
+    train_mode: Callable[[], None]
+    train: Examples
+    val: Examples
+    test: Examples
+
+
+def train(cfg: TrainConfig, output_dir: Path) -> RunResult:
+    """Trains per ``cfg`` into ``output_dir``.
+
+    Returns the final metrics (on the main process), or, when ``stop_after_steps`` ended the run
+    early, why it stopped: ``last.pt`` then holds the state the same command resumes from.
 
     Raises:
         ConfigError, DatasetError, CheckpointError: bad recipe, data or teacher (one-line messages).
     """
+    run = set_up(cfg, output_dir)
+    data = load_data(run)
+    net = build_model(run, data)
+    step = Step(prepare_batch(run, data, net), loss_function(cfg, net.teacher), run.device, amp=cfg.amp)
+    trainee = choose_what_trains(run, data, net, step)
+    optimizer, scheduler = build_optimiser(cfg, net.model, len(trainee.train), run.ctx.world)
+    progress = resume(run, net.model, optimizer, scheduler)
+    stopped = fit(run, net, trainee, progress, optimizer=optimizer, scheduler=scheduler)
+    metrics = {} if stopped else finish(run, data, net, trainee, progress)
+    distributed.teardown(run.ctx)  # waits for the main process to finish first
+    return RunResult(metrics, stopped)
+
+
+def set_up(cfg: TrainConfig, output_dir: Path) -> Run:
+    """The run folder, the device, the processes (under torchrun) and the seeds."""
     started = time.perf_counter()
-    # --- setup: output folder, device, processes, seeds ---------------------------------------
     create_output_dir(output_dir)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but no CUDA device is available")
@@ -106,10 +197,12 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    show = cfg.progress and ctx.main
-    say = print if ctx.main else (lambda *a, **k: None)
+    return Run(cfg, output_dir, ctx, device, started)
 
-    # --- data ----------------------------------------------------------------------------------
+
+def load_data(run: Run) -> Data:
+    """The dataset, its labels in the recipe's order, split and encoded for the backbone."""
+    cfg = run.cfg
     cache = Path(cfg.data_cache) if cfg.data_cache else default_cache_dir()
     raw = load_dataset(
         cfg.dataset,
@@ -120,107 +213,125 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
     )
     raw = check_labels(raw, cfg.labels)
     backbone = backbone_config(cfg.backbone)
-    is_text = backbone.kind == "text"
     max_length = cfg.max_length or backbone.max_length
     image_size = cfg.image_size or backbone.image_size
-    encode = text_encoder(tokenizer_file(cfg.backbone), max_length) if is_text else image_encoder
+    encode = (
+        text_encoder(tokenizer_file(cfg.backbone), max_length) if backbone.kind == "text" else image_encoder
+    )
     splits = make_splits(raw, cfg, encode)
-    names = splits.names
-    say(f"data: {cfg.dataset} {splits.record['train']}/{splits.record['val']}/{splits.record['test']} "
-        f"train/val/test, {len(names)} classes")  # fmt: skip
+    run.say(f"data: {cfg.dataset} {splits.record['train']}/{splits.record['val']}/{splits.record['test']} "
+            f"train/val/test, {len(splits.names)} classes")  # fmt: skip
+    return Data(splits, backbone, image_size, max_length, cache)
 
-    # --- model (and teacher) ------------------------------------------------------------------
+
+def build_model(run: Run, data: Data) -> Net:
+    """The backbone with a new head for the labels; a text student starts from its teacher's layers."""
+    cfg, names = run.cfg, data.splits.names
     teacher = teacher_meta = None
     if cfg.teacher:
         teacher, teacher_meta = load_teacher(Path(cfg.teacher), names)
-        teacher.to(device)
-    model_args: dict[str, Any] = {} if is_text else {"image_size": image_size}
-    if is_text and teacher is not None:
+        teacher.to(run.device)
+    args: dict[str, Any] = {} if data.is_text else {"image_size": data.image_size}
+    if data.is_text and teacher is not None:
         teacher_layers = len(teacher.bert.encoder.layer)
         copied = cfg.student_layers or default_student_layers(teacher_layers)
         if not all(0 <= i < teacher_layers for i in copied):
             raise ConfigError(f"student_layers: {copied} must index the teacher's {teacher_layers} layers")
-        model_args["num_layers"] = len(copied)
-        model = create_model(cfg.backbone, len(names), pretrained=False, **model_args)
+        args["num_layers"] = len(copied)
+        model = create_model(cfg.backbone, len(names), pretrained=False, **args)
         init_text_student(model, teacher, copied)
     else:
-        if is_text and cfg.num_layers is not None:
-            model_args["num_layers"] = cfg.num_layers
-        model = create_model(cfg.backbone, len(names), pretrained=cfg.pretrained, **model_args)
-    model.to(device)
-    pipeline = ImagePipeline(image_size, backbone.mean, backbone.std, cfg.hflip, cfg.crop_padding)
-    teacher_size = (teacher_meta.model_args.get("image_size") if teacher_meta else None) or image_size
+        if data.is_text and cfg.num_layers is not None:
+            args["num_layers"] = cfg.num_layers
+        model = create_model(cfg.backbone, len(names), pretrained=cfg.pretrained, **args)
+    model.to(run.device)
+    meta = run_metadata(
+        cfg,
+        names,
+        data.splits.record,
+        image_size=data.image_size,
+        max_length=data.max_length,
+        model_args=args,
+    )
+    return Net(model, meta, teacher, teacher_meta)
 
-    def prepare(batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
-        out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if "pixels" in out:
-            raw_pixels = out["pixels"]
-            out["pixels"] = pipeline(raw_pixels, train=train)
-            if teacher is not None:
-                out["teacher_pixels"] = (
-                    out["pixels"]
-                    if teacher_size == image_size
-                    else pipeline(raw_pixels, train=False, size=teacher_size)
-                )
-        return out
 
-    def loss(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        if teacher is None:
-            return functional.cross_entropy(logits, batch["labels"], label_smoothing=cfg.label_smoothing)
-        teacher_batch = dict(batch, pixels=batch["teacher_pixels"]) if "teacher_pixels" in batch else batch
-        with torch.no_grad():
-            teacher_logits = layers.logits(teacher, teacher_batch).float()
-        return distillation_loss(
-            logits,
-            teacher_logits,
-            batch["labels"],
-            temperature=cfg.distill_temperature,
-            alpha=cfg.distill_alpha,
-            label_smoothing=cfg.label_smoothing,
-        )
+def prepare_batch(run: Run, data: Data, net: Net) -> PrepareBatch:
+    cfg = run.cfg
+    pipeline = ImagePipeline(
+        data.image_size, data.backbone.mean, data.backbone.std, cfg.hflip, cfg.crop_padding
+    )
+    teacher_size = None
+    if net.teacher_meta is not None:
+        teacher_size = net.teacher_meta.model_args.get("image_size") or data.image_size
+    return PrepareBatch(run.device, pipeline, teacher_size)
 
-    step = Step(prepare, loss, device, amp=cfg.amp)
 
-    # --- strategy: what trains, on what -------------------------------------------------------
-    num_blocks = len(layers.blocks(model))
+def loss_function(
+    cfg: TrainConfig, teacher: nn.Module | None
+) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
+    """Cross-entropy on the labels, or with a teacher the distillation loss."""
+    if teacher is not None:
+        return DistillationLoss(teacher, cfg.distill_temperature, cfg.distill_alpha, cfg.label_smoothing)
+    return functools.partial(label_loss, label_smoothing=cfg.label_smoothing)
+
+
+def label_loss(logits: Tensor, batch: dict[str, Tensor], *, label_smoothing: float) -> Tensor:
+    return functional.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+
+
+def choose_what_trains(run: Run, data: Data, net: Net, step: Step) -> Trainee:
+    """The strategy: which blocks train from the start, and on what."""
+    cfg, model = run.cfg, net.model
     finetune.set_batchnorm_momentum(model, cfg.bn_momentum)
+    num_blocks = len(layers.blocks(model))
     finetune.set_trainable_blocks(
         model, finetune.initial_trainable_blocks(cfg.strategy, cfg.trainable_blocks, num_blocks)
     )
-    train_set, val_set, test_set = splits.train, splits.val, splits.test
-    trained: nn.Module = model
     if cfg.strategy == "linear-probe":
         # The frozen backbone computes the same features every epoch: compute them once.
-        train_set, val_set, test_set = cached_features(model, splits, step, cfg, cache=cache, show=show)
-        trained = layers.head(model)
-        probe_step = Step(lambda b, _t: {k: v.to(device) for k, v in b.items()}, loss, device, amp=cfg.amp)
-        step = probe_step
+        train, val, test = cached_features(model, data.splits, step, cfg, cache=data.cache, show=run.show)
+        head = layers.head(model)
+        return Trainee(head, step, head.train, train, val, test)
+    splits = data.splits
+    return Trainee(
+        model, step, functools.partial(finetune.train_mode, model), splits.train, splits.val, splits.test
+    )
 
-    def set_train_mode() -> None:
-        if cfg.strategy == "linear-probe":
-            trained.train()
-        else:
-            finetune.train_mode(model)
 
-    # --- optimiser and schedule -------------------------------------------------------------
+def build_optimiser(
+    cfg: TrainConfig, model: nn.Module, train_size: int, world: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the parameter groups (layer-wise decay for full and gradual), and the schedule."""
     decay = cfg.layer_decay if cfg.strategy in ("full", "gradual") else 1.0
     groups = finetune.param_groups(
         model, lr=cfg.lr, head_lr=cfg.head_lr or cfg.lr, layer_decay=decay, weight_decay=cfg.weight_decay
     )
     optimizer = torch.optim.AdamW(groups)
-    max_batches = cfg.max_steps_per_epoch * cfg.grad_accum if cfg.max_steps_per_epoch else None
-    per_epoch = math.ceil(
-        batches_per_epoch(len(train_set), cfg.batch_size, ctx.world, max_batches) / cfg.grad_accum
-    )
-    total_steps = per_epoch * cfg.epochs
+    batches = batches_per_epoch(train_size, cfg.batch_size, world, max_batches(cfg))
+    total_steps = math.ceil(batches / cfg.grad_accum) * cfg.epochs
     warmup = round(cfg.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, finetune.lr_multiplier(total_steps, warmup, cfg.schedule)
     )
+    return optimizer, scheduler
 
-    # --- resume ----------------------------------------------------------------------------------
+
+def max_batches(cfg: TrainConfig) -> int | None:
+    """Batches per epoch that ``max_steps_per_epoch`` allows (None: all)."""
+    return cfg.max_steps_per_epoch * cfg.grad_accum if cfg.max_steps_per_epoch else None
+
+
+def resume(
+    run: Run,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    """Where the run stands: from ``last.pt`` if resuming (the same recipe only), else the start.
+    Then the folder's ``args.yaml`` and ``metrics.jsonl`` are rewritten to match it."""
+    cfg, last = run.cfg, run.output_dir / LAST
     progress = Progress()
-    last = output_dir / LAST
     if cfg.resume and last.is_file():
         progress, saved_config = load_state(last, model, optimizer, scheduler)
         changed = sorted(
@@ -228,120 +339,159 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         )
         if changed:
             raise ConfigError(f"{last} was written with a different {changed[0]!r}; use another --output-dir")
-        say(f"resume: epoch {progress.epoch + 1} batch {progress.batch} step {progress.step}")
+        run.say(f"resume: epoch {progress.epoch + 1} batch {progress.batch} step {progress.step}")
     # Only now, with a refused resume behind us, may the folder change: args.yaml describes
     # last.pt, and the metrics file always matches the history (no duplicates after a resume).
-    if ctx.main:
-        (output_dir / ARGS).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (output_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in progress.history))
-        mark_unfinished(output_dir)
+    if run.ctx.main:
+        (run.output_dir / ARGS).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run.output_dir / METRICS).write_text("".join(json.dumps(h) + "\n" for h in progress.history))
+        mark_unfinished(run.output_dir)
+    return progress
 
-    # --- the epoch loop --------------------------------------------------------------------------
-    def save_resumable_state() -> None:
-        """Everything ``--resume`` needs, to ``last`` (mid-epoch and at each epoch's end)."""
-        save_state(
-            last,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            progress=progress,
-            config=cfg.to_dict(),
-        )
 
+def fit(
+    run: Run,
+    net: Net,
+    trainee: Trainee,
+    progress: Progress,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> str | None:
+    """The epochs from ``progress`` on, each ending in ``end_epoch``; ``last.pt`` always holds
+    the state to resume from. Returns why a stop ended the run early, None if it ran to the end
+    (all epochs, or until early stopping)."""
+    cfg, ctx = run.cfg, run.ctx
+    num_blocks = len(layers.blocks(net.model))
     logger = StepLogger(cfg.log_every, ctx.main)
+    stop = Stop(after_steps=cfg.stop_after_steps)
+
+    def save_last() -> None:
+        """Everything ``--resume`` needs, to ``last.pt`` (mid-epoch and at each epoch's end)."""
+        if ctx.main:
+            save_state(
+                run.output_dir / LAST,
+                model=net.model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                progress=progress,
+                config=cfg.to_dict(),
+            )
+
+    def after_step(loss: float) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        logger(f"epoch {progress.epoch + 1}/{cfg.epochs} step {progress.step} loss {loss:.4f} lr {lr:.2e}",
+               progress.step)  # fmt: skip
+        if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
+            save_last()
+
     for epoch in range(progress.epoch, cfg.epochs):
         if cfg.strategy == "gradual":
             finetune.set_trainable_blocks(
-                model, finetune.gradual_trainable_blocks(epoch, cfg.unfreeze_every, num_blocks)
+                net.model, finetune.gradual_trainable_blocks(epoch, cfg.unfreeze_every, num_blocks)
             )
         # DDP records which parameters train when it is built: rebuild it each epoch.
-        module = DistributedDataParallel(trained) if ctx.enabled else trained
+        module = DistributedDataParallel(trainee.module) if ctx.enabled else trainee.module
         batches = epoch_batches(
-            len(train_set), cfg.batch_size, seed=cfg.seed, epoch=epoch, ctx=ctx, max_batches=max_batches
+            len(trainee.train),
+            cfg.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            ctx=ctx,
+            max_batches=max_batches(cfg),
         )
-
-        def on_step(step_loss: float, epoch: int = epoch) -> None:
-            lr = optimizer.param_groups[0]["lr"]
-            logger(
-                f"epoch {epoch + 1}/{cfg.epochs} step {progress.step} loss {step_loss:.4f} lr {lr:.2e}",
-                progress.step,
-            )
-            stop = cfg.stop_after_steps is not None and progress.step >= cfg.stop_after_steps
-            if ctx.main and (stop or (cfg.save_every_steps and progress.step % cfg.save_every_steps == 0)):
-                save_resumable_state()
-            if stop:
-                distributed.barrier(ctx)
-                raise KeyboardInterrupt(f"stop_after_steps={cfg.stop_after_steps} reached")
-
         train_loss = train_one_epoch(
             module=module,
-            data=train_set,
-            step=step,
+            data=trainee.train,
+            step=trainee.step,
             optimizer=optimizer,
             scheduler=scheduler,
             progress=progress,
             batches=batches,
             grad_accum=cfg.grad_accum,
             grad_clip=cfg.grad_clip,
-            set_train_mode=set_train_mode,
-            on_step=on_step,
-            show=show,
+            set_train_mode=trainee.train_mode,
+            on_step=after_step,
+            stop=stop,
+            show=run.show,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
         )
-        val = evaluate(trained, val_set, step, cfg.eval_batch_size, ctx, show=show)
-        record = {
-            "epoch": epoch + 1,
-            "step": progress.step,
-            "train_loss": train_loss,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "elapsed_s": round(time.perf_counter() - started, 2),
-        }
-        progress.history.append(record)
-        say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
-            f"val accuracy {val['accuracy']:.4f}")  # fmt: skip
-        improved = val["accuracy"] > progress.best_accuracy
-        if improved:
-            progress.best_accuracy, progress.best_epoch, progress.stale_epochs = val["accuracy"], epoch + 1, 0
-        else:
-            progress.stale_epochs += 1
-        progress.epoch, progress.batch = epoch + 1, 0
-        if ctx.main:
-            with (output_dir / METRICS).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if improved:
-                save_checkpoint(
-                    output_dir,
-                    model,
-                    metadata(
-                        cfg,
-                        names=names,
-                        model_args=model_args,
-                        max_length=max_length,
-                        image_size=image_size,
-                        splits=splits,
-                    ),
-                )
-            save_resumable_state()
+        if stop.reason is not None:  # mid-epoch: progress says which batch comes next
+            save_last()
+            return stop.reason
+        end_epoch(run, net, trainee, progress, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+        save_last()
         if cfg.early_stopping_patience and progress.stale_epochs >= cfg.early_stopping_patience:
-            say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
+            run.say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
             break
+    return None
 
-    # --- finish: best weights, calibration, test metrics, plots, metadata (main process) -------
-    distributed.barrier(ctx)
-    if not ctx.main:
-        distributed.teardown(ctx)  # waits for the main process to finish first
+
+def end_epoch(
+    run: Run, net: Net, trainee: Trainee, progress: Progress, *, train_loss: float, lr: float
+) -> None:
+    """Scores the epoch on the validation split, records it in ``progress`` and ``metrics.jsonl``,
+    and keeps an improved model as ``best.pt`` with its metadata."""
+    cfg, epoch = run.cfg, progress.epoch
+    val = evaluate(trainee.module, trainee.val, trainee.step, cfg.eval_batch_size, run.ctx, show=run.show)
+    record = {
+        "epoch": epoch + 1,
+        "step": progress.step,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": lr,
+        "elapsed_s": run.elapsed(),
+    }
+    progress.history.append(record)
+    run.say(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {val['loss']:.4f}, "
+            f"val accuracy {val['accuracy']:.4f}")  # fmt: skip
+    improved = val["accuracy"] > progress.best_accuracy
+    if improved:
+        progress.best_accuracy, progress.best_epoch, progress.stale_epochs = val["accuracy"], epoch + 1, 0
+    else:
+        progress.stale_epochs += 1
+    progress.epoch, progress.batch = epoch + 1, 0
+    if run.ctx.main:
+        with (run.output_dir / METRICS).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            save_checkpoint(run.output_dir, net.model, net.meta)
+
+
+def finish(run: Run, data: Data, net: Net, trainee: Trainee, progress: Progress) -> dict[str, Any]:
+    """The best weights scored on the test split, the tokenizer and plots beside them, and last the
+    metadata that marks the run finished (main process; the others return no metrics)."""
+    distributed.barrier(run.ctx)
+    if not run.ctx.main:
         return {}
-    best = torch.load(output_dir / BEST, map_location="cpu", weights_only=True)
-    model.load_state_dict(best["model"])
-    model.eval()
-    val_logits, val_labels = predict(trained, val_set, step, cfg.eval_batch_size, show=show, desc="val")
-    test_logits, test_labels = predict(trained, test_set, step, cfg.eval_batch_size, show=show, desc="test")
-    predicted = test_logits.argmax(1)
-    meta = metadata(
-        cfg, names=names, model_args=model_args, max_length=max_length, image_size=image_size, splits=splits
+    best = torch.load(run.output_dir / BEST, map_location="cpu", weights_only=True)
+    net.model.load_state_dict(best["model"])
+    net.model.eval()
+    meta, matrix = score(run, net, trainee, progress)
+    if data.is_text:
+        shutil.copyfile(tokenizer_file(run.cfg.backbone), run.output_dir / TOKENIZER)
+    if run.cfg.plots:
+        draw_plots(run, progress, matrix, data.splits.names)
+    # Last: export takes a run only once its metadata says finished, with everything above in place.
+    meta.finished = True
+    write_metadata(run.output_dir, meta)
+    run.say(f"test accuracy {meta.metrics['test_accuracy']:.4f}; temperature {meta.temperature:.3f}; "
+            f"run folder {run.output_dir}")  # fmt: skip
+    return meta.metrics
+
+
+def score(run: Run, net: Net, trainee: Trainee, progress: Progress) -> tuple[CheckpointMetadata, Tensor]:
+    """The model's metadata with its test metrics (and the temperature fitted on the validation
+    split, if the recipe calibrates), and the test confusion matrix."""
+    cfg, model = run.cfg, net.model
+    scored = functools.partial(
+        predict, trainee.module, step=trainee.step, batch_size=cfg.eval_batch_size, show=run.show
     )
+    val_logits, val_labels = scored(trainee.val, desc="val")
+    test_logits, test_labels = scored(trainee.test, desc="test")
+    predicted = test_logits.argmax(1)
+    meta = replace(net.meta)
     meta.metrics = {
         "test_accuracy": float((predicted == test_labels).float().mean()),
         "test_loss": float(functional.cross_entropy(test_logits, test_labels)),
@@ -351,75 +501,28 @@ def train(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         "optimizer_steps": progress.step,
         "parameters": count_parameters(model),
         "size_bytes": model_size_bytes(model),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "device": str(device),
-        "world_size": ctx.world,
+        "wall_time_s": run.elapsed(),
+        "device": str(run.device),
+        "world_size": run.ctx.world,
     }
-    if teacher_meta is not None:
-        meta.metrics["teacher_test_accuracy"] = teacher_meta.metrics.get("test_accuracy")
-        meta.metrics["teacher_backbone"] = teacher_meta.backbone
+    if net.teacher_meta is not None:
+        meta.metrics["teacher_test_accuracy"] = net.teacher_meta.metrics.get("test_accuracy")
+        meta.metrics["teacher_backbone"] = net.teacher_meta.backbone
     if cfg.calibrate:
         report = calibration_report(val_logits, val_labels, test_logits, test_labels)
         meta.temperature = float(report["temperature"])
         meta.calibration = report
-    matrix = plots.confusion_matrix(predicted, test_labels, names)
+    matrix = plots.confusion_matrix(predicted, test_labels, meta.labels)
     meta.metrics["confusion_matrix"] = matrix.tolist()
-    if is_text:
-        shutil.copyfile(tokenizer_file(cfg.backbone), output_dir / TOKENIZER)
-    if not cfg.plots:
-        pass
-    elif plots.available():
-        plots.learning_curves(progress.history, output_dir / "learning_curves.png")
-        plots.confusion_plot(matrix, names, output_dir / "confusion_matrix.png", f"{cfg.dataset} test")
-    else:
-        say("plots skipped: matplotlib is not installed (pip install -e '.[train]')")
-    # Last: export takes a run only once its metadata says finished, with everything above in place.
-    meta.finished = True
-    write_metadata(output_dir, meta)
-    say(f"test accuracy {meta.metrics['test_accuracy']:.4f}; temperature {meta.temperature:.3f}; "
-        f"run folder {output_dir}")  # fmt: skip
-    distributed.teardown(ctx)
-    return meta.metrics
+    return meta, matrix
 
 
-def metadata(
-    cfg: TrainConfig,
-    *,
-    names: list[str],
-    model_args: dict[str, Any],
-    max_length: int,
-    image_size: int,
-    splits: Any,
-) -> CheckpointMetadata:
-    backbone = backbone_config(cfg.backbone)
-    if backbone.kind == "text":
-        preprocessing: dict[str, Any] = {"text": {"tokenizer_file": TOKENIZER, "max_length": max_length}}
-    else:
-        preprocessing = {
-            "image": {
-                "height": image_size,
-                "width": image_size,
-                "mean": list(backbone.mean),
-                "std": list(backbone.std),
-                # Training resizes the whole (square) image: no center crop.
-                "crop_fraction": 1.0,
-                "interpolation": "bilinear",
-                "channel_order": "RGB",
-                "layout": "NCHW",
-            }
-        }
-    return CheckpointMetadata(
-        backbone=cfg.backbone,
-        task="text-classification" if backbone.kind == "text" else "image-classification",
-        labels=list(names),
-        preprocessing=preprocessing,
-        model_args=dict(model_args),
-        config=cfg.to_dict(),
-        split=dict(splits.record),
-        seed=cfg.seed,
-        git_commit=git_commit(),
-        finished=False,
-    )
+def draw_plots(run: Run, progress: Progress, matrix: Tensor, names: list[str]) -> None:
+    if not plots.available():
+        run.say("plots skipped: matplotlib is not installed (pip install -e '.[train]')")
+        return
+    plots.learning_curves(progress.history, run.output_dir / "learning_curves.png")
+    plots.confusion_plot(matrix, names, run.output_dir / "confusion_matrix.png", f"{run.cfg.dataset} test")
 
 
 def create_output_dir(output_dir: Path) -> None:
@@ -433,58 +536,6 @@ def create_output_dir(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"--output-dir {output_dir}: cannot create it ({err.strerror})") from None
-
-
-def mark_unfinished(output_dir: Path) -> None:
-    """A run that trains again (resumed for more epochs, or retrained over an old folder) is not
-    finished until it completes again, even before its first improved epoch rewrites the files."""
-    try:
-        meta = read_metadata(output_dir)
-    except CheckpointError:  # none yet, or unreadable: export refuses that folder anyway
-        return
-    if meta.finished is not False:
-        meta.finished = False
-        write_metadata(output_dir, meta)
-
-
-def cached_features(
-    model: nn.Module, splits: Any, step: Step, cfg: TrainConfig, *, cache: Path, show: bool
-) -> tuple[Examples, Examples, Examples]:
-    """Head inputs of the frozen backbone for each split, cached on disk by what determines them."""
-    key_source = {
-        "backbone": cfg.backbone,
-        "pretrained": cfg.pretrained,
-        "dataset": cfg.dataset,
-        "data_path": cfg.data_path,
-        "split": splits.record,
-        "image_size": cfg.image_size,
-        "max_length": cfg.max_length,
-        "num_layers": cfg.num_layers,
-        "labels": splits.names,
-    }
-    key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache / "features" / f"{key}.pt"
-    if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        parts = [stored[name] for name in ("train", "val", "test")]
-    else:
-        model.eval()
-        parts = []
-        for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-            outputs = []
-            chunks = list(torch.arange(len(data)).split(cfg.eval_batch_size))
-            for index in tqdm(chunks, desc=f"features {name}", disable=not show, leave=False):
-                with torch.no_grad(), step.autocast():
-                    prepared = step.prepare(data.batch(index), False)
-                    outputs.append(layers.features(model, prepared).float().cpu())
-            parts.append(torch.cat(outputs))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        features = dict(zip(("train", "val", "test"), parts, strict=True))
-        write_atomically(path, lambda tmp: torch.save(features, tmp))
-    return tuple(  # type: ignore[return-value]
-        Examples({"features": feats}, data.labels)
-        for feats, data in zip(parts, (splits.train, splits.val, splits.test), strict=True)
-    )
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -502,17 +553,3 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
-
-
-def git_commit() -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() or None if done.returncode == 0 else None

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from fineserve.export.__main__ import main
-from tests.export.test_wrap import foreign_image_graph
+from tests.export.graphs import foreign_image_graph, tiny_image_reference
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -97,7 +97,6 @@ def test_failed_check_names_the_check_and_publishes_nothing(tmp_path: Path) -> N
         Image.fromarray(rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     from fineserve.export.contract import ImagePreprocessing
     from fineserve.export.examples import read_examples
-    from tests.export.test_validate import _reference
 
     read = read_examples(
         folder,
@@ -105,7 +104,7 @@ def test_failed_check_names_the_check_and_publishes_nothing(tmp_path: Path) -> N
         ["a", "b", "c"],
         image=ImagePreprocessing(8, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     )
-    np.save(tmp_path / "reference.npy", _reference(read))
+    np.save(tmp_path / "reference.npy", tiny_image_reference(read))
     repository = tmp_path / "r"
 
     def wrap(graph: Path) -> subprocess.CompletedProcess[str]:

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from fineserve.export import validate
 from fineserve.export.contract import ImagePreprocessing, TensorSpec, list_versions
 from fineserve.export.examples import UNLABELLED, Examples
 from fineserve.export.pipeline import ExportSettings, ModelToExport, export_and_publish
+from tests.export.graphs import scaled_image_graph, tiny_image_reference
 from tests.fixtures import TINY_IMAGE_SIZE, tiny_image_graph
 
 INPUTS = (TensorSpec("pixel_values", "FP32", (-1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)),)
@@ -33,40 +33,22 @@ def _examples(n: int = 11, labels: np.ndarray | None = None) -> Examples:
     )
 
 
-def _reference(examples: Examples) -> np.ndarray:
-    """What the intact tiny graph computes, in numpy: channel means -> linear."""
-    graph = tiny_image_graph()
-    weights = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
-    pooled = examples.features["pixel_values"].mean(axis=(2, 3))
-    return pooled @ weights["weight"] + weights["bias"]
-
-
-def _damaged(scale: float = 1.01) -> onnx.ModelProto:
-    graph = tiny_image_graph()
-    for i, init in enumerate(graph.graph.initializer):
-        if init.name == "weight":
-            graph.graph.initializer[i].CopyFrom(
-                numpy_helper.from_array(numpy_helper.to_array(init) * scale, "weight")
-            )
-    return graph
-
-
 def test_intact_graph_passes_fp32_at_every_batch_size(tmp_path: Path) -> None:
     session = _save(tiny_image_graph(), tmp_path / "m.onnx")
     examples = _examples()
     validate.check_interface(session, INPUTS, OUTPUTS)
-    figures = validate.check_fp32(session, _reference(examples), examples, max_batch_size=8)
+    figures = validate.check_fp32(session, tiny_image_reference(examples), examples, max_batch_size=8)
     assert (
         figures["batch_sizes"] == [1, 7, 8] and figures["max_abs_diff"] <= 1e-4 and figures["top1_identical"]
     )
 
 
 def test_damaged_weights_fail_the_value_check(tmp_path: Path) -> None:
-    session = _save(_damaged(), tmp_path / "m.onnx")
+    session = _save(scaled_image_graph(1.01), tmp_path / "m.onnx")
     examples = _examples()
     validate.check_interface(session, INPUTS, OUTPUTS)  # names and shapes are fine...
     with pytest.raises(validate.ValueMismatchError, match="batch 1"):  # ...the values are not
-        validate.check_fp32(session, _reference(examples), examples, max_batch_size=8)
+        validate.check_fp32(session, tiny_image_reference(examples), examples, max_batch_size=8)
 
 
 def test_renamed_output_fails_the_names_check_first(tmp_path: Path) -> None:
@@ -97,7 +79,7 @@ def test_wrong_image_size_and_class_count_fail_the_shape_checks(tmp_path: Path) 
 
 def test_fp16_and_int8_thresholds(tmp_path: Path) -> None:
     examples = _examples(40)
-    reference = _reference(examples)
+    reference = tiny_image_reference(examples)
     other = _save(tiny_image_graph(seed=7), tmp_path / "other.onnx")  # a different model altogether
     with pytest.raises(validate.Fp16AgreementError, match="agreement"):
         validate.check_fp16(other, reference, examples, max_batch_size=8)

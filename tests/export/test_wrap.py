@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from fineserve.export.contract import ImagePreprocessing, TextPreprocessing, list_versions, read_model_spec
 from fineserve.export.examples import UNLABELLED, Examples, text_examples
 from fineserve.export.pipeline import ExportSettings
 from fineserve.export.validate import DynamicAxesError, ValueMismatchError, open_session
 from fineserve.export.wrap import WrapError, wrap_onnx
+from tests.export.graphs import foreign_image_graph, tiny_image_reference
 from tests.fixtures import (
     TINY_IMAGE_SIZE,
     tiny_image_graph,
@@ -25,31 +25,10 @@ from tests.fixtures import (
 PREP = ImagePreprocessing(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def foreign_image_graph(scale: float = 1.0) -> onnx.ModelProto:
-    """The tiny image graph as another tool would name it, with an extra label output."""
-    graph = tiny_image_graph()
-    for i, init in enumerate(graph.graph.initializer):
-        if init.name == "weight":
-            graph.graph.initializer[i].CopyFrom(
-                numpy_helper.from_array(numpy_helper.to_array(init) * scale, "weight")
-            )
-    renames = {"pixel_values": "float_input", "logits": "scores_out"}
-    for node in graph.graph.node:
-        node.input[:] = [renames.get(n, n) for n in node.input]
-        node.output[:] = [renames.get(n, n) for n in node.output]
-    graph.graph.input[0].name = "float_input"
-    graph.graph.output[0].name = "scores_out"
-    graph.graph.node.append(onnx.helper.make_node("ArgMax", ["scores_out"], ["label"], axis=1, keepdims=0))
-    graph.graph.output.append(onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"]))
-    onnx.checker.check_model(graph)
-    return graph
-
-
 def _examples(n: int = 10) -> tuple[Examples, np.ndarray]:
     pixels = np.random.default_rng(2).normal(size=(n, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)
-    weights = {i.name: numpy_helper.to_array(i) for i in tiny_image_graph().graph.initializer}
-    reference = pixels.mean(axis=(2, 3)) @ weights["weight"] + weights["bias"]  # computed independently
-    return Examples({"pixel_values": pixels}, np.full(n, UNLABELLED), "noise"), reference
+    examples = Examples({"pixel_values": pixels}, np.full(n, UNLABELLED), "noise")
+    return examples, tiny_image_reference(examples)
 
 
 def test_foreign_image_classifier_is_renamed_checked_and_published(tmp_path: Path) -> None:

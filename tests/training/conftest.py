@@ -90,5 +90,5 @@ def partial_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
 
     tmp = tmp_path_factory.mktemp("partial")
     run = tmp / "run"
-    metrics = train(tiny_image_config(tmp, strategy="partial", epochs=1, test_samples=None), run)
+    metrics = train(tiny_image_config(tmp, strategy="partial", epochs=1, test_samples=None), run).metrics
     return run, metrics

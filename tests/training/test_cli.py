@@ -151,20 +151,32 @@ def test_output_dir_that_is_or_is_below_a_file(tmp_path: Path, capsys: pytest.Ca
     assert f"{a_file} is a file, not a folder" in line
 
 
+def _tiny_digits(**changes: object) -> list[str]:
+    """``digits --set KEY=VALUE ...``: the tiny image recipe as command-line arguments."""
+    values = {key: value for key, value in TINY_IMAGE.items() if key != "dataset"} | changes
+    return ["digits", *(arg for key, value in values.items() for arg in ("--set", f"{key}={value}"))]
+
+
+def test_stop_after_steps_ends_like_an_interrupt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipe's stop: the same one line as Ctrl-C, exit 130, and last.pt to resume from."""
+    run = tmp_path / "run"
+    args = _tiny_digits(strategy="linear-probe", stop_after_steps=1, data_cache=tmp_path / "cache")
+    assert main([*args, "--output-dir", str(run)]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: interrupted; rerun the same command to resume from {run}/last.pt"
+    ]
+    assert (run / "last.pt").is_file()
+
+
 def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path) -> None:
     """A scheduler's SIGTERM gets the same one line as Ctrl-C, saying how to resume (exit 143)."""
-    tiny = [f"{key}={value}" for key, value in TINY_IMAGE.items() if key != "dataset"]
-    sets = [arg for pair in tiny for arg in ("--set", pair)]
     run = tmp_path / "run"
     env = {**os.environ, "FINESERVE_DATA_CACHE": str(tmp_path / "cache")}
     command = [
         sys.executable,
         "-m",
         "fineserve.training",
-        "digits",
-        *sets,
-        "--set",
-        "epochs=500",
+        *_tiny_digits(epochs=500),
         "--output-dir",
         str(run),
     ]

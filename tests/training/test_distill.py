@@ -61,7 +61,7 @@ def test_image_distillation_run_records_teacher_and_labels(
     student_run = tmp_path / "student"
     metrics = train(
         tiny_image_config(tmp_path, strategy="partial", teacher=str(teacher_run), image_size=40), student_run
-    )
+    ).metrics
     _, teacher_meta = load_checkpoint(teacher_run)
     assert metrics["teacher_test_accuracy"] == teacher_meta.metrics["test_accuracy"]
     _, meta = load_checkpoint(student_run)

@@ -10,7 +10,7 @@ import yaml
 
 from fineserve.training.checkpoint import UnfinishedRunError, load_checkpoint, read_metadata
 from fineserve.training.config import ConfigError
-from fineserve.training.run import train
+from fineserve.training.run import RunResult, train
 from tests.training.conftest import tiny_image_config
 
 
@@ -20,8 +20,8 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
     train(tiny_image_config(tmp_path, **common), tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_image_config(tmp_path, stop_after_steps=3, **common), interrupted)
+    stopped = train(tiny_image_config(tmp_path, stop_after_steps=3, **common), interrupted)
+    assert stopped == RunResult(stopped="stop_after_steps=3 reached")
     saved = torch.load(interrupted / "last.pt", weights_only=True)
     assert (
         saved["progress"]["step"] == 3 and saved["progress"]["epoch"] == 1 and saved["progress"]["batch"] == 1
@@ -44,8 +44,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=1), run)
+    assert train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=1), run).stopped
     args_before = (run / "args.yaml").read_text()
     with pytest.raises(ConfigError, match="different 'lr'"):
         train(tiny_image_config(tmp_path, strategy="partial", lr=1e-4), run)
@@ -57,8 +56,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
 def test_interrupted_run_is_unfinished_until_it_completes(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # 2 steps per epoch: epoch 1 improves (best.pt + metadata.json written), then the stop.
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=3), run)
+    assert train(tiny_image_config(tmp_path, strategy="partial", stop_after_steps=3), run).stopped
     assert (run / "best.pt").is_file() and read_metadata(run).finished is False
     with pytest.raises(UnfinishedRunError, match="did not finish"):
         load_checkpoint(run)
@@ -69,6 +67,5 @@ def test_interrupted_run_is_unfinished_until_it_completes(tmp_path: Path) -> Non
     load_checkpoint(run)
 
     # Training the finished run for more epochs makes it unfinished again until that completes.
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_image_config(tmp_path, strategy="partial", epochs=3, stop_after_steps=5), run)
+    assert train(tiny_image_config(tmp_path, strategy="partial", epochs=3, stop_after_steps=5), run).stopped
     assert read_metadata(run).finished is False

@@ -41,7 +41,7 @@ def test_image_strategy_loss_falls_and_frozen_weights_stay(
     # plots on for one strategy: the PNGs are part of the run folder
     cfg = tiny_image_config(tmp_path, strategy=strategy, plots=strategy == "partial", **changes)
     run = tmp_path / "run"
-    metrics = train(cfg, run)
+    metrics = train(cfg, run).metrics
 
     history = losses(run)
     assert history[-1] < history[0], history

@@ -1,4 +1,5 @@
-"""Gradient accumulation and early stopping, on the cheap linear-probe path (cached features)."""
+"""A whole run's options, on the cheap linear-probe path (cached features): gradient
+accumulation, early stopping, and a stop mid-epoch that leaves a resumable run folder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fineserve.training.run import train
+from fineserve.training.checkpoint import read_metadata
+from fineserve.training.run import RunResult, train
 from tests.training.conftest import tiny_image_config
 
 
@@ -32,7 +34,25 @@ def test_early_stopping_ends_the_run_when_validation_stalls(tmp_path: Path) -> N
     cfg = tiny_image_config(
         tmp_path, strategy="linear-probe", lr=1e-12, head_lr=1e-12, epochs=6, early_stopping_patience=2
     )
-    metrics = train(cfg, tmp_path / "run")
+    result = train(cfg, tmp_path / "run")
+    metrics = result.metrics
+    assert result.stopped is None  # early stopping finishes the run
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
     assert json.loads(lines[-1])["epoch"] == 3
+
+
+def test_a_stop_mid_epoch_ends_the_run_cleanly_and_the_same_call_resumes_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # 64 examples / batch 32 = 2 steps per epoch: step 3 is the middle of epoch 2.
+    result = train(tiny_image_config(tmp_path, strategy="linear-probe", stop_after_steps=3), run)
+    assert result == RunResult(metrics={}, stopped="stop_after_steps=3 reached")
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["progress"]["epoch"], saved["progress"]["batch"], saved["progress"]["step"]) == (1, 1, 3)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 1 only
+    assert read_metadata(run).finished is False  # best.pt of epoch 1, not a finished run
+
+    resumed = train(tiny_image_config(tmp_path, strategy="linear-probe"), run)
+    assert resumed.stopped is None
+    assert resumed.metrics["optimizer_steps"] == 4 and resumed.metrics["epochs_run"] == 2
+    assert read_metadata(run).finished is True
