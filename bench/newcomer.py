@@ -12,11 +12,13 @@ default model (accuracy; size, CPU latency and checks per variant). Takes tens o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 from fineserve.bench.server_process import free_port, wait_serving
 from fineserve.bench.stats import write_json
+from fineserve.export.contract import list_models, list_versions, read_model_spec
 
 _SUMMARY = re.compile(r"^=+ (.* in [0-9.]+s.*?) =+$", re.MULTILINE)
 
@@ -58,7 +61,8 @@ def make_serve(clone: Path, port: int, log: Path, timeout_s: float) -> dict[str,
             print(f"make serve: SERVING after {seconds:.0f} s", flush=True)
             predictions = _predict_each(clone, port)
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # make exited already
+                os.killpg(process.pid, signal.SIGTERM)
             process.wait(60)
     return {"command": " ".join(command), "seconds_to_serving": round(seconds, 1), "predict": predictions}
 
@@ -88,17 +92,22 @@ def _predict_each(clone: Path, port: int) -> dict[str, Any]:
 
 
 def published_models(repository: Path) -> dict[str, Any]:
-    """What export published for each default model: test accuracy, and per variant its size,
-    CPU latency and validation checks (the figures the README's export paragraph cites)."""
+    """What export published for each default model (its newest version): test accuracy, and per
+    variant its size, CPU latency and validation checks (the README's export figures)."""
     models: dict[str, Any] = {}
-    for spec_path in sorted(repository.glob("*/*/model.json")):
-        spec = json.loads(spec_path.read_text())
-        models[spec["name"]] = {
-            "version": spec["version"],
-            "test_accuracy": (spec.get("source") or {}).get("metrics", {}).get("test_accuracy"),
+    for name in list_models(repository):
+        version = max(list_versions(repository / name))
+        spec = read_model_spec(repository / name / str(version))
+        models[name] = {
+            "version": version,
+            "test_accuracy": spec.source.get("metrics", {}).get("test_accuracy"),
             "variants": {
-                name: {key: variant.get(key) for key in ("size_bytes", "cpu_latency_ms", "checks")}
-                for name, variant in spec["variants"].items()
+                variant_name: {
+                    "size_bytes": variant.size_bytes,
+                    "cpu_latency_ms": variant.cpu_latency_ms,
+                    "checks": variant.checks,
+                }
+                for variant_name, variant in spec.variants.items()
             },
         }
     return models
@@ -126,21 +135,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.repo / ".git").exists():
         parser.error(f"--repo {args.repo}: not a git checkout")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir}: not empty")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fineserve-newcomer-"))
     clone = workdir / "fineserve"
-    subprocess.run(["git", "clone", "--quiet", str(args.repo.resolve()), str(clone)], check=True)
-    result: dict[str, Any] = {
-        "benchmark": "newcomer",
-        "commit": _git(clone, "rev-parse", "--short", "HEAD"),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "clone": str(clone),
-    }
-    print(f"fresh clone of {result['commit']} in {clone}", flush=True)
-    result["make_serve"] = make_serve(
-        clone, args.port or free_port(), workdir / "make-serve.log", args.timeout_s
-    )
-    result["models"] = published_models(clone / "models")
-    if not args.no_test:
-        result["make_test"] = make_test(clone, workdir / "make-test.log")
+    try:
+        subprocess.run(["git", "clone", "--quiet", str(args.repo.resolve()), str(clone)], check=True)
+        result: dict[str, Any] = {
+            "benchmark": "newcomer",
+            "commit": _git(clone, "rev-parse", "--short", "HEAD"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "clone": str(clone),
+        }
+        print(f"fresh clone of {result['commit']} in {clone}", flush=True)
+        port = args.port or free_port()
+        result["make_serve"] = make_serve(clone, port, workdir / "make-serve.log", args.timeout_s)
+        result["models"] = published_models(clone / "models")
+        if not args.no_test:
+            result["make_test"] = make_test(clone, workdir / "make-test.log")
+    except (RuntimeError, subprocess.SubprocessError) as err:
+        print(f"fineserve bench newcomer: {err}".splitlines()[0], file=sys.stderr)
+        return 1
     write_json(args.json, result)
-    return 0 if result.get("make_test", {}).get("exit", 0) == 0 else 1
+    failed = [m for m, answer in result["make_serve"]["predict"].items() if isinstance(answer, dict)]
+    if failed:
+        print(f"fineserve bench newcomer: predict failed for {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed or result.get("make_test", {}).get("exit", 0) else 0

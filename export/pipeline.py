@@ -8,7 +8,6 @@ check raises and the folder disappears, so nothing half-checked is ever publishe
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import platform
 import shutil
@@ -131,13 +130,7 @@ def reference_error(wrapped: nn.Module, examples: Examples, reference: np.ndarra
     exact = torch_logits(copy.deepcopy(wrapped).double(), examples, dtype=torch.float64)
     error = float(np.abs(reference.astype(np.float64) - exact).max())
     first = slice(0, min(len(examples), ONE_BY_ONE_EXAMPLES))
-    subset = dataclasses.replace(
-        examples,
-        features={k: v[first] for k, v in examples.features.items()},
-        labels=examples.labels[first],
-        lengths=None if examples.lengths is None else examples.lengths[first],
-    )
-    one_by_one = torch_logits(wrapped, subset, batch_size=1).astype(np.float64)
+    one_by_one = torch_logits(wrapped, examples.subset(first), batch_size=1).astype(np.float64)
     return max(error, float(np.abs(one_by_one - exact[first]).max()))
 
 

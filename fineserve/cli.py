@@ -1,7 +1,7 @@
 """``fineserve``: one command for the whole pipeline, as ``mlserver`` or ``optimum-cli`` have.
 
     fineserve train fashion --output-dir runs/fashion
-    fineserve export run runs/fashion --repository models --name fashion
+    fineserve export checkpoint runs/fashion --repository models --name fashion
     fineserve serve --model-repository models
     fineserve predict --model sentiment "a warm film"
     fineserve bench suite --model-repository models
@@ -28,6 +28,10 @@ COMMANDS = {
 }
 
 
+# The extra that installs what each command needs (pyproject.toml).
+EXTRAS = {"train": "train", "export": "train", "serve": "serve", "predict": "client", "bench": "serve,train"}
+
+
 def usage() -> str:
     lines = [f"usage: fineserve {{{','.join(COMMANDS)}}} [options]", "", __doc__.strip().splitlines()[0]]
     lines += ["", "commands:", *(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())]
@@ -49,16 +53,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])
+        result: int = module.main(rest)
     except ModuleNotFoundError as err:  # the command's extra is not installed
-        if (err.name or "").startswith("fineserve"):
+        if (err.name or "fineserve").startswith("fineserve"):
             raise
-        extra = {"train": "train", "export": "train", "bench": "serve,train"}.get(name, "serve")
         print(
-            f"fineserve {name}: needs the {err.name!r} package: pip install 'fineserve[{extra}]'",
+            f"fineserve {name}: needs the {err.name!r} package, which the {EXTRAS[name]!r} extra installs "
+            f"(from a checkout: pip install '.[{EXTRAS[name]}]')",
             file=sys.stderr,
         )
         return 2
-    result: int = module.main(rest)
     return result
 
 

@@ -116,9 +116,8 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = False
     """CPU provider only: while a batch runs, its onnxruntime threads spin-wait between operators
     instead of sleeping and being woken for each one, and stop the moment the run ends. With one
-    busy model it cuts latency and CPU per run (a lone fashion image 0.46 instead of 0.75-0.92 ms);
-    with several models busy at once their runs' spinning threads crowd each other out (two models
-    under load: 17-26% fewer items/s), so it is off by default (docs/performance.md)."""
+    busy model it cuts latency and CPU per run; with several models busy at once their runs'
+    spinning threads crowd each other out, so it is off by default (measured in docs/performance.md)."""
     graph_optimization: GraphOptimization = "all"
     """onnxruntime graph optimisation level."""
     cuda_mem_limit_bytes: int = Field(default=0, ge=0)

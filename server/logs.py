@@ -2,7 +2,7 @@
 
 A record may carry ``fields`` (a dict, passed as ``extra={"fields": ...}``): the JSON format puts
 them at the top level of the object, the text format appends them as ``key=value``. The request
-log (``server.requests``) uses this for failed and slow requests; it never holds payloads.
+log (``fineserve.server.requests``) uses this for failed and slow requests; it never holds payloads.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,4 +52,21 @@ def test_the_command_passes_its_arguments_through(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
         f"fineserve serve: error: model repository {tmp_path / 'nope'} is not a folder"
+    )
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
+    """An environment without torch (a serving install): `fineserve bench train` says what to install."""
+    blocked = tmp_path / "torch"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError('no torch here', name='torch')\n")
+    without_torch = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fineserve", "bench", "train", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=without_torch,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "fineserve bench: needs the 'torch' package, which the 'serve,train' extra installs "
+        "(from a checkout: pip install '.[serve,train]')"
     )

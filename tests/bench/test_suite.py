@@ -203,6 +203,10 @@ def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path
         (["suite", "--concurrency", "1,-4"], "expected positive integers, got '1,-4'"),
         (["startup", "--runs", "0"], "--runs must be >= 1"),
         (["newcomer", "--repo", "/nonexistent"], "--repo /nonexistent: not a git checkout"),
+        (
+            ["newcomer", "--json", "/nonexistent/n.json"],
+            "--json /nonexistent/n.json: folder /nonexistent does not",
+        ),
     ],
 )
 def test_bad_arguments_are_one_error_line_and_exit_2(
@@ -254,3 +258,15 @@ def test_the_measured_window_opens_after_the_warmup(tiny_repository: Path, tmp_p
         )
     assert len(opened) == 1 and opened[0] - started >= 0.4
     assert result["requests_ok"] > 0
+
+
+def test_newcomer_reports_what_export_published_for_each_model(tiny_repository: Path) -> None:
+    from fineserve.bench.newcomer import published_models
+    from tests.fixtures import publish_tiny_image_model
+
+    publish_tiny_image_model(tiny_repository, version=2)
+    models = published_models(tiny_repository)
+    assert set(models) == {"tiny-image", "tiny-text"}
+    assert models["tiny-image"]["version"] == 2  # the newest version
+    fp32 = models["tiny-image"]["variants"]["fp32"]
+    assert fp32["size_bytes"] == (tiny_repository / "tiny-image" / "2" / "model.onnx").stat().st_size
