@@ -8,7 +8,6 @@ a folder of images in ``<label>/<file>`` subfolders, or a text file of ``label<T
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +64,6 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def subset(self, index: np.ndarray | slice) -> Examples:
-        """These examples at ``index``, as examples (features, labels and lengths alike)."""
-        return dataclasses.replace(
-            self,
-            features={k: v[index] for k, v in self.features.items()},
-            labels=self.labels[index],
-            lengths=None if self.lengths is None else self.lengths[index],
-        )
 
     def take(self, index: np.ndarray | slice) -> dict[str, np.ndarray]:
         """The features of a subset; text trimmed to the subset's longest example."""
