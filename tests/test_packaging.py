@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -50,11 +51,15 @@ def test_serve_install_resolves_without_torch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
-    """The wheel `pip wheel --no-deps .` builds from this checkout."""
+    """The wheel `pip wheel --no-deps .` builds from a copy of this checkout (setuptools leaves a
+    build/ folder in the source tree, whose stale files a later build would pack)."""
+    source = tmp_path_factory.mktemp("source") / "fineserve"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "models", "runs", "*.egg-info", "__*__")
+    shutil.copytree(ROOT, source, symlinks=True, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
-         "--wheel-dir", str(out), str(ROOT)],
+         "--wheel-dir", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
