@@ -59,8 +59,10 @@ def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataP
     optional tracing), the image-decoding pool and the model repository, which decides each
     version's batching once as it loads it."""
     metrics = metrics or Metrics()
-    provider = choose_provider(settings)
+    choice = choose_provider(settings)
+    provider = choice.provider
     metrics.provider.info({"provider": provider, "device": settings.device})
+    metrics.device_fallback.set(1 if choice.fallback_reason else 0)
     log.info("execution provider: %s", provider)
     if provider == CUDA:
         metrics.enable_gpu()

@@ -90,7 +90,8 @@ class Settings(BaseSettings):
 
     # --- execution providers and sessions -------------------------------------------------------
     device: Device = "auto"
-    """``auto``: CUDA when onnxruntime offers it, else CPU (logged as a warning). ``cuda``: CUDA or
+    """``auto``: CUDA when onnxruntime offers it and a one-node graph runs on it at startup, else
+    CPU (logged; a failed probe also sets fineserve_device_fallback). ``cuda``: working CUDA or
     refuse to start. ``cpu``: CPU only."""
     precision: PrecisionChoice = "auto"
     """Which graph variant of model.json to serve. ``auto``: fp16 on CUDA, int8 if present on CPU

@@ -172,6 +172,12 @@ class Metrics:
             "The onnxruntime execution provider the server chose, and the device setting.",
             registry=r,
         )
+        self.device_fallback = Gauge(
+            "fineserve_device_fallback",
+            "1 when device=auto serves on CPU because CUDA, though offered, failed its startup probe "
+            "(the log says why); 0 otherwise.",
+            registry=r,
+        )
         self._known_models: set[str] = set()
         self._watched: dict[tuple[str, str], WatchedVersion] = {}
         self._execution_labels: dict[tuple[str, str], tuple[str, str]] = {}

@@ -1,9 +1,9 @@
 """onnxruntime sessions: which execution provider, which graph variant, and running a batch.
 
-The provider is decided once, explicitly: CUDA asked for but not offered by the installed
-onnxruntime is an error (``device=cuda``) or a logged warning (``device=auto``), never a silent
-fallback; and after a session is made, ``session.get_providers()`` is checked, because
-onnxruntime itself drops to CPU when a CUDA library is missing.
+The provider is decided once, explicitly: CUDA asked for but not offered, or offered but failing
+a one-node graph, is an error (``device=cuda``) or a logged, counted fallback (``device=auto``),
+never a silent one; and after each session is made, ``session.get_providers()`` is checked,
+because onnxruntime itself drops to CPU when a CUDA library is missing.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import numpy as np
 import onnxruntime as ort
 
 from fineserve.export.contract import ModelSpec, Variant
+from fineserve.server import device_probe
 from fineserve.server.config import Settings
 from fineserve.server.threads import ORT_PREFIX, named
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+CPU = device_probe.CPU
 
 _GRAPH_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -48,26 +49,50 @@ class ProviderUnavailable(RuntimeError):
     """CUDA was required but onnxruntime cannot use it here."""
 
 
-def choose_provider(settings: Settings) -> str:
-    """The execution provider every session will use, decided once at startup.
+@dataclass(frozen=True)
+class ProviderChoice:
+    """The execution provider every session will use, and, when ``device=auto`` had to serve on
+    CPU though onnxruntime offered CUDA, why (its startup probe failed); "" otherwise."""
+
+    provider: str
+    fallback_reason: str = ""
+
+
+def cuda_options(settings: Settings) -> dict[str, Any]:
+    """The CUDA provider options of every session (and of the startup probe)."""
+    options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+    if settings.cuda_mem_limit_bytes:
+        options["gpu_mem_limit"] = settings.cuda_mem_limit_bytes
+    return options
+
+
+def choose_provider(settings: Settings) -> ProviderChoice:
+    """The execution provider every session will use, decided once at startup. CUDA counts only
+    once a one-node graph has run on it (``device_probe``): onnxruntime-gpu offers it whatever
+    the host has.
 
     Raises:
-        ProviderUnavailable: ``device=cuda`` and the installed onnxruntime has no CUDA provider.
+        ProviderUnavailable: ``device=cuda`` and onnxruntime has no CUDA provider, or its probe failed.
     """
     available = ort.get_available_providers()
     if settings.device == "cpu":
-        return CPU
-    if CUDA in available:
-        return CUDA
+        return ProviderChoice(CPU)
+    if CUDA not in available:
+        if settings.device == "cuda":
+            raise ProviderUnavailable(
+                f"device=cuda but onnxruntime {ort.__version__} offers only {', '.join(available)}; "
+                "install onnxruntime-gpu (the 'gpu' extra) or run with --device cpu"
+            )
+        offered = ", ".join(available)
+        log.warning("CUDA execution provider not available (onnxruntime offers %s): serving on CPU", offered)
+        return ProviderChoice(CPU)
+    failure = device_probe.probe(CUDA, cuda_options(settings))
+    if failure is None:
+        return ProviderChoice(CUDA)
     if settings.device == "cuda":
-        raise ProviderUnavailable(
-            f"device=cuda but onnxruntime {ort.__version__} offers only {', '.join(available)}; "
-            "install onnxruntime-gpu (the 'gpu' extra) or run with --device cpu"
-        )
-    log.warning(
-        "CUDA execution provider not available (onnxruntime offers %s): serving on CPU", ", ".join(available)
-    )
-    return CPU
+        raise ProviderUnavailable(f"device=cuda but CUDA does not work here: {failure}")
+    log.error("device=auto: CUDA does not work here, serving on CPU: %s", failure)
+    return ProviderChoice(CPU, fallback_reason=failure)
 
 
 def choose_variant(spec: ModelSpec, provider: str, settings: Settings) -> Variant:
@@ -185,10 +210,7 @@ class ModelSession:
         )
         providers: list[Any] = [CPU]
         if provider == CUDA:
-            cuda_options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
-            if settings.cuda_mem_limit_bytes:
-                cuda_options["gpu_mem_limit"] = settings.cuda_mem_limit_bytes
-            providers = [(CUDA, cuda_options), CPU]
+            providers = [(CUDA, cuda_options(settings)), CPU]
         # onnxruntime's intra-op workers start here and take this thread's name: ort:<model>.
         with named(f"{ORT_PREFIX}{path.parent.parent.name}"):
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
