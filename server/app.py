@@ -4,16 +4,17 @@ A grpc.aio server carries our fineserve.v1 service, the KServe v2 service, the s
 service and reflection; a Prometheus HTTP server carries the metrics. Lifecycle: the port opens
 with health NOT_SERVING (readiness: service "" and the two API services) and SERVING on the
 ``liveness`` service; every model the policy selects loads and warms up (or fails: it stays
-FAILED, visible in the index and metrics), then readiness turns SERVING; on stop, every health
-service turns NOT_SERVING first, new calls are refused, in-flight calls get ``shutdown_grace_s``
-to finish, then the models are released. See ``DataPlane.ready`` for why readiness does not follow
-the repository after startup.
+FAILED, visible in the index and metrics), then readiness turns SERVING when the models are
+ready as the ``readiness`` setting asks (``DataPlane.ready``), and follows them from then on; on
+stop, every health service turns NOT_SERVING first, new calls are refused, in-flight calls get
+``shutdown_grace_s`` to finish, then the models are released.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -52,6 +53,8 @@ LIVENESS_SERVICE = "liveness"
 __all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
+# How soon health follows the models after startup (their states change with a poll, load or unload).
+_READINESS_CHECK_S = 0.5
 
 
 def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataPlane:
@@ -139,6 +142,8 @@ class Server:
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._stopping = False
+        self._serving = False
+        self._readiness_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         # Blocking work (tokenising, model loading) runs on named threads; the event loop is this
@@ -164,15 +169,45 @@ class Server:
                 ) from None
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         await self.dataplane.start()
-        await self._set_health(serving=self.dataplane.ready())
+        self._serving = self.dataplane.ready()
+        await self._set_health(serving=self._serving)
         failed = sorted({e.name for e in self.dataplane.index() if e.state == "FAILED"})
-        log.info("server ready: SERVING%s", f" (failed to load: {', '.join(failed)})" if failed else "")
+        failures = f" (failed to load: {', '.join(failed)})" if failed else ""
+        if self._serving:
+            log.info("server ready: SERVING%s", failures)
+        else:
+            log.error(
+                "server started but NOT_SERVING: the models are not ready as readiness=%s asks%s",
+                self.settings.readiness,
+                failures,
+            )
+        self._readiness_task = asyncio.get_running_loop().create_task(
+            self._follow_readiness(), name="readiness"
+        )
+
+    async def _follow_readiness(self) -> None:
+        """Health follows the models as they load, fail and unload after startup."""
+        while not self._stopping:
+            await asyncio.sleep(_READINESS_CHECK_S)
+            serving = self.dataplane.ready()
+            if serving != self._serving and not self._stopping:
+                self._serving = serving
+                await self._set_health(serving=serving)
+                log.warning(
+                    "health %s: readiness=%s",
+                    "SERVING" if serving else "NOT_SERVING",
+                    self.settings.readiness,
+                )
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
         if self._stopping:
             return
         self._stopping = True
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._readiness_task
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
         self._gate.close()

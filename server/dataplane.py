@@ -104,6 +104,7 @@ class DataPlane:
         self._image_pool = image_pool
         self._started = False
         self._closing = False
+        self._models_ready = False  # as settings.readiness asks; refreshed when the models change
         self._poll_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -117,6 +118,7 @@ class DataPlane:
         if not self.repository.root.is_dir():
             raise FileNotFoundError(f"model repository {self.repository.root} is not a folder")
         await self.repository.sync()
+        self._refresh_readiness()
         self._started = True
         if self.settings.repository_poll_s > 0:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
@@ -140,6 +142,7 @@ class DataPlane:
                 await self.repository.sync()
             except Exception:
                 log.exception("repository poll failed; will retry")
+            self._refresh_readiness()
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -147,17 +150,29 @@ class DataPlane:
         return not self._closing
 
     def ready(self) -> bool:
-        """The initial load has settled and we are not shutting down.
+        """The initial load has settled, we are not shutting down, and the models are ready as
+        ``settings.readiness`` asks: ``any`` (a READY version of some model) or ``all`` (a READY
+        version of every model not unloaded, and at least one). An empty repository is ready.
 
-        Settled: ``start`` has tried every model the version policy selects, each one has a READY
-        version or its load FAILED (a failed model stays visible as FAILED in the index and the
-        metrics, and answers UNAVAILABLE). After startup the repository never makes the whole
-        server unready: every replica reads the same repository, so a broken or still-loading
-        model would take every replica out of service at once, the healthy models with it. What
-        comes and goes later (new models, versions, failures, unloads) is each model's own
-        readiness (``model_ready``, the index).
+        ``any`` is the default because every replica reads the same repository: under ``all`` a
+        broken or still-loading model would take every replica out of service at once, the healthy
+        models with it. Either way, a server none of whose models loaded is not ready. What each
+        model does is also its own readiness (``model_ready``, the index).
         """
-        return self._started and not self._closing
+        return self._started and not self._closing and self._models_ready
+
+    def _refresh_readiness(self) -> None:
+        """Re-reads the models' states (after a sync, a load or an unload) for ``ready``."""
+        repository = self.repository
+        present = set(repository.model_names()) | set(repository.served)
+        selected = {name for name in present if not repository.unloaded(name)}
+        ready = {name for name in selected if repository.served.get(name)}
+        if not present:  # an empty repository: nothing to wait for (models may be published later)
+            self._models_ready = True
+        elif self.settings.readiness == "all":
+            self._models_ready = bool(ready) and ready == selected
+        else:
+            self._models_ready = bool(ready)
 
     def model_ready(self, name: str, version: int | None) -> bool:
         try:
@@ -239,12 +254,14 @@ class DataPlane:
         """Serves ``name`` (again). Raises PermissionDenied when model control is off."""
         self._check_control("load")
         await self.repository.load(name)
+        self._refresh_readiness()
         if not self.repository.served.get(name):
             raise ModelNotReady(f"model {name!r} failed to load; see the server log")
 
     async def unload(self, name: str) -> None:
         self._check_control("unload")
         await self.repository.unload(name)
+        self._refresh_readiness()
 
     def _check_control(self, what: str) -> None:
         if not self.settings.allow_model_control:

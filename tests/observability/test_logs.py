@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,14 +25,9 @@ CANARY = "zebra-canary-8472"
 
 
 @pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
+def log_output(restored_logging: None) -> io.StringIO:
     """Where the server's log goes during the test; the logging setup is restored afterwards."""
-    root, ours = logging.getLogger(), logging.getLogger("fineserve.server")
-    saved = (root.handlers[:], root.level, ours.level)
-    yield io.StringIO()
-    root.handlers[:], _, _ = saved
-    root.setLevel(saved[1])
-    ours.setLevel(saved[2])
+    return io.StringIO()
 
 
 def request_lines(text: str) -> list[dict[str, object]]:

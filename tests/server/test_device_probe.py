@@ -21,6 +21,9 @@ from fineserve.server.config import load_settings
 from fineserve.server.runtime import CPU, CUDA, ProviderChoice, ProviderUnavailable, choose_provider
 from tests.server.running import RunningServer
 
+# What onnxruntime's CPU build says when asked for CUDA: the failure these tests cause on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
+
 
 def make_probe_graph() -> onnx.ModelProto:
     """y = x + x over float[2], opset 13: what device_probe.PROBE_GRAPH holds."""
@@ -100,7 +103,7 @@ def test_no_fallback_reads_zero(tiny_repository: Path) -> None:
 
 
 def test_serve_with_device_cuda_exits_with_one_line_naming_what_failed(
-    tiny_repository: Path, cuda_offered: None, capsys: pytest.CaptureFixture[str]
+    tiny_repository: Path, cuda_offered: None, restored_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["--model-repository", str(tiny_repository), "--grpc-port", "0", "--metrics-port", "-1",
                  "--device", "cuda"])  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -73,3 +74,71 @@ def test_liveness_does_not_follow_readiness(tmp_path: Path) -> None:
         assert health(channel, LIVENESS_SERVICE) == SERVING
         server.call(server.server._set_health(serving=True))
         assert health(channel, "") == SERVING
+
+
+def _wait_for_health(channel: grpc.Channel, wanted: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while health(channel, "") != wanted:
+        assert time.monotonic() < deadline, (
+            f"health did not turn {health_pb2.HealthCheckResponse.ServingStatus.Name(wanted)}"
+        )
+        time.sleep(0.05)
+
+
+def _server_ready(channel: grpc.Channel) -> bool:
+    return bool(kpb_grpc.GRPCInferenceServiceStub(channel).ServerReady(kpb.ServerReadyRequest()).ready)
+
+
+def test_a_server_none_of_whose_models_loaded_is_never_serving_until_one_does(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    broken = publish_tiny_image_model(repository, name="broken")
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    with (
+        RunningServer(repository, repository_poll_s=0.1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        assert health(channel, "") == NOT_SERVING and not _server_ready(channel)
+        assert health(channel, LIVENESS_SERVICE) == SERVING  # alive: the orchestrator must not restart it
+        publish_tiny_image_model(repository, name="broken", version=2)  # a good version arrives
+        _wait_for_health(channel, SERVING)
+        assert _server_ready(channel)
+
+
+def test_unloading_the_last_model_turns_the_server_not_serving_and_loading_it_back_serving(
+    tmp_path: Path,
+) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository, name="only")
+    with (
+        RunningServer(repository, repository_poll_s=0) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
+        assert health(channel, "") == SERVING
+        kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="only"), timeout=10)
+        _wait_for_health(channel, NOT_SERVING)
+        kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="only"), timeout=30)
+        _wait_for_health(channel, SERVING)
+
+
+def test_strict_readiness_waits_for_every_model(tmp_path: Path) -> None:
+    """readiness=all (Triton's strict readiness): one broken model keeps the server NOT_SERVING;
+    the default, any, serves the healthy one (the test at the top of this file)."""
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository, name="good")
+    broken = publish_tiny_image_model(repository, name="broken", seed=1)
+    (broken / "model.onnx").write_bytes(b"not a graph")
+    with (
+        RunningServer(repository, readiness="all", repository_poll_s=0.1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        assert health(channel, "") == NOT_SERVING and not _server_ready(channel)
+        publish_tiny_image_model(repository, name="broken", version=2)
+        _wait_for_health(channel, SERVING)
+
+
+def test_an_empty_repository_is_serving(tmp_path: Path) -> None:
+    """Nothing to wait for (models may come through the repository API or a later publish)."""
+    (tmp_path / "models").mkdir()
+    with RunningServer(tmp_path / "models") as server, grpc.insecure_channel(server.target) as channel:
+        assert health(channel, "") == SERVING and _server_ready(channel)
