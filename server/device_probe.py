@@ -26,8 +26,9 @@ _INPUT = np.array([1.5, -2.0], dtype=np.float32)
 def probe(provider: str, options: dict[str, Any] | None = None) -> str | None:
     """Runs the probe graph on ``provider``; None when it ran there and answered right, otherwise
     why not, in one line."""
+    providers: list[Any] = [(provider, options or {})] + ([CPU] if provider != CPU else [])
     try:
-        session = ort.InferenceSession(PROBE_GRAPH, providers=[(provider, options or {}), CPU])
+        session = ort.InferenceSession(PROBE_GRAPH, providers=providers)
     except Exception as err:  # onnxruntime raises its own (RuntimeError, Fail) for a provider that breaks
         return f"{provider} could not create a session ({_first_line(err)})"
     used = session.get_providers()[0]
