@@ -190,14 +190,17 @@ class Server:
         while not self._stopping:
             await asyncio.sleep(_READINESS_CHECK_S)
             serving = self.dataplane.ready()
-            if serving != self._serving and not self._stopping:
-                self._serving = serving
+            if serving == self._serving or self._stopping:
+                continue
+            try:
                 await self._set_health(serving=serving)
-                log.warning(
-                    "health %s: readiness=%s",
-                    "SERVING" if serving else "NOT_SERVING",
-                    self.settings.readiness,
-                )
+            except Exception:  # keep following; stop() must still find this task alive
+                log.exception("could not set health to %s", "SERVING" if serving else "NOT_SERVING")
+                continue
+            self._serving = serving
+            log.warning(
+                "health %s: readiness=%s", "SERVING" if serving else "NOT_SERVING", self.settings.readiness
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""

@@ -173,11 +173,11 @@ class Settings(BaseSettings):
     """With ``version_policy=specific``: model name -> the versions to serve."""
     readiness: Literal["any", "all"] = "any"
     """When health and KServe ServerReady say SERVING, once the first load has settled: ``any``:
-    at least one model has a READY version (a server whose models all failed or were unloaded is
-    never SERVING); ``all``: every model in the repository that is not unloaded has one (Triton's
-    strict readiness). An empty repository is SERVING. ``any`` is the default because replicas
-    share one repository: under ``all`` one broken model takes every replica out of service, the
-    healthy models with it. Re-checked as models load, fail and unload."""
+    a model the version policy selects has a READY version (a server whose models all failed is
+    never SERVING); ``all``: every one has (Triton's strict readiness). With nothing selected (an
+    empty repository, every model unloaded) it is SERVING. ``any`` is the default because
+    replicas share one repository: under ``all`` one broken model takes every replica out of
+    service, the healthy models with it. Re-checked as models load, fail and unload."""
     allow_model_control: bool = True
     """Allow the explicit load/unload RPCs; when off they answer PERMISSION_DENIED."""
     warmup: bool = True

@@ -142,7 +142,7 @@ class DataPlane:
                 await self.repository.sync()
             except Exception:
                 log.exception("repository poll failed; will retry")
-            self._refresh_readiness()
+            self._refresh_readiness()  # never raises: a repository it cannot read is not ready
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -151,8 +151,9 @@ class DataPlane:
 
     def ready(self) -> bool:
         """The initial load has settled, we are not shutting down, and the models are ready as
-        ``settings.readiness`` asks: ``any`` (a READY version of some model) or ``all`` (a READY
-        version of every model not unloaded, and at least one). An empty repository is ready.
+        ``settings.readiness`` asks: ``any`` (a READY version of some model the version policy
+        selects) or ``all`` (of every one). With nothing selected (an empty repository, every
+        model unloaded on purpose) it is ready; with the repository's folder gone, not.
 
         ``any`` is the default because every replica reads the same repository: under ``all`` a
         broken or still-loading model would take every replica out of service at once, the healthy
@@ -164,13 +165,21 @@ class DataPlane:
     def _refresh_readiness(self) -> None:
         """Re-reads the models' states (after a sync, a load or an unload) for ``ready``."""
         repository = self.repository
-        present = set(repository.model_names()) | set(repository.served)
-        selected = {name for name in present if not repository.unloaded(name)}
+        try:
+            if not repository.root.is_dir():  # the repository's volume went away
+                self._models_ready = False
+                return
+            selected = {name for name in repository.model_names() if repository.selected(name)}
+        except OSError:
+            log.exception("cannot read the model repository; not ready")
+            self._models_ready = False
+            return
+        selected |= {name for name, versions in repository.served.items() if versions}
         ready = {name for name in selected if repository.served.get(name)}
-        if not present:  # an empty repository: nothing to wait for (models may be published later)
+        if not selected:  # nothing to wait for: an empty repository, or every model unloaded
             self._models_ready = True
         elif self.settings.readiness == "all":
-            self._models_ready = bool(ready) and ready == selected
+            self._models_ready = ready == selected
         else:
             self._models_ready = bool(ready)
 

@@ -105,6 +105,16 @@ class Repository:
     def unloaded(self, name: str) -> bool:
         return name in self._unloaded
 
+    def selected(self, name: str) -> bool:
+        """Whether the version policy picks a version of ``name`` on disk (failed ones count),
+        unless it was unloaded: the models readiness waits for."""
+        if name in self._unloaded or not MODEL_NAME.match(name):
+            return False
+        on_disk = self.versions_on_disk(name)
+        if self._settings.version_policy == "specific":
+            return bool(set(on_disk) & set(self._settings.specific_versions.get(name, [])))
+        return bool(on_disk)
+
     def _wanted(self, name: str, on_disk: list[int]) -> list[int]:
         if name in self._unloaded:
             return []

@@ -54,7 +54,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     """The wheel `pip wheel --no-deps .` builds from a copy of this checkout (setuptools leaves a
     build/ folder in the source tree, whose stale files a later build would pack)."""
     source = tmp_path_factory.mktemp("source") / "fineserve"
-    skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "models", "runs", "*.egg-info", "__*__")
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        # At the top: what a fresh clone lacks (dot-folders, build output, models, runs).
+        top = {
+            n
+            for n in names
+            if n.startswith(".") or n.endswith(".egg-info") or n in {"build", "dist", "models", "runs"}
+        }
+        return (top if Path(folder) == ROOT else set()) | {n for n in names if n == "__pycache__"}
+
     shutil.copytree(ROOT, source, symlinks=True, ignore=skip)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(

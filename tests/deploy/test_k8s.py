@@ -102,6 +102,8 @@ def test_liveness_probes_ask_the_liveness_service_and_readiness_the_whole_server
     for container in (CONTAINER, kserve["spec"]["predictor"]["containers"][0]):
         # A restart must not follow readiness: that is what the server's liveness service is for.
         assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+        if "startupProbe" in container:  # nor may a pod whose models all failed be killed at startup
+            assert container["startupProbe"]["grpc"]["service"] == LIVENESS_SERVICE
         assert container["readinessProbe"]["grpc"].get("service", "") == ""
 
 

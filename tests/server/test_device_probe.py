@@ -39,9 +39,16 @@ def make_probe_graph() -> onnx.ModelProto:
     )
 
 
+# On a host where CUDA works the probe passes: the failures cannot be caused there.
+CUDA_WORKS_HERE = CUDA in onnxruntime.get_available_providers()
+needs_cuda_to_fail = pytest.mark.skipif(CUDA_WORKS_HERE, reason="CUDA works on this host")
+
+
 @pytest.fixture
 def cuda_offered(monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime says it has CUDA, as onnxruntime-gpu says on any host."""
+    if CUDA_WORKS_HERE:
+        pytest.skip("CUDA works on this host: it cannot be made to fail")
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
 
 
@@ -55,6 +62,7 @@ def test_the_probe_runs_on_the_cpu_provider() -> None:
     assert device_probe.probe(CPU) is None
 
 
+@needs_cuda_to_fail
 def test_a_provider_onnxruntime_cannot_use_fails_the_probe_with_its_reason() -> None:
     reason = device_probe.probe(CUDA)
     assert reason is not None
@@ -76,9 +84,14 @@ def test_device_auto_falls_back_to_cpu_loudly(cuda_offered: None, caplog: pytest
     assert record.getMessage().startswith("device=auto: CUDA does not work here, serving on CPU: ")
 
 
-def test_device_cpu_never_probes_and_auto_without_cuda_is_no_fallback() -> None:
-    assert choose_provider(load_settings(device="cpu")) == ProviderChoice(CPU)
-    assert choose_provider(load_settings(device="auto")) == ProviderChoice(CPU)  # this CPU build
+@needs_cuda_to_fail
+def test_device_cpu_never_probes_and_auto_without_cuda_is_no_fallback(
+    cuda_offered: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert choose_provider(load_settings(device="cpu")) == ProviderChoice(CPU)  # CUDA offered, not probed
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(device_probe, "probe", lambda *_: pytest.fail("probed without CUDA offered"))
+    assert choose_provider(load_settings(device="auto")) == ProviderChoice(CPU)
 
 
 def _fallback_gauge(port: int) -> float:
@@ -97,6 +110,7 @@ def test_the_fallback_is_a_metric_and_the_models_serve_on_cpu(
         assert states == {("tiny-image", "READY", CPU), ("tiny-text", "READY", CPU)}
 
 
+@needs_cuda_to_fail
 def test_no_fallback_reads_zero(tiny_repository: Path) -> None:
     with RunningServer(tiny_repository, metrics_port=0, metrics_host="127.0.0.1") as server:
         assert _fallback_gauge(server.server.metrics_port) == 0.0

@@ -104,9 +104,9 @@ def test_a_server_none_of_whose_models_loaded_is_never_serving_until_one_does(tm
         assert _server_ready(channel)
 
 
-def test_unloading_the_last_model_turns_the_server_not_serving_and_loading_it_back_serving(
-    tmp_path: Path,
-) -> None:
+def test_unloading_every_model_on_purpose_keeps_the_server_serving(tmp_path: Path) -> None:
+    """Nothing is left to wait for; and an unready pod would leave the Service's endpoints, so the
+    operator could not load a model back through it."""
     repository = tmp_path / "models"
     publish_tiny_image_model(repository, name="only")
     with (
@@ -114,11 +114,34 @@ def test_unloading_the_last_model_turns_the_server_not_serving_and_loading_it_ba
         grpc.insecure_channel(server.target) as channel,
     ):
         kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
-        assert health(channel, "") == SERVING
         kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="only"), timeout=10)
-        _wait_for_health(channel, NOT_SERVING)
+        time.sleep(1.0)  # two readiness checks
+        assert health(channel, "") == SERVING and _server_ready(channel)
         kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="only"), timeout=30)
+        assert health(channel, "") == SERVING
+
+
+def test_a_repository_that_went_away_is_not_ready(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository)
+    with (
+        RunningServer(repository, repository_poll_s=0.1) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        assert health(channel, "") == SERVING
+        repository.rename(tmp_path / "elsewhere")  # the volume is gone
+        _wait_for_health(channel, NOT_SERVING)
+        (tmp_path / "elsewhere").rename(repository)
         _wait_for_health(channel, SERVING)
+
+
+def test_strict_readiness_waits_only_for_what_the_version_policy_selects(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_tiny_image_model(repository, name="chosen")
+    publish_tiny_image_model(repository, name="ignored", seed=1)
+    settings = {"readiness": "all", "version_policy": "specific", "specific_versions": {"chosen": [1]}}
+    with RunningServer(repository, **settings) as server, grpc.insecure_channel(server.target) as channel:
+        assert health(channel, "") == SERVING
 
 
 def test_strict_readiness_waits_for_every_model(tmp_path: Path) -> None:
