@@ -19,7 +19,8 @@ PYTEST_ARGS ?=
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml Makefile
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# A venv left without pip by an interrupted first run is made again.
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[serve,train,dev]"
