@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from fineserve.cli import chosen, listing
 from fineserve.export.contract import ModelSpecError
 
 COMMANDS = {
@@ -36,21 +37,17 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: fineserve bench {" + ",".join(COMMANDS) + "} [options]", ""]
-    lines.append(__doc__.strip().splitlines()[0])
-    lines += ["", "commands:"] + [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [__doc__.strip().splitlines()[0], "", *listing(COMMANDS)]
     lines.append("\nRun `fineserve bench COMMAND --help` for a command's options.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+    picked = chosen(args, COMMANDS, _usage(), "error: unknown benchmark {name}; choose one of: {names}")
+    if isinstance(picked, int):
+        return picked
+    name, rest = picked
     module = importlib.import_module(COMMANDS[name][0])
     try:
         result: int = module.main(rest)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fineserve import __version__
 
@@ -32,25 +32,45 @@ COMMANDS = {
 EXTRAS = {"train": "train", "export": "train", "serve": "serve", "predict": "client", "bench": "serve,train"}
 
 
+def listing(commands: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The lines of a usage text that list ``commands`` (name -> (module, one line of help))."""
+    return ["commands:", *(f"  {name:<8} {help_}" for name, (_, help_) in commands.items())]
+
+
+def chosen(
+    args: Sequence[str], commands: Mapping[str, tuple[str, str]], usage: str, unknown: str
+) -> tuple[str, list[str]] | int:
+    """The command ``args`` name and the arguments for it, or an exit code: 0 after printing
+    ``usage`` (no arguments, -h, --help), 2 after printing ``unknown`` (``{name}``, ``{names}``)
+    for a name not in ``commands``. ``fineserve`` and ``fineserve bench`` dispatch with it."""
+    if not args or args[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if args[0] not in commands:
+        print(unknown.format(name=repr(args[0]), names=", ".join(commands)), file=sys.stderr)
+        return 2
+    return args[0], list(args[1:])
+
+
 def usage() -> str:
-    lines = [f"usage: fineserve {{{','.join(COMMANDS)}}} [options]", "", __doc__.strip().splitlines()[0]]
-    lines += ["", "commands:", *(f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items())]
-    lines += ["", "Run `fineserve COMMAND --help` for a command's options; `fineserve --version`."]
+    lines = [f"usage: fineserve {{{','.join(COMMANDS)}}} [options]", "", __doc__.strip().splitlines()[0], ""]
+    lines += [
+        *listing(COMMANDS),
+        "",
+        "Run `fineserve COMMAND --help` for a command's options; `fineserve --version`.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(usage())
-        return 0
-    if args[0] == "--version":
+    if args[:1] == ["--version"]:
         print(f"fineserve {__version__}")
         return 0
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"fineserve: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+    picked = chosen(args, COMMANDS, usage(), "fineserve: unknown command {name}; choose one of: {names}")
+    if isinstance(picked, int):
+        return picked
+    name, rest = picked
     try:
         module = importlib.import_module(COMMANDS[name][0])
         result: int = module.main(rest)
