@@ -10,8 +10,7 @@ import pytest
 
 from tests.fixtures import (
     MakeObject,
-    publish_tiny_image_model,
-    publish_tiny_text_model,
+    publish_tiny_models,
     shared_memory_objects,
 )
 
@@ -19,10 +18,7 @@ from tests.fixtures import (
 @pytest.fixture
 def tiny_repository(tmp_path: Path) -> Path:
     """A model repository holding ``tiny-image`` and ``tiny-text``, version 1 each."""
-    repository = tmp_path / "models"
-    publish_tiny_image_model(repository)
-    publish_tiny_text_model(repository)
-    return repository
+    return publish_tiny_models(tmp_path / "models")
 
 
 @pytest.fixture

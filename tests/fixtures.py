@@ -178,6 +178,13 @@ def publish_tiny_text_model(repository: Path, name: str = "tiny-text", version: 
     return version_dir
 
 
+def publish_tiny_models(repository: Path) -> Path:
+    """``tiny-image`` and ``tiny-text``, version 1 each, in ``repository``; returns it."""
+    publish_tiny_image_model(repository)
+    publish_tiny_text_model(repository)
+    return repository
+
+
 def copy_version(src: Path, dst_version: int) -> Path:
     """Copies a version folder to a new version number (rewriting model.json's version)."""
     import json

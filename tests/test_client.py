@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from fineserve.client import Credentials, FineserveClient, SyncFineserveClient
-from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import publish_tiny_models
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
 from tests.server.running import RunningServer
@@ -22,10 +22,7 @@ PNG = images.png(images.rgb_pixels())
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path: Path = tmp_path_factory.mktemp("client") / "models"
-    publish_tiny_image_model(path)
-    publish_tiny_text_model(path)
-    return path
+    return publish_tiny_models(tmp_path_factory.mktemp("client") / "models")
 
 
 @pytest.fixture(scope="module")

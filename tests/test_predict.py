@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fineserve.predict import main
-from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_models
 from tests.server.running import RunningServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,9 +24,7 @@ IMAGE_LABELS = {f"class_{i}" for i in range(10)}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    repository = tmp_path_factory.mktemp("predict") / "models"
-    publish_tiny_image_model(repository)
-    publish_tiny_text_model(repository)
+    repository = publish_tiny_models(tmp_path_factory.mktemp("predict") / "models")
     with RunningServer(repository, metrics_port=-1) as running:
         yield running
 

@@ -26,7 +26,7 @@ from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
-from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import publish_tiny_models
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
 from tests.reliability.triton_child import infer_text_over_tls
@@ -40,10 +40,7 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path: Path = tmp_path_factory.mktemp("security") / "models"
-    publish_tiny_image_model(path)
-    publish_tiny_text_model(path)
-    return path
+    return publish_tiny_models(tmp_path_factory.mktemp("security") / "models")
 
 
 @pytest.fixture(scope="module")

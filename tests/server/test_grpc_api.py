@@ -15,18 +15,13 @@ from PIL import Image
 
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
-from tests.fixtures import TINY_IMAGE_SIZE
+from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_models
 from tests.server.running import RunningServer
 
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
-
-    root = tmp_path_factory.mktemp("api") / "models"
-    publish_tiny_image_model(root)
-    publish_tiny_text_model(root)
-    return root
+    return publish_tiny_models(tmp_path_factory.mktemp("api") / "models")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,10 @@ from fineserve.bench.server_process import ServerProcess
 from fineserve.server.kserve.tensors import encode_bytes_elements
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures import TINY_IMAGE_SIZE, publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import (
+    TINY_IMAGE_SIZE,
+    publish_tiny_models,
+)
 from tests.server.kserve_harness import running_server
 
 SERVICE = "/inference.GRPCInferenceService/"
@@ -37,10 +40,7 @@ IMAGE_BATCHING = {
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repository: Path = tmp_path_factory.mktemp("stubs") / "models"
-    publish_tiny_image_model(repository)
-    publish_tiny_text_model(repository)
-    return repository
+    return publish_tiny_models(tmp_path_factory.mktemp("stubs") / "models")
 
 
 def wait_ready(server: ServerProcess, channel: grpc.Channel) -> None:
