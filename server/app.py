@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import signal
@@ -53,8 +52,6 @@ LIVENESS_SERVICE = "liveness"
 __all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
-# How soon health follows the models after startup (their states change with a poll, load or unload).
-_READINESS_CHECK_S = 0.5
 
 
 def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataPlane:
@@ -142,8 +139,7 @@ class Server:
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._stopping = False
-        self._serving = False
-        self._readiness_task: asyncio.Task[None] | None = None
+        self.dataplane.on_ready_change = self._follow_readiness
 
     async def start(self) -> None:
         # Blocking work (tokenising, model loading) runs on named threads; the event loop is this
@@ -169,11 +165,11 @@ class Server:
                 ) from None
             log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
         await self.dataplane.start()
-        self._serving = self.dataplane.ready()
-        await self._set_health(serving=self._serving)
+        serving = self.dataplane.ready()
+        await self._set_health(serving=serving)
         failed = sorted({e.name for e in self.dataplane.index() if e.state == "FAILED"})
         failures = f" (failed to load: {', '.join(failed)})" if failed else ""
-        if self._serving:
+        if serving:
             log.info("server ready: SERVING%s", failures)
         else:
             log.error(
@@ -181,36 +177,25 @@ class Server:
                 self.settings.readiness,
                 failures,
             )
-        self._readiness_task = asyncio.get_running_loop().create_task(
-            self._follow_readiness(), name="readiness"
-        )
 
-    async def _follow_readiness(self) -> None:
+    async def _follow_readiness(self, serving: bool) -> None:
         """Health follows the models as they load, fail and unload after startup."""
-        while not self._stopping:
-            await asyncio.sleep(_READINESS_CHECK_S)
-            serving = self.dataplane.ready()
-            if serving == self._serving or self._stopping:
-                continue
-            try:
-                await self._set_health(serving=serving)
-            except Exception:  # keep following; stop() must still find this task alive
-                log.exception("could not set health to %s", "SERVING" if serving else "NOT_SERVING")
-                continue
-            self._serving = serving
-            log.warning(
-                "health %s: readiness=%s", "SERVING" if serving else "NOT_SERVING", self.settings.readiness
-            )
+        if self._stopping:
+            return
+        try:
+            await self._set_health(serving=serving)
+        except Exception:  # the repository poll that called this must go on
+            log.exception("could not set health to %s", "SERVING" if serving else "NOT_SERVING")
+            return
+        log.warning(
+            "health %s: readiness=%s", "SERVING" if serving else "NOT_SERVING", self.settings.readiness
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new calls, let in-flight ones finish, release models."""
         if self._stopping:
             return
         self._stopping = True
-        if self._readiness_task is not None:
-            self._readiness_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._readiness_task
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
         self._gate.close()

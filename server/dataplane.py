@@ -105,6 +105,8 @@ class DataPlane:
         self._started = False
         self._closing = False
         self._models_ready = False  # as settings.readiness asks; refreshed when the models change
+        # Called with the new answer of ready() when the models change it (the server's health).
+        self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
         self._poll_task: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ class DataPlane:
         if not self.repository.root.is_dir():
             raise FileNotFoundError(f"model repository {self.repository.root} is not a folder")
         await self.repository.sync()
-        self._refresh_readiness()
+        await self._refresh_readiness()
         self._started = True
         if self.settings.repository_poll_s > 0:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
@@ -142,7 +144,7 @@ class DataPlane:
                 await self.repository.sync()
             except Exception:
                 log.exception("repository poll failed; will retry")
-            self._refresh_readiness()  # never raises: a repository it cannot read is not ready
+            await self._refresh_readiness()  # a repository it cannot read is not ready; never raises
 
     # --- health ---------------------------------------------------------------------------------
 
@@ -162,26 +164,30 @@ class DataPlane:
         """
         return self._started and not self._closing and self._models_ready
 
-    def _refresh_readiness(self) -> None:
-        """Re-reads the models' states (after a sync, a load or an unload) for ``ready``."""
+    async def _refresh_readiness(self) -> None:
+        """Re-reads the models' states (after a sync, a load or an unload) for ``ready``, and tells
+        ``on_ready_change`` when its answer changed."""
+        before = self.ready()
+        self._models_ready = self._models_are_ready()
+        if self.on_ready_change is not None and self.ready() != before:
+            await self.on_ready_change(self.ready())
+
+    def _models_are_ready(self) -> bool:
         repository = self.repository
         try:
             if not repository.root.is_dir():  # the repository's volume went away
-                self._models_ready = False
-                return
+                return False
             selected = {name for name in repository.model_names() if repository.selected(name)}
         except OSError:
             log.exception("cannot read the model repository; not ready")
-            self._models_ready = False
-            return
+            return False
         selected |= {name for name, versions in repository.served.items() if versions}
         ready = {name for name in selected if repository.served.get(name)}
         if not selected:  # nothing to wait for: an empty repository, or every model unloaded
-            self._models_ready = True
-        elif self.settings.readiness == "all":
-            self._models_ready = ready == selected
-        else:
-            self._models_ready = bool(ready)
+            return True
+        if self.settings.readiness == "all":
+            return ready == selected
+        return bool(ready)
 
     def model_ready(self, name: str, version: int | None) -> bool:
         try:
@@ -263,14 +269,14 @@ class DataPlane:
         """Serves ``name`` (again). Raises PermissionDenied when model control is off."""
         self._check_control("load")
         await self.repository.load(name)
-        self._refresh_readiness()
+        await self._refresh_readiness()
         if not self.repository.served.get(name):
             raise ModelNotReady(f"model {name!r} failed to load; see the server log")
 
     async def unload(self, name: str) -> None:
         self._check_control("unload")
         await self.repository.unload(name)
-        self._refresh_readiness()
+        await self._refresh_readiness()
 
     def _check_control(self, what: str) -> None:
         if not self.settings.allow_model_control:

@@ -115,7 +115,6 @@ def test_unloading_every_model_on_purpose_keeps_the_server_serving(tmp_path: Pat
     ):
         kserve = kpb_grpc.GRPCInferenceServiceStub(channel)
         kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name="only"), timeout=10)
-        time.sleep(1.0)  # two readiness checks
         assert health(channel, "") == SERVING and _server_ready(channel)
         kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="only"), timeout=30)
         assert health(channel, "") == SERVING
