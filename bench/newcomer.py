@@ -46,17 +46,17 @@ def make_serve(clone: Path, port: int, log: Path, timeout_s: float) -> dict[str,
         process = subprocess.Popen(
             command, cwd=clone, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+        def alive() -> None:
+            if process.poll() is not None:
+                raise RuntimeError(f"make serve exited with {process.returncode}; see {log}")
+
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                while True:
-                    if process.poll() is not None:
-                        raise RuntimeError(f"make serve exited with {process.returncode}; see {log}")
-                    try:
-                        wait_serving(channel, timeout_s=10)
-                        break
-                    except TimeoutError:
-                        if time.perf_counter() - started > timeout_s:
-                            raise RuntimeError(f"not SERVING after {timeout_s:.0f} s; see {log}") from None
+                try:
+                    wait_serving(channel, timeout_s, alive=alive)
+                except TimeoutError:
+                    raise RuntimeError(f"not SERVING after {timeout_s:.0f} s; see {log}") from None
             seconds = time.perf_counter() - started
             print(f"make serve: SERVING after {seconds:.0f} s", flush=True)
             predictions = _predict_each(clone, port)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -37,8 +37,11 @@ def rss_bytes(pid: int) -> int:
     return int(fields[1]) * _PAGE
 
 
-def wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
-    """Waits until the standard health service on ``channel`` says SERVING.
+def wait_serving(
+    channel: grpc.Channel, timeout_s: float = 60, *, alive: Callable[[], None] | None = None
+) -> None:
+    """Waits until the standard health service on ``channel`` says SERVING; ``alive``, called
+    between tries, raises when the process that should answer is gone.
 
     Raises:
         TimeoutError: not SERVING within ``timeout_s``.
@@ -46,14 +49,16 @@ def wait_serving(channel: grpc.Channel, timeout_s: float = 60) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
+        if alive is not None:
+            alive()
         try:
-            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.RpcError:
             pass  # not listening yet
-        time.sleep(0.05)
-    raise TimeoutError(f"server not SERVING after {timeout_s} s")
+        time.sleep(0.02)
+    raise TimeoutError(f"server not SERVING after {timeout_s:.0f} s")
 
 
 def free_port() -> int:
@@ -127,20 +132,14 @@ class ServerProcess:
             self.port = int(self.wait_for(_GRPC_PORT_LINE.pattern, deadline - time.monotonic()).group(1))
         if until == "listening":
             return time.perf_counter() - started
-        with grpc.insecure_channel(self.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                self._check_alive()
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        self.seconds_to_serving = time.perf_counter() - started
-                        return self.seconds_to_serving
-                except grpc.RpcError:
-                    pass  # not listening yet
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"server not SERVING after {timeout:.0f} s:\n{self.log_tail()}")
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                wait_serving(channel, deadline - time.monotonic(), alive=self._check_alive)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"server not SERVING after {timeout:.0f} s:\n{self.log_tail()}") from None
+        self.seconds_to_serving = time.perf_counter() - started
+        return self.seconds_to_serving
 
     def _read_log(self) -> None:
         assert self.process is not None and self.process.stdout is not None
