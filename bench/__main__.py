@@ -3,6 +3,7 @@
     fineserve bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
     fineserve bench load  --target 127.0.0.1:8001 ...        load generator against a server
     fineserve bench suite --model-repository models ...     the server against raw onnxruntime, all figures
+    fineserve bench floor --model-dir models/nearfree/1       gRPC's own CPU per request beside the server's
     fineserve bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve bench train ...                               the training results table
     fineserve bench newcomer --json FILE                    the README's two commands on a fresh clone
@@ -27,6 +28,10 @@ COMMANDS = {
     "suite": (
         "fineserve.bench.suite",
         "start the server and measure it against raw onnxruntime (every figure)",
+    ),
+    "floor": (
+        "fineserve.bench.grpc_floor",
+        "gRPC's own cost per request (bare grpc.aio, grpc sync) beside the server's",
     ),
     "stream": ("fineserve.bench.stream_compare", "KServe unary calls against one open stream per client"),
     "startup": ("fineserve.bench.startup", "seconds from process start to health SERVING, idle memory"),

@@ -37,6 +37,13 @@ def rss_bytes(pid: int) -> int:
     return int(fields[1]) * _PAGE
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process ``pid`` has used so far (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def wait_serving(
     channel: grpc.Channel, timeout_s: float = 60, *, alive: Callable[[], None] | None = None
 ) -> None:
@@ -199,9 +206,7 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU time the server process has used so far (all its threads)."""
         assert self.process is not None
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return process_cpu_seconds(self.process.pid)
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (graceful), then SIGKILL if it does not exit in time."""
