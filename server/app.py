@@ -27,12 +27,14 @@ from grpc_reflection.v1alpha import reflection
 
 from fineserve.server import malformed, security, shutdown
 from fineserve.server.config import Settings
+from fineserve.server.cuda_shared_memory import CudaSharedMemory
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
 from fineserve.server.kserve import service as kserve
 from fineserve.server.logs import configure_logging
 from fineserve.server.metrics import Metrics
 from fineserve.server.observe import Telemetry
+from fineserve.server.open_files import raise_soft_limit, region_capacity
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2, fineserve_pb2_grpc
 from fineserve.server.pb.inference import grpc_service_pb2
 from fineserve.server.repository import Repository
@@ -110,9 +112,17 @@ class Server:
             ],
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
+        # Each system shared memory region keeps a descriptor open: regions get only what the
+        # open-files limit, raised first, leaves after a reserve (server/open_files.py).
+        open_files = raise_soft_limit()
         self.shared_memory = SharedMemoryRegistry(
-            settings.system_shared_memory, max_read_bytes=settings.max_receive_message_bytes
+            settings.system_shared_memory,
+            max_regions=region_capacity(open_files.soft),
+            max_read_bytes=settings.max_receive_message_bytes,
+            cuda=CudaSharedMemory(settings.cuda_shared_memory),
         )
+        self.metrics.watch_shared_memory(self.shared_memory.counts, self.shared_memory.max_regions)
+        self._log_shared_memory()
         kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -140,6 +150,24 @@ class Server:
         self._metrics_server: Any = None
         self._stopping = False
         self.dataplane.on_ready_change = self._follow_readiness
+
+    def _log_shared_memory(self) -> None:
+        kinds = [
+            kind
+            for kind, on in (
+                ("system", self.settings.system_shared_memory),
+                ("CUDA", self.settings.cuda_shared_memory),
+            )
+            if on
+        ]
+        if kinds:
+            log.info(
+                "%s shared memory on: at most %d regions", " and ".join(kinds), self.shared_memory.max_regions
+            )
+        if self.settings.cuda_shared_memory and self.shared_memory.cuda is not None:
+            why = self.shared_memory.cuda.probe()
+            if why is not None:
+                log.warning("cuda_shared_memory is on, but registering will fail: %s", why)
 
     async def start(self) -> None:
         # Blocking work (tokenising, model loading) runs on named threads; the event loop is this

@@ -188,7 +188,13 @@ class Settings(BaseSettings):
     """KServe system shared memory: clients on this host may register /dev/shm regions and pass
     tensors through them instead of the socket. Off: the RPCs answer PERMISSION_DENIED. A
     registered region is read and written by the server, so enable it only where every client
-    that can reach the port may use this host's shared memory."""
+    that can reach the port may use this host's shared memory. Registering regions is management:
+    with tokens on it needs the admin token, and only objects of the server's user are taken."""
+    cuda_shared_memory: bool = False
+    """KServe CUDA shared memory: clients on this host register GPU allocations by their CUDA IPC
+    handle and pass tensors through them (copied to and from the host). Off: the RPCs answer
+    PERMISSION_DENIED; on without a usable CUDA device: registering answers FAILED_PRECONDITION.
+    Registering regions is management, as for system shared memory."""
     max_receive_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest gRPC message the server accepts."""
     max_send_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

@@ -51,6 +51,18 @@ class AlreadyExists(ServingError):
     status = "ALREADY_EXISTS"
 
 
+class RegionLimitReached(ServingError):
+    """As many shared memory regions are registered as the open-files limit leaves room for."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class DeviceUnavailable(ServingError):
+    """An operation that needs a CUDA device, on a server without a usable one (the reason says why)."""
+
+    status = "FAILED_PRECONDITION"
+
+
 class ModelNotReady(ServingError):
     """The model exists but is loading, unloading or failed to load."""
 

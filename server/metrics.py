@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,6 +270,10 @@ class Metrics:
 
         return record
 
+    def watch_shared_memory(self, counts: Callable[[], Mapping[str, int]], capacity: int) -> None:
+        """Shared memory regions registered, by kind (read at scrape time), and how many may be."""
+        self.registry.register(_SharedMemoryCollector(counts, capacity))
+
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -313,6 +317,31 @@ class _ModelCollector(Collector):
         for model, count in sorted(counts.items()):
             loaded.add_metric([model], count)
         yield from (depth, capacity, in_flight, loaded)
+
+
+class _SharedMemoryCollector(Collector):
+    """Registered shared memory regions by kind, against the cap the open-files limit set. Each
+    system region holds a descriptor: next to ``process_open_fds`` and ``process_max_fds``."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]], capacity: int) -> None:
+        self._counts = counts
+        self._capacity = capacity
+
+    def collect(self) -> Iterator[Metric]:
+        regions = GaugeMetricFamily(
+            "fineserve_shared_memory_regions",
+            "Shared memory regions registered, by kind (system: each holds an open descriptor; cuda).",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self._counts().items()):
+            regions.add_metric([kind], count)
+        yield regions
+        yield GaugeMetricFamily(
+            "fineserve_shared_memory_regions_limit",
+            "Regions (of both kinds together) that may be registered: what the open-files limit "
+            "leaves after a reserve for connections and files; one more is RESOURCE_EXHAUSTED.",
+            value=self._capacity,
+        )
 
 
 class _ThreadCollector(Collector):

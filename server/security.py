@@ -1,8 +1,9 @@
 """Who may call the gRPC port: TLS (optionally mutual) and bearer tokens checked per method.
 
 ``AuthInterceptor`` checks a call's ``authorization: Bearer <token>`` metadata before its request
-is parsed: health, reflection and KServe liveness/readiness are open, model management needs the
-admin token, everything else the inference token (docs/reliability.md, Who may call).
+is parsed: health, reflection and KServe liveness/readiness are open, model management and shared
+memory registration need the admin token, everything else the inference token
+(docs/reliability.md, Who may call).
 """
 
 from __future__ import annotations
@@ -28,7 +29,20 @@ log = logging.getLogger(__name__)
 KSERVE = "/inference.GRPCInferenceService/"
 OPEN_PREFIXES = (HEALTH_PREFIX, "/grpc.reflection.")
 OPEN_METHODS = frozenset({KSERVE + "ServerLive", KSERVE + "ServerReady"})
-MANAGEMENT_METHODS = frozenset({KSERVE + "RepositoryModelLoad", KSERVE + "RepositoryModelUnload"})
+# Management: what changes the server for every client. Shared memory regions are management
+# too: registering one has the server read and write a memory object of this host, and the names
+# and keys of every client's regions are listed by status and dropped by an unregister of "".
+MANAGEMENT_METHODS = frozenset(
+    {
+        KSERVE + "RepositoryModelLoad",
+        KSERVE + "RepositoryModelUnload",
+        *(
+            f"{KSERVE}{kind}SharedMemory{call}"
+            for kind in ("System", "Cuda")
+            for call in ("Register", "Status", "Unregister")
+        ),
+    }
+)
 _BEARER = "bearer "
 # At most one log line about rejected calls per this many seconds (a flood must not flood the log).
 _REJECTION_LOG_INTERVAL_S = 60.0

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 from typing_extensions import override
 
+from fineserve.server.cuda_shared_memory import CudaRegion
 from fineserve.server.errors import InvalidInput, ServingError
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of, to_status
 from fineserve.server.kserve.input_checks import EncodedRequest, check_declared_inputs, check_inputs
@@ -34,7 +35,7 @@ from fineserve.server.kserve.statistics import model_statistics
 from fineserve.server.malformed import UnparsableRequest
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
-from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
+from fineserve.server.shared_memory import NO_SHARED_MEMORY, Region, SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from fineserve.server.config import Settings
@@ -74,7 +75,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._settings = settings
         self._version = _server_version()
         self._shared_memory = shared_memory
-        self._extensions = [*EXTENSIONS, *(["system_shared_memory"] if self._shared_memory.enabled else [])]
+        cuda = shared_memory.cuda
+        cuda_works = cuda is not None and cuda.enabled and cuda.probe() is None
+        self._extensions = [
+            *EXTENSIONS,
+            *(["system_shared_memory"] if shared_memory.enabled else []),
+            *(["cuda_shared_memory"] if cuda_works else []),
+        ]
 
     # --- health and metadata --------------------------------------------------------------------
 
@@ -290,7 +297,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryStatusRequest, context: Context
     ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._shared_memory.status(request.name):
+        for region in self._shared_memory.status(request.name, "system"):
+            assert isinstance(region, Region)
             response.regions[region.name].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
@@ -311,8 +319,43 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._shared_memory.unregister(request.name)
+        self._shared_memory.unregister(request.name, "system")
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    # --- CUDA shared memory ---------------------------------------------------------------------
+
+    @override
+    @grpc_errors
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Context
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self._shared_memory.status(request.name, "cuda"):
+            assert isinstance(region, CudaRegion)
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    @override
+    @grpc_errors
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self._shared_memory.register_cuda(
+            request.name, request.raw_handle, request.device_id, request.byte_size
+        )
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @override
+    @grpc_errors
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self._shared_memory.unregister(request.name, "cuda")
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     # --- helpers --------------------------------------------------------------------------------
 

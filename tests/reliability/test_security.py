@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -26,7 +27,7 @@ from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
-from tests.fixtures import publish_tiny_models
+from tests.fixtures import MakeObject, publish_tiny_models
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
 from tests.reliability.triton_child import infer_text_over_tls
@@ -195,6 +196,74 @@ def test_model_management_needs_the_admin_token(guarded: grpc.Channel) -> None:
     )
     kserve.RepositoryModelLoad(load, metadata=bearer(ADMIN_TOKEN), timeout=30)
     assert kserve.ModelReady(ks.ModelReadyRequest(name="tiny-text"), metadata=bearer(INFERENCE_TOKEN)).ready
+
+
+def test_shared_memory_registration_needs_the_admin_token(repository: Path, shm_objects: MakeObject) -> None:
+    """Registering, listing and unregistering regions (system and CUDA) is management: the
+    inference token is refused before any handler runs, the admin token gets through. A region
+    the admin registered is then named by inference calls with the inference token."""
+    key, memory = shm_objects(3 * 8 * 8 * 4 + 64)
+    with (
+        serve(
+            repository,
+            inference_token=INFERENCE_TOKEN,
+            admin_token=ADMIN_TOKEN,
+            system_shared_memory=True,
+            cuda_shared_memory=True,
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        kserve = ks_grpc.GRPCInferenceServiceStub(channel)
+        register = ks.SystemSharedMemoryRegisterRequest(name="pixels", key=key, byte_size=3 * 8 * 8 * 4)
+        cuda_register = ks.CudaSharedMemoryRegisterRequest(name="gpu", raw_handle=bytes(64), byte_size=64)
+        calls: dict[str, Any] = {
+            "SystemSharedMemoryRegister": lambda m: kserve.SystemSharedMemoryRegister(register, metadata=m),
+            "SystemSharedMemoryStatus": lambda m: kserve.SystemSharedMemoryStatus(
+                ks.SystemSharedMemoryStatusRequest(), metadata=m
+            ),
+            "SystemSharedMemoryUnregister": lambda m: kserve.SystemSharedMemoryUnregister(
+                ks.SystemSharedMemoryUnregisterRequest(), metadata=m
+            ),
+            "CudaSharedMemoryRegister": lambda m: kserve.CudaSharedMemoryRegister(cuda_register, metadata=m),
+            "CudaSharedMemoryStatus": lambda m: kserve.CudaSharedMemoryStatus(
+                ks.CudaSharedMemoryStatusRequest(), metadata=m
+            ),
+            "CudaSharedMemoryUnregister": lambda m: kserve.CudaSharedMemoryUnregister(
+                ks.CudaSharedMemoryUnregisterRequest(), metadata=m
+            ),
+        }
+        for name, call in calls.items():
+            for metadata in [(), bearer(INFERENCE_TOKEN)]:
+                assert code_of(lambda c=call, m=metadata: c(m)) == UNAUTHENTICATED, name
+        # Nothing was registered by those calls; the admin token registers.
+        assert not kserve.SystemSharedMemoryStatus(
+            ks.SystemSharedMemoryStatusRequest(), metadata=bearer(ADMIN_TOKEN)
+        ).regions
+        calls["SystemSharedMemoryRegister"](bearer(ADMIN_TOKEN))
+        status = kserve.SystemSharedMemoryStatus(
+            ks.SystemSharedMemoryStatusRequest(), metadata=bearer(ADMIN_TOKEN)
+        )
+        assert list(status.regions) == ["pixels"]
+        # Past the token check, CUDA registration meets this host: no CUDA device here.
+        assert code_of(lambda: calls["CudaSharedMemoryRegister"](bearer(ADMIN_TOKEN))) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert not calls["CudaSharedMemoryStatus"](bearer(ADMIN_TOKEN)).regions
+        # An inference call names the region with the inference token.
+        memory[: 3 * 8 * 8 * 4] = np.ones((1, 3, 8, 8), "<f4").tobytes()
+        infer = ks.ModelInferRequest(model_name="tiny-image")
+        pixels = infer.inputs.add(name="pixel_values", datatype="FP32", shape=[1, 3, 8, 8])
+        pixels.parameters["shared_memory_region"].string_param = "pixels"
+        pixels.parameters["shared_memory_byte_size"].int64_param = 3 * 8 * 8 * 4
+        reply = kserve.ModelInfer(infer, metadata=bearer(INFERENCE_TOKEN), timeout=30)
+        assert reply.outputs and reply.raw_output_contents[0]
+        # Unregistering everything (name "") is the admin's alone too.
+        assert (
+            code_of(lambda: calls["SystemSharedMemoryUnregister"](bearer(INFERENCE_TOKEN))) == UNAUTHENTICATED
+        )
+        calls["SystemSharedMemoryUnregister"](bearer(ADMIN_TOKEN))
+        calls["CudaSharedMemoryUnregister"](bearer(ADMIN_TOKEN))
+        assert not calls["SystemSharedMemoryStatus"](bearer(ADMIN_TOKEN)).regions
 
 
 def test_with_only_an_inference_token_management_needs_it_too(
@@ -380,6 +449,8 @@ def test_which_methods_need_which_token() -> None:
     )
     assert both.required(security.access_of("/inference.GRPCInferenceService/ServerLive")) is None
     assert security.Tokens(inference=b"i", admin=None).required(security.Access.MANAGEMENT) == b"i"
+    for rpc in ("SystemSharedMemoryRegister", "CudaSharedMemoryStatus", "SystemSharedMemoryUnregister"):
+        assert security.access_of(f"/inference.GRPCInferenceService/{rpc}") is security.Access.MANAGEMENT, rpc
 
 
 def test_bearer_tokens_are_read_from_metadata_only_with_the_bearer_scheme() -> None:

@@ -146,7 +146,7 @@ def test_statistics_and_repository(stub: pb_grpc.GRPCInferenceServiceStub) -> No
 
 
 def test_undeclared_rpcs_are_unimplemented(channel: grpc.Channel) -> None:
-    for rpc in ("CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "TraceSetting", "LogSettings"):
+    for rpc in ("TraceSetting", "LogSettings"):
         call = channel.unary_unary(SERVICE + rpc, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as caught:
             call(b"", timeout=10)
@@ -161,12 +161,20 @@ def test_undeclared_rpcs_are_unimplemented(channel: grpc.Channel) -> None:
         "unregister": lambda: stub.SystemSharedMemoryUnregister(
             pb.SystemSharedMemoryUnregisterRequest(), timeout=10
         ),
+        "CUDA register": lambda: stub.CudaSharedMemoryRegister(
+            pb.CudaSharedMemoryRegisterRequest(name="r", raw_handle=bytes(64), byte_size=8), timeout=10
+        ),
+        "CUDA status": lambda: stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), timeout=10),
+        "CUDA unregister": lambda: stub.CudaSharedMemoryUnregister(
+            pb.CudaSharedMemoryUnregisterRequest(), timeout=10
+        ),
     }
     for what, rpc_call in refused.items():
         with pytest.raises(grpc.RpcError) as denied:
             rpc_call()
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED, what
-        assert "system shared memory is disabled" in (denied.value.details() or ""), what
+        kind = "CUDA" if what.startswith("CUDA") else "system"
+        assert f"{kind} shared memory is disabled" in (denied.value.details() or ""), what
     request = text_request(b"good")
     placed = request.inputs[0]
     placed.parameters["shared_memory_region"].string_param = "r"
@@ -177,6 +185,7 @@ def test_undeclared_rpcs_are_unimplemented(channel: grpc.Channel) -> None:
     assert infer_denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     extensions = stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions
     assert "statistics" in extensions and "system_shared_memory" not in extensions
+    assert "cuda_shared_memory" not in extensions
 
 
 def test_an_expired_grpc_deadline_leaves_the_server_serving(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -9,6 +9,7 @@ made here are unlinked at the end of each test, so /dev/shm is left as it was fo
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,15 @@ import numpy as np
 import pytest
 
 from fineserve.bench.server_process import ServerProcess
-from fineserve.server.errors import AlreadyExists, InvalidInput, PermissionDenied, RegionNotFound
+from fineserve.server.cuda_shared_memory import CudaSharedMemory
+from fineserve.server.errors import (
+    AlreadyExists,
+    DeviceUnavailable,
+    InvalidInput,
+    PermissionDenied,
+    RegionLimitReached,
+    RegionNotFound,
+)
 from fineserve.server.shared_memory import SharedMemoryRegistry
 from tests.fixtures import (
     TINY_IMAGE_SIZE,
@@ -110,6 +119,58 @@ def test_registry_refuses_bad_regions(
     assert registry.status("") == []
 
 
+def test_registry_takes_only_the_servers_own_objects_and_no_semaphores(tmp_path: Path) -> None:
+    # A server running as root could open any user's object; it must not write into another
+    # user's programs' memory for a client. glibc keeps named semaphores in /dev/shm as sem.NAME.
+    (tmp_path / "obj").write_bytes(bytes(64))
+    (tmp_path / "sem.lock").write_bytes(bytes(64))
+    someone_else = os.geteuid() + 1
+    stranger = SharedMemoryRegistry(enabled=True, root=tmp_path, owner_uid=someone_else)
+    with pytest.raises(InvalidInput, match=f"belongs to uid {os.geteuid()}, not to the server's user"):
+        stranger.register("r", "/obj", 0, 8)
+    assert stranger.status("") == []
+    registry = SharedMemoryRegistry(enabled=True, root=tmp_path)
+    try:
+        with pytest.raises(InvalidInput, match="is not a POSIX shared-memory name"):
+            registry.register("r", "/sem.lock", 0, 8)
+        registry.register("r", "/obj", 0, 8)  # its own user's object
+        assert registry.counts() == {"system": 1, "cuda": 0}
+    finally:
+        registry.close()
+
+
+def test_system_and_cuda_regions_share_one_namespace_and_one_cap(tmp_path: Path) -> None:
+    """As in Triton: a name is taken whatever its kind; status and unregister see one kind. The
+    name and cap are checked before the CUDA device, so this runs on a host without one."""
+    (tmp_path / "obj").write_bytes(bytes(64))
+    registry = SharedMemoryRegistry(
+        enabled=True, max_regions=2, root=tmp_path, cuda=CudaSharedMemory(enabled=True)
+    )
+    try:
+        registry.register("a", "/obj", 0, 8)
+        with pytest.raises(AlreadyExists, match="'a' is already registered"):
+            registry.register_cuda("a", bytes(64), 0, 8)
+        with pytest.raises(DeviceUnavailable, match="CUDA shared memory needs a CUDA device: ") as no_gpu:
+            registry.register_cuda("b", bytes(64), 0, 8)
+        assert no_gpu.value.status == "FAILED_PRECONDITION"
+        with pytest.raises(InvalidInput, match="raw_handle has 10 bytes; a cudaIpcMemHandle_t has 64"):
+            registry.register_cuda("b", bytes(10), 0, 8)
+        assert registry.status("", "cuda") == []
+        with pytest.raises(RegionNotFound, match="cuda shared memory region 'a' is not registered"):
+            registry.status("a", "cuda")
+        registry.unregister("", "cuda")  # drops CUDA regions only
+        registry.unregister("a", "cuda")  # a system region: not this kind's to drop
+        assert [r.name for r in registry.status("", "system")] == ["a"]
+        registry.register("b", "/obj", 8, 8)
+        with pytest.raises(RegionLimitReached):  # the cap counts both kinds, before the device
+            registry.register_cuda("c", bytes(64), 0, 8)
+    finally:
+        registry.close()
+    off = SharedMemoryRegistry(enabled=True, root=tmp_path)
+    with pytest.raises(PermissionDenied, match="CUDA shared memory is disabled"):
+        off.register_cuda("a", bytes(64), 0, 8)
+
+
 def test_an_object_truncated_after_registering_is_refused_not_faulted(tmp_path: Path) -> None:
     # Touching a mapped page past the object's end would kill the server with SIGBUS.
     (tmp_path / "obj").write_bytes(bytes(8192))
@@ -173,8 +234,10 @@ def test_registry_refuses_bad_names_and_too_many_regions(tmp_path: Path) -> None
             registry.register(name, "/obj", 0, 8)
     registry.register("r1", "/obj", 0, 8)
     registry.register("r2", "/obj", 8, 8)
-    with pytest.raises(InvalidInput, match="at most 2 shared memory regions"):
+    # Past the cap the open-files limit set: RESOURCE_EXHAUSTED, with what to do about it.
+    with pytest.raises(RegionLimitReached, match="at most 2 shared memory regions") as full:
         registry.register("r3", "/obj", 16, 8)
+    assert full.value.status == "RESOURCE_EXHAUSTED" and "unregister some first" in full.value.message
     registry.close()
     assert registry.status("") == []
 
@@ -202,7 +265,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repository = tmp_path_factory.mktemp("shm") / "models"
     publish_tiny_image_model(repository)
     publish_tiny_text_model(repository)
-    with running_server(repository, "--system-shared-memory") as running:
+    with running_server(repository, "--system-shared-memory", "--cuda-shared-memory") as running:
         yield running
 
 
@@ -243,6 +306,43 @@ def assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> 
 def test_server_metadata_lists_system_shared_memory(triton: Triton) -> None:
     extensions = triton.call("get_server_metadata", as_json=True)["extensions"]
     assert "system_shared_memory" in extensions and "statistics" in extensions
+    # CUDA shared memory is on, but this host has no CUDA device: not offered.
+    assert "cuda_shared_memory" not in extensions
+
+
+@pytest.mark.usefixtures("clean_status")
+def test_cuda_shared_memory_through_tritonclient_on_a_host_without_cuda(
+    triton: Triton, shm_objects: MakeObject
+) -> None:
+    """tritonclient's own calls (it base64-decodes the handle it is given): registering needs a
+    CUDA device and says so; status and unregister answer as Triton's do."""
+    handle = base64.b64encode(bytes(range(64)))  # what cuda_shared_memory.get_raw_handle returns
+    with pytest.raises(TritonError) as no_device:
+        triton.call("register_cuda_shared_memory", unique("gpu"), handle, 0, 1024)
+    assert no_device.value.code == "FAILED_PRECONDITION", no_device.value
+    assert "CUDA shared memory needs a CUDA device: " in no_device.value.message
+    with pytest.raises(TritonError) as short:
+        triton.call("register_cuda_shared_memory", unique("gpu"), base64.b64encode(b"x" * 10), 0, 1024)
+    assert short.value.code == "INVALID_ARGUMENT" and "raw_handle has 10 bytes" in short.value.message
+    assert triton.call("get_cuda_shared_memory_status", as_json=True).get("regions", {}) == {}
+    with pytest.raises(TritonError) as unknown:
+        triton.call("get_cuda_shared_memory_status", unique("nope"))
+    assert unknown.value.code == "NOT_FOUND", unknown.value
+    triton.call("unregister_cuda_shared_memory", unique("never"))  # unknown: fine
+    triton.call("unregister_cuda_shared_memory")  # all: fine
+    # One namespace with system regions: a system region's name is taken for CUDA too, and is
+    # not a CUDA region's status; unregistering CUDA regions leaves it be.
+    key, _ = shm_objects(64)
+    name = unique("both")
+    triton.call("register_system_shared_memory", name, key, 64)
+    with pytest.raises(TritonError) as taken:
+        triton.call("register_cuda_shared_memory", name, handle, 0, 64)
+    assert taken.value.code == "ALREADY_EXISTS", taken.value
+    with pytest.raises(TritonError) as other_kind:
+        triton.call("get_cuda_shared_memory_status", name)
+    assert other_kind.value.code == "NOT_FOUND", other_kind.value
+    triton.call("unregister_cuda_shared_memory")
+    assert set(regions(triton)) == {name}
 
 
 @pytest.mark.usefixtures("clean_status")

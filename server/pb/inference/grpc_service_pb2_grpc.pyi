@@ -51,6 +51,9 @@ class GRPCInferenceServiceStub:
     SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]
     SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]
     SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]
+    CudaSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]
+    CudaSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]
+    CudaSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -70,6 +73,9 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryStatusRequest, _grpc_service_pb2.SystemSharedMemoryStatusResponse]  # type: ignore[assignment]
     SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryRegisterRequest, _grpc_service_pb2.SystemSharedMemoryRegisterResponse]  # type: ignore[assignment]
     SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.SystemSharedMemoryUnregisterRequest, _grpc_service_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    CudaSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryStatusRequest, _grpc_service_pb2.CudaSharedMemoryStatusResponse]  # type: ignore[assignment]
+    CudaSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryRegisterRequest, _grpc_service_pb2.CudaSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    CudaSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.CudaSharedMemoryUnregisterRequest, _grpc_service_pb2.CudaSharedMemoryUnregisterResponse]  # type: ignore[assignment]
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -176,5 +182,26 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _grpc_service_pb2.SystemSharedMemoryUnregisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.SystemSharedMemoryUnregisterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryStatus(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryStatusResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryRegister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryRegisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryRegisterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryUnregister(
+        self,
+        request: _grpc_service_pb2.CudaSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse, _abc.Awaitable[_grpc_service_pb2.CudaSharedMemoryUnregisterResponse]]: ...
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
