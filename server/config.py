@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     precision: PrecisionChoice = "auto"
     """Which graph variant of model.json to serve. ``auto``: fp16 on CUDA, int8 if present on CPU
     when ``prefer_int8_on_cpu`` is set, else fp32. A named variant the model lacks falls back to
-    fp32, with a warning."""
+    fp32, with a warning. ``fp16`` on CPU runs (onnxruntime's CPU provider runs our fp16 graphs,
+    slower than fp32) with a startup warning: it is for checking the fp16 graph without a GPU."""
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
     instances: int = Field(default=0, ge=0, le=MAX_INSTANCES)
@@ -265,8 +266,6 @@ class Settings(BaseSettings):
             raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
         if self.tracing != "off":
             _check_tracing_installed(self.tracing)
-        if self.device == "cpu" and self.precision == "fp16":
-            raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
         return self
 
     def batching_for(self, model: str) -> Batching:
