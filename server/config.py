@@ -150,6 +150,11 @@ class Settings(BaseSettings):
     """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
     onnxruntime sees only a few shapes, each warmed up at load. ``auto``: on with CUDA, where every
     new shape costs a slow first run; off on CPU, where padding only costs compute."""
+    sequence_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 512])
+    """With padded batches, the token lengths a text model's batches are padded to (attention
+    mask 0 on the added positions): those below the model's ``max_length``, and ``max_length``
+    itself. Every batch size x length is warmed up at load, so each length costs one warmup run
+    per batch size. ``[]``: texts are padded only to the longest of their batch, as unpadded."""
 
     # --- limits on requests ---------------------------------------------------------------------
     max_image_pixels: int = Field(default=25_000_000, ge=1)
@@ -250,6 +255,8 @@ class Settings(BaseSettings):
                     f"{where}preferred_batch_sizes {too_big} must each be in 1..max_batch_size "
                     f"({batching.max_batch_size})"
                 )
+        if any(n < 1 for n in self.sequence_buckets):
+            raise ValueError(f"sequence_buckets {self.sequence_buckets} must each be at least 1")
         if self.max_request_bytes > self.max_receive_message_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) cannot exceed "

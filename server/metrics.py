@@ -136,6 +136,19 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.padding_rows = Counter(
+            "fineserve_batch_padding_rows",
+            "Zero rows added to batches to reach a warmed batch size (pad_batches).",
+            _VERSION,
+            registry=r,
+        )
+        self.padding_tokens = Counter(
+            "fineserve_batch_padding_tokens",
+            "Sequence positions added to the texts of batches to reach a warmed length "
+            "(pad_batches, sequence_buckets).",
+            _VERSION,
+            registry=r,
+        )
         # --- models ---
         self.model_ready = Gauge(
             "fineserve_model_ready", "1 while a model version is loaded and ready.", _VERSION, registry=r
@@ -267,6 +280,18 @@ class Metrics:
         def record(rows: int, infer_ns: int) -> None:
             size.observe(rows)
             duration.observe(infer_ns / 1e9)
+
+        return record
+
+    def padding_recorder(self, name: str, version: int) -> Callable[[int, int], None]:
+        """A callback for each padded batch: (rows added, sequence positions added); called on
+        batching threads (counters are thread-safe)."""
+        rows = self.padding_rows.labels(name, str(version))
+        tokens = self.padding_tokens.labels(name, str(version))
+
+        def record(rows_added: int, positions_added: int) -> None:
+            rows.inc(rows_added)
+            tokens.inc(positions_added)
 
         return record
 
