@@ -101,8 +101,29 @@ def make_fp16(src: Path, dst: Path) -> list[str]:
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, op_block_list=block, node_block_list=stem
         )
+    _retarget_float_casts(converted)
     onnx.save(converted, str(dst))
     return stem
+
+
+def _retarget_float_casts(model: onnx.ModelProto) -> None:
+    """Makes the graph's own ``Cast(to=float)`` nodes cast to float16 where the converter typed
+    their outputs float16.
+
+    onnxconverter-common 1.15 retypes such an output (an attention mask cast to float, say) but
+    leaves the node's ``to`` attribute at float, and onnxruntime refuses the graph ("Type
+    (tensor(float16)) of output arg ... does not match expected type (tensor(float))";
+    microsoft/onnxconverter-common#320). 1.14 changed the attribute; this does what it did.
+    """
+    float16_values = {
+        v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.output[0] not in float16_values:
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
+                attribute.i = onnx.TensorProto.FLOAT16
 
 
 def make_int8_dynamic(src: Path, dst: Path) -> None:

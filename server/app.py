@@ -66,6 +66,12 @@ def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataP
     metrics.provider.info({"provider": provider, "device": settings.device})
     metrics.device_fallback.set(1 if choice.fallback_reason else 0)
     log.info("execution provider: %s", provider)
+    if provider != CUDA and settings.precision == "fp16":
+        log.warning(
+            "precision=fp16 on %s: the fp16 graphs run, slower than fp32 (they are made for CUDA); "
+            "use it to check an fp16 graph without a GPU, not to serve",
+            provider,
+        )
     if provider == CUDA:
         metrics.enable_gpu()
     tracer = None

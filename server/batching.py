@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -452,19 +452,46 @@ def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def padded_to_buckets(run: RunBatch, buckets: Sequence[int]) -> RunBatch:
-    """Wraps a batch function so it only ever sees the batch sizes in ``buckets``.
+def length_buckets(max_length: int, lengths: Sequence[int]) -> tuple[int, ...]:
+    """The ``lengths`` below ``max_length``, and ``max_length`` itself: the sequence lengths a text
+    model's batches are padded to."""
+    return tuple(sorted({n for n in lengths if n < max_length} | {max_length}))
 
-    Rows are padded with zeros up to the next bucket and the outputs cut back. On CUDA every new
-    input shape costs onnxruntime a slow first run (kernel and cuDNN algorithm selection, memory
-    planning); with buckets, the few shapes are all warmed up at load and a stream of
-    varying batch sizes never pays that again.
+
+# Rows and sequence positions of padding added to one batch (an on_padding callback's arguments).
+OnPadding = Callable[[int, int], None]
+
+
+def padded_to_buckets(
+    run: RunBatch,
+    buckets: Sequence[int],
+    *,
+    sequence_buckets: Sequence[int] = (),
+    pad_values: Mapping[str, int | float] | None = None,
+    on_padding: OnPadding | None = None,
+) -> RunBatch:
+    """Wraps a batch function so it only ever sees the batch sizes in ``buckets`` and, for the
+    inputs named in ``pad_values`` (token ids, attention masks: ``[batch, sequence]``), the
+    sequence lengths in ``sequence_buckets``.
+
+    Rows are padded with zeros up to the next bucket and the outputs cut back; sequences are
+    right-padded with each input's pad value (attention mask 0, so the model ignores the
+    positions) up to the next length bucket. On CUDA every new input shape costs onnxruntime a
+    slow first run (kernel and cuDNN algorithm selection, memory planning); with buckets, the few
+    shapes are all warmed up at load and a stream of varying batches never pays that again.
+    ``on_padding`` is told each batch's padding rows and positions (per real row, on the sequence
+    axis), where any was added.
     """
     ordered = sorted(buckets)
+    lengths = sorted(sequence_buckets)
+    pad = dict(pad_values or {})
 
     def run_padded(inputs: Tensors) -> Tensors:
         rows = len(next(iter(inputs.values())))
+        inputs, positions = _pad_sequences(inputs, lengths, pad)
         target = next((b for b in ordered if b >= rows), rows)
+        if on_padding is not None and (target > rows or positions):
+            on_padding(target - rows, positions * rows)
         if target == rows:
             return run(inputs)
         padded = {
@@ -474,3 +501,21 @@ def padded_to_buckets(run: RunBatch, buckets: Sequence[int]) -> RunBatch:
         return {name: value[:rows] for name, value in run(padded).items()}
 
     return run_padded
+
+
+def _pad_sequences(
+    inputs: Tensors, lengths: Sequence[int], pad_values: Mapping[str, int | float]
+) -> tuple[Tensors, int]:
+    """``inputs`` with their sequence axis padded to the next of ``lengths``, and the positions
+    each row gained (0: no bucket fits, or nothing to pad)."""
+    sequences = [name for name, value in inputs.items() if name in pad_values and value.ndim >= 2]
+    if not lengths or not sequences:
+        return inputs, 0
+    length = inputs[sequences[0]].shape[1]
+    target = next((n for n in lengths if n >= length), length)
+    if target == length:
+        return inputs, 0
+    padded = dict(inputs)
+    for name in sequences:
+        padded[name] = _pad_axis1(inputs[name], target, pad_values[name])
+    return padded, target - length

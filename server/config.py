@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     precision: PrecisionChoice = "auto"
     """Which graph variant of model.json to serve. ``auto``: fp16 on CUDA, int8 if present on CPU
     when ``prefer_int8_on_cpu`` is set, else fp32. A named variant the model lacks falls back to
-    fp32, with a warning."""
+    fp32, with a warning. ``fp16`` on CPU runs (onnxruntime's CPU provider runs our fp16 graphs,
+    slower than fp32) with a startup warning: it is for checking the fp16 graph without a GPU."""
     prefer_int8_on_cpu: bool = False
     """With ``precision=auto`` on CPU, serve the int8 variant where a model has one."""
     instances: int = Field(default=0, ge=0, le=MAX_INSTANCES)
@@ -149,6 +150,11 @@ class Settings(BaseSettings):
     """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
     onnxruntime sees only a few shapes, each warmed up at load. ``auto``: on with CUDA, where every
     new shape costs a slow first run; off on CPU, where padding only costs compute."""
+    sequence_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256, 512])
+    """With padded batches, the token lengths a text model's batches are padded to (attention
+    mask 0 on the added positions): those below the model's ``max_length``, and ``max_length``
+    itself. Every batch size x length is warmed up at load, so each length costs one warmup run
+    per batch size. ``[]``: texts are padded only to the longest of their batch, as unpadded."""
 
     # --- limits on requests ---------------------------------------------------------------------
     max_image_pixels: int = Field(default=25_000_000, ge=1)
@@ -255,6 +261,8 @@ class Settings(BaseSettings):
                     f"{where}preferred_batch_sizes {too_big} must each be in 1..max_batch_size "
                     f"({batching.max_batch_size})"
                 )
+        if any(n < 1 for n in self.sequence_buckets):
+            raise ValueError(f"sequence_buckets {self.sequence_buckets} must each be at least 1")
         if self.max_request_bytes > self.max_receive_message_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) cannot exceed "
@@ -271,8 +279,6 @@ class Settings(BaseSettings):
             raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
         if self.tracing != "off":
             _check_tracing_installed(self.tracing)
-        if self.device == "cpu" and self.precision == "fp16":
-            raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
         return self
 
     def batching_for(self, model: str) -> Batching:

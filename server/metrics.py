@@ -136,6 +136,19 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.padding_rows = Counter(
+            "fineserve_batch_padding_rows",
+            "Zero rows added to batches to reach a warmed batch size (pad_batches).",
+            _VERSION,
+            registry=r,
+        )
+        self.padding_tokens = Counter(
+            "fineserve_batch_padding_tokens",
+            "Sequence positions added to the texts of batches to reach a warmed length "
+            "(pad_batches, sequence_buckets).",
+            _VERSION,
+            registry=r,
+        )
         # --- models ---
         self.model_ready = Gauge(
             "fineserve_model_ready", "1 while a model version is loaded and ready.", _VERSION, registry=r
@@ -273,6 +286,18 @@ class Metrics:
     def watch_shared_memory(self, counts: Callable[[], Mapping[str, int]], capacity: int) -> None:
         """Shared memory regions registered, by kind (read at scrape time), and how many may be."""
         self.registry.register(_SharedMemoryCollector(counts, capacity))
+
+    def padding_recorder(self, name: str, version: int) -> Callable[[int, int], None]:
+        """A callback for each padded batch: (rows added, sequence positions added); called on
+        batching threads (counters are thread-safe)."""
+        rows = self.padding_rows.labels(name, str(version))
+        tokens = self.padding_tokens.labels(name, str(version))
+
+        def record(rows_added: int, positions_added: int) -> None:
+            rows.inc(rows_added)
+            tokens.inc(positions_added)
+
+        return record
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""

@@ -23,10 +23,12 @@ from fineserve.server.batching import (
     Batching,
     BatchTiming,
     Collate,
+    OnPadding,
     RunBatch,
     Tensors,
     batch_buckets,
     concat_padded,
+    length_buckets,
     padded_to_buckets,
 )
 from fineserve.server.config import Settings
@@ -190,6 +192,7 @@ class ServedVersion:
         *,
         image_pool: concurrent.futures.Executor,
         batch_metrics: Callable[[int, int], None] | None = None,
+        padding_metrics: OnPadding | None = None,
     ) -> None:
         self.spec = spec
         self.path = path
@@ -222,25 +225,35 @@ class ServedVersion:
             settings.max_text_chars,
         )
         self.preprocess: ImagePreprocessor | TextPreprocessor
-        collate: Collate
+        pad_values: dict[str, int | float] = {}
         if spec.image is not None:
             self.preprocess = ImagePreprocessor(spec.inputs[0].name, spec.image, limits, image_pool)
-            collate = concat_padded({})
         else:
             assert spec.text is not None
             self.preprocess = TextPreprocessor(
                 path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
             )
-            collate = concat_padded(self.preprocess.pad_values)
+            pad_values = self.preprocess.pad_values
+        collate: Collate = concat_padded(pad_values)
         # Measured at load (instances=0) or as set: the count the batcher runs.
         self.batching = dataclasses.replace(batching, instances=self.threads.instances)
         self.stats = StatsRecorder(spec.name, spec.version)
         pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
-        # The batch sizes warmup runs: with padding, every size a batch can have.
+        # The batch sizes and text lengths warmup runs: with padding, every shape a batch can have.
         self.warmup_batch_sizes = batch_buckets(self.batching.max_batch_size) if pad else (1,)
-        run_graph: RunBatch = (
-            padded_to_buckets(self.session.run, self.warmup_batch_sizes) if pad else self.session.run
-        )
+        lengths: tuple[int, ...] = ()
+        if pad and spec.text is not None and settings.sequence_buckets:
+            lengths = length_buckets(spec.text.max_length, settings.sequence_buckets)
+        self.warmup_lengths = lengths or (WARMUP_SEQUENCE_LENGTH,)
+        run_graph: RunBatch = self.session.run
+        if pad:
+            run_graph = padded_to_buckets(
+                self.session.run,
+                self.warmup_batch_sizes,
+                sequence_buckets=lengths,
+                pad_values=pad_values,
+                on_padding=padding_metrics,
+            )
 
         def run(inputs: Tensors) -> Tensors:
             outputs = run_graph(inputs)
@@ -277,13 +290,18 @@ class ServedVersion:
         pays for a first run."""
         started = time.perf_counter()
         for rows in self.warmup_batch_sizes:
-            outputs = self.session.run(synthetic_inputs(self.spec, rows, WARMUP_SEQUENCE_LENGTH))
-            check_scores(self.spec, outputs)
+            for tokens in self.warmup_lengths:
+                outputs = self.session.run(synthetic_inputs(self.spec, rows, tokens))
+                check_scores(self.spec, outputs)
+        lengths = ""
+        if self.spec.text is not None:
+            lengths = f" x lengths {','.join(map(str, self.warmup_lengths))}"
         log.info(
-            "model %s version %d warmed up (batch sizes %s) in %.1f ms on %s (%s)",
+            "model %s version %d warmed up (batch sizes %s%s) in %.1f ms on %s (%s)",
             self.spec.name,
             self.spec.version,
             ",".join(map(str, self.warmup_batch_sizes)),
+            lengths,
             (time.perf_counter() - started) * 1000,
             self.provider,
             self.variant,

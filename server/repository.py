@@ -247,6 +247,7 @@ class Repository:
             batching,
             image_pool=self._image_pool,
             batch_metrics=self._metrics.batch_recorder(spec.name, spec.version),
+            padding_metrics=self._metrics.padding_recorder(spec.name, spec.version),
         )
         if self._settings.warmup:
             served.warmup()

@@ -6,10 +6,11 @@ The graphs are small but real: onnxruntime runs them, so tests exercise the actu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from fineserve.export import variants as export_variants
 from fineserve.export.contract import (
     ImagePreprocessing,
     ModelSpec,
@@ -25,6 +27,7 @@ from fineserve.export.contract import (
     Variant,
     write_model_spec,
 )
+from fineserve.export.publish import publish, staging_folder
 
 OPSET = 18
 TINY_IMAGE_SIZE = 8
@@ -128,13 +131,60 @@ def write_tiny_tokenizer(path: Path) -> Path:
     return path
 
 
+# Every precision the export pipeline makes; the tiny models are published with all of them.
+ALL_VARIANTS: tuple[str, ...] = ("fp32", "fp16", "int8")
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+def _make_variants(
+    folder: Path, precisions: Sequence[str], calibration: list[dict[str, np.ndarray]] | None
+) -> dict[str, Variant]:
+    """The fp16 and int8 graphs of ``folder/model.onnx``, made by the export pipeline's own code
+    (``export/variants.py``): int8 static with ``calibration`` (images) or dynamic (text)."""
+    fp32 = folder / VARIANT_FILES["fp32"]
+    for precision in precisions:
+        path = folder / VARIANT_FILES[precision]
+        if precision == "fp16":
+            export_variants.make_fp16(fp32, path)
+        elif precision == "int8" and calibration is not None:
+            export_variants.make_int8_static(fp32, path, calibration)
+        elif precision == "int8":
+            export_variants.make_int8_dynamic(fp32, path)
+    return {p: Variant(VARIANT_FILES[p], p, (folder / VARIANT_FILES[p]).stat().st_size) for p in precisions}
+
+
+def _publish(repository: Path, spec: ModelSpec, build: Callable[[Path], dict[str, Variant]]) -> Path:
+    """Builds a version in a staging folder and publishes it as the export pipeline does
+    (``export/publish.py``); the next free version must be the one ``spec`` names."""
+    with staging_folder(repository, spec.name) as staging:
+        made = publish(staging, dataclasses.replace(spec, variants=build(staging)))
+    if made.name != str(spec.version):
+        raise ValueError(f"{spec.name}: published as version {made.name}, not {spec.version}")
+    return made
+
+
 def publish_tiny_image_model(
-    repository: Path, name: str = "tiny-image", version: int = 1, num_classes: int = 3, seed: int = 0
+    repository: Path,
+    name: str = "tiny-image",
+    version: int = 1,
+    num_classes: int = 3,
+    seed: int = 0,
+    *,
+    variants: Sequence[str] = ALL_VARIANTS,
 ) -> Path:
-    """Writes ``<repository>/<name>/<version>/`` with a tiny image graph and its model.json."""
-    version_dir = repository / name / str(version)
-    version_dir.mkdir(parents=True)
-    onnx.save(tiny_image_graph(num_classes, seed=seed), version_dir / "model.onnx")
+    """Publishes ``<repository>/<name>/<version>/``: a tiny image graph, its ``variants`` and model.json.
+
+    Versions are published in order (the next free one must be ``version``).
+    """
+    rng = np.random.default_rng(seed)
+    calibration = [
+        {"pixel_values": rng.normal(size=(8, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)}
+    ]
+
+    def build(folder: Path) -> dict[str, Variant]:
+        onnx.save(tiny_image_graph(num_classes, seed=seed), folder / "model.onnx")
+        return _make_variants(folder, variants, calibration)
+
     spec = ModelSpec(
         name=name,
         version=version,
@@ -142,23 +192,27 @@ def publish_tiny_image_model(
         labels=tuple(f"class_{i}" for i in range(num_classes)),
         inputs=(TensorSpec("pixel_values", "FP32", (-1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)),),
         outputs=(TensorSpec("logits", "FP32", (-1, num_classes)),),
-        variants={"fp32": Variant("model.onnx", "fp32", (version_dir / "model.onnx").stat().st_size)},
+        variants={},
         max_batch_size=8,
         image=ImagePreprocessing(
             height=TINY_IMAGE_SIZE, width=TINY_IMAGE_SIZE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
         ),
         source={"note": "tiny test graph"},
     )
-    write_model_spec(version_dir, spec)
-    return version_dir
+    return _publish(repository, spec, build)
 
 
-def publish_tiny_text_model(repository: Path, name: str = "tiny-text", version: int = 1) -> Path:
-    """Writes ``<repository>/<name>/<version>/`` with a tiny sentiment graph and tokenizer."""
-    version_dir = repository / name / str(version)
-    version_dir.mkdir(parents=True)
-    write_tiny_tokenizer(version_dir / "tokenizer.json")
-    onnx.save(tiny_text_graph(len(tiny_vocab())), version_dir / "model.onnx")
+def publish_tiny_text_model(
+    repository: Path, name: str = "tiny-text", version: int = 1, *, variants: Sequence[str] = ALL_VARIANTS
+) -> Path:
+    """Publishes ``<repository>/<name>/<version>/``: a tiny sentiment graph, its ``variants``,
+    tokenizer and model.json."""
+
+    def build(folder: Path) -> dict[str, Variant]:
+        write_tiny_tokenizer(folder / "tokenizer.json")
+        onnx.save(tiny_text_graph(len(tiny_vocab())), folder / "model.onnx")
+        return _make_variants(folder, variants, None)
+
     spec = ModelSpec(
         name=name,
         version=version,
@@ -169,17 +223,17 @@ def publish_tiny_text_model(repository: Path, name: str = "tiny-text", version: 
             TensorSpec("attention_mask", "INT64", (-1, -1)),
         ),
         outputs=(TensorSpec("logits", "FP32", (-1, 2)),),
-        variants={"fp32": Variant("model.onnx", "fp32", (version_dir / "model.onnx").stat().st_size)},
+        variants={},
         max_batch_size=8,
         text=TextPreprocessing(max_length=16),
         source={"note": "tiny test graph"},
     )
-    write_model_spec(version_dir, spec)
-    return version_dir
+    return _publish(repository, spec, build)
 
 
 def publish_tiny_models(repository: Path) -> Path:
-    """``tiny-image`` and ``tiny-text``, version 1 each, in ``repository``; returns it."""
+    """``tiny-image`` and ``tiny-text``, version 1 each, with fp32, fp16 and int8 variants, in
+    ``repository``; returns it."""
     publish_tiny_image_model(repository)
     publish_tiny_text_model(repository)
     return repository

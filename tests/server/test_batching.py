@@ -22,6 +22,7 @@ from fineserve.server.batching import (
     Tensors,
     batch_buckets,
     concat_padded,
+    length_buckets,
     padded_to_buckets,
 )
 from fineserve.server.errors import (
@@ -340,6 +341,35 @@ def test_bucket_padding_runs_only_bucket_sizes_and_cuts_outputs_back() -> None:
         x = np.arange(rows, dtype=np.float32)
         assert padded({"x": x})["y"].tolist() == (x * 2).tolist()
     assert run.batches == [1, 4, 8, 24, 24]
+
+
+def test_sequence_padding_reaches_the_next_length_bucket_with_pad_values() -> None:
+    assert length_buckets(16, [4, 8, 16, 32]) == (4, 8, 16)
+    assert length_buckets(6, [4, 8]) == (4, 6)
+    seen: list[Tensors] = []
+
+    def run(inputs: Tensors) -> Tensors:
+        seen.append(inputs)
+        return {"logits": inputs["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32)}
+
+    padding: list[tuple[int, int]] = []
+    padded = padded_to_buckets(
+        run,
+        (1, 2, 4),
+        sequence_buckets=length_buckets(16, [4, 8]),
+        pad_values={"input_ids": 7, "attention_mask": 0},
+        on_padding=lambda rows, positions: padding.append((rows, positions)),
+    )
+    ids = np.array([[2, 5, 6, 3, 7], [2, 5, 3, 7, 7], [2, 3, 7, 7, 7]], np.int64)
+    outputs = padded({"input_ids": ids, "attention_mask": (ids != 7).astype(np.int64)})
+    assert outputs["logits"].ravel().tolist() == [4, 3, 2]  # cut back to the 3 real rows
+    [batch] = seen
+    assert batch["input_ids"].shape == (4, 8)  # rows to the bucket 4, length 5 to the bucket 8
+    assert batch["input_ids"][:3, 5:].tolist() == [[7, 7, 7]] * 3
+    assert batch["attention_mask"][:3, 5:].tolist() == [[0, 0, 0]] * 3
+    assert padding == [(1, 3 * 3)]  # one zero row; 3 positions on each of the 3 real rows
+    padded({"input_ids": ids[:1, :4], "attention_mask": np.ones((1, 4), np.int64)})
+    assert seen[-1]["input_ids"].shape == (1, 4) and len(padding) == 1  # a warmed shape: no padding
 
 
 @settings(max_examples=25, deadline=None)

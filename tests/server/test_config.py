@@ -41,7 +41,7 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path, monkeypatch
         ({"version_policy": "specific"}, "needs specific_versions"),
         ({"grpc_port": 9000, "metrics_port": 9000}, "both 9000"),
         ({"device": "cuda", "precision": "int8"}, "int8"),
-        ({"device": "cpu", "precision": "fp16"}, "fp16"),
+        ({"sequence_buckets": [0, 8]}, "sequence_buckets [0, 8] must each be at least 1"),
         ({"grpc_port": 70000}, "grpc_port"),
         ({"max_queue_size": 0}, "max_queue_size"),
         ({"device": "tpu"}, "device"),

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fineserve.server.errors import ModelNotFound, PermissionDenied
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
@@ -29,7 +32,11 @@ def tensor_request(image: np.ndarray, version: int = 0) -> pb.ClassifyRequest:
 
 
 def scores(reply: pb.ClassifyResponse) -> list[tuple[int, float]]:
-    return [(s.index, s.score) for s in reply.results[0].labels]
+    return scores_of(reply.results[0])
+
+
+def scores_of(result: pb.Classification) -> list[tuple[int, float]]:
+    return [(s.index, s.score) for s in result.labels]
 
 
 def publish_atomically(version_dir: Path, new_version: int) -> Path:
@@ -44,6 +51,20 @@ def publish_atomically(version_dir: Path, new_version: int) -> Path:
     return final
 
 
+def padding_of(server: RunningServer, model: str, what: str) -> float:
+    """fineserve_batch_padding_<what>_total of ``model``, from the server's /metrics page."""
+    assert server.server.metrics_port is not None
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as page:
+        families = text_string_to_metric_families(page.read().decode())
+        return sum(
+            sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name == f"fineserve_batch_padding_{what}_total" and sample.labels["model"] == model
+        )
+
+
 @pytest.mark.parametrize("pad_batches", ["off", "on"])
 def test_concurrent_clients_are_batched_and_get_unbatched_results(
     tiny_repository: Path, pad_batches: str
@@ -52,24 +73,33 @@ def test_concurrent_clients_are_batched_and_get_unbatched_results(
         np.random.default_rng(0).normal(size=(24, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).astype(np.float32)
     )
     with (
-        RunningServer(tiny_repository, max_queue_delay_ms=0) as server,
+        RunningServer(tiny_repository, max_queue_delay_ms=0, pad_batches="off") as server,
         grpc.insecure_channel(server.target) as ch,
     ):
         stub = pb_grpc.FineserveStub(ch)
         alone = [scores(stub.Classify(tensor_request(image))) for image in images]
     with (
         # A fixed delay makes sure the tiny, instant model really sees merged batches.
-        RunningServer(tiny_repository, max_queue_delay_ms=50, batch_wait="fixed") as server,
+        RunningServer(
+            tiny_repository, max_queue_delay_ms=50, batch_wait="fixed", pad_batches=pad_batches
+        ) as server,
         grpc.insecure_channel(server.target) as ch,
     ):
         stub = pb_grpc.FineserveStub(ch)
         with ThreadPoolExecutor(len(images)) as clients:
             together = list(clients.map(lambda image: scores(stub.Classify(tensor_request(image))), images))
         [stats] = server.server.dataplane.statistics("tiny-image", 1)
+        # One request of 3 images runs as a batch of 3: padded to the warmed size 4 when on.
+        before = padding_of(server, "tiny-image", "rows")
+        three = pb.ClassifyRequest(model="tiny-image", top_k=3)
+        three.images.extend(tensor_request(image).images[0] for image in images[:3])
+        assert [scores_of(r) for r in stub.Classify(three).results] == alone[:3]
+        added = padding_of(server, "tiny-image", "rows") - before
     assert together == alone  # identical labels and identical float scores
     assert max(b.batch_size for b in stats.batch_stats) > 1
     assert stats.inference_count == len(images)
     assert stats.execution_count < len(images)
+    assert added == (1 if pad_batches == "on" else 0)
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(tiny_repository: Path) -> None:
@@ -231,3 +261,31 @@ def test_a_failed_version_is_retried_once_its_files_change(tiny_repository: Path
         while state_of_2() != "READY" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert dataplane.resolve("tiny-image", None).version == 2
+
+
+# Token counts with [CLS] and [SEP]: 3, 6 and 11, padded to the buckets 4, 8 and 16 (max_length).
+TEXTS = ["good", "good great movie the", "good great fine love bad awful boring hate movie"]
+
+
+def test_text_batches_are_padded_to_length_buckets_and_score_the_same(
+    tiny_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def sentiments(server: RunningServer) -> list[list[float]]:
+        with grpc.insecure_channel(server.target) as ch:
+            stub = pb_grpc.FineserveStub(ch)
+            replies = [
+                stub.AnalyzeSentiment(pb.AnalyzeSentimentRequest(model="tiny-text", texts=[t])) for t in TEXTS
+            ]
+        return [[s.score for s in reply.results[0].scores] for reply in replies]
+
+    with RunningServer(tiny_repository, pad_batches="off") as server:
+        unpadded = sentiments(server)
+        assert padding_of(server, "tiny-text", "tokens") == 0
+    caplog.set_level(logging.INFO, logger="fineserve.server")
+    with RunningServer(tiny_repository, pad_batches="on", sequence_buckets=[4, 8]) as server:
+        padded = sentiments(server)
+        assert padding_of(server, "tiny-text", "tokens") == (4 - 3) + (8 - 6) + (16 - 11)
+        assert padding_of(server, "tiny-text", "rows") == 0  # a lone text is a batch of 1, a warmed size
+    # Padded positions carry attention mask 0: the scores do not move (float32 rounding aside).
+    np.testing.assert_allclose(padded, unpadded, rtol=0, atol=1e-6)
+    assert "model tiny-text version 1 warmed up (batch sizes 1,2,4,8 x lengths 4,8,16)" in caplog.text
