@@ -7,6 +7,7 @@
     fineserve bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve bench train ...                               the training results table
     fineserve bench newcomer --json FILE                    the README's two commands on a fresh clone
+    fineserve bench gpu --out bench/results/gpu/h100.json  the GPU check, in a time budget
 
 Every claim is a ratio measured in one run: run `raw` and `load` on the same machine, back to back.
 """
@@ -37,6 +38,7 @@ COMMANDS = {
     "startup": ("fineserve.bench.startup", "seconds from process start to health SERVING, idle memory"),
     "train": ("fineserve.bench.train_results", "train the result recipes and print the accuracy table"),
     "newcomer": ("fineserve.bench.newcomer", "a fresh clone: make serve until SERVING, predict, make test"),
+    "gpu": ("fineserve.bench.gpu", "the GPU check: raw onnxruntime at its best against the served models"),
 }
 
 

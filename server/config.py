@@ -18,7 +18,15 @@ from typing import Any, Literal
 
 import pydantic_settings
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -34,7 +42,8 @@ ENV_PREFIX = "FINESERVE_"
 Device = Literal["auto", "cuda", "cpu"]
 PrecisionChoice = Literal["auto", "fp32", "fp16", "int8"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
-ConvAlgoSearch = Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+ConvAlgoSearch = Literal["auto", "EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
+Switch = Literal["auto", "on", "off"]
 VersionPolicy = Literal["latest", "all", "specific"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -124,10 +133,23 @@ class Settings(BaseSettings):
     """onnxruntime graph optimisation level."""
     cuda_mem_limit_bytes: int = Field(default=0, ge=0)
     """CUDA arena memory limit per session in bytes; 0 = no limit."""
-    cudnn_conv_algo_search: ConvAlgoSearch = "HEURISTIC"
-    """cuDNN convolution algorithm search (EXHAUSTIVE is fastest at run time, slowest to load)."""
-    io_binding: bool = True
-    """On CUDA, run through onnxruntime IO binding (outputs stay on the device until copied once)."""
+    cudnn_conv_algo_search: ConvAlgoSearch = "auto"
+    """cuDNN convolution algorithm search. EXHAUSTIVE times every algorithm once per input shape
+    (fastest runs, slowest first run of each shape), HEURISTIC picks from cuDNN's rules, DEFAULT
+    takes the first. ``auto``: EXHAUSTIVE where batches are padded (``pad_batches``: the few
+    shapes are each searched once, at warmup), HEURISTIC where every new batch size would pay it."""
+    io_binding: Switch = "auto"
+    """Run batches through onnxruntime IO binding: inputs bound from the host arrays, outputs left
+    on the device and copied to the host once per batch. ``auto``: on with CUDA, off on CPU (where
+    both are the same work); ``on`` binds on CPU too. onnxruntime's Python API offers no pinned
+    host buffers, so host copies are from and to pageable memory."""
+    cuda_graph: Switch = "auto"
+    """CUDA graphs: each padded batch size is captured once at warmup, in input and output buffers
+    of its own, and replayed for every batch of that size, which cuts the launch cost of each
+    kernel. Needs fixed shapes and bound buffers: padded batches, IO binding, and inputs fixed past
+    the batch axis (image models; a text model's sequence length varies, so it runs without,
+    logged). ``auto``: on where those hold on CUDA, and a model whose graph onnxruntime cannot
+    capture runs without (logged); ``on``: that model fails to load instead."""
 
     # --- dynamic batching -----------------------------------------------------------------------
     max_batch_size: int = Field(default=64, ge=1)
@@ -246,6 +268,16 @@ class Settings(BaseSettings):
     prints them, ``otlp`` exports with the standard ``OTEL_EXPORTER_OTLP_*`` variables. Needs the
     ``otel`` extra; off, nothing of OpenTelemetry is imported."""
 
+    @field_validator("io_binding", mode="before")
+    @classmethod
+    def _io_binding_was_a_boolean(cls, value: Any) -> Any:
+        # It was a boolean setting: FINESERVE_IO_BINDING=true or ``io_binding: false`` still work.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return "on" if value.lower() == "true" else "off"
+        return value
+
     @property
     def json_logs(self) -> bool:
         return self.log_json or self.log_format == "json"
@@ -279,6 +311,7 @@ class Settings(BaseSettings):
             raise ValueError("precision 'int8' runs on the CPU provider only; use device 'cpu' or 'auto'")
         if self.tracing != "off":
             _check_tracing_installed(self.tracing)
+        _check_cuda_graph(self)
         return self
 
     def batching_for(self, model: str) -> Batching:
@@ -309,6 +342,20 @@ class Settings(BaseSettings):
         # Flags (init) beat the environment, which beats the YAML file, which beats defaults.
         assert isinstance(init_settings, InitSettingsSource)
         return init_settings, env_settings, _YamlFileSource(settings_cls, init_settings)
+
+
+def _check_cuda_graph(settings: Settings) -> None:
+    """``cuda_graph=on`` only where a graph can be captured: CUDA, fixed batch shapes, bound buffers."""
+    if settings.cuda_graph != "on":
+        return
+    if settings.device == "cpu":
+        raise ValueError("cuda_graph 'on' needs CUDA; with device 'cpu' leave it 'auto' or 'off'")
+    if settings.pad_batches == "off":
+        raise ValueError(
+            "cuda_graph 'on' needs fixed shapes: pad_batches 'on' or 'auto' (one graph per batch size)"
+        )
+    if settings.io_binding == "off":
+        raise ValueError("cuda_graph 'on' needs bound buffers: io_binding 'on' or 'auto'")
 
 
 def _check_security(settings: Settings) -> None:

@@ -35,7 +35,7 @@ from fineserve.server.model import ModelStats, ServedVersion
 from fineserve.server.observe import RequestObservation, Telemetry, current_request
 from fineserve.server.preprocess import TextPreprocessor, check_items
 from fineserve.server.repository import Repository, VersionState
-from fineserve.server.tensor_checks import check_tensors
+from fineserve.server.tensor_checks import as_declared, check_tensors
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,8 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
         raise InvalidInput(
             f"model {spec.name!r} takes inputs {sorted(declared)}; missing {missing}, unknown {unknown}"
         )
-    return inputs, check_tensors(spec.inputs, inputs)
+    rows = check_tensors(spec.inputs, inputs)
+    return as_declared(spec.inputs, inputs), rows
 
 
 def _check_finite(outputs: Tensors) -> None:

@@ -34,7 +34,7 @@ from fineserve.server.batching import (
 from fineserve.server.config import Settings
 from fineserve.server.datatypes import NUMPY_DTYPES
 from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
-from fineserve.server.runtime import CUDA, ModelSession, choose_variant, plan_threads
+from fineserve.server.runtime import CUDA, ModelSession, choose_variant, plan_data_path, plan_threads
 from fineserve.server.threads import INFER_PREFIX
 from fineserve.server.tuning import Choice, return_freed_memory, tune_instances
 
@@ -199,7 +199,14 @@ class ServedVersion:
         variant = choose_variant(spec, provider, settings)
         self.variant = variant.precision
         self.threads = plan_threads(provider, batching.instances or 1, settings.intra_op_threads)
-        self.session = ModelSession(path / variant.file, provider, settings, self.threads.intra_op)
+        pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and provider == CUDA)
+        fixed_shapes = all(d > 0 for t in (*spec.inputs, *spec.outputs) for d in t.shape[1:])
+        data_path, notes = plan_data_path(settings, provider, padded=pad, fixed_shapes=fixed_shapes)
+        for note in notes:
+            log.warning("model %s version %d: %s", spec.name, spec.version, note)
+        self.session = ModelSession(
+            path / variant.file, provider, settings, self.threads.intra_op, data_path=data_path
+        )
         self.provider = self.session.provider
         graph_inputs = {meta.name for meta in self.session.inputs}
         declared = {t.name for t in spec.inputs}
@@ -238,7 +245,6 @@ class ServedVersion:
         # Measured at load (instances=0) or as set: the count the batcher runs.
         self.batching = dataclasses.replace(batching, instances=self.threads.instances)
         self.stats = StatsRecorder(spec.name, spec.version)
-        pad = settings.pad_batches == "on" or (settings.pad_batches == "auto" and self.provider == CUDA)
         # The batch sizes and text lengths warmup runs: with padding, every shape a batch can have.
         self.warmup_batch_sizes = batch_buckets(self.batching.max_batch_size) if pad else (1,)
         lengths: tuple[int, ...] = ()
@@ -297,7 +303,7 @@ class ServedVersion:
         if self.spec.text is not None:
             lengths = f" x lengths {','.join(map(str, self.warmup_lengths))}"
         log.info(
-            "model %s version %d warmed up (batch sizes %s%s) in %.1f ms on %s (%s)",
+            "model %s version %d warmed up (batch sizes %s%s) in %.1f ms on %s (%s; %s)",
             self.spec.name,
             self.spec.version,
             ",".join(map(str, self.warmup_batch_sizes)),
@@ -305,6 +311,7 @@ class ServedVersion:
             (time.perf_counter() - started) * 1000,
             self.provider,
             self.variant,
+            self.session.data_path.describe(),
         )
 
     async def close(self) -> None:

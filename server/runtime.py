@@ -8,8 +8,10 @@ because onnxruntime itself drops to CPU when a CUDA library is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,74 @@ class ProviderChoice:
     fallback_reason: str = ""
 
 
-def cuda_options(settings: Settings) -> dict[str, Any]:
-    """The CUDA provider options of every session (and of the startup probe)."""
-    options: dict[str, Any] = {"cudnn_conv_algo_search": settings.cudnn_conv_algo_search}
+@dataclass(frozen=True)
+class DataPath:
+    """How a session's batches travel (resolved from the settings by ``plan_data_path``).
+
+    ``io_binding``: inputs bound from host arrays, outputs bound on ``device`` and copied back once.
+    ``fixed_buffers``: each input shape gets input and output buffers on ``device`` allocated once
+    and reused, which CUDA graphs need (a captured graph replays on the addresses it was captured
+    with). ``cuda_graph``: each such shape is captured once and replayed.
+    """
+
+    io_binding: bool = False
+    device: str = "cpu"
+    fixed_buffers: bool = False
+    cuda_graph: bool = False
+    conv_algo_search: str = "HEURISTIC"
+
+    def describe(self) -> str:
+        if not self.io_binding:
+            return "session.run"
+        held = ", fixed buffers per shape" if self.fixed_buffers else ""
+        graphs = ", CUDA graphs" if self.cuda_graph else ""
+        return f"IO binding on {self.device}{held}{graphs}"
+
+
+def plan_data_path(
+    settings: Settings, provider: str, *, padded: bool, fixed_shapes: bool
+) -> tuple[DataPath, list[str]]:
+    """The data path of a session on ``provider``: with ``padded`` batches (only a few batch
+    sizes) and ``fixed_shapes`` (every input and output fixed past the batch axis). Also returns
+    why a setting asked for is not used here, one line each, for the log.
+    """
+    notes: list[str] = []
+    search = settings.cudnn_conv_algo_search
+    if search == "auto":
+        # Padded, each of the few shapes is searched once, at warmup; unpadded, every new batch
+        # size would pay an exhaustive search in the middle of serving.
+        search = "EXHAUSTIVE" if padded else "HEURISTIC"
+    on_cuda = provider == CUDA
+    binding = settings.io_binding == "on" or (settings.io_binding == "auto" and on_cuda)
+    graph = settings.cuda_graph == "on" or (settings.cuda_graph == "auto" and on_cuda)
+    if graph:
+        missing = [
+            why
+            for why, lacking in (
+                ("it runs on CUDA only", not on_cuda),
+                ("batches are not padded (pad_batches)", not padded),
+                ("io_binding is off", not binding),
+                ("the inputs or outputs vary past the batch axis", not fixed_shapes),
+            )
+            if lacking
+        ]
+        if missing:
+            graph = False
+            if settings.cuda_graph == "on":
+                notes.append(f"cuda_graph is on but not used here: {'; '.join(missing)}")
+    device = "cuda" if on_cuda else "cpu"
+    return DataPath(binding, device, graph, graph, search), notes
+
+
+def cuda_options(settings: Settings, path: DataPath | None = None) -> dict[str, Any]:
+    """The CUDA provider options of a session with data path ``path`` (none: the startup probe's)."""
+    if path is None:
+        path, _ = plan_data_path(settings, CUDA, padded=False, fixed_shapes=False)
+    options: dict[str, Any] = {"cudnn_conv_algo_search": path.conv_algo_search}
     if settings.cuda_mem_limit_bytes:
         options["gpu_mem_limit"] = settings.cuda_mem_limit_bytes
+    if path.cuda_graph:
+        options["enable_cuda_graph"] = "1"
     return options
 
 
@@ -198,56 +263,151 @@ class ModelSession:
     ``run`` is thread-safe (onnxruntime sessions are; several batches may run at once) and
     blocking: callers run it off the event loop. Inputs are cast to the dtypes the graph
     declares, so an fp16 graph with fp16 inputs takes the same float32 tensors as the fp32 graph.
+    How batches reach onnxruntime is ``data_path`` (default: what the settings give this provider
+    for unpadded batches of varying shapes).
+
+    Raises (on creation):
+        ProviderUnavailable: onnxruntime runs the graph on another provider than asked.
+        GraphCaptureUnavailable: ``cuda_graph=on`` and onnxruntime cannot capture this graph.
     """
 
-    def __init__(self, path: Path, provider: str, settings: Settings, intra_op_threads: int) -> None:
-        options = session_options(
-            intra_op_threads,
-            settings.inter_op_threads,
-            spinning=settings.intra_op_spinning,
-            provider=provider,
-            graph_optimization=settings.graph_optimization,
-        )
-        providers: list[Any] = [CPU]
-        if provider == CUDA:
-            providers = [(CUDA, cuda_options(settings)), CPU]
-        # onnxruntime's intra-op workers start here and take this thread's name: ort:<model>.
-        with named(f"{ORT_PREFIX}{path.parent.parent.name}"):
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        used = self.session.get_providers()
-        if used[0] != provider:
-            # onnxruntime falls back to CPU without raising when CUDA libraries are missing.
-            raise ProviderUnavailable(
-                f"{path}: asked for {provider}, onnxruntime gave {used[0]} (see its log)"
-            )
+    def __init__(
+        self,
+        path: Path,
+        provider: str,
+        settings: Settings,
+        intra_op_threads: int,
+        *,
+        data_path: DataPath | None = None,
+    ) -> None:
+        if data_path is None:
+            data_path, _ = plan_data_path(settings, provider, padded=False, fixed_shapes=False)
         self.provider = provider
         self.path = path
+        self.settings = settings
+        self.intra_op_threads = intra_op_threads
+        try:
+            self.session = self._open(data_path)
+        except ProviderUnavailable:
+            raise
+        except Exception as err:  # onnxruntime refuses to capture: an operator is not on CUDA, say
+            if not data_path.cuda_graph:
+                raise
+            if settings.cuda_graph == "on":
+                raise GraphCaptureUnavailable(
+                    f"{path}: cuda_graph is on but onnxruntime refuses: {err}"
+                ) from err
+            log.warning("%s: CUDA graphs not used, onnxruntime refuses them: %s", path, err)
+            data_path = dataclasses.replace(data_path, cuda_graph=False)
+            self.session = self._open(data_path)
+        self.data_path = data_path
         self.inputs = tuple(
             InputMeta(i.name, np.dtype(_ORT_DTYPES.get(i.type, np.float32)), _shape(i.shape))
             for i in self.session.get_inputs()
         )
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        self._use_io_binding = provider == CUDA and settings.io_binding
+        self._output_meta = tuple(
+            InputMeta(o.name, np.dtype(_ORT_DTYPES.get(o.type, np.float32)), _shape(o.shape))
+            for o in self.session.get_outputs()
+        )
+        self._fixed: dict[tuple[tuple[int, ...], ...], _FixedBuffers] = {}
+        # One bound run at a time through the fixed buffers: they are shared by every run of a shape.
+        self._fixed_lock = threading.Lock()
+
+    def _open(self, data_path: DataPath) -> ort.InferenceSession:
+        settings = self.settings
+        options = session_options(
+            self.intra_op_threads,
+            settings.inter_op_threads,
+            spinning=settings.intra_op_spinning,
+            provider=self.provider,
+            graph_optimization=settings.graph_optimization,
+        )
+        providers: list[Any] = [CPU]
+        if self.provider == CUDA:
+            providers = [(CUDA, cuda_options(settings, data_path)), CPU]
+        # onnxruntime's intra-op workers start here and take this thread's name: ort:<model>.
+        with named(f"{ORT_PREFIX}{self.path.parent.parent.name}"):
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        used = session.get_providers()
+        if used[0] != self.provider:
+            # onnxruntime falls back to CPU without raising when CUDA libraries are missing.
+            raise ProviderUnavailable(
+                f"{self.path}: asked for {self.provider}, onnxruntime gave {used[0]} (see its log)"
+            )
+        return session
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs one batch; returns every graph output as a host numpy array."""
         feed = {meta.name: np.ascontiguousarray(inputs[meta.name], dtype=meta.dtype) for meta in self.inputs}
-        if self._use_io_binding:
-            return self._run_bound(feed)
-        outputs = self.session.run(list(self.output_names), feed)
+        if self.data_path.fixed_buffers:
+            outputs = self._run_fixed(feed)
+        elif self.data_path.io_binding:
+            outputs = self._run_bound(feed)
+        else:
+            outputs = self.session.run(list(self.output_names), feed)
         return {name: _as_float32(value) for name, value in zip(self.output_names, outputs, strict=True)}
 
-    def _run_bound(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         # Outputs are allocated on the device and copied to the host once, after the run,
         # instead of onnxruntime's per-output host allocation on every call.
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         for name in self.output_names:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, self.data_path.device)
         self.session.run_with_iobinding(binding)
-        outputs = binding.copy_outputs_to_cpu()
-        return {name: _as_float32(value) for name, value in zip(self.output_names, outputs, strict=True)}
+        outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
+        return outputs
+
+    def _run_fixed(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        shapes = tuple(value.shape for value in feed.values())
+        with self._fixed_lock:
+            buffers = self._fixed.get(shapes)
+            new = buffers is None
+            if buffers is None:
+                buffers = self._fixed[shapes] = self._make_buffers(feed, graph_id=len(self._fixed))
+            for name, value in feed.items():
+                buffers.inputs[name].update_inplace(value)
+            if new and self.data_path.cuda_graph:
+                # The first runs of a graph id run plainly and capture it: done here, at warmup,
+                # so no request pays for the capture.
+                self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+            self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+            # New host arrays (onnxruntime copies out of the buffers), so the next batch of this
+            # shape cannot overwrite an answer still on its way to a client.
+            return list(buffers.binding.copy_outputs_to_cpu())
+
+    def _make_buffers(self, feed: dict[str, np.ndarray], graph_id: int) -> _FixedBuffers:
+        device = self.data_path.device
+        rows = len(next(iter(feed.values())))
+        binding = self.session.io_binding()
+        inputs = {}
+        for name, value in feed.items():
+            inputs[name] = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+            binding.bind_ortvalue_input(name, inputs[name])
+        for meta in self._output_meta:
+            shape = [rows, *(d or 0 for d in meta.shape[1:])]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(shape, meta.dtype, device, 0)
+            binding.bind_ortvalue_output(meta.name, value)
+        run_options = None
+        if self.data_path.cuda_graph:
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return _FixedBuffers(binding, inputs, run_options)
+
+
+@dataclass(frozen=True)
+class _FixedBuffers:
+    """One input shape's buffers, bound once: a CUDA graph replays on exactly these addresses."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    run_options: Any
+
+
+class GraphCaptureUnavailable(RuntimeError):
+    """``cuda_graph=on`` but onnxruntime cannot capture this graph."""
 
 
 def _shape(shape: Any) -> tuple[int | None, ...]:

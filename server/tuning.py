@@ -180,7 +180,9 @@ def tune_instances(
     try:
         two = session
         if two_threads.intra_op != one_threads.intra_op:
-            two = ModelSession(session.path, session.provider, settings, two_threads.intra_op)
+            two = ModelSession(
+                session.path, session.provider, settings, two_threads.intra_op, data_path=session.data_path
+            )
         loaded = functools.partial(sample, min(LOAD_ROWS, max_rows))
         choice = choose((one_threads, session.run), (two_threads, two.run), sample(1), loaded)
     except Exception as err:  # a graph that runs only some batch sizes still serves the others
