@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from fineserve.export.contract import (
+    CROP_FRACTION_RANGE,
     INTERPOLATIONS,
     MAX_LENGTH_RANGE,
+    MEAN_RANGE,
     PRECISIONS,
+    STD_RANGE,
     ImagePreprocessing,
     TextPreprocessing,
+    check_labels,
+    finite_in,
 )
 from fineserve.export.errors import ExportError, UsageError, ValidationError
 from fineserve.training.errors import TrainingError, UnknownBackboneError
@@ -113,13 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wrap.add_argument("--image-size", help="image models: HEIGHTxWIDTH or one number for a square")
     wrap.add_argument(
-        "--mean", default="0.485,0.456,0.406", help="image models: per-channel mean on [0, 1] pixels"
+        "--mean",
+        default="0.485,0.456,0.406",
+        help=f"image models: per-channel mean on [0, 1] pixels, each in [{MEAN_RANGE[0]}, {MEAN_RANGE[1]}]",
     )
     wrap.add_argument(
-        "--std", default="0.229,0.224,0.225", help="image models: per-channel std on [0, 1] pixels"
+        "--std",
+        default="0.229,0.224,0.225",
+        help=f"image models: per-channel std on [0, 1] pixels, each in [{STD_RANGE[0]}, {STD_RANGE[1]}]",
     )
     wrap.add_argument(
-        "--crop-fraction", type=float, default=1.0, help="image models: centre-crop fraction (0, 1]"
+        "--crop-fraction",
+        type=float,
+        default=1.0,
+        help=f"image models: centre-crop fraction [{CROP_FRACTION_RANGE[0]}, {CROP_FRACTION_RANGE[1]}]",
     )
     wrap.add_argument(
         "--interpolation", choices=INTERPOLATIONS, default="bilinear", help="image models: resize"
@@ -265,15 +277,13 @@ def _run_wrap(args: argparse.Namespace) -> None:
     if args.task == "image-classification":
         if not args.image_size:
             raise UsageError("image models need --image-size")
-        if not 0 < args.crop_fraction <= 1:
-            raise UsageError(f"--crop-fraction {args.crop_fraction}: must be in (0, 1]")
         height, width = _size(args.image_size)
         image = ImagePreprocessing(
             height=height,
             width=width,
-            mean=_triple(args.mean, "--mean"),
-            std=_triple(args.std, "--std"),
-            crop_fraction=args.crop_fraction,
+            mean=_triple(args.mean, "--mean", MEAN_RANGE),
+            std=_triple(args.std, "--std", STD_RANGE),
+            crop_fraction=finite_in(args.crop_fraction, "--crop-fraction", *CROP_FRACTION_RANGE),
             interpolation=args.interpolation,
             channel_order=args.channel_order,
         )
@@ -351,7 +361,7 @@ def _labels(value: str) -> tuple[str, ...]:
         labels = [v.strip() for v in value.split(",") if v.strip()]
     if len(labels) < 2:
         raise UsageError(f"--labels {value!r}: need at least 2 labels (a file, one per line, or a,b,c)")
-    return tuple(labels)
+    return check_labels(labels, "--labels")
 
 
 def _size(value: str) -> tuple[int, int]:
@@ -366,12 +376,12 @@ def _size(value: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _triple(value: str, option: str) -> tuple[float, float, float]:
+def _triple(value: str, option: str, bounds: tuple[float, float]) -> tuple[float, float, float]:
     try:
         a, b, c = (float(v) for v in value.split(","))
     except ValueError:
         raise UsageError(f"{option} {value!r}: expected three comma-separated numbers") from None
-    return a, b, c
+    return (finite_in(a, option, *bounds), finite_in(b, option, *bounds), finite_in(c, option, *bounds))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Layout::
     <repository>/<model>/<version>/<variant files>  # e.g. model.onnx, model.fp16.onnx
     <repository>/<model>/<version>/tokenizer.json   # text models only
 
-Model names match ``[a-z0-9][a-z0-9_-]*``; versions are positive integers written as plain
+Model names match ``[a-z0-9][a-z0-9_-]*``; versions are positive integers (int64) written as plain
 decimal folder names. A version folder is complete once it exists under its final name:
 publishers write elsewhere and rename (see ``export.publish``), so a reader never sees half a
 model. Folders whose names are not integers (e.g. ``.tmp-...``) are ignored by readers.
@@ -17,7 +17,9 @@ Standard library only: the server imports this module without torch or onnx.
 from __future__ import annotations
 
 import json
+import math
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +40,29 @@ INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")  # \Z: "$" would let "name\n" pass
 # Tokens per text the server truncates to: at least a [CLS] and a [SEP].
 MAX_LENGTH_RANGE = (2, 8192)
+# Every number of the contract has a range: a value outside it is a broken or hostile entry, which
+# fails its own version at load instead of every reply that echoes it (a max_batch_size of 2**31
+# does not fit the replies' int32) or every answer it would compute (a temperature of Infinity
+# makes all scores equal, 1e-310 makes them NaN).
+INT64_MAX = 2**63 - 1
+VERSION_RANGE = (1, INT64_MAX)
+# Rows per batch: far above any batch the server runs (its own max_batch_size caps it), far below
+# the int32 that KServe's and fineserve.v1's replies carry it in.
+MAX_BATCH_SIZE_RANGE = (1, 65536)
+# Softmax temperature: training clamps its fitted value to 0.05..20 (training/calibration.py).
+TEMPERATURE_RANGE = (0.01, 100.0)
+# Per-channel mean and std of [0, 1] pixels: a mean outside [0, 1] is the mean of no image; a std
+# of 1/255 (a model that takes 0..255 pixels) is in range, a std of 0 or 1e-300 is not.
+MEAN_RANGE = (0.0, 1.0)
+STD_RANGE = (0.001, 10.0)
+# Below 0.25 the resize before the centre crop grows every image 4x past the model's input size.
+CROP_FRACTION_RANGE = (0.25, 1.0)
+IMAGE_SIZE_RANGE = (1, 4096)
+MAX_LABELS = 100_000
+MAX_LABEL_CHARS = 256
+# Labels reach clients' screens and logs: no character that is invisible or reorders the text
+# around it (bidirectional overrides, embeddings, isolates and marks).
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class ModelSpecError(ExportError, ValueError):
@@ -135,57 +160,74 @@ class ModelSpec:
         return _parse_spec(data, where)
 
 
-def read_model_spec(version_dir: Path) -> ModelSpec:
+def read_model_spec(version_dir: Path, shown_as: str | None = None) -> ModelSpec:
     """Reads and validates ``<version_dir>/model.json``; checks the files it names exist.
 
+    ``shown_as`` names the version folder in error messages (the server passes ``<model>/<version>``,
+    which clients may read; export leaves it out and shows the full path).
+
     Raises:
-        ModelSpecError: missing or malformed ``model.json``, a field out of contract, a name or
-            version that does not match the folder, or a named file that is missing.
+        ModelSpecError: missing or malformed ``model.json`` (NaN and Infinity included), a field
+            out of contract, a name or version that does not match the folder, or a named file
+            that is missing.
     """
+    folder = str(version_dir) if shown_as is None else shown_as
     path = version_dir / MODEL_JSON
+    where = f"{folder}/{MODEL_JSON}"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ModelSpecError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelSpecError(f"{path}: not readable JSON ({err})") from None
-    spec = _parse_spec(data, str(path))
+        raise ModelSpecError(f"{where}: missing") from None
+    except OSError as err:  # its text would name the absolute path
+        raise ModelSpecError(f"{where}: not readable ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ModelSpecError(f"{where}: not UTF-8 text") from None
+    spec = _parse_spec(_loads(text, where), where)
     if version_dir.name != str(spec.version):
-        raise ModelSpecError(f"{path}: version {spec.version} does not match folder {version_dir.name!r}")
+        raise ModelSpecError(f"{where}: version {spec.version} does not match folder {version_dir.name!r}")
     if version_dir.parent.name != spec.name:
-        raise ModelSpecError(f"{path}: name {spec.name!r} does not match folder {version_dir.parent.name!r}")
+        raise ModelSpecError(f"{where}: name {spec.name!r} does not match folder {version_dir.parent.name!r}")
     needed = [v.file for v in spec.variants.values()]
     if spec.text is not None:
         needed.append(spec.text.tokenizer_file)
     for name in needed:
         if not (version_dir / name).is_file():
-            raise ModelSpecError(f"{path}: names {name!r}, which is not in {version_dir}")
+            raise ModelSpecError(f"{where}: names {name!r}, which is not in {folder}")
     return spec
 
 
 def write_model_spec(version_dir: Path, spec: ModelSpec) -> Path:
-    """Writes ``model.json`` after checking the spec against the contract (round trip)."""
-    _parse_spec(json.loads(spec.to_json()), f"{version_dir / MODEL_JSON} (before writing)")
+    """Writes ``model.json`` after checking the spec against the contract (round trip), so export
+    never publishes what the server would refuse."""
+    where = f"{version_dir / MODEL_JSON} (before writing)"
+    _parse_spec(_loads(spec.to_json(), where), where)
     path = version_dir / MODEL_JSON
     path.write_text(spec.to_json(), encoding="utf-8")
     return path
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """The published versions of a model, ascending; ignores non-integer folder names."""
-    if not model_dir.is_dir():
+    """The published versions of a model, ascending; ignores folders whose names are not versions
+    (``version_of``) and a model folder that cannot be listed (one bad entry fails only itself)."""
+    try:
+        children = [child for child in model_dir.iterdir() if child.is_dir()]
+    except OSError:  # not a folder, gone, or not readable
         return []
-    versions = []
-    for child in model_dir.iterdir():
-        if (
-            child.is_dir()
-            and child.name.isascii()  # str.isdigit() also takes "²", which int() refuses
-            and child.name.isdigit()
-            and int(child.name) > 0
-            and str(int(child.name)) == child.name
-        ):
-            versions.append(int(child.name))
-    return sorted(versions)
+    return sorted(v for v in map(version_of, (child.name for child in children)) if v is not None)
+
+
+def version_of(folder_name: str) -> int | None:
+    """The version a folder name stands for: plain decimal digits, no leading zero, in 1..2**63-1
+    (what the replies' int64 can carry); otherwise None."""
+    if not (
+        folder_name.isascii()  # str.isdigit() also takes "²", which int() refuses
+        and folder_name.isdigit()
+        and len(folder_name) <= len(str(INT64_MAX))  # before int(): no 5000-digit conversions
+        and not folder_name.startswith("0")
+    ):
+        return None
+    version = int(folder_name)
+    return version if VERSION_RANGE[0] <= version <= VERSION_RANGE[1] else None
 
 
 def list_models(repository: Path) -> list[str]:
@@ -197,6 +239,42 @@ def list_models(repository: Path) -> list[str]:
         for child in repository.iterdir()
         if child.is_dir() and MODEL_NAME.match(child.name) and list_versions(child)
     )
+
+
+def check_labels(labels: Any, where: str) -> tuple[str, ...]:
+    """The labels as the contract takes them: 2..MAX_LABELS distinct strings, each 1..MAX_LABEL_CHARS
+    characters without control characters (NUL, C0/C1, ESC, line separators) or bidirectional
+    controls. Errors name ``where`` and the label's index.
+
+    Raises:
+        ModelSpecError: the first label (or count) out of contract.
+    """
+    items = _list(labels, where)
+    if len(items) < 2:
+        raise ModelSpecError(f"{where}: needs at least 2 entries, got {len(items)}")
+    if len(items) > MAX_LABELS:
+        raise ModelSpecError(f"{where}: {len(items)} entries, more than {MAX_LABELS}")
+    checked = tuple(_label(item, f"{where}[{i}]") for i, item in enumerate(items))
+    if len(set(checked)) != len(checked):
+        raise ModelSpecError(f"{where}: has duplicates")
+    return checked
+
+
+def finite_in(value: Any, where: str, low: float, high: float) -> float:
+    """``value`` as a float, if it is a finite number in ``[low, high]``.
+
+    Raises:
+        ModelSpecError: not a number, NaN, infinite or out of range; the message names ``where``.
+    """
+    number = _float(value, where)
+    if not low <= number <= high:  # NaN fails every comparison
+        raise ModelSpecError(f"{where}: must be a finite number in [{low}, {high}], got {number!r}")
+    return number
+
+
+def check_image_preprocessing(image: ImagePreprocessing, where: str) -> ImagePreprocessing:
+    """Checks an ``ImagePreprocessing`` built in code against the contract, as model.json's would be."""
+    return _image(json.loads(json.dumps(asdict(image))), where)
 
 
 def image_preprocessing_from_dict(value: Any, where: str) -> ImagePreprocessing:
@@ -220,27 +298,15 @@ def _parse_spec(data: Any, where: str) -> ModelSpec:
     name = _str(d.get("name"), f"{where}: name")
     if not MODEL_NAME.match(name):
         raise ModelSpecError(f"{where}: name {name!r} must match {MODEL_NAME.pattern}")
-    version = _int(d.get("version"), f"{where}: version")
-    if version < 1:
-        raise ModelSpecError(f"{where}: version must be a positive integer, got {version}")
+    version = _int_in(d.get("version"), f"{where}: version", *VERSION_RANGE)
     task = _str(d.get("task"), f"{where}: task")
     if task not in TASKS:
         raise ModelSpecError(f"{where}: task {task!r} is not one of {', '.join(TASKS)}")
-    labels = tuple(
-        _str(x, f"{where}: labels[{i}]") for i, x in enumerate(_list(d.get("labels"), f"{where}: labels"))
-    )
-    if len(labels) < 2:
-        raise ModelSpecError(f"{where}: labels needs at least 2 entries, got {len(labels)}")
-    if len(set(labels)) != len(labels):
-        raise ModelSpecError(f"{where}: labels has duplicates")
+    labels = check_labels(d.get("labels"), f"{where}: labels")
     inputs = _tensors(d.get("inputs"), f"{where}: inputs")
     outputs = _tensors(d.get("outputs"), f"{where}: outputs")
-    max_batch_size = _int(d.get("max_batch_size", 64), f"{where}: max_batch_size")
-    if max_batch_size < 1:
-        raise ModelSpecError(f"{where}: max_batch_size must be >= 1, got {max_batch_size}")
-    temperature = _float(d.get("temperature", 1.0), f"{where}: temperature")
-    if not temperature > 0:
-        raise ModelSpecError(f"{where}: temperature must be > 0, got {temperature}")
+    max_batch_size = _int_in(d.get("max_batch_size", 64), f"{where}: max_batch_size", *MAX_BATCH_SIZE_RANGE)
+    temperature = finite_in(d.get("temperature", 1.0), f"{where}: temperature", *TEMPERATURE_RANGE)
     raw_variants = _obj(d.get("variants"), f"{where}: variants")
     if not raw_variants:
         raise ModelSpecError(f"{where}: variants is empty")
@@ -282,8 +348,10 @@ def _tensors(value: Any, where: str) -> tuple[TensorSpec, ...]:
         if datatype not in DATATYPES:
             raise ModelSpecError(f"{where}[{i}].datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
         shape = tuple(_int(x, f"{where}[{i}].shape") for x in _list(d.get("shape"), f"{where}[{i}].shape"))
-        if not shape or any(x == 0 or x < -1 for x in shape):
-            raise ModelSpecError(f"{where}[{i}].shape {list(shape)} must be non-empty, each > 0 or -1")
+        if not shape or any(x == 0 or x < -1 or x > INT64_MAX for x in shape):
+            raise ModelSpecError(
+                f"{where}[{i}].shape {list(shape)} must be non-empty, each -1 or in 1..{INT64_MAX}"
+            )
         out.append(TensorSpec(name=_str(d.get("name"), f"{where}[{i}].name"), datatype=datatype, shape=shape))
     if len({t.name for t in out}) != len(out):
         raise ModelSpecError(f"{where}: duplicate tensor names")
@@ -304,25 +372,19 @@ def _variant(key: str, value: Any, where: str) -> Variant:
     return Variant(
         file=file,
         precision=precision,
-        size_bytes=_int(d.get("size_bytes", 0), f"{where}.size_bytes"),
+        size_bytes=_int_in(d.get("size_bytes", 0), f"{where}.size_bytes", 0, INT64_MAX),
         checks=_obj(d.get("checks", {}), f"{where}.checks"),
-        cpu_latency_ms=None if latency is None else _float(latency, f"{where}.cpu_latency_ms"),
+        cpu_latency_ms=None if latency is None else finite_in(latency, f"{where}.cpu_latency_ms", 0, 1e9),
     )
 
 
 def _image(value: Any, where: str) -> ImagePreprocessing:
     d = _obj(value, where)
-    height = _int(d.get("height"), f"{where}.height")
-    width = _int(d.get("width"), f"{where}.width")
-    if not (1 <= height <= 4096 and 1 <= width <= 4096):
-        raise ModelSpecError(f"{where}: height and width must be in 1..4096, got {height}x{width}")
-    mean = _triple(d.get("mean"), f"{where}.mean")
-    std = _triple(d.get("std"), f"{where}.std")
-    if any(s <= 0 for s in std):
-        raise ModelSpecError(f"{where}.std must be > 0, got {list(std)}")
-    crop = _float(d.get("crop_fraction", 1.0), f"{where}.crop_fraction")
-    if not 0 < crop <= 1:
-        raise ModelSpecError(f"{where}.crop_fraction must be in (0, 1], got {crop}")
+    height = _int_in(d.get("height"), f"{where}.height", *IMAGE_SIZE_RANGE)
+    width = _int_in(d.get("width"), f"{where}.width", *IMAGE_SIZE_RANGE)
+    mean = _triple(d.get("mean"), f"{where}.mean", MEAN_RANGE)
+    std = _triple(d.get("std"), f"{where}.std", STD_RANGE)
+    crop = finite_in(d.get("crop_fraction", 1.0), f"{where}.crop_fraction", *CROP_FRACTION_RANGE)
     interpolation = _str(d.get("interpolation", "bilinear"), f"{where}.interpolation")
     if interpolation not in INTERPOLATIONS:
         raise ModelSpecError(
@@ -342,19 +404,47 @@ def _text(value: Any, where: str) -> TextPreprocessing:
     tokenizer_file = _str(d.get("tokenizer_file", TOKENIZER_JSON), f"{where}.tokenizer_file")
     if "/" in tokenizer_file or tokenizer_file.startswith("."):
         raise ModelSpecError(f"{where}.tokenizer_file {tokenizer_file!r} must be a plain file name")
-    max_length = _int(d.get("max_length", 128), f"{where}.max_length")
-    low, high = MAX_LENGTH_RANGE
-    if not low <= max_length <= high:
-        raise ModelSpecError(f"{where}.max_length must be in {low}..{high}, got {max_length}")
+    max_length = _int_in(d.get("max_length", 128), f"{where}.max_length", *MAX_LENGTH_RANGE)
     return TextPreprocessing(tokenizer_file, max_length)
 
 
-def _triple(value: Any, where: str) -> tuple[float, float, float]:
+def _triple(value: Any, where: str, bounds: tuple[float, float]) -> tuple[float, float, float]:
     items = _list(value, where)
     if len(items) != 3:
         raise ModelSpecError(f"{where}: needs 3 values, got {len(items)}")
-    a, b, c = (_float(x, where) for x in items)
+    a, b, c = (finite_in(x, f"{where}[{i}]", *bounds) for i, x in enumerate(items))
     return (a, b, c)
+
+
+# Control characters (C0, DEL, C1: NUL, ESC, newline, ...) and the line and paragraph separators.
+_FORGING = ("Cc", "Zl", "Zp")
+
+
+def _label(value: Any, where: str) -> str:
+    label = _str(value, where)
+    if len(label) > MAX_LABEL_CHARS:
+        raise ModelSpecError(f"{where}: {len(label)} characters, more than {MAX_LABEL_CHARS}")
+    bad = next(
+        (c for c in label if c in BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Zl", "Zp")), None
+    )
+    if bad is not None:
+        raise ModelSpecError(
+            f"{where}: {label!r} holds {bad!a} (control and bidirectional characters are not allowed)"
+        )
+    return label
+
+
+def _loads(text: str, where: str) -> Any:
+    """JSON as the contract takes it: Python's json reads NaN, Infinity and -Infinity, which JSON
+    does not have and no number of the contract may be."""
+
+    def refuse(constant: str) -> Any:
+        raise ModelSpecError(f"{where}: {constant} is not a JSON number (every number must be finite)")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as err:
+        raise ModelSpecError(f"{where}: not readable JSON ({err})") from None
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -381,7 +471,20 @@ def _int(value: Any, where: str) -> int:
     return value
 
 
+def _int_in(value: Any, where: str, low: int, high: int) -> int:
+    number = _int(value, where)
+    if not low <= number <= high:
+        raise ModelSpecError(f"{where}: must be an integer in {low}..{high}, got {number}")
+    return number
+
+
 def _float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ModelSpecError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range
+        raise ModelSpecError(f"{where}: {value} is out of range") from None
+    if not math.isfinite(number):
+        raise ModelSpecError(f"{where}: must be finite, got {number!r}")
+    return number

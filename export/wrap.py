@@ -21,9 +21,13 @@ import onnx
 from fineserve.export import validate
 from fineserve.export.contract import (
     MAX_LENGTH_RANGE,
+    TEMPERATURE_RANGE,
     ImagePreprocessing,
     TensorSpec,
     TextPreprocessing,
+    check_image_preprocessing,
+    check_labels,
+    finite_in,
     read_model_spec,
 )
 from fineserve.export.errors import UnsupportedModelError, WrapError
@@ -161,9 +165,14 @@ def wrap_onnx(
 
     Raises:
         WrapError, UnsupportedModelError, ValidationError, PublishError, TokenizerError (a text
-        model's tokenizer that cannot be loaded); all ``export.errors``.
+        model's tokenizer that cannot be loaded), ModelSpecError (labels, preprocessing or
+        temperature out of contract, refused before any work); all ``export.errors``.
     """
     started = time.perf_counter()
+    labels = check_labels(list(labels), "labels")
+    finite_in(temperature, "temperature", *TEMPERATURE_RANGE)
+    if image is not None:
+        check_image_preprocessing(image, "image")
     model = read_graph(onnx_path)
     interface = describe_interface(model, task, len(labels), output)
     if task == "image-classification":

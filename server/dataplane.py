@@ -26,6 +26,7 @@ from fineserve.server.errors import (
     DeadlineExceeded,
     InvalidInput,
     LimitExceeded,
+    ModelFault,
     ModelNotFound,
     ModelNotReady,
     PermissionDenied,
@@ -78,9 +79,22 @@ class InferResult:
     outputs: dict[str, np.ndarray]
 
     def probabilities(self) -> np.ndarray:
-        """Calibrated probabilities of the model's scores (its first output, the logits)."""
-        logits = self.outputs[self.handle.spec.outputs[0].name]
-        return classification.probabilities(logits, self.handle.spec.temperature)
+        """Calibrated probabilities of the model's scores (its first output, the logits).
+
+        Raises:
+            ModelFault: they are NaN or infinite; never answered as if they were scores.
+        """
+        spec = self.handle.spec
+        scores = classification.probabilities(self.outputs[spec.outputs[0].name], spec.temperature)
+        if not np.isfinite(scores).all():
+            log.error(
+                "model %s version %d: NaN or infinite scores (temperature %g)",
+                spec.name,
+                spec.version,
+                spec.temperature,
+            )
+            raise ModelFault(_model_fault(spec))
+        return scores
 
 
 class DataPlane:
@@ -330,7 +344,7 @@ class DataPlane:
                 raise LimitExceeded(f"{rows} items exceed max_items_per_request ({limit})")
             return tensors, rows
 
-        return await self._run(served, deadline, is_cancelled, prepare)
+        return await self._run(served, deadline, is_cancelled, prepare, server_made_inputs=False)
 
     async def infer_encoded(
         self,
@@ -356,7 +370,7 @@ class DataPlane:
             tensors = await asyncio.to_thread(served.preprocess, list(items))
             return tensors, len(items)
 
-        return await self._run(served, deadline, is_cancelled, prepare)
+        return await self._run(served, deadline, is_cancelled, prepare, server_made_inputs=True)
 
     async def _run(
         self,
@@ -364,11 +378,17 @@ class DataPlane:
         deadline: float | None,
         is_cancelled: Callable[[], bool] | None,
         prepare: Callable[[], Awaitable[tuple[Tensors, int]]],
+        *,
+        server_made_inputs: bool,
     ) -> InferResult:
+        """``server_made_inputs``: the tensors come from the version's own preprocessing (encoded
+        items), so NaN or infinite outputs are the model's fault, not the request's."""
         observation = current_request()
         if observation is None:  # called without a transport (embedded, tests): observed here
             with self.observe(served.spec.name):
-                return await self._run(served, deadline, is_cancelled, prepare)
+                return await self._run(
+                    served, deadline, is_cancelled, prepare, server_made_inputs=server_made_inputs
+                )
         observation.version = served.spec.version
         # Counted before the first await: a version switch waits for this request to finish.
         served.in_flight += 1
@@ -388,7 +408,7 @@ class DataPlane:
                 outputs = results[0].outputs
             else:
                 outputs = {k: np.concatenate([r.outputs[k] for r in results]) for k in results[0].outputs}
-            _check_finite(outputs)
+            _check_finite(served.spec, outputs, server_made_inputs)
         except BaseException:
             elapsed = time.perf_counter_ns() - started
             served.stats.record_request(False, elapsed)
@@ -458,16 +478,33 @@ def _validate(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> tuple[Tensors, 
     return as_declared(spec.inputs, inputs), rows
 
 
-def _check_finite(outputs: Tensors) -> None:
-    """Finite inputs far outside what the model was trained on (pixels of 3e38) can overflow to
-    NaN scores: refused, as NaN or infinite inputs are, not answered. Only this request's rows are
-    checked, so its batch-mates are answered as usual."""
+def _check_finite(spec: ModelSpec, outputs: Tensors, server_made_inputs: bool) -> None:
+    """Never an OK answer with NaN or infinite outputs. Finite tensors a client sent far outside
+    what the model was trained on (pixels of 3e38) can overflow to NaN scores: refused as the
+    request's fault, as NaN or infinite inputs are. Items the server preprocessed itself (decoded
+    images, tokenized texts) are in the model's own range, so there it is the model's fault.
+    Only this request's rows are checked, so its batch-mates are answered as usual."""
     for name, value in outputs.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
+            if server_made_inputs:
+                log.error(
+                    "model %s version %d: output %r is NaN or infinite for preprocessed items",
+                    spec.name,
+                    spec.version,
+                    name,
+                )
+                raise ModelFault(_model_fault(spec))
             raise InvalidInput(
                 f"the model's output {name!r} for this request is NaN or infinite: its inputs are far "
                 "outside the range the model was trained on"
             )
+
+
+def _model_fault(spec: ModelSpec) -> str:
+    return (
+        f"model {spec.name!r} version {spec.version} produced NaN or infinite scores for this request; "
+        "the model is at fault, not the request (see the server log)"
+    )
 
 
 def _versions(versions: Sequence[int]) -> str:

@@ -109,6 +109,11 @@ class InferenceFailed(ServingError):
     status = "INTERNAL"
 
 
+class ModelFault(InferenceFailed):
+    """The model answered a request it accepted with NaN or infinite scores: the model's fault, not
+    the client's, and the message says so (never an OK reply with such scores)."""
+
+
 INTERNAL_MESSAGE = "internal error; see the server log"
 
 

@@ -29,6 +29,13 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
     logging.getLogger("fineserve.server").setLevel(settings.log_level)
 
 
+def untrusted(value: object) -> str:
+    """Text from outside the server (a folder name, a client's string) as it may go in a log
+    message: quoted, with newlines, terminal escapes and other unprintable or bidirectional
+    characters escaped (``repr``), so it cannot forge or garble log lines."""
+    return repr(str(value))
+
+
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return fields if isinstance(fields, dict) else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import io
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fineserve.export.contract import ModelSpec
 from fineserve.server.batching import (
@@ -31,10 +33,21 @@ from fineserve.server.batching import (
     length_buckets,
     padded_to_buckets,
 )
+from fineserve.server.classification import probabilities
 from fineserve.server.config import Settings
 from fineserve.server.datatypes import NUMPY_DTYPES
+from fineserve.server.errors import InvalidInput
 from fineserve.server.preprocess import ImagePreprocessor, Limits, TextPreprocessor
-from fineserve.server.runtime import CUDA, ModelSession, choose_variant, plan_data_path, plan_threads
+from fineserve.server.runtime import (
+    CUDA,
+    DataPath,
+    GraphCaptureUnavailable,
+    ModelSession,
+    ProviderUnavailable,
+    choose_variant,
+    plan_data_path,
+    plan_threads,
+)
 from fineserve.server.threads import INFER_PREFIX
 from fineserve.server.tuning import Choice, return_freed_memory, tune_instances
 
@@ -44,6 +57,16 @@ WARMUP_SEQUENCE_LENGTH = 8
 # Tokens per text when measuring instances (server/tuning.py): about a review sentence, so the
 # model's cost per row is near what it serves.
 TUNING_SEQUENCE_LENGTH = 32
+# The ordinary items warmup sends through a request's whole path: a 4:3 photo-sized image (resized
+# and centre-cropped as any other) and a short sentence.
+WARMUP_IMAGE_SIZE = (64, 48)
+WARMUP_TEXT = "the plot was good and the acting was fine"
+
+
+class LoadFailed(ValueError):
+    """A version that cannot be served. Its message is what clients read (the index's reason): file
+    names inside the version folder and a short cause, never an absolute path or a library's own
+    error text, which stays in ``__cause__`` for the server log."""
 
 
 def check_scores(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> None:
@@ -204,14 +227,14 @@ class ServedVersion:
         data_path, notes = plan_data_path(settings, provider, padded=pad, fixed_shapes=fixed_shapes)
         for note in notes:
             log.warning("model %s version %d: %s", spec.name, spec.version, note)
-        self.session = ModelSession(
-            path / variant.file, provider, settings, self.threads.intra_op, data_path=data_path
+        self.session = _open_session(
+            path / variant.file, provider, settings, self.threads.intra_op, data_path
         )
         self.provider = self.session.provider
         graph_inputs = {meta.name for meta in self.session.inputs}
         declared = {t.name for t in spec.inputs}
         if graph_inputs != declared:
-            raise ValueError(
+            raise LoadFailed(
                 f"model.json declares inputs {sorted(declared)} but {variant.file} has {sorted(graph_inputs)}"
             )
         self.tuning: Choice | None = None
@@ -237,9 +260,14 @@ class ServedVersion:
             self.preprocess = ImagePreprocessor(spec.inputs[0].name, spec.image, limits, image_pool)
         else:
             assert spec.text is not None
-            self.preprocess = TextPreprocessor(
-                path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
-            )
+            try:
+                self.preprocess = TextPreprocessor(
+                    path / spec.text.tokenizer_file, spec.text, [t.name for t in spec.inputs], limits
+                )
+            except Exception as err:  # tokenizers raises a bare Exception with its parser's text
+                raise LoadFailed(
+                    f"{spec.text.tokenizer_file} could not be loaded by tokenizers (see the server log)"
+                ) from err
             pad_values = self.preprocess.pad_values
         collate: Collate = concat_padded(pad_values)
         # Measured at load (instances=0) or as set: the count the batcher runs.
@@ -292,13 +320,19 @@ class ServedVersion:
             self._batch_metrics(timing.batch_size, timing.infer_ns)
 
     def warmup(self) -> None:
-        """Blocking: runs each batch size the version will see on synthetic input, so no request
-        pays for a first run."""
+        """Blocking: sends one ordinary item through a request's whole path (``check_serving_path``),
+        then runs each batch size the version will see on synthetic input, so no request pays for
+        a first run.
+
+        Raises:
+            LoadFailed: the version cannot answer ordinary requests; the message says why.
+        """
         started = time.perf_counter()
+        self.check_serving_path()
         for rows in self.warmup_batch_sizes:
             for tokens in self.warmup_lengths:
-                outputs = self.session.run(synthetic_inputs(self.spec, rows, tokens))
-                check_scores(self.spec, outputs)
+                outputs = _run_warmup(self.session, synthetic_inputs(self.spec, rows, tokens))
+                _check_warmup_scores(self.spec, outputs)
         lengths = ""
         if self.spec.text is not None:
             lengths = f" x lengths {','.join(map(str, self.warmup_lengths))}"
@@ -314,8 +348,87 @@ class ServedVersion:
             self.session.data_path.describe(),
         )
 
+    def check_serving_path(self) -> None:
+        """One ordinary item (an image or a sentence) through the path every request takes: the
+        version's preprocessing (its mean, std, crop and limits), the graph, and the softmax with
+        its temperature. A version whose answers would be refusals, NaN, or one score for every
+        class fails here, with the reason, instead of loading READY.
+
+        Raises:
+            LoadFailed: the item is refused, the graph fails on it, or the scores are not finite,
+                or all equal although the logits differ (the temperature erased the ranking).
+        """
+        what = "an ordinary image" if self.spec.image is not None else "an ordinary text"
+        try:
+            tensors = self.preprocess([_warmup_item(self.spec, self.preprocess.limits)])
+        except InvalidInput as err:
+            raise LoadFailed(f"its preprocessing refuses {what}: {err.message}") from err
+        outputs = _run_warmup(self.session, tensors)
+        _check_warmup_scores(self.spec, outputs)
+        logits = outputs[self.spec.outputs[0].name]
+        if not np.isfinite(logits).all():
+            raise LoadFailed(f"the graph's scores for {what} are NaN or infinite")
+        scores = probabilities(logits, self.spec.temperature)
+        if not np.isfinite(scores).all():
+            raise LoadFailed(
+                f"temperature {self.spec.temperature:g} makes the scores for {what} NaN or infinite"
+            )
+        if np.ptp(logits) > 0 and np.ptp(scores) == 0:
+            raise LoadFailed(
+                f"every score for {what} is equal (temperature {self.spec.temperature:g}) although the "
+                "graph's logits differ: the softmax erases the model's ranking"
+            )
+
     async def close(self) -> None:
         """Waits for the requests that resolved this version, then stops its batcher."""
         while self.in_flight:
             await asyncio.sleep(0.01)
         await self.batcher.close()
+
+
+def _open_session(
+    path: Path, provider: str, settings: Settings, intra_op_threads: int, data_path: DataPath
+) -> ModelSession:
+    try:
+        return ModelSession(path, provider, settings, intra_op_threads, data_path=data_path)
+    except ProviderUnavailable as err:
+        raise LoadFailed(
+            f"{path.name}: onnxruntime could not run it on {provider} (see the server log)"
+        ) from err
+    except GraphCaptureUnavailable as err:
+        raise LoadFailed(
+            f"{path.name}: cuda_graph is on but onnxruntime cannot capture this graph (see the server log)"
+        ) from err
+    except Exception as err:  # onnxruntime's own error types, with its text and the absolute path
+        raise LoadFailed(f"{path.name} could not be loaded by onnxruntime (see the server log)") from err
+
+
+def _run_warmup(session: ModelSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    try:
+        return session.run(inputs)
+    except Exception as err:
+        raise LoadFailed(
+            f"{session.path.name} failed in onnxruntime on its warmup input (see the server log)"
+        ) from err
+
+
+def _check_warmup_scores(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> None:
+    try:
+        check_scores(spec, outputs)
+    except ValueError as err:
+        raise LoadFailed(str(err)) from None
+
+
+def _warmup_item(spec: ModelSpec, limits: Limits) -> bytes:
+    """An ordinary item for ``spec``: a PNG with a colour gradient (so its channels differ) or a
+    sentence (cut to ``max_text_chars``: the check is of the model, not of that limit), as a
+    client would send it."""
+    if spec.image is None:
+        return WARMUP_TEXT[: limits.max_text_chars].encode("utf-8")
+    width, height = WARMUP_IMAGE_SIZE
+    x = np.linspace(0, 255, width, dtype=np.float32)[np.newaxis, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, np.newaxis]
+    pixels = np.stack([x + 0 * y, y + 0 * x, (x + y) / 2], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()

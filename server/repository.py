@@ -20,8 +20,9 @@ from pathlib import Path
 from fineserve.export.contract import MODEL_NAME, ModelSpecError, list_models, list_versions, read_model_spec
 from fineserve.server.config import Settings
 from fineserve.server.errors import ModelNotFound
+from fineserve.server.logs import untrusted
 from fineserve.server.metrics import Metrics, WatchedVersion
-from fineserve.server.model import ServedVersion
+from fineserve.server.model import LoadFailed, ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class Repository:
             versions = set(map(str, list_versions(model)))
             for version in _folders(model):
                 if version.name not in versions:
-                    self._ignore(version, "version folders are positive numbers without leading zeros")
+                    self._ignore(
+                        version, "version folders are numbers in 1..2**63-1 written without leading zeros"
+                    )
             if versions:
                 names.append(model.name)
         return names
@@ -93,7 +96,9 @@ class Repository:
     def _ignore(self, folder: Path, why: str) -> None:
         if folder not in self._ignored:
             self._ignored.add(folder)
-            log.warning("ignoring %s: %s", folder, why)
+            # Folder names are anyone's text: escaped, so a newline or a terminal escape in one
+            # cannot forge or garble log lines.
+            log.warning("ignoring %s: %s", untrusted(folder.relative_to(self.root)), why)
 
     def versions_on_disk(self, name: str) -> list[int]:
         # Only names a model may have are looked up: a client's "../x" or "/abs" never becomes a
@@ -207,10 +212,10 @@ class Repository:
             served = await asyncio.to_thread(self._build, path)
             served.start()
         except Exception as err:  # a bad version must never take the server down
-            reason = (
-                str(err) if isinstance(err, ModelSpecError | ValueError) else f"{type(err).__name__}: {err}"
-            )
-            log.error("model %s version %d failed to load: %s", name, version, reason)
+            reason = _client_reason(err)
+            # The reason is what clients read (the index); the log gets the whole error, with the
+            # library's own text and paths, under the same model and version.
+            log.error("model %s version %d failed to load: %s", name, version, reason, exc_info=err)
             self._failed[(name, version)] = (reason, _signature(path))
             self._metrics.version_failed(name)
             return
@@ -235,7 +240,7 @@ class Repository:
         log.info("model %s version %d READY (%s, %s)", name, version, served.provider, served.variant)
 
     def _build(self, path: Path) -> ServedVersion:
-        spec = read_model_spec(path)
+        spec = read_model_spec(path, shown_as=f"{path.parent.name}/{path.name}")
         # The version's batching, decided here once: the settings for its model, capped by its own
         # max_batch_size (model.json).
         batching = self._settings.batching_for(spec.name).for_model(spec.max_batch_size)
@@ -260,6 +265,15 @@ class Repository:
         self._metrics.version_retired(name, version)
         await served.close()
         log.info("model %s version %d retired", name, version)
+
+
+def _client_reason(err: Exception) -> str:
+    """Why a version failed, as clients may read it: the contract's and the loader's own messages
+    (relative file names, the field and its range); for anything else only its kind, since its
+    text may hold absolute paths or a library's internals."""
+    if isinstance(err, ModelSpecError | LoadFailed):
+        return str(err)
+    return f"{type(err).__name__} while loading (see the server log)"
 
 
 _Signature = frozenset[tuple[str, int, int]]

@@ -164,6 +164,44 @@ def test_bad_option_values_are_one_line_errors(tmp_path: Path, capsys: pytest.Ca
     assert "unknown default model 'cifar'" in capsys.readouterr().err
 
 
+FINITE = "must be a finite number in"
+FORGES = "(control and bidirectional characters are not allowed)"
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--mean", "nan,0.5,0.5"], "error: --mean: must be finite, got nan"),
+        (["--mean", "0.5,0.5,2"], "error: --mean: must be a finite number in [0.0, 1.0], got 2.0"),
+        (["--std", "inf,inf,inf"], "error: --std: must be finite, got inf"),
+        (["--std", "0.5,1e-300,0.5"], "error: --std: must be a finite number in [0.001, 10.0], got 1e-300"),
+        (
+            ["--crop-fraction", "0.001"],
+            "error: --crop-fraction: must be a finite number in [0.25, 1.0], got 0.001",
+        ),
+        (
+            ["--labels", "a,\x1b[31mb,c"],
+            f"error: --labels[1]: '\\x1b[31mb' holds '\\x1b' {FORGES}",
+        ),
+        (
+            ["--labels", "a,b\u202ec,d"],
+            f"error: --labels[1]: 'b\\u202ec' holds '\\u202e' {FORGES}",
+        ),
+    ],
+)
+def test_preprocessing_and_labels_out_of_contract_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    """These used to publish a version that fails (NaN mean, infinite std) or refuses ordinary
+    images (a crop of 0.001) at the server, or serves labels that forge text on clients' screens."""
+    onnx.save(foreign_image_graph(), tmp_path / "g.onnx")
+    repository = tmp_path / "r"
+    args = ["wrap", str(tmp_path / "g.onnx"), "--repository", str(repository), "--name", "m"]
+    args += ["--task", "image-classification", "--image-size", "8", "--labels", "a,b,c", *option]
+    assert _in_process(capsys, *args) == message
+    assert not (repository / "m").exists()
+
+
 @pytest.mark.parametrize("command", ["checkpoint", "wrap", "defaults"])
 def test_every_option_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
-from fineserve.export.contract import ImagePreprocessing, TextPreprocessing, list_versions, read_model_spec
+from fineserve.export.contract import (
+    ImagePreprocessing,
+    ModelSpecError,
+    TextPreprocessing,
+    list_versions,
+    read_model_spec,
+)
 from fineserve.export.examples import UNLABELLED, Examples, text_examples
 from fineserve.export.pipeline import ExportSettings
 from fineserve.export.validate import DynamicAxesError, ValueMismatchError, open_session
@@ -53,6 +61,33 @@ def test_foreign_image_classifier_is_renamed_checked_and_published(tmp_path: Pat
     assert spec.variants["fp32"].checks["max_abs_diff"] <= 1e-4 and "fp16" in spec.variants
     session = open_session(published.version_dir / "model.onnx")
     assert [o.name for o in session.get_outputs()] == ["logits"]  # the label output was dropped
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"temperature": float("inf")}, r"temperature: must be finite, got inf"),
+        ({"temperature": 1e-310}, r"temperature: must be a finite number in \[0\.01, 100\.0\]"),
+        (
+            {"image": dataclasses.replace(PREP, mean=(0.5, float("nan"), 0.5))},
+            r"image\.mean\[1\]: must be finite",
+        ),
+        (
+            {"image": dataclasses.replace(PREP, crop_fraction=0.001)},
+            r"image\.crop_fraction: must be a finite",
+        ),
+        ({"labels": ("a", "b\x00", "c")}, r"labels\[1\]: 'b\\x00' holds '\\x00'"),
+    ],
+)
+def test_out_of_contract_values_are_refused_before_any_work(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    """An infinite temperature used to be published (and serve one score for every class)."""
+    onnx.save(foreign_image_graph(), tmp_path / "foreign.onnx")
+    arguments: dict[str, Any] = {"task": "image-classification", "labels": ("a", "b", "c"), "image": PREP}
+    with pytest.raises(ModelSpecError, match=message):
+        wrap_onnx(tmp_path / "foreign.onnx", tmp_path / "models", "byom", **(arguments | change))
+    assert not (tmp_path / "models").exists()
 
 
 def test_damaged_foreign_graph_fails_against_its_reference_and_publishes_nothing(tmp_path: Path) -> None:
