@@ -15,7 +15,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: install test lint typecheck protos models serve bench clean prometheus
+.PHONY: install test lint typecheck protos models serve bench clean prometheus postgres
 
 # Reinstall when the dependency list changes.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -41,9 +41,14 @@ typecheck: install
 prometheus:
 	@bash tests/observability/install_prometheus.sh
 
+# PostgreSQL (initdb, pg_ctl) for the tuning test that runs two workers on one study in a real
+# database (Debian package, installed when missing; fails when it cannot be, like prometheus).
+postgres:
+	@bash tests/training/install_postgres.sh
+
 # The whole suite: lint, types, then every test (slow ones included; gpu ones never). A test that
 # skips fails the run unless tests/allowed_skips.txt names it (tests/skip_gate.py).
-test: install lint typecheck prometheus
+test: install lint typecheck prometheus postgres
 	$(BIN)/python -m pytest --fail-on-skip $(PYTEST_ARGS)
 
 protos: install

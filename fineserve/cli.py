@@ -1,6 +1,7 @@
 """``fineserve``: one command for the whole pipeline, as ``mlserver`` or ``optimum-cli`` have.
 
     fineserve train fashion --output-dir runs/fashion
+    fineserve tune fashion --trials 20 --study fashion-1
     fineserve export checkpoint runs/fashion --repository models --name fashion
     fineserve serve --model-repository models
     fineserve predict --model sentiment "a warm film"
@@ -21,6 +22,7 @@ from fineserve import __version__
 # name -> (module whose main(argv) runs it, one line of help)
 COMMANDS = {
     "train": ("fineserve.training.__main__", "fine-tune a pretrained backbone from a YAML recipe"),
+    "tune": ("fineserve.training.tuning.__main__", "search a recipe's hyperparameters (Optuna study)"),
     "export": ("fineserve.export.__main__", "checkpoints -> validated ONNX versions in a model repository"),
     "serve": ("fineserve.server.__main__", "serve a model repository over gRPC (KServe v2 and fineserve.v1)"),
     "predict": ("fineserve.predict", "call a running server: top-k labels for images, sentiment for texts"),
@@ -29,7 +31,14 @@ COMMANDS = {
 
 
 # The extra that installs what each command needs (pyproject.toml).
-EXTRAS = {"train": "train", "export": "train", "serve": "serve", "predict": "client", "bench": "serve,train"}
+EXTRAS = {
+    "train": "train",
+    "tune": "train",
+    "export": "train",
+    "serve": "serve",
+    "predict": "client",
+    "bench": "serve,train",
+}
 
 
 def listing(commands: Mapping[str, tuple[str, str]]) -> list[str]:

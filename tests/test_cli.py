@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["train", "export", "serve", "predict", "bench"]
+COMMANDS = ["train", "tune", "export", "serve", "predict", "bench"]
 
 
 def _fineserve(*args: str) -> subprocess.CompletedProcess[str]:

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("recipe", help="recipe name (training/configs/NAME.yaml) or path to a YAML recipe")
     parser.add_argument("--output-dir", required=True, type=Path, help="the run folder to write (created)")
+    add_override_arguments(parser)
+    return parser
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` and one ``--KEY VALUE`` option per recipe key (``fineserve tune`` takes
+    the same overrides as ``fineserve train``)."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -58,10 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{FIELD_HELP.get(f.name, '')} [{getattr(defaults, f.name)}]".replace("%", "%%"),
         )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return build_config(recipe_values(args))
+
+
+def recipe_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's keys with the command line's overrides applied, not yet checked."""
     values: dict[str, Any] = load_recipe(recipe_path(args.recipe))
     for f in dataclasses.fields(TrainConfig):
         raw = getattr(args, f"key_{f.name}")
@@ -70,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for text in args.overrides:
         key, value = parse_override(text)
         values[key] = value
-    return build_config(values)
+    return values
 
 
 class Terminated(KeyboardInterrupt):

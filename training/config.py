@@ -20,6 +20,8 @@ from fineserve.training.errors import ConfigError
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRATEGIES = ("linear-probe", "partial", "full", "gradual")
 SCHEDULES = ("cosine", "linear", "constant")
+# The recipe section that declares a tuning search space (not a training key).
+SEARCH_KEY = "search"
 DATASETS = ("fashion-mnist", "mnist-subset", "digits", "rotten-tomatoes", "imagefolder", "text-file")
 
 
@@ -287,7 +289,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def build_config(values: dict[str, Any]) -> TrainConfig:
-    """Checks key names and value types, then the cross-field rules."""
+    """Checks key names and value types, then the cross-field rules. A recipe's ``search:``
+    section is for ``fineserve tune`` (``training.tuning.search``); a training run ignores it."""
+    values = {k: v for k, v in values.items() if k != SEARCH_KEY}
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

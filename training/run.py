@@ -159,11 +159,23 @@ class Trainee:
     test: Examples
 
 
-def train(cfg: TrainConfig, output_dir: Path) -> RunResult:
+def train(
+    cfg: TrainConfig,
+    output_dir: Path,
+    *,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    score_test: bool = True,
+) -> RunResult:
     """Trains per ``cfg`` into ``output_dir``.
 
     Returns the final metrics (on the main process), or, when ``stop_after_steps`` ended the run
     early, why it stopped: ``last.pt`` then holds the state the same command resumes from.
+
+    ``on_epoch`` gets each epoch's record (``epoch``, ``val_accuracy``, ...) once it is scored; an
+    exception it raises ends the run there (a tuning trial pruned). With ``score_test=False`` the
+    run never reads its test split: it stops after the epochs with only the validation metrics
+    (``val_accuracy``, ``best_epoch``, ``epochs_run``), and its ``metadata.json`` stays marked
+    unfinished, so export refuses the folder (a tuning trial, which selects on validation alone).
 
     Raises:
         ConfigError, DatasetError, CheckpointError: bad recipe, data or teacher (one-line messages).
@@ -175,8 +187,13 @@ def train(cfg: TrainConfig, output_dir: Path) -> RunResult:
     trainee = choose_what_trains(run, data, net, step)
     optimizer, scheduler = build_optimiser(cfg, net.model, len(trainee.train), run.ctx.world)
     progress = resume(run, net.model, optimizer, scheduler)
-    stopped = fit(run, net, trainee, progress, optimizer=optimizer, scheduler=scheduler)
-    metrics = {} if stopped else finish(run, data, net, trainee, progress)
+    stopped = fit(run, net, trainee, progress, optimizer=optimizer, scheduler=scheduler, on_epoch=on_epoch)
+    if stopped:
+        metrics: dict[str, Any] = {}
+    elif score_test:
+        metrics = finish(run, data, net, trainee, progress)
+    else:
+        metrics = validation_metrics(progress)
     distributed.teardown(run.ctx)  # waits for the main process to finish first
     return RunResult(metrics, stopped)
 
@@ -357,10 +374,11 @@ def fit(
     *,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> str | None:
-    """The epochs from ``progress`` on, each ending in ``end_epoch``; ``last.pt`` always holds
-    the state to resume from. Returns why a stop ended the run early, None if it ran to the end
-    (all epochs, or until early stopping)."""
+    """The epochs from ``progress`` on, each ending in ``end_epoch`` (then ``on_epoch`` with its
+    record); ``last.pt`` always holds the state to resume from. Returns why a stop ended the run
+    early, None if it ran to the end (all epochs, or until early stopping)."""
     cfg, ctx = run.cfg, run.ctx
     num_blocks = len(layers.blocks(net.model))
     logger = StepLogger(cfg.log_every, ctx.main)
@@ -421,6 +439,8 @@ def fit(
             return stop.reason
         end_epoch(run, net, trainee, progress, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
         save_last()
+        if on_epoch is not None:
+            on_epoch(progress.history[-1])
         if cfg.early_stopping_patience and progress.stale_epochs >= cfg.early_stopping_patience:
             run.say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
             break
@@ -457,6 +477,15 @@ def end_epoch(
             f.write(json.dumps(record) + "\n")
         if improved:
             save_checkpoint(run.output_dir, net.model, net.meta)
+
+
+def validation_metrics(progress: Progress) -> dict[str, Any]:
+    """What a run that never reads its test split reports: the best validation accuracy."""
+    return {
+        "val_accuracy": progress.best_accuracy,
+        "best_epoch": progress.best_epoch,
+        "epochs_run": len(progress.history),
+    }
 
 
 def finish(run: Run, data: Data, net: Net, trainee: Trainee, progress: Progress) -> dict[str, Any]:
