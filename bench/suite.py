@@ -59,6 +59,7 @@ class Suite:
             "--intra-op-spinning" if args.spinning else "--no-intra-op-spinning",
             "--system-shared-memory",  # for the saturation point with inputs in shared memory
             "--log-level=WARNING",
+            f"--workers={args.workers}",
         ]
         self.results: dict[str, Any] = {
             "benchmark": "suite",
@@ -69,6 +70,7 @@ class Suite:
                 "inter_op": 1,
                 "spinning": args.spinning,
             },
+            "workers": args.workers,
             "seconds_per_point": args.seconds,
             "machine": machine(),
             "models": {},
@@ -416,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = cores - instances + 1"
     )
     add_spinning_flag(parser)  # both sides
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="the server's --workers (N or auto); its CPU and memory figures include every worker",
+    )
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")
@@ -426,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")
     if args.instances < 0 or args.threads < 0 or args.batch_concurrency < 0:
         parser.error("--instances, --threads and --batch-concurrency must be >= 0")
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        parser.error(f"--workers must be a positive number or auto, not {args.workers!r}")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a folder")
     missing = [m for m in args.models if not list_versions(args.model_repository / m)]
