@@ -165,6 +165,8 @@ def test_suite_runs_against_a_server_with_worker_processes(tiny_repository: Path
     assert results["workers"] == "2" and "--workers=2" in results["server"]["flags"]
     model = results["models"]["tiny-image"]
     assert all(set(r["codes"]) == {"OK"} for r in model["concurrency"]["tensor"]), model["concurrency"]
+    # Spread over connections (so over both workers): as many as requests in flight, up to 8.
+    assert [r["connections"] for r in model["concurrency"]["tensor"]] == [1, 4]
     # The server's CPU is its workers' (the supervisor only watches): the event loops did the work.
     assert model["saturation"]["cpu_ms_per_request"]["event_loop"] > 0
 

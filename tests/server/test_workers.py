@@ -7,6 +7,7 @@ otherwise share one connection between channels to the same address) and spread 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -28,7 +29,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from fineserve.bench.loadgen import Load, run_load
 from fineserve.bench.server_process import ServerProcess, process_cpu_seconds, rss_bytes
+from fineserve.export.contract import read_model_spec
 from fineserve.server.metrics_merge import WorkerMetrics
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
@@ -130,6 +133,16 @@ def test_two_workers_serve_one_port_and_one_metrics_endpoint_sums_them(repositor
             with fresh_stub(server.target) as stub:
                 stats = stub.ModelStatistics(ks.ModelStatisticsRequest(name=MODEL), timeout=10)
             assert stats.model_stats[0].inference_stats.success.count == 40
+
+
+def test_the_load_generator_spreads_its_connections_over_the_workers(repository: Path) -> None:
+    with two_workers(repository) as server:
+        server.start(60)
+        load = Load(concurrency=8, connections=8, seconds=0.5)
+        row = asyncio.run(run_load(server.target, read_model_spec(repository / MODEL / "1"), load))
+        assert row["codes"] == {"OK": row["requests_ok"]} and row["connections"] == 8
+        samples = metrics(server)
+        assert min(total(samples, "fineserve_worker_requests_total", worker=w) for w in ("0", "1")) > 0
 
 
 def test_a_killed_worker_is_restarted_and_requests_keep_succeeding(repository: Path) -> None:
