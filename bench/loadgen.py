@@ -59,6 +59,9 @@ class Load:
     # KServe only: the inputs lie in one system shared memory region (registered for the run) that
     # the server copies them from, and the request carries only their place, not their bytes.
     shared_memory: bool = False
+    # TCP connections the requests are spread over (round robin): a server with --workers N hands
+    # each connection to one worker, so one connection loads one worker only.
+    connections: int = 1
 
 
 def kserve_request(spec: ModelSpec, load: Load) -> Any:
@@ -197,35 +200,45 @@ async def run_load(
     ``on_window`` is called when the measured window opens, after the warmup: where a caller
     snapshots CPU counters, so the warmup's work is not charged to the measured requests.
     """
-    region: InputRegion | None = None
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        message: Any
-        if load.protocol in ("kserve", "kserve-stream"):
-            method: Any = _method(channel, KSERVE, "ModelInfer")
-            message = kserve_request(spec, load)
-            if load.shared_memory:
-                region = InputRegion(message)
-                message = region.request
-        else:
-            method, message = fineserve_call(channel, spec, load)
-        try:
-            if region is not None:
-                await region.register(channel)
-            return await _drive(channel, method, message.SerializeToString(), load, on_window)
-        finally:
-            if region is not None:
-                await region.unregister(channel)
-                region.close()
+    # Channels to one address share one connection unless each has a subchannel pool of its own.
+    options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if load.connections > 1 else [])
+    async with contextlib.AsyncExitStack() as stack:
+        callers = []
+        for _ in range(load.connections):
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(target, options=options))
+            message: Any
+            if load.protocol in ("kserve", "kserve-stream"):
+                method: Any = _method(channel, KSERVE, "ModelInfer")
+                message = kserve_request(spec, load)
+                if load.shared_memory:
+                    # A region per connection: each may reach another worker, which registers its own.
+                    region = InputRegion(message)
+                    stack.callback(region.close)
+                    await region.register(channel)
+                    stack.push_async_callback(region.unregister, channel)
+                    message = region.request
+            else:
+                method, message = fineserve_call(channel, spec, load)
+            callers.append(_Caller(channel, method, message.SerializeToString()))
+        return await _drive(callers, load, on_window)
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """One connection's method and serialized request."""
+
+    channel: grpc.aio.Channel
+    method: Any
+    request: bytes
 
 
 async def _drive(
-    channel: grpc.aio.Channel,
-    method: Any,
-    request: bytes,
+    callers: list[_Caller],
     load: Load,
     on_window: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    await method(request, timeout=30)  # one call first: fail fast on a wrong setup
+    for caller in callers:
+        await caller.method(caller.request, timeout=30)  # one call first: fail fast on a wrong setup
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     counting_from = time.perf_counter() + load.warmup_s
@@ -236,9 +249,10 @@ async def _drive(
         if on_window is not None:
             on_window()
 
-    async def worker() -> None:
-        stream = StreamCaller(channel) if load.protocol == "kserve-stream" else None
-        call = stream or method
+    async def worker(caller: _Caller) -> None:
+        request = caller.request
+        stream = StreamCaller(caller.channel) if load.protocol == "kserve-stream" else None
+        call = stream or caller.method
         while (start := time.perf_counter()) < end:
             try:
                 await call(request, timeout=load.timeout)
@@ -256,7 +270,7 @@ async def _drive(
         if stream is not None:
             await stream.close()
 
-    await asyncio.gather(open_window(), *(worker() for _ in range(load.concurrency)))
+    await asyncio.gather(open_window(), *(worker(callers[i % len(callers)]) for i in range(load.concurrency)))
     # The last requests may finish after `end`: the window is until the last answer.
     elapsed = time.perf_counter() - counting_from
     return {
@@ -264,6 +278,7 @@ async def _drive(
         "kind": load.kind,
         "shared_memory": load.shared_memory,
         "concurrency": load.concurrency,
+        "connections": len(callers),
         "items_per_request": load.items,
         "seconds": elapsed,
         "requests_ok": codes["OK"],
@@ -303,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         help="KServe tensors: pass the inputs in a system shared memory region, not in the message "
         "(the server needs --system-shared-memory)",
     )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="TCP connections to spread the requests over; a server with --workers N gives each "
+        "connection to one worker, so use several (e.g. 4 per worker)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.shared_memory and args.protocol == "fineserve":
@@ -313,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 600], --warmup in [0, 60] and --concurrency in 1..4096")
     if args.items < 1:
         parser.error("--items must be >= 1")
+    if not 1 <= args.connections <= args.concurrency:
+        parser.error("--connections must be in 1..--concurrency")
     spec = read_model_spec(args.model_dir)
     load = Load(
         protocol=args.protocol,
@@ -327,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         bytes_input=args.bytes_input,
         version_dir=args.model_dir,
         shared_memory=args.shared_memory,
+        connections=args.connections,
     )
     try:
         result = asyncio.run(run_load(args.target, spec, load))

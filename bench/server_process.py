@@ -2,7 +2,8 @@
 
 ``python -m fineserve.server`` runs exactly as a user would run it, so benchmark figures include
 everything the server really does (gRPC, health, metrics, the repository poll) and tests see the
-real process (signals, exit codes, its log). It also watches the process's memory and CPU.
+real process (signals, exit codes, its log). It also watches the process's memory and CPU, and
+those of its worker processes when it runs with ``--workers N``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fineserve.server.threads import RoleCpu
+from fineserve.server.threads import ROLES, RoleCpu
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -37,11 +38,29 @@ def rss_bytes(pid: int) -> int:
     return int(fields[1]) * _PAGE
 
 
+def children(pid: int) -> list[int]:
+    """A live process's child processes, from /proc (Linux)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time process ``pid`` has used so far (all its threads)."""
+    """User + system CPU time of a live process so far, all its threads (Linux)."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _alive_or_zero(read: Callable[[int], float], pid: int) -> float:
+    try:
+        return read(pid)
+    except OSError:  # exited between listing and reading
+        return 0
 
 
 def wait_serving(
@@ -109,7 +128,7 @@ class ServerProcess:
         self.seconds_to_serving = float("nan")
         self._log_file: IO[str] | None = None
         self._reader: threading.Thread | None = None
-        self._role_cpu: RoleCpu | None = None
+        self._role_cpu: dict[int, RoleCpu] = {}
 
     @property
     def target(self) -> str:
@@ -189,24 +208,34 @@ class ServerProcess:
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log[-lines:])
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process now."""
+    def pids(self) -> list[int]:
+        """The server process and its children (the workers of ``--workers N``) now."""
         assert self.process is not None
-        return rss_bytes(self.process.pid)
+        return [self.process.pid, *children(self.process.pid)]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (and its workers) now."""
+        return int(sum(_alive_or_zero(rss_bytes, pid) for pid in self.pids()))
 
     def cpu_by_role(self) -> dict[str, float]:
-        """CPU seconds of the server's threads so far, by role (server/threads.py); its event loop
-        runs on the process's main thread."""
-        assert self.process is not None
-        if self._role_cpu is None or self._role_cpu.pid != self.process.pid:
-            self._role_cpu = RoleCpu(self.process.pid)
-            self._role_cpu.loop_tid = self.process.pid
-        return self._role_cpu.read()
+        """CPU seconds of the server's threads so far, by role (server/threads.py), its workers'
+        included; each event loop runs on its process's main thread. A worker that exited takes
+        its seconds with it."""
+        totals = dict.fromkeys(ROLES, 0.0)
+        for pid in self.pids():
+            if pid not in self._role_cpu:
+                self._role_cpu[pid] = RoleCpu(pid)
+                self._role_cpu[pid].loop_tid = pid
+            try:
+                for role, seconds in self._role_cpu[pid].read().items():
+                    totals[role] += seconds
+            except OSError:
+                continue  # exited meanwhile
+        return totals
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the server process has used so far (all its threads)."""
-        assert self.process is not None
-        return process_cpu_seconds(self.process.pid)
+        """User + system CPU time the server process (and its workers) used so far (all threads)."""
+        return sum(_alive_or_zero(process_cpu_seconds, pid) for pid in self.pids())
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (graceful), then SIGKILL if it does not exit in time."""

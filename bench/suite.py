@@ -51,6 +51,10 @@ class Suite:
         # for it at load (its KServe ModelConfig), so that raw runs the same.
         self.instances = args.instances or 1
         self.threads = plan_threads(CPU, self.instances, args.threads).intra_op
+        # Connections the load is spread over: the server gives each to one of its workers, which
+        # the kernel picks at random; four per worker load them all (auto: up to one per core).
+        workers = self.cores if args.workers == "auto" else int(args.workers)
+        self.connections = args.connections or (1 if workers == 1 else 4 * workers)
         # The same onnxruntime settings on both sides of every ratio.
         self.server_flags = [
             f"--instances={args.instances}",
@@ -59,6 +63,7 @@ class Suite:
             "--intra-op-spinning" if args.spinning else "--no-intra-op-spinning",
             "--system-shared-memory",  # for the saturation point with inputs in shared memory
             "--log-level=WARNING",
+            f"--workers={args.workers}",
         ]
         self.results: dict[str, Any] = {
             "benchmark": "suite",
@@ -69,6 +74,8 @@ class Suite:
                 "inter_op": 1,
                 "spinning": args.spinning,
             },
+            "workers": args.workers,
+            "connections": args.connections,  # 0: 1, or 4 per worker (capped by each point's concurrency)
             "seconds_per_point": args.seconds,
             "machine": machine(),
             "models": {},
@@ -154,6 +161,7 @@ class Suite:
             image_side=self.args.image_side,
             version_dir=version_dir,
             shared_memory=shared_memory,
+            connections=min(concurrency, self.connections),
         )
 
     # --- one model ------------------------------------------------------------------------------
@@ -416,6 +424,18 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = cores - instances + 1"
     )
     add_spinning_flag(parser)  # both sides
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="the server's --workers (N or auto); its CPU and memory figures include every worker",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="connections each load point spreads its requests over (at most its concurrency); "
+        "0 = 1 with one worker, else 4 per worker",
+    )
     parser.add_argument("--image-side", type=int, default=320, help="encoded JPEGs: width and height")
     parser.add_argument("--skip-bytes", action="store_true", help="tensors only: no encoded images/texts")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="JSON, tables and plots")
@@ -426,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--seconds must be in (0, 60] and --warmup in [0, 10]")
     if args.instances < 0 or args.threads < 0 or args.batch_concurrency < 0:
         parser.error("--instances, --threads and --batch-concurrency must be >= 0")
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        parser.error(f"--workers must be a positive number or auto, not {args.workers!r}")
+    if args.connections < 0:
+        parser.error("--connections must be >= 0")
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: not a folder")
     missing = [m for m in args.models if not list_versions(args.model_repository / m)]

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, dest=name, default=None, choices=choices, metavar=metavar, help=help_text
             )
+    # How the supervisor of --workers N starts each worker (server/supervisor.py); not for users.
+    parser.add_argument("--worker-of", dest="worker_of", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-index", dest="worker_index", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -81,9 +84,17 @@ def _choices(annotation: Any) -> list[str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    given = vars(args)
+    worker_of, worker_index = given.pop("worker_of"), given.pop("worker_index")
+    if worker_of is not None:
+        from fineserve.server.pool import PoolDir
+
+        # Before any thread starts: every thread the worker makes inherits its share of the cores.
+        PoolDir(worker_of).take_cpus(worker_index)
     try:
-        settings = load_settings(**vars(args))
+        settings = load_settings(**given)
     except SettingsError as err:
         for line in str(err).splitlines():
             print(f"fineserve serve: error: {line}", file=sys.stderr)
@@ -92,11 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fineserve.server.app import configure_logging, serve
     from fineserve.server.runtime import ProviderUnavailable
 
-    configure_logging(settings)
-    for name in unknown_environment_variables():
-        logging.getLogger("fineserve.server").warning("%s is not a fineserve serve setting; ignored", name)
+    configure_logging(settings, worker=worker_index if worker_of is not None else None)
+    if worker_of is None:
+        for name in unknown_environment_variables():
+            logging.getLogger("fineserve.server").warning(
+                "%s is not a fineserve serve setting; ignored", name
+            )
+    if worker_of is None and settings.workers != 1:
+        from fineserve.server.supervisor import supervise, worker_count
+
+        count, why = worker_count(settings)
+        logging.getLogger("fineserve.server").info("workers: %d (%s)", count, why)
+        if count > 1:
+            return supervise(settings, argv, count)
+    worker = None
+    if worker_of is not None:
+        from fineserve.server.worker import WorkerRole
+
+        worker = WorkerRole(worker_of, worker_index)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, worker))
     except (ProviderUnavailable, SettingsError) as err:  # settings only found wanting at startup
         print(f"fineserve serve: error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +41,9 @@ from fineserve.server.repository import Repository
 from fineserve.server.runtime import CUDA, choose_provider
 from fineserve.server.shared_memory import SharedMemoryRegistry
 from fineserve.server.threads import DECODE_NAME, WORKER_NAME, name_thread
+
+if TYPE_CHECKING:
+    from fineserve.server.worker import WorkerRole
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +96,16 @@ def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataP
 
 
 class Server:
-    """The assembled server. ``start`` returns once models are loaded and the ports are bound."""
+    """The assembled server. ``start`` returns once models are loaded and the ports are bound.
 
-    def __init__(self, settings: Settings) -> None:
+    As one of ``--workers N`` processes (``worker``), it binds the shared gRPC port only once its
+    models are loaded (connections the kernel hands it never wait on a load), replays the other
+    workers' load and unload calls first, and its health waits for every worker (server/worker.py).
+    """
+
+    def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics()
         self.dataplane = build_dataplane(settings, self.metrics)
         tokens = security.Tokens.from_settings(settings)
@@ -136,8 +145,24 @@ class Server:
         reflection.enable_server_reflection(
             (FINESERVE_SERVICE, KSERVE_SERVICE, health_service, reflection.SERVICE_NAME), self.grpc
         )
-        address = f"{settings.grpc_host}:{settings.grpc_port}"
         credentials = security.server_credentials(settings)
+        self.grpc_port = 0
+        if worker is None:
+            self._bind()
+        tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
+        log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+        self._stopping = False
+        self._serving = False
+        self._health_set = False
+        self.dataplane.on_ready_change = self._follow_readiness
+        if worker is not None:
+            worker.attach(self.dataplane)
+
+    def _bind(self) -> None:
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        credentials = security.server_credentials(self.settings)
         try:
             if credentials is None:
                 self.grpc_port = self.grpc.add_insecure_port(address)
@@ -150,12 +175,6 @@ class Server:
                 f"cannot bind gRPC to {address} (grpc_host, grpc_port): the port is in use, or the "
                 "address is not one of this host's"
             )
-        tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
-        log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
-        self.metrics_port: int | None = None
-        self._metrics_server: Any = None
-        self._stopping = False
-        self.dataplane.on_ready_change = self._follow_readiness
 
     def _log_shared_memory(self) -> None:
         kinds = [
@@ -186,8 +205,9 @@ class Server:
         self.metrics.thread_cpu.loop_tid = threading.get_native_id()
         await self._set_health(serving=False)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        await self.grpc.start()
-        log.info("gRPC listening on port %d (health NOT_SERVING until models are ready)", self.grpc_port)
+        if self.worker is None:
+            await self.grpc.start()
+            log.info("gRPC listening on port %d (health NOT_SERVING until models are ready)", self.grpc_port)
         if self.settings.metrics_port >= 0:
             host, port = self.settings.metrics_host, self.settings.metrics_port
             try:
@@ -197,13 +217,30 @@ class Server:
                 raise OSError(
                     f"cannot serve metrics on {host}:{port} (metrics_host, metrics_port): {why}"
                 ) from None
-            log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+            if self.worker is None:
+                log.info("metrics on http://%s:%d/metrics", self.settings.metrics_host, self.metrics_port)
+            else:
+                self.worker.pool.write_metrics_port(self.worker.index, self.metrics_port)
         await self.dataplane.start()
+        if self.worker is not None:
+            await self.worker.catch_up()
+            self._bind()
+            await self.grpc.start()
+            log.info(
+                "worker %d (pid %d) loaded its models and joined gRPC port %d",
+                self.worker.index,
+                os.getpid(),
+                self.grpc_port,
+            )
+            self.worker.own_ready(self.dataplane.ready())
+            self.worker.start(self._refresh_health)
         serving = self.dataplane.ready()
         await self._set_health(serving=serving)
         failed = sorted({e.name for e in self.dataplane.index() if e.state == "FAILED"})
         failures = f" (failed to load: {', '.join(failed)})" if failed else ""
-        if serving:
+        if serving and not self._serving:  # a worker whose siblings are still loading
+            log.info("worker ready%s; health SERVING once every worker is ready", failures)
+        elif serving:
             log.info("server ready: SERVING%s", failures)
         else:
             log.error(
@@ -216,6 +253,8 @@ class Server:
         """Health follows the models as they load, fail and unload after startup."""
         if self._stopping:
             return
+        if self.worker is not None:
+            self.worker.own_ready(serving)
         try:
             await self._set_health(serving=serving)
         except Exception:  # the repository poll that called this must go on
@@ -233,6 +272,8 @@ class Server:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
         self._gate.close()
+        if self.worker is not None:
+            self.worker.own_ready(False)
         await self.health.enter_graceful_shutdown()
         # New calls are refused with UNAVAILABLE by the gate while the accepted ones finish, and
         # until callers go quiet; only then does gRPC stop (waiting out what remains of the grace
@@ -243,6 +284,8 @@ class Server:
         ):
             await asyncio.sleep(0.01)
         await self.grpc.stop(max(0.0, drain_until - time.monotonic()))
+        if self.worker is not None:
+            await self.worker.stop()  # after the drain: its statistics include the last requests
         await self.dataplane.close()
         self.shared_memory.close()
         if self._metrics_server is not None:
@@ -254,7 +297,17 @@ class Server:
         served = self.dataplane.repository.served
         return sum(version.in_flight for versions in served.values() for version in versions.values())
 
+    async def _refresh_health(self) -> None:
+        """A worker's health follows its siblings' readiness too (called as the pool is polled)."""
+        if not self._stopping:
+            await self._set_health(serving=self.dataplane.ready())
+
     async def _set_health(self, serving: bool) -> None:
+        if self.worker is not None:
+            serving = self.worker.serving(serving)
+        if serving == self._serving and self._health_set:
+            return
+        self._serving, self._health_set = serving, True
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -262,9 +315,9 @@ class Server:
             await self.health.set(service, status)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     """Runs the server until SIGTERM or SIGINT, then stops it gracefully."""
-    server = Server(settings)
+    server = Server(settings, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -51,6 +51,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 # Past these a value is a typo, not a tuning: a batch delay of minutes, a thousand threads a model.
 MAX_QUEUE_DELAY_MS = 10_000.0
 MAX_INSTANCES = 64
+MAX_WORKERS = 256
 
 
 class ModelBatching(BaseModel):
@@ -96,6 +97,15 @@ class Settings(BaseSettings):
     """Address the Prometheus metrics HTTP server binds to."""
     metrics_port: int = Field(default=8002, ge=-1, le=65535)
     """Prometheus metrics port (``/metrics``); 0 picks a free port, -1 turns metrics serving off."""
+
+    workers: int | Literal["auto"] = 1
+    """Serving processes behind the one gRPC port (SO_REUSEPORT; docs/serving.md, "Worker
+    processes"), each loading the repository, with one ``/metrics`` for all of them. 1: one process,
+    no supervisor. ``auto``: on CPU ``cores // max(2, intra_op_threads + 1)`` (a core for each
+    worker's event loop and at least one for its inference; at least 1 worker), on CUDA
+    ``min(cores, 4)`` front ends for the one device (not measured yet); the log says what it
+    picked. Each worker gets its own share of the cores (CPU affinity), so the auto thread counts
+    below divide the cores between workers instead of each taking all of them."""
 
     # --- execution providers and sessions -------------------------------------------------------
     device: Device = "auto"
@@ -281,6 +291,13 @@ class Settings(BaseSettings):
     @property
     def json_logs(self) -> bool:
         return self.log_json or self.log_format == "json"
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, workers: int | str) -> int | str:
+        if isinstance(workers, int) and not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"must be 1..{MAX_WORKERS} or 'auto', not {workers}")
+        return workers
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:

@@ -122,6 +122,10 @@ class DataPlane:
         # Called with the new answer of ready() when the models change it (the server's health).
         self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
         self._poll_task: asyncio.Task[None] | None = None
+        # With worker processes: told of each load or unload this process answered, to pass it
+        # on to the other workers (server/worker.py), and asked for their statistics.
+        self.on_model_control: Callable[[str, str], Awaitable[None]] | None = None
+        self.other_workers_statistics: Callable[[], list[ModelStats]] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -282,14 +286,24 @@ class DataPlane:
     async def load(self, name: str) -> None:
         """Serves ``name`` (again). Raises PermissionDenied when model control is off."""
         self._check_control("load")
-        await self.repository.load(name)
-        await self._refresh_readiness()
+        await self.apply_control("load", name)
         if not self.repository.served.get(name):
             raise ModelNotReady(f"model {name!r} failed to load; see the server log")
+        if self.on_model_control is not None:
+            await self.on_model_control("load", name)
 
     async def unload(self, name: str) -> None:
         self._check_control("unload")
-        await self.repository.unload(name)
+        await self.apply_control("unload", name)
+        if self.on_model_control is not None:
+            await self.on_model_control("unload", name)
+
+    async def apply_control(self, action: str, name: str) -> None:
+        """Loads or unloads ``name`` here; a worker applies its siblings' calls through this."""
+        if action == "load":
+            await self.repository.load(name)
+        else:
+            await self.repository.unload(name)
         await self._refresh_readiness()
 
     def _check_control(self, what: str) -> None:
@@ -297,7 +311,15 @@ class DataPlane:
             raise PermissionDenied(f"model {what} is disabled on this server (allow_model_control=false)")
 
     def statistics(self, name: str | None, version: int | None) -> list[ModelStats]:
-        """Statistics of every served version, or of one model (and version) by name."""
+        """Statistics of every served version, or of one model (and version) by name; with worker
+        processes, each version's counts are those of every worker."""
+        local = self.local_statistics(name, version)
+        if self.other_workers_statistics is None:
+            return local
+        others = self.other_workers_statistics()
+        return [_summed(stats, others) for stats in local]
+
+    def local_statistics(self, name: str | None, version: int | None) -> list[ModelStats]:
         if name:
             if version:
                 return [self._served(name, version).stats.snapshot()]
@@ -509,3 +531,11 @@ def _model_fault(spec: ModelSpec) -> str:
 
 def _versions(versions: Sequence[int]) -> str:
     return ", ".join(map(str, versions)) or "none"
+
+
+def _summed(stats: ModelStats, others: Sequence[ModelStats]) -> ModelStats:
+    """``stats`` plus the other workers' statistics of the same model version."""
+    for other in others:
+        if (other.name, other.version) == (stats.name, stats.version):
+            stats = stats.plus(other)
+    return stats

@@ -18,11 +18,16 @@ REQUEST_LOGGER = "fineserve.server.requests"
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None:
+def configure_logging(settings: Settings, stream: IO[str] | None = None, worker: int | None = None) -> None:
     """One handler on the root logger (stderr by default); the server's loggers at ``log_level``,
-    everyone else's at WARNING."""
+    everyone else's at WARNING. A worker process of ``--workers N`` tags its lines with its index
+    (``[worker 1]`` in text, ``"worker": 1`` in JSON): the workers share the supervisor's stderr."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.json_logs else TextFormatter(_TEXT_FORMAT))
+    if settings.json_logs:
+        handler.setFormatter(JsonFormatter(worker=worker))
+    else:
+        tag = "" if worker is None else f" [worker {worker}]"
+        handler.setFormatter(TextFormatter(_TEXT_FORMAT.replace("%(name)s", f"%(name)s{tag}")))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -59,6 +64,10 @@ def _text_value(value: Any) -> str:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": self.formatTime(record),
@@ -66,6 +75,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         entry.update(fields_of(record))
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -134,6 +135,62 @@ class ModelStats:
     compute_infer: Duration
     compute_output: Duration
     batch_stats: tuple[BatchStats, ...]
+
+    def plus(self, other: ModelStats) -> ModelStats:
+        """The statistics of both (another worker process's, of the same version)."""
+        batches = {b.batch_size: b for b in self.batch_stats}
+        for b in other.batch_stats:
+            mine = batches.get(b.batch_size)
+            batches[b.batch_size] = b if mine is None else BatchStats(
+                b.batch_size,
+                mine.compute_input.plus(b.compute_input.ns, b.compute_input.count),
+                mine.compute_infer.plus(b.compute_infer.ns, b.compute_infer.count),
+                mine.compute_output.plus(b.compute_output.ns, b.compute_output.count),
+            )  # fmt: skip
+        return ModelStats(
+            name=self.name,
+            version=self.version,
+            last_inference_ms=max(self.last_inference_ms, other.last_inference_ms),
+            inference_count=self.inference_count + other.inference_count,
+            execution_count=self.execution_count + other.execution_count,
+            success=self.success.plus(other.success.ns, other.success.count),
+            fail=self.fail.plus(other.fail.ns, other.fail.count),
+            queue=self.queue.plus(other.queue.ns, other.queue.count),
+            compute_input=self.compute_input.plus(other.compute_input.ns, other.compute_input.count),
+            compute_infer=self.compute_infer.plus(other.compute_infer.ns, other.compute_infer.count),
+            compute_output=self.compute_output.plus(other.compute_output.ns, other.compute_output.count),
+            batch_stats=tuple(batches[size] for size in sorted(batches)),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelStats:
+        """The inverse of ``dataclasses.asdict`` (statistics another worker wrote as JSON)."""
+
+        def duration(value: dict[str, int]) -> Duration:
+            return Duration(int(value["count"]), int(value["ns"]))
+
+        return cls(
+            name=str(data["name"]),
+            version=int(data["version"]),
+            last_inference_ms=int(data["last_inference_ms"]),
+            inference_count=int(data["inference_count"]),
+            execution_count=int(data["execution_count"]),
+            success=duration(data["success"]),
+            fail=duration(data["fail"]),
+            queue=duration(data["queue"]),
+            compute_input=duration(data["compute_input"]),
+            compute_infer=duration(data["compute_infer"]),
+            compute_output=duration(data["compute_output"]),
+            batch_stats=tuple(
+                BatchStats(
+                    int(b["batch_size"]),
+                    duration(b["compute_input"]),
+                    duration(b["compute_infer"]),
+                    duration(b["compute_output"]),
+                )
+                for b in data["batch_stats"]
+            ),
+        )
 
 
 @dataclass

@@ -31,6 +31,7 @@ WORKER_NAME = "fs-worker"  # other blocking work: tokenising, model loading
 # Thread names gRPC's core gives its own threads.
 _GRPC_PREFIXES = ("event_engine", "grpc", "lifeguard", "default-executo", "resolver-executo")
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _PR_GET_NAME = 16
 _NAME_BYTES = 15  # the kernel keeps 15 bytes and a NUL
@@ -54,6 +55,13 @@ def name_thread(name: str) -> None:
     """Gives the calling thread ``name`` (its first 15 bytes) in the operating system."""
     if _prctl is not None:
         _prctl(_PR_SET_NAME, name.encode()[:_NAME_BYTES], 0, 0, 0)
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """The kernel sends this process ``signum`` when its parent exits (Linux; elsewhere nothing):
+    a worker process never outlives its supervisor, even one killed with SIGKILL."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def thread_name() -> str:

@@ -155,6 +155,22 @@ def test_suite_with_instances_runs_raw_side_by_side_the_same(tiny_repository: Pa
     assert "2 instance(s) = raw runs side by side" in (out / "suite.md").read_text()
 
 
+def test_suite_runs_against_a_server_with_worker_processes(tiny_repository: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["--model-repository", str(tiny_repository), "--models", "tiny-image", "--skip-bytes"]
+    args += ["--seconds", "0.1", "--warmup", "0", "--concurrency", "1,4", "--batch-sizes", "1"]
+    assert suite.main([*args, "--rounds", "1", "--workers", "2", "--out", str(out)]) == 0
+
+    results = json.loads((out / "suite.json").read_text())
+    assert results["workers"] == "2" and "--workers=2" in results["server"]["flags"]
+    model = results["models"]["tiny-image"]
+    assert all(set(r["codes"]) == {"OK"} for r in model["concurrency"]["tensor"]), model["concurrency"]
+    # Spread over connections (so over both workers): as many as requests in flight, up to 8.
+    assert [r["connections"] for r in model["concurrency"]["tensor"]] == [1, 4]
+    # The server's CPU is its workers' (the supervisor only watches): the event loops did the work.
+    assert model["saturation"]["cpu_ms_per_request"]["event_loop"] > 0
+
+
 def test_raw_runs_side_by_side_count_every_run(tiny_repository: Path) -> None:
     from fineserve.bench.inputs import tensor_batch
     from fineserve.export.contract import read_model_spec
@@ -201,6 +217,7 @@ def test_load_with_inputs_in_shared_memory(tiny_repository: Path, tmp_path: Path
         (["raw", "--seconds", "0"], r"expected seconds in \(0, 3600\], got '0'"),
         (["raw", "--intra-threads", "-2"], "--intra-threads and --inter-threads must be >= 0"),
         (["suite", "--concurrency", "1,-4"], "expected positive integers, got '1,-4'"),
+        (["suite", "--workers", "0"], "--workers must be a positive number or auto, not '0'"),
         (["startup", "--runs", "0"], "--runs must be >= 1"),
         (["newcomer", "--repo", "/nonexistent"], "--repo /nonexistent: not a git checkout"),
         (
