@@ -3,7 +3,8 @@
     fineserve bench raw   --model-dir models/fashion/1 ...   raw onnxruntime session.run
     fineserve bench load  --target 127.0.0.1:8001 ...        load generator against a server
     fineserve bench suite --model-repository models ...     the server against raw onnxruntime, all figures
-    fineserve bench floor --model-dir models/nearfree/1       gRPC's own CPU per request beside the server's
+    fineserve bench cores --workers 1,2 --out cores.json    throughput against concurrency, by workers
+    fineserve bench floor --json floor.json                 gRPC's own CPU per request beside the server's
     fineserve bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve bench train ...                               the training results table
     fineserve bench newcomer --json FILE                    the README's two commands on a fresh clone
@@ -29,6 +30,10 @@ COMMANDS = {
     "suite": (
         "fineserve.bench.suite",
         "start the server and measure it against raw onnxruntime (every figure)",
+    ),
+    "cores": (
+        "fineserve.bench.cores",
+        "requests/s against requests in flight, by worker count (near-free model; --pinned)",
     ),
     "floor": (
         "fineserve.bench.grpc_floor",

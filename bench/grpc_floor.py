@@ -1,6 +1,6 @@
 """fineserve bench floor: what gRPC itself costs per request, beside what the server costs.
 
-    fineserve bench floor --model-dir models/nearfree/1 --concurrency 8 32 --json floor.json
+    fineserve bench floor --concurrency 8 32 --json floor.json
 
 The same closed-loop KServe load (``fineserve bench load``'s) is sent, one server at a time, to
 three servers on loopback:
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -33,6 +34,7 @@ import grpc
 import numpy as np
 
 from fineserve.bench.loadgen import Load, run_load
+from fineserve.bench.nearfree import publish_near_free_model
 from fineserve.bench.server_process import ServerProcess, free_port, process_cpu_seconds
 from fineserve.bench.stats import write_json
 from fineserve.export.contract import ModelSpec, read_model_spec
@@ -172,7 +174,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineserve bench floor", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, help="the served version folder (shapes, labels)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="the served version folder (default: the near-free model)"
+    )
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[1, 8, 32, 256], help="requests in flight"
     )
@@ -192,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve == "sync":
         _serve_sync(args.port, args.classes, args.threads)
         return 0
-    if args.model_dir is None:
-        parser.error("--model-dir is required")
     if not all(1 <= c <= 4096 for c in args.concurrency) or not 0 < args.seconds <= 600:
         parser.error("--concurrency must be in 1..4096 and --seconds in (0, 600]")
-    result = run(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.model_dir is None:
+            args.model_dir = publish_near_free_model(Path(scratch) / "models")
+        result = run(args)
     write_json(args.json, result)
     return 0
 
