@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -33,10 +33,16 @@ from fineserve.bench.stats import positive_ints, write_json
 from fineserve.export.contract import read_model_spec
 
 
-def pin(pid: int, cores: Iterable[int]) -> None:
-    """Every thread of process ``pid``, and those it starts later, to ``cores``."""
-    listed = ",".join(map(str, cores))
-    subprocess.run(["taskset", "-a", "-p", "-c", listed, str(pid)], check=True, capture_output=True)
+def pin_this_process(cores: Iterable[int]) -> None:
+    """Every thread of this process to ``cores`` (threads it starts later inherit it)."""
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task.name), set(cores))
+
+
+def _cores_of(pids: list[int]) -> list[int]:
+    """The cores the server's processes may run on, together."""
+    return sorted(set().union(*(os.sched_getaffinity(pid) for pid in pids)))
 
 
 def measure(server: ServerProcess, version_dir: Path, load: Load) -> dict[str, Any]:
@@ -61,7 +67,7 @@ def sweep(args: argparse.Namespace, version_dir: Path) -> list[dict[str, Any]]:
         for workers in worker_counts:
             rows += _measure_workers(args, version_dir, repository, workers, cores)
     finally:
-        pin(os.getpid(), cores)  # --pinned moved this process's threads to one core
+        pin_this_process(cores)  # --pinned moved this process's threads to one core
     return rows
 
 
@@ -70,11 +76,12 @@ def _measure_workers(
 ) -> list[dict[str, Any]]:
     rows = []
     flags = ["--log-level", "WARNING", "--workers", str(workers)]
-    with ServerProcess(repository, flags, grpc_port=free_port()) as server:
+    # Pinned, the server starts on its core, so it sizes its threads for that one core.
+    wrapper = ["taskset", "-c", str(cores[-1])] if args.pinned else []
+    with ServerProcess(repository, flags, grpc_port=free_port(), wrapper=wrapper) as server:
         server.start()
         if args.pinned:
-            pin(server.pids()[0], cores[-1:])
-            pin(os.getpid(), cores[:1])
+            pin_this_process(cores[:1])
         for concurrency in args.concurrency:
             # One connection reaches one worker: with several, the requests are spread.
             connections = 1 if workers == 1 else min(concurrency, 4 * workers)
@@ -86,7 +93,7 @@ def _measure_workers(
                 version_dir=version_dir,
             )
             row = measure(server, version_dir, load)
-            row.update(workers=workers, pinned=args.pinned)
+            row.update(workers=workers, pinned=args.pinned, server_cores=_cores_of(server.pids()))
             if args.pinned:
                 row["requests_per_s_per_server_core"] = row["items_per_s"]
             print(

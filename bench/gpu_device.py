@@ -159,6 +159,8 @@ def build_resnet(repository: Path, *, tiny: bool = False) -> Path:
     version_dir = repository / "resnet50" / "1"
     if (version_dir / "model.json").is_file():
         return version_dir
+    # A build cut short left a folder without model.json: built again from nothing.
+    shutil.rmtree(version_dir, ignore_errors=True)
     version_dir.mkdir(parents=True)
     if tiny:
         net = torch.nn.Sequential(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -105,9 +106,12 @@ class FloorProcess:
     def start(self, timeout: float = 30.0) -> None:
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
-        if self.process.stdout.readline().strip() != "floor listening":
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            ready = selector.select(timeout)
+        if not ready or self.process.stdout.readline().strip() != "floor listening":
             self.stop()
-            raise RuntimeError(f"the floor server did not start: {' '.join(self.command)}")
+            raise RuntimeError(f"the floor server did not start in {timeout:g} s: {' '.join(self.command)}")
 
     def cpu_seconds(self) -> float:
         assert self.process is not None
@@ -116,7 +120,11 @@ class FloorProcess:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def measure(target: str, spec: ModelSpec, load: Load, cpu_seconds: Callable[[], float]) -> dict[str, Any]:
@@ -153,8 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet = ["--log-level", "WARNING"]
     servers.append(("fineserve", ServerProcess(repository, quiet, grpc_port=free_port())))
     for name, server in servers:
-        server.start()  # fineserve: until health says SERVING
         try:
+            server.start()  # fineserve: until health says SERVING
             for concurrency in args.concurrency:
                 load = Load(
                     concurrency=concurrency,

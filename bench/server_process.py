@@ -112,9 +112,11 @@ class ServerProcess:
         grpc_port: int = 0,
         metrics_port: int = 0,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        # ``wrapper``: a command that execs the server, as ``taskset -c 1`` does (same pid).
         self.command = [
-            sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
+            *wrapper, sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
             "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
             *flags,

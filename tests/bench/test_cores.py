@@ -34,6 +34,7 @@ def test_cores_sweeps_workers_and_concurrency(tmp_path: Path) -> None:
     for row in rows:
         assert set(row["codes"]) == {"OK"} and row["requests_ok"] > 0, row
         assert row["server_cpu_us_per_request"] > 0
+        assert row["server_cores"] == sorted(os.sched_getaffinity(0))
 
 
 def test_cores_pinned_puts_the_server_and_the_load_on_their_own_cores(tmp_path: Path) -> None:
@@ -43,6 +44,7 @@ def test_cores_pinned_puts_the_server_and_the_load_on_their_own_cores(tmp_path: 
     assert bench_main([*args, "--out", str(out)]) == 0
     [row] = json.loads(out.read_text())["rows"]
     assert row["pinned"] and row["requests_per_s_per_server_core"] == row["items_per_s"] > 0
+    assert row["server_cores"] == [max(before)]  # the server ran on the last core only
     # The load ran on one core; this process has all of its cores back, on every thread.
     for task in Path("/proc/self/task").iterdir():
         assert os.sched_getaffinity(int(task.name)) == before
