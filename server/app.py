@@ -157,7 +157,12 @@ class Server:
         if self.settings.metrics_port >= 0:
             host, port = self.settings.metrics_host, self.settings.metrics_port
             try:
-                self._metrics_server, self.metrics_port = self.metrics.serve(host, port)
+                self._metrics_server, self.metrics_port = self.metrics.serve(
+                    host,
+                    port,
+                    max_connections=self.settings.metrics_max_connections,
+                    timeout_s=self.settings.metrics_timeout_s,
+                )
             except OSError as err:
                 why = err.strerror or err
                 raise OSError(

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     """Address the Prometheus metrics HTTP server binds to."""
     metrics_port: int = Field(default=8002, ge=-1, le=65535)
     """Prometheus metrics port (``/metrics``); 0 picks a free port, -1 turns metrics serving off."""
+    metrics_max_connections: int = Field(default=32, ge=1)
+    """Metrics HTTP connections served at once, each on its own thread; one more is answered 503
+    and closed at once (a scraper needs one)."""
+    metrics_timeout_s: float = Field(default=10.0, gt=0)
+    """A metrics HTTP connection that sends nothing for this long (a half-sent request, an idle
+    keep-alive) is closed, freeing its thread."""
 
     # --- execution providers and sessions -------------------------------------------------------
     device: Device = "auto"

@@ -23,7 +23,6 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
@@ -31,6 +30,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from fineserve.server.metrics_http import serve_metrics
 from fineserve.server.threads import RoleCpu
 
 log = logging.getLogger(__name__)
@@ -270,10 +270,11 @@ class Metrics:
 
         return record
 
-    def serve(self, host: str, port: int) -> tuple[Any, int]:
+    def serve(
+        self, host: str, port: int, *, max_connections: int = 32, timeout_s: float = 10.0
+    ) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, int(server.server_port)
+        return serve_metrics(self.registry, host, port, max_connections=max_connections, timeout_s=timeout_s)
 
 
 class _ModelCollector(Collector):

@@ -1,9 +1,13 @@
-"""The gRPC port against a hostile client: refusals that read no request bytes (docs/reliability.md)."""
+"""The gRPC port against a hostile client: refusals that read no request bytes;
+the metrics port's timeouts and connection cap (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,3 +101,53 @@ def test_unauthenticated_large_requests_do_not_hold_server_memory(repository: Pa
         print(f"RSS before {before / MiB:.0f} MiB, peak +{grown:.0f} MiB over {requests} x {size // MiB} MiB")
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * requests
         assert grown < requests * size / MiB / 4, f"+{grown:.0f} MiB"
+
+
+# --- item 6: the metrics port ----------------------------------------------------------------------
+
+
+def threads_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+
+
+def scrape(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return int(reply.status)
+
+
+def test_half_sent_metrics_requests_hold_neither_threads_nor_the_port(repository: Path) -> None:
+    """300 connections that send half a request: at most ``metrics_max_connections`` threads for
+    them, each closed after ``metrics_timeout_s``; then /metrics answers again."""
+    flags = ("--metrics-port=0", "--metrics-max-connections=8", "--metrics-timeout-s=1")
+    with running_server(repository, *flags) as server:
+        with grpc.insecure_channel(server.url) as channel:
+            wait_serving(channel)
+        assert server.process is not None
+        pid, port = server.process.pid, server.metrics_port
+        assert scrape(port) == 200
+        before = threads_of(pid)
+        sockets = []
+        try:
+            for _ in range(300):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # no blank line: never complete
+                sockets.append(sock)
+            time.sleep(0.3)
+            held = threads_of(pid) - before
+            # Every half-sent connection is closed: at once (busy, 503) or after the timeout.
+            closed = 0
+            for sock in sockets:
+                sock.settimeout(5)
+                try:
+                    reply = sock.recv(1024)
+                except TimeoutError:
+                    continue
+                closed += reply == b"" or reply.startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in sockets:
+                sock.close()
+        print(f"threads: {before} before, +{held} with 300 half-sent requests")
+        assert held <= 8, held
+        assert closed == len(sockets)
+        assert scrape(port) == 200
