@@ -136,6 +136,12 @@ class Server:
             )
         tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
         log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
+        if settings.tls_cert_file is not None:
+            self.metrics.watch_certificate(security.certificate_validity(settings.tls_cert_file).not_after)
+        for what in security.open_control(settings, tokens):
+            log.warning(
+                "gRPC listens on %s with no token: anyone who reaches it may %s", settings.grpc_host, what
+            )
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._stopping = False

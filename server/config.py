@@ -211,6 +211,10 @@ class Settings(BaseSettings):
     """PEM CA bundle that client certificates are checked against (mutual TLS)."""
     tls_require_client_cert: bool = False
     """Mutual TLS: refuse clients without a certificate signed by ``tls_client_ca_file``."""
+    tls_expiry_warning_days: float = Field(default=14.0, ge=0)
+    """Log a WARNING at startup when ``tls_cert_file`` expires within this many days (an expired or
+    not yet valid one refuses to start); the metric ``fineserve_tls_certificate_expiry_seconds``
+    counts down to it for alerts."""
     inference_token: SecretStr | None = None
     """Bearer token every inference and metadata call must carry (``authorization: Bearer ...``
     metadata); unset: no token needed. Prefer the environment or ``inference_token_file`` to a flag,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,6 +188,16 @@ class Metrics:
         self.thread_cpu = RoleCpu()
         self.registry.register(_ThreadCollector(self.thread_cpu))
         self.gpu_enabled = False
+
+    def watch_certificate(self, not_after: float) -> None:
+        """Exports the seconds until the TLS certificate expires (``not_after``, epoch seconds),
+        read at scrape time so that an alert fires before the handshakes start failing."""
+        expiry = Gauge(
+            "fineserve_tls_certificate_expiry_seconds",
+            "Seconds until the gRPC port's TLS certificate (tls_cert_file) expires; negative once it has.",
+            registry=self.registry,
+        )
+        expiry.set_function(lambda: not_after - time.time())
 
     def enable_gpu(self) -> bool:
         """Adds the NVML GPU metrics if NVML is there (serving on CUDA); False when it is not."""

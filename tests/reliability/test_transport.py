@@ -1,10 +1,14 @@
-"""The gRPC port against a hostile client: refusals that read no request bytes;
-the metrics port's timeouts and connection cap (docs/reliability.md)."""
+"""The gRPC port against a hostile client or a careless operator: refusals that read no request
+bytes, certificate dates, open model control; the metrics port's timeouts and connection cap
+(docs/reliability.md)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -18,6 +22,7 @@ import pytest
 from fineserve.bench.server_process import PeakMemory, wait_serving
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from tests.fixtures import publish_tiny_models
+from tests.reliability.certs import make_expired_cert, make_pki
 from tests.server.kserve_harness import running_server
 from tests.server.running import RunningServer
 
@@ -101,6 +106,64 @@ def test_unauthenticated_large_requests_do_not_hold_server_memory(repository: Pa
         print(f"RSS before {before / MiB:.0f} MiB, peak +{grown:.0f} MiB over {requests} x {size // MiB} MiB")
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * requests
         assert grown < requests * size / MiB / 4, f"+{grown:.0f} MiB"
+
+
+# --- item 7b: certificate dates ----------------------------------------------------------------------
+
+
+def test_an_expired_certificate_refuses_to_start(repository: Path, tmp_path: Path) -> None:
+    """gRPC itself would start, report SERVING and fail every handshake."""
+    cert, key = make_expired_cert(tmp_path / "pki")
+    command = [
+        sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
+        "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fineserve serve: error:")]
+    assert len(errors) == 1, done.stderr
+    assert re.search(r"tls_cert_file \S+ expired on 2020-01-02 00:00:00 UTC: .* renew it", errors[0])
+    assert "gRPC listening" not in done.stderr + done.stdout
+
+
+def test_a_certificate_close_to_expiry_is_warned_about_and_counted_down(
+    repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = make_pki(tmp_path / "pki")  # valid for 2 days: within the default 14 days' warning
+    caplog.set_level(logging.WARNING, "fineserve.server.security")
+    with RunningServer(repository, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key) as server:
+        left = server.server.metrics.registry.get_sample_value("fineserve_tls_certificate_expiry_seconds")
+    assert left is not None and 86400 < left <= 2 * 86400
+    assert re.search(r"tls_cert_file \S+ expires on .* in 2\.0 days: renew it", caplog.text), caplog.text
+
+
+# --- open model control on a reachable address -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "warned"),
+    [
+        ({"grpc_host": "0.0.0.0"}, ["load and unload models"]),
+        ({"grpc_host": "0.0.0.0", "system_shared_memory": True}, ["load and unload", "shared memory"]),
+        ({"grpc_host": "0.0.0.0", "admin_token": TOKEN}, []),
+        ({"grpc_host": "0.0.0.0", "allow_model_control": False}, []),
+        ({"grpc_host": "127.0.0.1", "system_shared_memory": True}, []),
+    ],
+    ids=["any-address", "and-shared-memory", "admin-token", "control-off", "loopback"],
+)
+def test_open_model_control_on_a_reachable_address_is_warned_about(
+    repository: Path, caplog: pytest.LogCaptureFixture, settings: dict[str, Any], warned: list[str]
+) -> None:
+    caplog.set_level(logging.WARNING, "fineserve.server.app")
+    with RunningServer(repository, **settings):
+        pass
+    lines = [
+        r.getMessage() for r in caplog.records if "with no token: anyone who reaches it" in r.getMessage()
+    ]
+    assert len(lines) == len(warned), lines
+    for line, what in zip(lines, warned, strict=True):
+        assert what in line
 
 
 # --- item 6: the metrics port ----------------------------------------------------------------------
