@@ -113,7 +113,7 @@ class Server:
         self.shared_memory = SharedMemoryRegistry(
             settings.system_shared_memory, max_read_bytes=settings.max_receive_message_bytes
         )
-        kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory)
+        kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory, self._gate.stopping)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

@@ -1,11 +1,13 @@
 """The gRPC port against a hostile client or a careless operator: refusals that read no request
-bytes, certificate dates, open model control; the metrics port's timeouts and connection cap
-(docs/reliability.md)."""
+bytes, certificate dates, open model control, open streams on SIGTERM; the metrics port's
+timeouts and connection cap (docs/reliability.md)."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -21,8 +23,10 @@ import pytest
 
 from fineserve.bench.server_process import PeakMemory, wait_serving
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
+from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import publish_tiny_models
 from tests.reliability.certs import make_expired_cert, make_pki
+from tests.reliability.graphs import publish_slow_image_model, work
 from tests.server.kserve_harness import running_server
 from tests.server.running import RunningServer
 
@@ -164,6 +168,60 @@ def test_open_model_control_on_a_reachable_address_is_warned_about(
     assert len(lines) == len(warned), lines
     for line, what in zip(lines, warned, strict=True):
         assert what in line
+
+
+# --- item 5: open streams on SIGTERM ------------------------------------------------------------------
+
+
+def slow_request(request_id: str, iterations: int) -> ks.ModelInferRequest:
+    pixels = work(iterations)
+    request = ks.ModelInferRequest(model_name="slow-image", id=request_id)
+    request.inputs.add(name="pixel_values", datatype="FP32", shape=list(pixels.shape))
+    request.raw_input_contents.append(pixels.astype("<f4").tobytes())
+    return request
+
+
+def test_an_open_stream_on_sigterm_answers_what_it_accepted_refuses_the_rest_and_ends(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    publish_slow_image_model(repository)
+    outgoing: queue.Queue[ks.ModelInferRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[ks.ModelInferRequest]:
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    answers: list[tuple[str, str]] = []  # (id, error_message)
+    with (
+        running_server(repository, "--shutdown-grace-s=20", "--max-batch-size=1") as server,
+        grpc.insecure_channel(server.url) as channel,
+    ):
+        wait_serving(channel)
+        stream = ks_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=60)
+        outgoing.put(slow_request("warm", 1))
+        first = next(stream)
+        answers.append((first.infer_response.id, first.error_message))
+        for n in range(2):
+            outgoing.put(slow_request(f"before-{n}", 200_000))
+        time.sleep(0.3)  # read, and the first running
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for("shutting down", timeout=10)
+        for n in range(2):
+            outgoing.put(slow_request(f"after-{n}", 1))
+        with pytest.raises(grpc.RpcError) as ended:
+            for answer in stream:
+                answers.append((answer.infer_response.id, answer.error_message))
+        outgoing.put(None)
+        exit_code = server.process.wait(timeout=30)
+    log = server.log_tail(50)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, log  # type: ignore[attr-defined]
+    assert "shutting down" in (ended.value.details() or "")  # type: ignore[attr-defined]
+    by_id = dict(answers)
+    assert by_id["warm"] == "" and by_id["before-0"] == "" and by_id["before-1"] == "", answers
+    assert by_id["after-0"].startswith("the server is shutting down"), answers
+    assert by_id["after-1"].startswith("the server is shutting down"), answers
+    # The refusals come at once, before the accepted requests are done.
+    assert [i for i, _ in answers].index("after-0") < [i for i, _ in answers].index("before-1"), answers
+    assert exit_code == 0, log
 
 
 # --- item 6: the metrics port ----------------------------------------------------------------------
