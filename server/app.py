@@ -22,13 +22,14 @@ import time
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fineserve.server import malformed, security, shutdown
 from fineserve.server.config import Settings
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
+from fineserve.server.health_watch import CappedHealthServicer
 from fineserve.server.kserve import service as kserve
 from fineserve.server.logs import configure_logging
 from fineserve.server.metrics import Metrics
@@ -50,6 +51,7 @@ HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
 # that restarts pods must not follow readiness (a pod busy warming up is alive).
 LIVENESS_SERVICE = "liveness"
 __all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
+_GRPC_INT_MAX = 2**31 - 1
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
 
@@ -84,6 +86,31 @@ def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataP
     return DataPlane(settings, repository, telemetry, image_pool)
 
 
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC port's limits (docs/reliability.md, Limits of the gRPC port)."""
+    return [
+        ("grpc.max_receive_message_length", settings.grpc_max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        # gRPC reads 0 as "at once" for the connection ages; our 0 is "never": INT_MAX is gRPC's own.
+        ("grpc.max_connection_idle_ms", _ms_or_never(settings.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms_or_never(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", round(settings.grpc_max_connection_age_grace_s * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(settings.grpc_min_client_ping_interval_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.grpc_max_ping_strikes),
+        # Pings on a connection with no call open are allowed (at the interval above): clients that
+        # keep idle connections alive through NATs are not cut off for it.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _ms_or_never(seconds: float) -> int:
+    return min(round(seconds * 1000), _GRPC_INT_MAX) if seconds > 0 else _GRPC_INT_MAX
+
+
 class Server:
     """The assembled server. ``start`` returns once models are loaded and the ports are bound."""
 
@@ -104,17 +131,14 @@ class Server:
                     in_band_streams=kserve.IN_BAND_STREAMS, on_refused=refused
                 ),
             ],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-                ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ],
+            options=grpc_options(settings),
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
         self.shared_memory = SharedMemoryRegistry(
             settings.system_shared_memory, max_read_bytes=settings.max_receive_message_bytes
         )
         kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory, self._gate.stopping)
-        self.health = health.aio.HealthServicer()
+        self.health = CappedHealthServicer(settings.max_health_watches)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(

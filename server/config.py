@@ -195,12 +195,39 @@ class Settings(BaseSettings):
     tensors through them instead of the socket. Off: the RPCs answer PERMISSION_DENIED. A
     registered region is read and written by the server, so enable it only where every client
     that can reach the port may use this host's shared memory."""
-    max_receive_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    """Largest gRPC message the server accepts."""
+    max_receive_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest request message a model accepts (gRPC checks it before parsing). 32 MiB holds the
+    largest request the exported models take at their default max batch (32 rows of a 224 px
+    float32 image tensor: 18.4 MiB) and ``max_request_bytes`` of encoded items; every byte of a
+    message is held in memory until it is answered, so raise it per model where needed."""
+    max_receive_message_bytes_per_model: dict[str, int] = Field(default_factory=dict)
+    """Per-model overrides of ``max_receive_message_bytes``: model name -> bytes (config file or
+    environment as JSON). gRPC accepts the largest of all; a model's request over its own limit
+    gets RESOURCE_EXHAUSTED once parsed."""
     max_send_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest gRPC message the server sends."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight requests get to finish before they are cancelled."""
+    grpc_max_concurrent_streams: int = Field(default=100, ge=1)
+    """Calls one client connection may have open at once (HTTP/2 streams); more wait in the
+    client for a free one. 100 is the minimum HTTP/2 advises peers to allow."""
+    grpc_max_connection_idle_s: float = Field(default=600.0, ge=0)
+    """A connection with no call open for this long is closed (GOAWAY; clients reconnect when
+    they next call); 0: never."""
+    grpc_max_connection_age_s: float = Field(default=0.0, ge=0)
+    """Connections are closed (GOAWAY) after this long, so clients re-resolve and spread over
+    new replicas; calls then open get ``grpc_max_connection_age_grace_s`` to finish. 0: never
+    (a ModelStreamInfer stream may then run as long as its client wants)."""
+    grpc_max_connection_age_grace_s: float = Field(default=30.0, ge=0)
+    """How long calls open on a connection past its ``grpc_max_connection_age_s`` may finish."""
+    grpc_min_client_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Keepalive enforcement: a client that pings more often than this gets a strike; after
+    ``grpc_max_ping_strikes`` its connection is closed (GOAWAY too_many_pings)."""
+    grpc_max_ping_strikes: int = Field(default=2, ge=0)
+    """Pings too soon that a connection may send before it is closed; 0: unlimited."""
+    max_health_watches: int = Field(default=1000, ge=1)
+    """Health ``Watch`` streams open at once (they are open to anyone, token or not); one more
+    gets RESOURCE_EXHAUSTED. Each holds a few KiB for as long as its client keeps it open."""
 
     # --- security (docs/reliability.md) ---------------------------------------------------------
     tls_cert_file: Path | None = None
@@ -259,6 +286,9 @@ class Settings(BaseSettings):
                     f"{where}preferred_batch_sizes {too_big} must each be in 1..max_batch_size "
                     f"({batching.max_batch_size})"
                 )
+        too_small = {m: b for m, b in self.max_receive_message_bytes_per_model.items() if b < 1024}
+        if too_small:
+            raise ValueError(f"max_receive_message_bytes_per_model {too_small}: each must be >= 1024")
         if self.max_request_bytes > self.max_receive_message_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) cannot exceed "
@@ -278,6 +308,15 @@ class Settings(BaseSettings):
         if self.device == "cpu" and self.precision == "fp16":
             raise ValueError("precision 'fp16' is for the CUDA provider; on CPU use fp32 or int8")
         return self
+
+    def max_receive_message_bytes_for(self, model: str) -> int:
+        """The largest request message ``model`` accepts."""
+        return self.max_receive_message_bytes_per_model.get(model, self.max_receive_message_bytes)
+
+    @property
+    def grpc_max_receive_message_bytes(self) -> int:
+        """What gRPC itself accepts: the largest of the per-model limits."""
+        return max([self.max_receive_message_bytes, *self.max_receive_message_bytes_per_model.values()])
 
     def batching_for(self, model: str) -> Batching:
         """The batching settings for ``model``: its overrides over the server-wide values, the

@@ -32,6 +32,7 @@ from fineserve.server.kserve.parameters import (
 from fineserve.server.kserve.replies import encode_outputs
 from fineserve.server.kserve.statistics import model_statistics
 from fineserve.server.malformed import UnparsableRequest
+from fineserve.server.message_limits import check_message_size
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from fineserve.server.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry
@@ -238,6 +239,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer_observed(request, context)
 
     async def _infer_observed(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        check_message_size(self._settings, request.model_name, request)
         until = deadline(request.parameters, deadline_of(context))
         is_cancelled = cancelled_of(context)
         check_request_parameters(request.parameters)

@@ -1,6 +1,7 @@
-"""The gRPC port against a hostile client or a careless operator: refusals that read no request
-bytes, certificate dates, open model control, open streams on SIGTERM; the metrics port's
-timeouts and connection cap (docs/reliability.md)."""
+"""The gRPC port's limits against a hostile client or a careless operator: refusals that read no
+request bytes, per-model message sizes, streams per connection, connection age and keepalive
+enforcement, capped health watches, certificate dates, open model control, open streams on
+SIGTERM, and the metrics port's timeouts and connection cap (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fineserve.bench.server_process import PeakMemory, wait_serving
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
@@ -110,6 +112,150 @@ def test_unauthenticated_large_requests_do_not_hold_server_memory(repository: Pa
         print(f"RSS before {before / MiB:.0f} MiB, peak +{grown:.0f} MiB over {requests} x {size // MiB} MiB")
         assert codes == [grpc.StatusCode.UNAUTHENTICATED] * requests
         assert grown < requests * size / MiB / 4, f"+{grown:.0f} MiB"
+
+
+# --- item 1: message sizes per model -------------------------------------------------------------
+
+
+def test_a_model_may_accept_larger_or_smaller_messages_than_the_server_wide_limit(repository: Path) -> None:
+    limits = {"tiny-image": 2 * MiB, "tiny-text": 4096}
+    with (
+        RunningServer(
+            repository,
+            max_receive_message_bytes=MiB,
+            max_request_bytes=MiB,
+            max_receive_message_bytes_per_model=limits,
+        ) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        stub = ks_grpc.GRPCInferenceServiceStub(channel)
+
+        def refusal(model: str, size: int) -> tuple[grpc.StatusCode, str]:
+            try:
+                stub.ModelInfer(raw_request(model, size), timeout=10)
+            except grpc.RpcError as err:
+                return err.code(), err.details() or ""
+            return grpc.StatusCode.OK, ""
+
+        # Over the server-wide limit but within tiny-image's own: parsed and checked as usual
+        # (a UINT8 tensor is not what the model takes).
+        assert refusal("tiny-image", MiB + MiB // 2)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        code, message = refusal("tiny-image", 3 * MiB)  # over every limit: gRPC's own refusal
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        code, message = refusal("tiny-text", MiB + MiB // 2)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_receive_message_bytes_per_model" in message and "'tiny-text'" in message
+        assert refusal("tiny-text", 8192)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refusal("tiny-text", 1024)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- item 1: streams, connection age, keepalive ------------------------------------------------------
+
+
+def _watch(channel: grpc.Channel) -> Iterator[health_pb2.HealthCheckResponse]:
+    watch: Iterator[health_pb2.HealthCheckResponse] = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(service="liveness"), timeout=30
+    )
+    return watch
+
+
+def test_a_connection_may_open_only_so_many_streams_at_once(repository: Path) -> None:
+    with RunningServer(repository, grpc_max_concurrent_streams=2) as server:
+        # Channels to one target share a connection unless told otherwise.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        with (
+            grpc.insecure_channel(server.target, options=own) as crowded,
+            grpc.insecure_channel(server.target, options=own) as other,
+        ):
+            check = health_pb2_grpc.HealthStub(crowded).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status
+            watches = [_watch(crowded) for _ in range(2)]
+            for watch in watches:
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            # A third call on the same connection waits for a free stream.
+            assert code_of(lambda: check(health_pb2.HealthCheckRequest(), timeout=1)) == (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            assert health_pb2_grpc.HealthStub(other).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            watches[0].cancel()  # type: ignore[attr-defined]
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status
+            watches[1].cancel()  # type: ignore[attr-defined]
+
+
+def _states(channel: grpc.Channel) -> list[grpc.ChannelConnectivity]:
+    seen: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(seen.append, try_to_connect=False)
+    return seen
+
+
+def test_an_idle_connection_is_closed(repository: Path) -> None:
+    ready, idle = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE
+    with (
+        RunningServer(repository, grpc_max_connection_idle_s=0.3) as server,
+        grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel,
+    ):
+        seen = _states(channel)
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        end = time.monotonic() + 5
+        # The callbacks arrive on gRPC's thread: READY, then IDLE once the server's GOAWAY closes it.
+        while not (ready in seen and seen[-1] == idle) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert ready in seen and seen[-1] == idle, seen
+
+
+@pytest.mark.parametrize(
+    ("allowed_s", "every_ms", "closed"), [(0.1, 200, False), (5, 50, True)], ids=["allowed", "too-often"]
+)
+def test_keepalive_pings_are_allowed_at_the_interval_and_enforced_beyond(
+    repository: Path, allowed_s: float, every_ms: int, closed: bool
+) -> None:
+    """A client pinging every 200 ms keeps its connection where 0.1 s is allowed (gRPC's own
+    default, 5 minutes, would close it); one pinging every 50 ms where 5 s is allowed is closed."""
+    pinging = [
+        ("grpc.keepalive_time_ms", every_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    settings = {"grpc_min_client_ping_interval_s": allowed_s, "grpc_max_ping_strikes": 2}
+    with (
+        RunningServer(repository, **settings) as server,
+        grpc.insecure_channel(server.target, options=pinging) as channel,
+    ):
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="liveness"), timeout=15 if closed else 2
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as ended:
+            next(watch)
+        if closed:
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert "too many pings" in (ended.value.details() or "").lower()  # type: ignore[attr-defined]
+        else:  # open until its deadline
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+
+# --- item 7a: health Watch streams -----------------------------------------------------------------
+
+
+def test_health_watches_are_capped(repository: Path) -> None:
+    with (
+        RunningServer(repository, inference_token=TOKEN, max_health_watches=3) as server,
+        grpc.insecure_channel(server.target) as channel,
+    ):
+        watches = [_watch(channel) for _ in range(3)]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            next(_watch(channel))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert "max_health_watches" in (refused.value.details() or "")  # type: ignore[attr-defined]
+        # Check is not capped, and a closed watch frees its place.
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        watches[0].cancel()  # type: ignore[attr-defined]
+        end = time.monotonic() + 5
+        while server.server.health.watching > 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert next(_watch(channel)).status == health_pb2.HealthCheckResponse.SERVING
 
 
 # --- item 7b: certificate dates ----------------------------------------------------------------------
