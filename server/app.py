@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fineserve.server import malformed, security, shutdown
@@ -30,6 +30,7 @@ from fineserve.server.config import Settings
 from fineserve.server.cuda_shared_memory import CudaSharedMemory
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
+from fineserve.server.health_watch import CappedHealthServicer
 from fineserve.server.kserve import service as kserve
 from fineserve.server.logs import configure_logging
 from fineserve.server.metrics import Metrics
@@ -55,6 +56,7 @@ HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
 # that restarts pods must not follow readiness (a pod busy warming up is alive).
 LIVENESS_SERVICE = "liveness"
 __all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
+_GRPC_INT_MAX = 2**31 - 1
 # On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
 
@@ -95,6 +97,31 @@ def build_dataplane(settings: Settings, metrics: Metrics | None = None) -> DataP
     return DataPlane(settings, repository, telemetry, image_pool)
 
 
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC port's limits (docs/reliability.md, Limits of the gRPC port)."""
+    return [
+        ("grpc.max_receive_message_length", settings.grpc_max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
+        # gRPC reads 0 as "at once" for the connection ages; our 0 is "never": INT_MAX is gRPC's own.
+        ("grpc.max_connection_idle_ms", _ms_or_never(settings.grpc_max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms_or_never(settings.grpc_max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", round(settings.grpc_max_connection_age_grace_s * 1000)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(settings.grpc_min_client_ping_interval_s * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", settings.grpc_max_ping_strikes),
+        # Pings on a connection with no call open are allowed (at the interval above): clients that
+        # keep idle connections alive through NATs are not cut off for it.
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _ms_or_never(seconds: float) -> int:
+    return min(round(seconds * 1000), _GRPC_INT_MAX) if seconds > 0 else _GRPC_INT_MAX
+
+
 class Server:
     """The assembled server. ``start`` returns once models are loaded and the ports are bound.
 
@@ -121,10 +148,7 @@ class Server:
                     in_band_streams=kserve.IN_BAND_STREAMS, on_refused=refused
                 ),
             ],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
-                ("grpc.max_send_message_length", settings.max_send_message_bytes),
-            ],
+            options=grpc_options(settings),
         )
         fineserve_pb2_grpc.add_FineserveServicer_to_server(FineserveServicer(self.dataplane), self.grpc)
         # Each system shared memory region keeps a descriptor open: regions get only what the
@@ -138,8 +162,8 @@ class Server:
         )
         self.metrics.watch_shared_memory(self.shared_memory.counts, self.shared_memory.max_regions)
         self._log_shared_memory()
-        kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory)
-        self.health = health.aio.HealthServicer()
+        kserve.add_to_server(self.grpc, self.dataplane, settings, self.shared_memory, self._gate.stopping)
+        self.health = CappedHealthServicer(settings.max_health_watches)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
@@ -151,6 +175,12 @@ class Server:
             self._bind()
         tls = "off" if credentials is None else "mutual" if settings.tls_require_client_cert else "on"
         log.info("gRPC security: TLS %s; %s", tls, tokens.describe())
+        if settings.tls_cert_file is not None:
+            self.metrics.watch_certificate(security.certificate_validity(settings.tls_cert_file).not_after)
+        for what in security.open_control(settings, tokens):
+            log.warning(
+                "gRPC listens on %s with no token: anyone who reaches it may %s", settings.grpc_host, what
+            )
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._stopping = False
@@ -211,7 +241,12 @@ class Server:
         if self.settings.metrics_port >= 0:
             host, port = self.settings.metrics_host, self.settings.metrics_port
             try:
-                self._metrics_server, self.metrics_port = self.metrics.serve(host, port)
+                self._metrics_server, self.metrics_port = self.metrics.serve(
+                    host,
+                    port,
+                    max_connections=self.settings.metrics_max_connections,
+                    timeout_s=self.settings.metrics_timeout_s,
+                )
             except OSError as err:
                 why = err.strerror or err
                 raise OSError(

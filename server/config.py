@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     """Address the Prometheus metrics HTTP server binds to."""
     metrics_port: int = Field(default=8002, ge=-1, le=65535)
     """Prometheus metrics port (``/metrics``); 0 picks a free port, -1 turns metrics serving off."""
+    metrics_max_connections: int = Field(default=32, ge=1)
+    """Metrics HTTP connections served at once, each on its own thread; one more is answered 503
+    and closed at once (a scraper needs one)."""
+    metrics_timeout_s: float = Field(default=10.0, gt=0)
+    """A metrics HTTP connection that sends nothing for this long (a half-sent request, an idle
+    keep-alive) is closed, freeing its thread."""
 
     workers: int | Literal["auto"] = 1
     """Serving processes behind the one gRPC port (SO_REUSEPORT; docs/serving.md, "Worker
@@ -233,12 +239,39 @@ class Settings(BaseSettings):
     handle and pass tensors through them (copied to and from the host). Off: the RPCs answer
     PERMISSION_DENIED; on without a usable CUDA device: registering answers FAILED_PRECONDITION.
     Registering regions is management, as for system shared memory."""
-    max_receive_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    """Largest gRPC message the server accepts."""
+    max_receive_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    """Largest request message a model accepts (gRPC checks it before parsing). 32 MiB holds the
+    largest request the exported models take at their default max batch (32 rows of a 224 px
+    float32 image tensor: 18.4 MiB) and ``max_request_bytes`` of encoded items; every byte of a
+    message is held in memory until it is answered, so raise it per model where needed."""
+    max_receive_message_bytes_per_model: dict[str, int] = Field(default_factory=dict)
+    """Per-model overrides of ``max_receive_message_bytes``: model name -> bytes (config file or
+    environment as JSON). gRPC accepts the largest of all; a model's request over its own limit
+    gets RESOURCE_EXHAUSTED once parsed."""
     max_send_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest gRPC message the server sends."""
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM: how long in-flight requests get to finish before they are cancelled."""
+    grpc_max_concurrent_streams: int = Field(default=100, ge=1)
+    """Calls one client connection may have open at once (HTTP/2 streams); more wait in the
+    client for a free one. 100 is the minimum HTTP/2 advises peers to allow."""
+    grpc_max_connection_idle_s: float = Field(default=600.0, ge=0)
+    """A connection with no call open for this long is closed (GOAWAY; clients reconnect when
+    they next call); 0: never."""
+    grpc_max_connection_age_s: float = Field(default=0.0, ge=0)
+    """Connections are closed (GOAWAY) after this long, so clients re-resolve and spread over
+    new replicas; calls then open get ``grpc_max_connection_age_grace_s`` to finish. 0: never
+    (a ModelStreamInfer stream may then run as long as its client wants)."""
+    grpc_max_connection_age_grace_s: float = Field(default=30.0, ge=0)
+    """How long calls open on a connection past its ``grpc_max_connection_age_s`` may finish."""
+    grpc_min_client_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Keepalive enforcement: a client that pings more often than this gets a strike; after
+    ``grpc_max_ping_strikes`` its connection is closed (GOAWAY too_many_pings)."""
+    grpc_max_ping_strikes: int = Field(default=2, ge=0)
+    """Pings too soon that a connection may send before it is closed; 0: unlimited."""
+    max_health_watches: int = Field(default=1000, ge=1)
+    """Health ``Watch`` streams open at once (they are open to anyone, token or not); one more
+    gets RESOURCE_EXHAUSTED. Each holds a few KiB for as long as its client keeps it open."""
 
     # --- security (docs/reliability.md) ---------------------------------------------------------
     tls_cert_file: Path | None = None
@@ -249,6 +282,10 @@ class Settings(BaseSettings):
     """PEM CA bundle that client certificates are checked against (mutual TLS)."""
     tls_require_client_cert: bool = False
     """Mutual TLS: refuse clients without a certificate signed by ``tls_client_ca_file``."""
+    tls_expiry_warning_days: float = Field(default=14.0, ge=0)
+    """Log a WARNING at startup when ``tls_cert_file`` expires within this many days (an expired or
+    not yet valid one refuses to start); the metric ``fineserve_tls_certificate_expiry_seconds``
+    counts down to it for alerts."""
     inference_token: SecretStr | None = None
     """Bearer token every inference and metadata call must carry (``authorization: Bearer ...``
     metadata); unset: no token needed. Prefer the environment or ``inference_token_file`` to a flag,
@@ -312,6 +349,9 @@ class Settings(BaseSettings):
                 )
         if any(n < 1 for n in self.sequence_buckets):
             raise ValueError(f"sequence_buckets {self.sequence_buckets} must each be at least 1")
+        too_small = {m: b for m, b in self.max_receive_message_bytes_per_model.items() if b < 1024}
+        if too_small:
+            raise ValueError(f"max_receive_message_bytes_per_model {too_small}: each must be >= 1024")
         if self.max_request_bytes > self.max_receive_message_bytes:
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) cannot exceed "
@@ -330,6 +370,15 @@ class Settings(BaseSettings):
             _check_tracing_installed(self.tracing)
         _check_cuda_graph(self)
         return self
+
+    def max_receive_message_bytes_for(self, model: str) -> int:
+        """The largest request message ``model`` accepts."""
+        return self.max_receive_message_bytes_per_model.get(model, self.max_receive_message_bytes)
+
+    @property
+    def grpc_max_receive_message_bytes(self) -> int:
+        """What gRPC itself accepts: the largest of the per-model limits."""
+        return max([self.max_receive_message_bytes, *self.max_receive_message_bytes_per_model.values()])
 
     def batching_for(self, model: str) -> Batching:
         """The batching settings for ``model``: its overrides over the server-wide values, the

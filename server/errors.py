@@ -79,6 +79,13 @@ class Overloaded(ServingError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class MessageTooLarge(ServingError):
+    """A request message over its model's ``max_receive_message_bytes_per_model``; gRPC answers
+    the same status for one over the server-wide limit."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceeded(ServingError):
     """The request's deadline passed before it could run; it was dropped unrun."""
 

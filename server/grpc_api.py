@@ -19,6 +19,7 @@ from fineserve.server.classification import ClassScore, top_classes
 from fineserve.server.dataplane import DataPlane, ModelHandle, ModelIndexEntry
 from fineserve.server.errors import InvalidInput
 from fineserve.server.grpc_status import cancelled_of, deadline_of, grpc_errors, headers_of
+from fineserve.server.message_limits import check_message_size
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as pb_grpc
 
@@ -34,6 +35,7 @@ class FineserveServicer(pb_grpc.FineserveServicer):
     @grpc_errors
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         with self._dataplane.observe(request.model, items=len(request.images), headers=headers_of(context)):
+            check_message_size(self._dataplane.settings, request.model, request)
             handle = self._dataplane.resolve(request.model, request.version or None)
             _expect_task(handle.spec, "image-classification", "Classify")
             top_k = _top_k(request.top_k, len(handle.spec.labels))
@@ -55,6 +57,7 @@ class FineserveServicer(pb_grpc.FineserveServicer):
         self, request: pb.AnalyzeSentimentRequest, context: Context
     ) -> pb.AnalyzeSentimentResponse:
         with self._dataplane.observe(request.model, items=len(request.texts), headers=headers_of(context)):
+            check_message_size(self._dataplane.settings, request.model, request)
             handle = self._dataplane.resolve(request.model, request.version or None)
             _expect_task(handle.spec, "text-classification", "AnalyzeSentiment")
             items = [text.encode("utf-8") for text in request.texts]

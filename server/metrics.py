@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,6 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
@@ -31,6 +31,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from fineserve.server.metrics_http import serve_metrics
 from fineserve.server.threads import RoleCpu
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,16 @@ class Metrics:
         self.registry.register(_ThreadCollector(self.thread_cpu))
         self.gpu_enabled = False
 
+    def watch_certificate(self, not_after: float) -> None:
+        """Exports the seconds until the TLS certificate expires (``not_after``, epoch seconds),
+        read at scrape time so that an alert fires before the handshakes start failing."""
+        expiry = Gauge(
+            "fineserve_tls_certificate_expiry_seconds",
+            "Seconds until the gRPC port's TLS certificate (tls_cert_file) expires; negative once it has.",
+            registry=self.registry,
+        )
+        expiry.set_function(lambda: not_after - time.time())
+
     def enable_gpu(self) -> bool:
         """Adds the NVML GPU metrics if NVML is there (serving on CUDA); False when it is not."""
         if not self.gpu_enabled:
@@ -299,10 +310,11 @@ class Metrics:
 
         return record
 
-    def serve(self, host: str, port: int) -> tuple[Any, int]:
+    def serve(
+        self, host: str, port: int, *, max_connections: int = 32, timeout_s: float = 10.0
+    ) -> tuple[Any, int]:
         """Starts the /metrics HTTP server in a thread; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server, int(server.server_port)
+        return serve_metrics(self.registry, host, port, max_connections=max_connections, timeout_s=timeout_s)
 
 
 class _ModelCollector(Collector):

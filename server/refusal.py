@@ -1,5 +1,5 @@
 """How the server's interceptors refuse a call: a handler that answers a status without reading
-the request, and the callback that counts each refusal for the metrics.
+a byte of the request, and the callback that counts each refusal for the metrics.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ def not_counted(method: str, code: str) -> None:
 def refusal(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, answered: Callable[[], object]
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers ``code`` without reading the request
-    (no deserializer: the bytes are never parsed). ``answered`` runs when it does: an outer
-    interceptor may still replace it, and a call is counted only for the answer it gets."""
+    """A handler that answers ``code`` without reading the request: it is request-streaming
+    whatever ``handler`` is, and never iterates the requests. gRPC receives a unary request's
+    whole message before its handler runs, so a unary refusal would answer only once a client
+    that declares 60 MiB has sent them all, holding them meanwhile; a streaming one answers at
+    once, and the bytes still on their way are dropped with the stream. ``answered`` runs when it
+    does: an outer interceptor may still replace it, and a call is counted only for the answer
+    it gets."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         answered()
         await context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)

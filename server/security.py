@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import logging
 import ssl
 import time
@@ -73,6 +74,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     _check_tls_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    check_certificate_dates(settings.tls_cert_file, settings.tls_expiry_warning_days)
     client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
@@ -100,6 +102,68 @@ def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
             raise SettingsError(
                 f"tls_client_ca_file {client_ca} is not PEM CA certificates ({why})"
             ) from None
+
+
+@dataclass(frozen=True)
+class CertificateValidity:
+    not_before: float  # seconds since the epoch
+    not_after: float
+
+    def seconds_left(self, now: float | None = None) -> float:
+        return self.not_after - (time.time() if now is None else now)
+
+
+def certificate_validity(cert: Path) -> CertificateValidity:
+    """When the first certificate of a PEM file becomes valid and expires.
+
+    Raises:
+        SettingsError: not a PEM certificate.
+    """
+    try:
+        # The standard library's own certificate parser (what getpeercert() returns); the
+        # ``cryptography`` package is not a dependency.
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
+        return CertificateValidity(
+            not_before=ssl.cert_time_to_seconds(decoded["notBefore"]),
+            not_after=ssl.cert_time_to_seconds(decoded["notAfter"]),
+        )
+    except (ssl.SSLError, OSError, KeyError, ValueError) as err:
+        raise SettingsError(f"tls_cert_file {cert} is not a PEM certificate ({err})") from None
+
+
+def check_certificate_dates(cert: Path, warning_days: float, now: float | None = None) -> CertificateValidity:
+    """Refuses a certificate that is expired or not yet valid: gRPC would start, report SERVING
+    and fail every handshake. Warns when it expires within ``warning_days``.
+
+    Raises:
+        SettingsError: expired, or not valid yet; the message says when.
+    """
+    validity = certificate_validity(cert)
+    now = time.time() if now is None else now
+    if validity.not_after <= now:
+        raise SettingsError(
+            f"tls_cert_file {cert} expired on {_utc(validity.not_after)}: every TLS handshake would fail; "
+            "renew it"
+        )
+    if validity.not_before > now:
+        raise SettingsError(
+            f"tls_cert_file {cert} is not valid until {_utc(validity.not_before)}: every TLS handshake "
+            "would fail (is this host's clock right?)"
+        )
+    days_left = validity.seconds_left(now) / 86400
+    if days_left < warning_days:
+        log.warning(
+            "tls_cert_file %s expires on %s, in %.1f days: renew it (tls_expiry_warning_days=%g)",
+            cert,
+            _utc(validity.not_after),
+            days_left,
+            warning_days,
+        )
+    return validity
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
 def read_token(value: SecretStr | None, path: Path | None) -> bytes | None:
@@ -143,6 +207,31 @@ class Tokens:
         inference = "token" if self.inference else "open"
         admin = "admin token" if self.admin else f"as inference ({inference})"
         return f"inference {inference}, management {admin}, health and reflection open"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this host only (``[::]`` and ``0.0.0.0`` reach every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def open_control(settings: Settings, tokens: Tokens) -> list[str]:
+    """What anyone who reaches a non-loopback gRPC port may do to the server without a token:
+    load and unload models, read and write this host's shared memory. Empty on loopback."""
+    if is_loopback(settings.grpc_host):
+        return []
+    opened = []
+    if settings.allow_model_control and tokens.required(Access.MANAGEMENT) is None:
+        opened.append("load and unload models (set admin_token, or allow_model_control=false)")
+    if settings.system_shared_memory and tokens.required(Access.INFERENCE) is None:
+        opened.append(
+            "register this host's shared memory (set inference_token, or system_shared_memory=false)"
+        )
+    return opened
 
 
 def presented_token(metadata: Any) -> bytes | None:

@@ -6,6 +6,7 @@ Shutdown).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,11 +23,14 @@ class ShutdownGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.ai
 
     def __init__(self, on_refused: OnRefused | None = None) -> None:
         self.closed = False
+        # Set by ``close``: what request streams already open wait on (server/kserve/service.py).
+        self.stopping = asyncio.Event()
         self.last_refused = float("-inf")  # time.monotonic() of the latest refusal
         self._on_refused = on_refused or not_counted
 
     def close(self) -> None:
         self.closed = True
+        self.stopping.set()
 
     async def intercept_service(
         self,

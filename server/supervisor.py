@@ -32,9 +32,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from fineserve.server.config import Settings
+from fineserve.server.metrics_http import serve_metrics
 from fineserve.server.metrics_merge import WorkerMetrics
 from fineserve.server.pool import PoolDir
 from fineserve.server.runtime import cpu_cores
@@ -247,8 +248,13 @@ def supervise(settings: Settings, argv: Sequence[str], count: int) -> int:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(supervisor.metrics)
             try:
-                metrics_server, _ = start_http_server(
-                    settings.metrics_port, addr=settings.metrics_host, registry=registry
+                # The same bounded server a single process uses (timeouts, a connection cap).
+                metrics_server, _ = serve_metrics(
+                    registry,
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    max_connections=settings.metrics_max_connections,
+                    timeout_s=settings.metrics_timeout_s,
                 )
             except OSError as err:
                 print(

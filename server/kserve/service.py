@@ -33,6 +33,7 @@ from fineserve.server.kserve.parameters import (
 from fineserve.server.kserve.replies import encode_outputs
 from fineserve.server.kserve.statistics import model_statistics
 from fineserve.server.malformed import UnparsableRequest
+from fineserve.server.message_limits import check_message_size
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 from fineserve.server.shared_memory import NO_SHARED_MEMORY, Region, SharedMemoryRegistry
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from fineserve.server.dataplane import DataPlane, ModelHandle
 
 SERVER_NAME = "fineserve"
+SHUTTING_DOWN = "the server is shutting down; retry elsewhere"
 # Request streams whose unparsable messages are answered in band (server/malformed.py).
 IN_BAND_STREAMS = frozenset(
     {f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelStreamInfer"}
@@ -69,9 +71,15 @@ def _server_version() -> str:
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, dataplane: DataPlane, settings: Settings, shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY
+        self,
+        dataplane: DataPlane,
+        settings: Settings,
+        shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self._dataplane = dataplane
+        # Set when the server starts shutting down: open streams stop taking requests and end.
+        self._stopping = stopping or asyncio.Event()
         self._settings = settings
         self._version = _server_version()
         self._shared_memory = shared_memory
@@ -153,8 +161,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         At most ``max_queue_size`` (of the request's model) requests of one stream are in flight
         or answered but not yet sent: past that the stream stops reading, and gRPC flow control
         slows the client down instead of memory filling up, however slowly the client reads.
+
+        When the server starts shutting down, requests read from then on are answered at once
+        with ``error_message`` "the server is shutting down" (never run); once the requests
+        accepted before have been answered, the stream ends with UNAVAILABLE.
         """
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | _Drained | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         # Requests read and not yet sent back; a slot frees only once its answer has been written.
         unsent = 0
@@ -166,12 +178,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=result))
             except Exception as err:
                 _, message = to_status(err)
-                failed = pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                )
-                responses.put_nowait(
-                    pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
-                )
+                responses.put_nowait(_error_reply(request, message))
 
         async def take_slot(limit: int) -> None:
             nonlocal unsent
@@ -188,6 +195,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                         await take_slot(self._settings.max_queue_size)
                         responses.put_nowait(pb.ModelStreamInferResponse(error_message=request.message))
                         continue
+                    if self._stopping.is_set():
+                        await take_slot(self._settings.max_queue_size)
+                        responses.put_nowait(_error_reply(request, SHUTTING_DOWN))
+                        continue
                     await take_slot(self._queue_size(request))
                     task = asyncio.create_task(answer(request))
                     running.add(task)
@@ -197,9 +208,23 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 responses.put_nowait(None)
 
+        async def end_when_drained() -> None:
+            await self._stopping.wait()
+            while running:  # the requests accepted before shutdown get their answers
+                await asyncio.wait(set(running))
+            responses.put_nowait(_Drained())
+
         reader = asyncio.create_task(read_all())
+        drained = asyncio.create_task(end_when_drained())
         try:
             while (response := await responses.get()) is not None:
+                if isinstance(response, _Drained):
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"{SHUTTING_DOWN}: this stream's requests sent before it are answered; "
+                        "those without an answer were not run",
+                    )
+                    return  # (abort raises)
                 # grpc.aio asks for the next response only after this one is written out.
                 yield response
                 async with slot_freed:
@@ -208,6 +233,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             await reader
         finally:
             reader.cancel()
+            drained.cancel()
             for task in list(running):
                 task.cancel()
 
@@ -220,6 +246,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer_observed(request, context)
 
     async def _infer_observed(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        check_message_size(self._settings, request.model_name, request)
         until = deadline(request.parameters, deadline_of(context))
         is_cancelled = cancelled_of(context)
         check_request_parameters(request.parameters)
@@ -374,12 +401,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return self._settings.max_queue_size
 
 
+class _Drained:
+    """In a stream's reply queue: shutdown began and every accepted request has been answered."""
+
+
+def _error_reply(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a request that failed or was not run: its id, model and the reason."""
+    failed = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
 def add_to_server(
     server: grpc.aio.Server,
     dataplane: DataPlane,
     settings: Settings,
     shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY,
+    stopping: asyncio.Event | None = None,
 ) -> None:
-    """Registers the KServe v2 service on ``server``."""
-    servicer = KServeServicer(dataplane, settings, shared_memory)
+    """Registers the KServe v2 service on ``server``; ``stopping`` is set when shutdown begins."""
+    servicer = KServeServicer(dataplane, settings, shared_memory, stopping)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -66,3 +66,23 @@ def make_pki(folder: Path) -> Pki:
     client = _signed(folder, "client", ca, "extendedKeyUsage=clientAuth\n")
     stranger = _signed(folder, "stranger", _ca(folder, "other-ca"), "extendedKeyUsage=clientAuth\n")
     return Pki(ca[0], server[0], server[1], client[0], client[1], stranger[0], stranger[1])
+
+
+def make_expired_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed localhost certificate valid for one day in 2020, and its key (``openssl ca``
+    sets past dates, which ``req`` and ``x509`` cannot)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, csr, cert = folder / "expired.key", folder / "expired.csr", folder / "expired.pem"
+    _key(key)
+    _openssl("req", "-new", "-key", key, "-subj", "/CN=localhost", "-out", csr, cwd=folder)
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("01\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = past\n[past]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n"
+        "default_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n"
+    )
+    _openssl(
+        "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", key, "-in", csr,
+        "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-out", cert, cwd=folder,
+    )  # fmt: skip
+    return cert, key

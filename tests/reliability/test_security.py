@@ -537,7 +537,8 @@ def test_a_call_refused_while_shutting_down_is_counted_once_as_answered(
     async def call() -> str:
         handler = await auth.intercept_service(through_gate, details)
         with pytest.raises(Aborted) as aborted:
-            await handler.unary_unary(b"", Context())
+            # Refusals are request-streaming whatever the method (server/refusal.py).
+            await handler.stream_unary(iter(()), Context())
         return str(aborted.value)
 
     assert asyncio.run(call()) == expected

@@ -38,6 +38,9 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path, monkeypatch
             {"max_request_bytes": 10_000, "max_receive_message_bytes": 5000},
             "cannot exceed max_receive_message_bytes",
         ),
+        ({"max_receive_message_bytes_per_model": {"fashion": 10}}, "{'fashion': 10}: each must be >= 1024"),
+        ({"grpc_max_concurrent_streams": 0}, "grpc_max_concurrent_streams"),
+        ({"metrics_timeout_s": 0}, "metrics_timeout_s"),
         ({"version_policy": "specific"}, "needs specific_versions"),
         ({"grpc_port": 9000, "metrics_port": 9000}, "both 9000"),
         ({"device": "cuda", "precision": "int8"}, "int8"),
@@ -97,7 +100,8 @@ def test_every_setting_is_documented_and_has_a_flag_or_file_entry() -> None:
     flags = {action.dest for action in build_parser()._actions}
     for name, field in Settings.model_fields.items():
         assert field.description, f"{name} has no documentation"
-        assert name in flags or name in ("specific_versions", "batching"), f"{name} has no flag"
+        maps = ("specific_versions", "batching", "max_receive_message_bytes_per_model")
+        assert name in flags or name in maps, f"{name} has no flag"
 
 
 def test_cli_answers_a_bad_value_with_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
