@@ -84,7 +84,9 @@ def open_session(version_dir: Path, spec: ModelSpec, device: str, **settings: An
     variant = choose_variant(spec, provider, config)
     fixed = all(d > 0 for t in (*spec.inputs, *spec.outputs) for d in t.shape[1:])
     path, _ = plan_data_path(config, provider, padded=True, fixed_shapes=fixed)
-    session = ModelSession(version_dir / variant.file, provider, config, 0, data_path=path)
+    session = ModelSession(
+        version_dir / variant.file, provider, config, 0, data_path=path, declared_outputs=spec.outputs
+    )
     used = session.session.get_providers()[0]
     if used != provider:
         raise SystemExit(f"error: asked for {provider}, the session runs on {used}")

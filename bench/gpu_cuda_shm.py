@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests per way first")
     parser.add_argument("--device-id", type=int, default=0, help="the GPU the regions are allocated on")
     parser.add_argument("--token", default="", help="bearer token (the admin one when tokens are on)")
+    parser.add_argument(
+        "--cuda-runtime-library", default=None, help="the libcudart to load (default: as the server finds it)"
+    )
     return parser.parse_args(argv)
 
 
@@ -82,7 +85,7 @@ def timed(call: Callable[[], Any], warmup: int, iterations: int, batch: int) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runtime = CudaRuntime.load()
+        runtime = CudaRuntime.load(args.cuda_runtime_library)
     except DeviceUnavailable as err:
         print(f"gpu_cuda_shm: refused: {err.message}", file=sys.stderr)
         return 2

@@ -424,9 +424,7 @@ def _label(value: Any, where: str) -> str:
     label = _str(value, where)
     if len(label) > MAX_LABEL_CHARS:
         raise ModelSpecError(f"{where}: {len(label)} characters, more than {MAX_LABEL_CHARS}")
-    bad = next(
-        (c for c in label if c in BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Zl", "Zp")), None
-    )
+    bad = next((c for c in label if c in BIDI_CONTROLS or unicodedata.category(c) in _FORGING), None)
     if bad is not None:
         raise ModelSpecError(
             f"{where}: {label!r} holds {bad!a} (control and bidirectional characters are not allowed)"

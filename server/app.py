@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fineserve.server import malformed, security, shutdown
 from fineserve.server.config import Settings
+from fineserve.server.cuda_runtime import CudaRuntime
 from fineserve.server.cuda_shared_memory import CudaSharedMemory
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.grpc_api import FineserveServicer
@@ -158,7 +160,10 @@ class Server:
             settings.system_shared_memory,
             max_regions=region_capacity(open_files.soft),
             max_read_bytes=settings.max_receive_message_bytes,
-            cuda=CudaSharedMemory(settings.cuda_shared_memory),
+            cuda=CudaSharedMemory(
+                settings.cuda_shared_memory,
+                load=functools.partial(CudaRuntime.load, settings.cuda_runtime_library),
+            ),
         )
         self.metrics.watch_shared_memory(self.shared_memory.counts, self.shared_memory.max_regions)
         self._log_shared_memory()

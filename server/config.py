@@ -52,6 +52,9 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 MAX_QUEUE_DELAY_MS = 10_000.0
 MAX_INSTANCES = 64
 MAX_WORKERS = 256
+# The spellings pydantic takes for a boolean (case aside): io_binding was one.
+_BOOLEAN_TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
+_BOOLEAN_FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
 class ModelBatching(BaseModel):
@@ -239,6 +242,9 @@ class Settings(BaseSettings):
     handle and pass tensors through them (copied to and from the host). Off: the RPCs answer
     PERMISSION_DENIED; on without a usable CUDA device: registering answers FAILED_PRECONDITION.
     Registering regions is management, as for system shared memory."""
+    cuda_runtime_library: str | None = None
+    """The libcudart CUDA shared memory loads (a path or a soname), and no other; unset: the one
+    the nvidia wheels in site-packages bring (as torch loads it), else the system's."""
     max_receive_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     """Largest request message a model accepts (gRPC checks it before parsing). 32 MiB holds the
     largest request the exported models take at their default max batch (32 rows of a 224 px
@@ -318,11 +324,16 @@ class Settings(BaseSettings):
     @field_validator("io_binding", mode="before")
     @classmethod
     def _io_binding_was_a_boolean(cls, value: Any) -> Any:
-        # It was a boolean setting: FINESERVE_IO_BINDING=true or ``io_binding: false`` still work.
-        if isinstance(value, bool):
+        # It was a boolean setting: every spelling pydantic took for one still works
+        # (FINESERVE_IO_BINDING=1/yes/true/on, ``io_binding: false``, ``io_binding: 0``).
+        if isinstance(value, bool | int) and value in (0, 1):
             return "on" if value else "off"
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return "on" if value.lower() == "true" else "off"
+        if isinstance(value, str):
+            spelled = value.strip().lower()
+            if spelled in _BOOLEAN_TRUE:
+                return "on"
+            if spelled in _BOOLEAN_FALSE:
+                return "off"
         return value
 
     @property

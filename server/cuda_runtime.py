@@ -2,7 +2,8 @@
 
 No CUDA Python package is needed: the library comes from where torch and onnxruntime-gpu get it
 (the ``nvidia-cuda-runtime`` wheels: ``site-packages/nvidia/*/lib/libcudart.so.*``), else from
-the system's library path. ``CudaRuntime.load`` says why it cannot be used (no library, no
+the system's library path, or exactly the one the operator names (``cuda_runtime_library``).
+``CudaRuntime.load`` says why it cannot be used (no library, no
 driver, no device) in a ``DeviceUnavailable`` whose message a client may read.
 """
 
@@ -66,24 +67,25 @@ class CudaRuntime:
         ]
 
     @classmethod
-    def load(cls) -> CudaRuntime:
-        """The runtime of the first libcudart that loads, once a device answers.
+    def load(cls, library: str | None = None) -> CudaRuntime:
+        """The runtime of ``library`` (a libcudart path or soname), or else of the first libcudart
+        that loads, once a device answers.
 
         Raises:
-            DeviceUnavailable: no libcudart or libcuda (the driver), or no device.
+            DeviceUnavailable: no libcudart (or not the one named) or libcuda (the driver), or no
+                device.
         """
-        tried = []
-        for candidate in library_candidates():
+        if library is not None:
             try:
-                cudart = ctypes.CDLL(candidate)
-                break
+                cudart = ctypes.CDLL(library)
             except OSError:
-                tried.append(candidate)
+                # The operator's path stays in the server's settings: clients read this message.
+                raise DeviceUnavailable(
+                    "CUDA shared memory needs a CUDA device: the libcudart named by "
+                    "cuda_runtime_library does not load"
+                ) from None
         else:
-            raise DeviceUnavailable(
-                "CUDA shared memory needs a CUDA device: no libcudart (looked in site-packages "
-                "nvidia/*/lib and the system's library path)"
-            )
+            cudart = _first_that_loads()
         try:
             cuda = ctypes.CDLL("libcuda.so.1")
         except OSError:
@@ -174,3 +176,15 @@ class CudaRuntime:
     def _error(self, code: int) -> str:
         text: bytes | None = self._cudart.cudaGetErrorString(code)
         return (text or b"").decode(errors="replace") or f"CUDA error {code}"
+
+
+def _first_that_loads() -> ctypes.CDLL:
+    for candidate in library_candidates():
+        try:
+            return ctypes.CDLL(candidate)
+        except OSError:
+            continue
+    raise DeviceUnavailable(
+        "CUDA shared memory needs a CUDA device: no libcudart (looked in site-packages "
+        "nvidia/*/lib and the system's library path)"
+    )

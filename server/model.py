@@ -12,7 +12,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fineserve.export.contract import ModelSpec
+from fineserve.export.contract import ModelSpec, TensorSpec
 from fineserve.server.batching import (
     Batcher,
     Batching,
@@ -285,7 +285,7 @@ class ServedVersion:
         for note in notes:
             log.warning("model %s version %d: %s", spec.name, spec.version, note)
         self.session = _open_session(
-            path / variant.file, provider, settings, self.threads.intra_op, data_path
+            path / variant.file, provider, settings, self.threads.intra_op, data_path, outputs=spec.outputs
         )
         self.provider = self.session.provider
         graph_inputs = {meta.name for meta in self.session.inputs}
@@ -336,15 +336,22 @@ class ServedVersion:
         if pad and spec.text is not None and settings.sequence_buckets:
             lengths = length_buckets(spec.text.max_length, settings.sequence_buckets)
         self.warmup_lengths = lengths or (WARMUP_SEQUENCE_LENGTH,)
-        run_graph: RunBatch = self.session.run
-        if pad:
-            run_graph = padded_to_buckets(
+
+        def through_data_path(on_padding: OnPadding | None) -> RunBatch:
+            if not pad:
+                return self.session.run
+            return padded_to_buckets(
                 self.session.run,
                 self.warmup_batch_sizes,
                 sequence_buckets=lengths,
                 pad_values=pad_values,
-                on_padding=padding_metrics,
+                on_padding=on_padding,
             )
+
+        run_graph = through_data_path(padding_metrics)
+        # Warmup and the serving-path check run what serving runs: padded rows and sequences
+        # (attention mask 0), the same few shapes; only their padding is not counted in the metrics.
+        self._run_graph = through_data_path(None)
 
         def run(inputs: Tensors) -> Tensors:
             outputs = run_graph(inputs)
@@ -379,7 +386,8 @@ class ServedVersion:
     def warmup(self) -> None:
         """Blocking: sends one ordinary item through a request's whole path (``check_serving_path``),
         then runs each batch size the version will see on synthetic input, so no request pays for
-        a first run.
+        a first run. Both go through the batches' own data path (padded to the buckets where
+        ``pad_batches`` is on), so they run exactly the shapes, and the padding, that serving runs.
 
         Raises:
             LoadFailed: the version cannot answer ordinary requests; the message says why.
@@ -388,7 +396,7 @@ class ServedVersion:
         self.check_serving_path()
         for rows in self.warmup_batch_sizes:
             for tokens in self.warmup_lengths:
-                outputs = _run_warmup(self.session, synthetic_inputs(self.spec, rows, tokens))
+                outputs = self._run_warmup(synthetic_inputs(self.spec, rows, tokens))
                 _check_warmup_scores(self.spec, outputs)
         lengths = ""
         if self.spec.text is not None:
@@ -407,9 +415,10 @@ class ServedVersion:
 
     def check_serving_path(self) -> None:
         """One ordinary item (an image or a sentence) through the path every request takes: the
-        version's preprocessing (its mean, std, crop and limits), the graph, and the softmax with
-        its temperature. A version whose answers would be refusals, NaN, or one score for every
-        class fails here, with the reason, instead of loading READY.
+        version's preprocessing (its mean, std, crop and limits), the graph as batches reach it
+        (padded rows, and for text padded positions with attention mask 0, where batches are
+        padded), and the softmax with its temperature. A version whose answers would be refusals,
+        NaN, or one score for every class fails here, with the reason, instead of loading READY.
 
         Raises:
             LoadFailed: the item is refused, the graph fails on it, or the scores are not finite,
@@ -420,7 +429,7 @@ class ServedVersion:
             tensors = self.preprocess([_warmup_item(self.spec, self.preprocess.limits)])
         except InvalidInput as err:
             raise LoadFailed(f"its preprocessing refuses {what}: {err.message}") from err
-        outputs = _run_warmup(self.session, tensors)
+        outputs = self._run_warmup(tensors)
         _check_warmup_scores(self.spec, outputs)
         logits = outputs[self.spec.outputs[0].name]
         if not np.isfinite(logits).all():
@@ -436,6 +445,19 @@ class ServedVersion:
                 "graph's logits differ: the softmax erases the model's ranking"
             )
 
+    def _run_warmup(self, inputs: Tensors) -> Tensors:
+        try:
+            return self._run_graph(inputs)
+        except GraphCaptureUnavailable as err:
+            raise LoadFailed(
+                f"{self.session.path.name}: cuda_graph is on but onnxruntime cannot capture this graph "
+                "(see the server log)"
+            ) from err
+        except Exception as err:
+            raise LoadFailed(
+                f"{self.session.path.name} failed in onnxruntime on its warmup input (see the server log)"
+            ) from err
+
     async def close(self) -> None:
         """Waits for the requests that resolved this version, then stops its batcher."""
         while self.in_flight:
@@ -444,10 +466,18 @@ class ServedVersion:
 
 
 def _open_session(
-    path: Path, provider: str, settings: Settings, intra_op_threads: int, data_path: DataPath
+    path: Path,
+    provider: str,
+    settings: Settings,
+    intra_op_threads: int,
+    data_path: DataPath,
+    *,
+    outputs: Sequence[TensorSpec],
 ) -> ModelSession:
     try:
-        return ModelSession(path, provider, settings, intra_op_threads, data_path=data_path)
+        return ModelSession(
+            path, provider, settings, intra_op_threads, data_path=data_path, declared_outputs=outputs
+        )
     except ProviderUnavailable as err:
         raise LoadFailed(
             f"{path.name}: onnxruntime could not run it on {provider} (see the server log)"
@@ -458,15 +488,6 @@ def _open_session(
         ) from err
     except Exception as err:  # onnxruntime's own error types, with its text and the absolute path
         raise LoadFailed(f"{path.name} could not be loaded by onnxruntime (see the server log)") from err
-
-
-def _run_warmup(session: ModelSession, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    try:
-        return session.run(inputs)
-    except Exception as err:
-        raise LoadFailed(
-            f"{session.path.name} failed in onnxruntime on its warmup input (see the server log)"
-        ) from err
 
 
 def _check_warmup_scores(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from fineserve.export.contract import ModelSpec, Variant
+from fineserve.export.contract import ModelSpec, TensorSpec, Variant
 from fineserve.server import device_probe
 from fineserve.server.config import Settings
 from fineserve.server.threads import ORT_PREFIX, named
@@ -264,7 +265,12 @@ class ModelSession:
     blocking: callers run it off the event loop. Inputs are cast to the dtypes the graph
     declares, so an fp16 graph with fp16 inputs takes the same float32 tensors as the fp32 graph.
     How batches reach onnxruntime is ``data_path`` (default: what the settings give this provider
-    for unpadded batches of varying shapes).
+    for unpadded batches of varying shapes). ``declared_outputs`` (model.json's) size the output
+    buffers of fixed-buffer runs: a graph may leave a dimension symbolic that the contract fixes.
+
+    With ``cuda_graph=auto``, a graph onnxruntime refuses to capture (when the session opens, or
+    when a shape's first bound runs capture it, at warmup) runs without CUDA graphs, logged; with
+    ``on`` that is ``GraphCaptureUnavailable``.
 
     Raises (on creation):
         ProviderUnavailable: onnxruntime runs the graph on another provider than asked.
@@ -279,6 +285,7 @@ class ModelSession:
         intra_op_threads: int,
         *,
         data_path: DataPath | None = None,
+        declared_outputs: Sequence[TensorSpec] = (),
     ) -> None:
         if data_path is None:
             data_path, _ = plan_data_path(settings, provider, padded=False, fixed_shapes=False)
@@ -286,6 +293,7 @@ class ModelSession:
         self.path = path
         self.settings = settings
         self.intra_op_threads = intra_op_threads
+        self.declared_outputs = tuple(declared_outputs)
         try:
             self.session = self._open(data_path)
         except ProviderUnavailable:
@@ -311,7 +319,8 @@ class ModelSession:
             for o in self.session.get_outputs()
         )
         self._fixed: dict[tuple[tuple[int, ...], ...], _FixedBuffers] = {}
-        # One bound run at a time through the fixed buffers: they are shared by every run of a shape.
+        # One bound run at a time through the fixed buffers: they are shared by every run of a
+        # shape (so a version's instances take turns on this data path: docs/serving.md).
         self._fixed_lock = threading.Lock()
 
     def _open(self, data_path: DataPath) -> ort.InferenceSession:
@@ -361,22 +370,48 @@ class ModelSession:
         return outputs
 
     def _run_fixed(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        shapes = tuple(value.shape for value in feed.values())
         with self._fixed_lock:
-            buffers = self._fixed.get(shapes)
-            new = buffers is None
-            if buffers is None:
-                buffers = self._fixed[shapes] = self._make_buffers(feed, graph_id=len(self._fixed))
-            for name, value in feed.items():
-                buffers.inputs[name].update_inplace(value)
-            if new and self.data_path.cuda_graph:
-                # The first runs of a graph id run plainly and capture it: done here, at warmup,
-                # so no request pays for the capture.
-                self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+            return self._run_fixed_held(feed)
+
+    def _run_fixed_held(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        shapes = tuple(value.shape for value in feed.values())
+        buffers = self._fixed.get(shapes)
+        new = buffers is None
+        if buffers is None:
+            buffers = self._fixed[shapes] = self._make_buffers(feed, graph_id=len(self._fixed))
+        for name, value in feed.items():
+            buffers.inputs[name].update_inplace(value)
+        if new and self.data_path.cuda_graph:
+            # The first runs of a graph id run plainly and capture it: done here, at warmup,
+            # so no request pays for the capture.
+            try:
+                self._capture(buffers)
+            except Exception as err:  # onnxruntime's own error types, raised while capturing
+                self._drop_graphs(err)
+                return self._run_fixed_held(feed)  # once more, without graphs
+        else:
             self.session.run_with_iobinding(buffers.binding, buffers.run_options)
-            # New host arrays (onnxruntime copies out of the buffers), so the next batch of this
-            # shape cannot overwrite an answer still on its way to a client.
-            return list(buffers.binding.copy_outputs_to_cpu())
+        # New host arrays (onnxruntime copies out of the buffers), so the next batch of this
+        # shape cannot overwrite an answer still on its way to a client.
+        return list(buffers.binding.copy_outputs_to_cpu())
+
+    def _capture(self, buffers: _FixedBuffers) -> None:
+        """A new shape's first two bound runs: onnxruntime captures its CUDA graph in them."""
+        self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+        self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+
+    def _drop_graphs(self, err: Exception) -> None:
+        """Capturing failed: under ``cuda_graph=auto`` the session reopens without CUDA graphs (the
+        failed capture may have left it unusable) and every shape gets new buffers; under ``on``
+        the model fails to load. Called with the fixed-buffer lock held."""
+        if self.settings.cuda_graph == "on":
+            raise GraphCaptureUnavailable(
+                f"{self.path}: cuda_graph is on but onnxruntime failed to capture: {err}"
+            ) from err
+        log.warning("%s: CUDA graphs not used, onnxruntime failed to capture one: %s", self.path, err)
+        self.data_path = dataclasses.replace(self.data_path, cuda_graph=False)
+        self.session = self._open(self.data_path)
+        self._fixed.clear()
 
     def _make_buffers(self, feed: dict[str, np.ndarray], graph_id: int) -> _FixedBuffers:
         device = self.data_path.device
@@ -386,8 +421,9 @@ class ModelSession:
         for name, value in feed.items():
             inputs[name] = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
             binding.bind_ortvalue_input(name, inputs[name])
+        declared = {t.name: t.shape for t in self.declared_outputs}
         for meta in self._output_meta:
-            shape = [rows, *(d or 0 for d in meta.shape[1:])]
+            shape = [rows, *self._output_dims(meta, declared.get(meta.name))]
             value = ort.OrtValue.ortvalue_from_shape_and_type(shape, meta.dtype, device, 0)
             binding.bind_ortvalue_output(meta.name, value)
         run_options = None
@@ -395,6 +431,17 @@ class ModelSession:
             run_options = ort.RunOptions()
             run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         return _FixedBuffers(binding, inputs, run_options)
+
+    def _output_dims(self, meta: InputMeta, declared: tuple[int, ...] | None) -> list[int]:
+        """An output's dimensions past the batch axis: model.json's (the contract checked them
+        against the graph at export), else the graph's own; fixed buffers need every one."""
+        dims = list(declared[1:]) if declared is not None else [d or -1 for d in meta.shape[1:]]
+        if any(d < 1 for d in dims):
+            raise ValueError(
+                f"{self.path.name}: output {meta.name!r} has no fixed shape past the batch axis "
+                "for its fixed buffers"
+            )
+        return dims
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,10 @@ ACCEPTED_FOR = {"FP32": ("FP16",)}
 
 
 def as_declared(declared: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The checked arrays in their declared dtypes: an FP16 array for an FP32 input is cast, once."""
+    """The checked arrays in their declared dtypes: an FP16 array for an FP32 input is cast here,
+    before batching, so a batch holds one dtype whatever its requests sent (FP16, FP32, decoded
+    images). An fp16 graph variant's session casts the batch back to fp16 (``ModelSession.run``):
+    exact for values that came as FP16, so only a pass over them is lost, not precision."""
     out = dict(arrays)
     for spec in declared:
         want = NUMPY_DTYPES[spec.datatype]

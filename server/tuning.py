@@ -181,7 +181,12 @@ def tune_instances(
         two = session
         if two_threads.intra_op != one_threads.intra_op:
             two = ModelSession(
-                session.path, session.provider, settings, two_threads.intra_op, data_path=session.data_path
+                session.path,
+                session.provider,
+                settings,
+                two_threads.intra_op,
+                data_path=session.data_path,
+                declared_outputs=session.declared_outputs,
             )
         loaded = functools.partial(sample, min(LOAD_ROWS, max_rows))
         choice = choose((one_threads, session.run), (two_threads, two.run), sample(1), loaded)

@@ -17,7 +17,7 @@ from fineserve.server.kserve.inputs import RequestInput
 from fineserve.server.kserve.interface import ModelInterface
 from fineserve.server.kserve.tensors import element_count
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
-from fineserve.server.tensor_checks import check_shape, check_tensors
+from fineserve.server.tensor_checks import ACCEPTED_FOR, check_shape, check_tensors
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class EncodedRequest:
 
 def check_declared_inputs(request: pb.ModelInferRequest, interface: ModelInterface, model: str) -> None:
     """Before anything is decoded, from the declared names and shapes alone: every input is one
-    the model takes, a tensor has its rank and fixed dimensions, and no input holds more items
+    the model takes, a tensor (of its datatype, or one accepted for it: FP16 for FP32) has its
+    rank and fixed dimensions, and no input holds more items
     than ``max_batch_size`` (a BYTES input: all its elements, whatever its shape). Decoding twenty
     million empty BYTES elements only to refuse them held the event loop for seconds."""
     tensors = {t.name: t for t in interface.tensor_inputs}
@@ -51,7 +52,7 @@ def check_declared_inputs(request: pb.ModelInferRequest, interface: ModelInterfa
             items = element_count(shape, f"input {tensor.name!r}")
         elif tensor.name in tensors:
             spec = tensors[tensor.name]
-            if tensor.datatype != spec.datatype:
+            if tensor.datatype not in (spec.datatype, *ACCEPTED_FOR.get(spec.datatype, ())):
                 continue  # decoding says what is wrong with the datatype first, as it always did
             check_shape(spec, shape)
             items = shape[0]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from fineserve.export.contract import VERSION_RANGE
 from fineserve.server.errors import InvalidInput
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 
@@ -36,13 +37,20 @@ def check_request_parameters(parameters: Mapping[str, pb.InferParameter]) -> Non
 
 
 def parse_version(version: str) -> int | None:
-    """The request's version string: empty means the server's choice; else a positive integer."""
+    """The request's version string: empty means the server's choice; else an integer in the
+    contract's ``VERSION_RANGE`` (1..2**63-1, every version a repository can hold)."""
     if not version:
         return None
-    # ASCII digits only (str.isdigit() also takes "²" and "١"), and few enough for an int64.
-    if not (version.isascii() and version.isdigit() and len(version) <= 18) or int(version) < 1:
+    # ASCII digits only (str.isdigit() also takes "²" and "١"), and no more than an int64 has
+    # before int() (no 5000-digit conversions); leading zeros are taken, as they always were.
+    digits = version.lstrip("0")
+    if (
+        not (version.isascii() and version.isdigit() and len(digits) <= len(str(VERSION_RANGE[1])))
+        or not VERSION_RANGE[0] <= int(version) <= VERSION_RANGE[1]
+    ):
         raise InvalidInput(
-            f"model version {version[:40]!r} must be a positive integer (or empty for the newest)"
+            f"model version {version[:40]!r} must be a positive integer up to {VERSION_RANGE[1]} "
+            "(or empty for the newest)"
         )
     return int(version)
 

@@ -25,7 +25,14 @@ from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as fs
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2_grpc as fs_grpc
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
-from tests.fixtures import OPSET, publish_tiny_image_model, publish_tiny_text_model
+from tests.fixtures import (
+    OPSET,
+    copy_version,
+    publish_tiny_image_model,
+    publish_tiny_text_model,
+    tiny_text_graph,
+    tiny_vocab,
+)
 from tests.reliability import images
 from tests.server.running import RunningServer
 
@@ -279,3 +286,67 @@ def test_folder_names_reach_the_log_escaped(forged_names: Path, caplog: pytest.L
     assert any("'evil\\n2024-01-01 ERROR forged line \\x1b[31m'" in line for line in lines), lines
     assert any("'tiny-image/2\\nFORGED \\x1b[2J'" in line for line in lines), lines
     assert all(str(forged_names) not in line for line in lines), lines
+
+
+def _publish_nan_when_padded(repository: Path, name: str) -> None:
+    """tiny-text whose logits gain 0 * sum(log(attention_mask)) per row: 0 for a text without
+    padding, NaN for a row with one padded position (mask 0), as a graph that divides by the
+    mask or takes its log would give."""
+    version_dir = publish_tiny_text_model(repository, name=name, variants=("fp32",))
+    model = tiny_text_graph(len(tiny_vocab()))
+    model.graph.node[-1].output[0] = "raw_logits"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0.0], dtype=np.float32), "zero"))
+    model.graph.node.extend(
+        [
+            helper.make_node("Log", ["mask_f"], ["log_mask"]),
+            helper.make_node("ReduceSum", ["log_mask", "seq_axis"], ["log_sum"], keepdims=1),
+            helper.make_node("Mul", ["log_sum", "zero"], ["nan_if_padded"]),
+            helper.make_node("Add", ["raw_logits", "nan_if_padded"], ["logits"]),
+        ]
+    )
+    onnx.checker.check_model(model)
+    onnx.save(model, version_dir / "model.onnx")
+
+
+@pytest.mark.parametrize(
+    ("pad_batches", "state"),
+    [
+        ("on", ("FAILED", "the graph's scores for an ordinary text are NaN or infinite")),
+        ("off", ("READY", "")),
+    ],
+)
+def test_warmup_checks_a_text_padded_as_serving_pads_it(
+    tmp_path: Path, pad_batches: str, state: tuple[str, str]
+) -> None:
+    """With padded batches the warmup sentence (11 tokens) runs padded to the length bucket (16),
+    attention mask 0 on the added positions, as every request would: a graph whose scores are NaN
+    only when padded used to load READY and answer no request."""
+    repository = tmp_path / "models"
+    _publish_nan_when_padded(repository, "pad-nan")
+    settings = {"pad_batches": pad_batches, "device": "cpu", "repository_poll_s": 0}
+    with RunningServer(repository, **settings) as server, grpc.insecure_channel(server.target) as ch:
+        assert _index(ch)[("pad-nan", "1")] == state
+
+
+def test_a_version_past_18_digits_is_served_and_asked_for_by_number(tmp_path: Path) -> None:
+    """Every version the contract takes (up to 2**63-1) can be asked for over KServe; a number no
+    repository can hold is the request's fault."""
+    repository = tmp_path / "models"
+    big = 10**18  # 19 digits: refused by the KServe parser before, though published and READY
+    copy_version(publish_tiny_image_model(repository, variants=("fp32",)), big)
+    with RunningServer(repository, repository_poll_s=0) as server, grpc.insecure_channel(server.target) as ch:
+        stub = ks_grpc.GRPCInferenceServiceStub(ch)
+        request = ks.ModelInferRequest(model_name="tiny-image", model_version=str(big))
+        item = request.inputs.add(name="images", datatype="BYTES", shape=[1])
+        item.contents.bytes_contents.append(PNG)
+        reply = stub.ModelInfer(request, timeout=10)
+        assert (reply.model_name, reply.model_version) == ("tiny-image", str(big))
+        ready = stub.ModelReady(ks.ModelReadyRequest(name="tiny-image", version=str(big)), timeout=10)
+        assert ready.ready
+        request.model_version = str(2**63)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(
+            "model version '9223372036854775808' must be a positive integer up to 9223372036854775807"
+        )

@@ -5,21 +5,35 @@ CUDA session is checked on the options dict itself, since CPU onnxruntime cannot
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from fineserve.bench.inputs import tensor_batch
 from fineserve.export.contract import read_model_spec
 from fineserve.server.batching import batch_buckets, padded_to_buckets
 from fineserve.server.config import SettingsError, load_settings
-from fineserve.server.runtime import CPU, CUDA, DataPath, ModelSession, cuda_options, plan_data_path
+from fineserve.server.runtime import (
+    CPU,
+    CUDA,
+    DataPath,
+    GraphCaptureUnavailable,
+    ModelSession,
+    cuda_options,
+    plan_data_path,
+)
 from tests.fixtures import publish_tiny_image_model, publish_tiny_text_model
 
 PLAIN = DataPath()
 BOUND = DataPath(io_binding=True, device="cpu")
 FIXED = DataPath(io_binding=True, device="cpu", fixed_buffers=True)
+# The CUDA-graph path (capture on a shape's first runs) as far as the CPU provider runs it.
+GRAPHED = DataPath(io_binding=True, device="cpu", fixed_buffers=True, cuda_graph=True)
 
 
 def session(version_dir: Path, data_path: DataPath) -> ModelSession:
@@ -144,3 +158,92 @@ def test_io_binding_given_as_a_boolean_still_means_on_or_off(monkeypatch: pytest
     monkeypatch.setenv("FINESERVE_IO_BINDING", "false")
     assert load_settings().io_binding == "off"
     assert load_settings(io_binding=True).io_binding == "on"
+    assert load_settings(io_binding=0).io_binding == "off"  # YAML's ``io_binding: 0``
+
+
+@pytest.mark.parametrize(
+    ("given", "means"),
+    [
+        ("1", "on"),
+        ("0", "off"),
+        ("yes", "on"),
+        ("no", "off"),
+        ("Y", "on"),
+        ("f", "off"),
+        ("TRUE", "on"),
+        ("On", "on"),
+        ("OFF", "off"),
+        ("auto", "auto"),
+    ],
+)
+def test_io_binding_takes_every_spelling_its_boolean_took(
+    monkeypatch: pytest.MonkeyPatch, given: str, means: str
+) -> None:
+    monkeypatch.setenv("FINESERVE_IO_BINDING", given)
+    assert load_settings().io_binding == means
+
+
+def test_fixed_buffers_take_the_declared_output_shape_where_the_graph_leaves_it_symbolic(
+    tmp_path: Path,
+) -> None:
+    """model.json fixes the scores at 3 columns; the graph may say only "classes" (here its logits
+    are reshaped to [rows, -1] by a shape computed at run time, so onnxruntime cannot infer it
+    either). The buffers used to be [rows, 0], and every run on them failed."""
+    version_dir = publish_tiny_image_model(tmp_path / "repo", variants=("fp32",))
+    model = onnx.load(version_dir / "model.onnx")
+    last = next(node for node in model.graph.node if "logits" in node.output)
+    last.output[0] = "fixed_logits"
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.array(value, np.int64), name)
+        for name, value in (("zero", [0]), ("one", [1]), ("minus_one", [-1]))
+    )
+    model.graph.node.extend(
+        [
+            helper.make_node("Shape", ["pixel_values"], ["pixel_shape"]),
+            helper.make_node("Slice", ["pixel_shape", "zero", "one"], ["rows"]),
+            helper.make_node("Concat", ["rows", "minus_one"], ["rows_by_any"], axis=0),
+            helper.make_node("Reshape", ["fixed_logits", "rows_by_any"], ["logits"]),
+        ]
+    )
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    onnx.checker.check_model(model)
+    onnx.save(model, version_dir / "model.onnx")
+    spec = read_model_spec(version_dir)
+    plain = session(version_dir, PLAIN)
+    fixed = ModelSession(
+        version_dir / "model.onnx", CPU, load_settings(), 1, data_path=FIXED, declared_outputs=spec.outputs
+    )
+    assert [o.shape for o in fixed.session.get_outputs()] == [["batch", "classes"]]  # the premise
+    for rows in (1, 4, 1):
+        feed = tensor_batch(spec, rows, seed=rows)
+        np.testing.assert_array_equal(fixed.run(feed)["logits"], plain.run(feed)["logits"])
+
+
+class CaptureFails(ModelSession):
+    """A session whose CUDA graph capture fails as onnxruntime's does (``Fail``): this host has no
+    GPU to capture on; everything around the capture is the real code on the CPU provider."""
+
+    def _capture(self, buffers: object) -> None:
+        raise Fail("CUDA failure 900: operation not permitted when stream is capturing")
+
+
+def test_cuda_graph_auto_runs_without_graphs_when_capture_fails(
+    image_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = read_model_spec(image_model)
+    plain = session(image_model, PLAIN)
+    graphed = CaptureFails(image_model / "model.onnx", CPU, load_settings(), 1, data_path=GRAPHED)
+    feed = tensor_batch(spec, 4, seed=3)
+    with caplog.at_level(logging.WARNING, logger="fineserve.server.runtime"):
+        got = graphed.run(feed)["logits"]  # the first run of a shape: the capture, at warmup
+    np.testing.assert_array_equal(got, plain.run(feed)["logits"])
+    assert graphed.data_path == FIXED  # the session reopened without graphs, buffers kept
+    assert "CUDA graphs not used, onnxruntime failed to capture one" in caplog.text
+    np.testing.assert_array_equal(graphed.run(feed)["logits"], got)
+
+
+def test_cuda_graph_on_fails_the_model_when_capture_fails(image_model: Path) -> None:
+    settings = load_settings(cuda_graph="on")
+    graphed = CaptureFails(image_model / "model.onnx", CPU, settings, 1, data_path=GRAPHED)
+    with pytest.raises(GraphCaptureUnavailable, match="cuda_graph is on but onnxruntime failed to capture"):
+        graphed.run(tensor_batch(read_model_spec(image_model), 1))

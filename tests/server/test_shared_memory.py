@@ -10,6 +10,7 @@ made here are unlinked at the end of each test, so /dev/shm is left as it was fo
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from fineserve.bench.server_process import ServerProcess
+from fineserve.server.cuda_runtime import CudaRuntime
 from fineserve.server.cuda_shared_memory import CudaSharedMemory
 from fineserve.server.errors import (
     AlreadyExists,
@@ -42,6 +44,9 @@ from tests.server.kserve_harness import Triton, TritonError, connected, running_
 IMAGE = "tiny-image"
 TEXT = "tiny-text"
 RNG = np.random.default_rng(11)
+# A libcudart that does not load: CUDA shared memory without a usable device, on every host (a GPU
+# host's real device would answer the tests' fake handles with INVALID_ARGUMENT instead).
+NO_LIBCUDART = "/nonexistent/libcudart.so"
 
 # Makes a shared-memory object of a size: its key and its bytes.
 
@@ -141,16 +146,17 @@ def test_registry_takes_only_the_servers_own_objects_and_no_semaphores(tmp_path:
 
 def test_system_and_cuda_regions_share_one_namespace_and_one_cap(tmp_path: Path) -> None:
     """As in Triton: a name is taken whatever its kind; status and unregister see one kind. The
-    name and cap are checked before the CUDA device, so this runs on a host without one."""
+    name and cap are checked before the CUDA device, which is made unusable here on any host."""
     (tmp_path / "obj").write_bytes(bytes(64))
-    registry = SharedMemoryRegistry(
-        enabled=True, max_regions=2, root=tmp_path, cuda=CudaSharedMemory(enabled=True)
-    )
+    no_cuda = CudaSharedMemory(enabled=True, load=functools.partial(CudaRuntime.load, NO_LIBCUDART))
+    registry = SharedMemoryRegistry(enabled=True, max_regions=2, root=tmp_path, cuda=no_cuda)
     try:
         registry.register("a", "/obj", 0, 8)
         with pytest.raises(AlreadyExists, match="'a' is already registered"):
             registry.register_cuda("a", bytes(64), 0, 8)
-        with pytest.raises(DeviceUnavailable, match="CUDA shared memory needs a CUDA device: ") as no_gpu:
+        with pytest.raises(
+            DeviceUnavailable, match="CUDA shared memory needs a CUDA device: the libcudart named by"
+        ) as no_gpu:
             registry.register_cuda("b", bytes(64), 0, 8)
         assert no_gpu.value.status == "FAILED_PRECONDITION"
         with pytest.raises(InvalidInput, match="raw_handle has 10 bytes; a cudaIpcMemHandle_t has 64"):
@@ -265,7 +271,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repository = tmp_path_factory.mktemp("shm") / "models"
     publish_tiny_image_model(repository)
     publish_tiny_text_model(repository)
-    with running_server(repository, "--system-shared-memory", "--cuda-shared-memory") as running:
+    flags = ["--system-shared-memory", "--cuda-shared-memory", "--cuda-runtime-library", NO_LIBCUDART]
+    with running_server(repository, *flags) as running:
         yield running
 
 
@@ -306,7 +313,7 @@ def assert_same(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> 
 def test_server_metadata_lists_system_shared_memory(triton: Triton) -> None:
     extensions = triton.call("get_server_metadata", as_json=True)["extensions"]
     assert "system_shared_memory" in extensions and "statistics" in extensions
-    # CUDA shared memory is on, but this host has no CUDA device: not offered.
+    # CUDA shared memory is on, but its libcudart does not load (no usable device): not offered.
     assert "cuda_shared_memory" not in extensions
 
 
@@ -315,12 +322,13 @@ def test_cuda_shared_memory_through_tritonclient_on_a_host_without_cuda(
     triton: Triton, shm_objects: MakeObject
 ) -> None:
     """tritonclient's own calls (it base64-decodes the handle it is given): registering needs a
-    CUDA device and says so; status and unregister answer as Triton's do."""
+    CUDA device (the server's ``cuda_runtime_library`` does not load, on any host) and says so;
+    status and unregister answer as Triton's do."""
     handle = base64.b64encode(bytes(range(64)))  # what cuda_shared_memory.get_raw_handle returns
     with pytest.raises(TritonError) as no_device:
         triton.call("register_cuda_shared_memory", unique("gpu"), handle, 0, 1024)
     assert no_device.value.code == "FAILED_PRECONDITION", no_device.value
-    assert "CUDA shared memory needs a CUDA device: " in no_device.value.message
+    assert "CUDA shared memory needs a CUDA device: the libcudart named by" in no_device.value.message
     with pytest.raises(TritonError) as short:
         triton.call("register_cuda_shared_memory", unique("gpu"), base64.b64encode(b"x" * 10), 0, 1024)
     assert short.value.code == "INVALID_ARGUMENT" and "raw_handle has 10 bytes" in short.value.message

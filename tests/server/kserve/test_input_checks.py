@@ -102,3 +102,11 @@ def test_declared_inputs_are_checked_before_decoding(specs: dict[str, ModelSpec]
         declared(("pixel_values", "FP32", [1, 3, 8, 8]), ("extra", "BYTES", [1, 5_000_000]))
     with invalid("input 'pixel_values': batch size 5 is over the model's max_batch_size 4"):
         declared(("pixel_values", "FP32", [5, 3, 8, 8]))
+    # FP16, accepted for FP32, is checked as FP32 is: the raw contents above (not 2 bytes per
+    # element of these shapes) are never looked at. FP64 is left for decoding to refuse.
+    declared(("pixel_values", "FP16", [4, 3, 8, 8]))
+    with invalid(r"input 'pixel_values': shape \[1, 3, 8, 8, 1\] must have 4 dimensions"):
+        declared(("pixel_values", "FP16", [1, 3, 8, 8, 1]))
+    with invalid("input 'pixel_values': batch size 5 is over the model's max_batch_size 4"):
+        declared(("pixel_values", "FP16", [5, 3, 8, 8]))
+    declared(("pixel_values", "FP64", [5, 3, 8, 8]))

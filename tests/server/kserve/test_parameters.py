@@ -35,6 +35,12 @@ def test_request_parameters_and_version() -> None:
         check_request_parameters(request.parameters)
     assert parse_version("") is None
     assert parse_version("12") == 12
+    # The contract's range, every version a repository can hold: 1..2**63-1, leading zeros taken.
+    assert parse_version(str(10**18)) == 10**18
+    assert parse_version(str(2**63 - 1)) == 2**63 - 1
+    assert parse_version("0" * 30 + "7") == 7
+    with invalid("must be a positive integer up to 9223372036854775807"):
+        parse_version(str(2**63))
     # "²" passes str.isdigit() and breaks int(); "１" (full width) and "٣" would pass as 1 and 3.
     for bad in ("0", "-1", "v1", "1.0", "\u00b2", "\uff11", "\u0663", "9" * 19, "9" * 5000):
         with invalid("must be a positive integer"):
