@@ -2,7 +2,7 @@
 
 The supervisor makes a fresh one per start and deletes it on exit. Each file has one writer:
 
-- ``pool.json``: how many workers, and the CPUs each may use (the supervisor).
+- ``pool.json``: how many workers, the CPUs each may use, and the supervisor's pid (the supervisor).
 - ``ready/<index>``: present while that worker's models are ready, holding its pid (the worker);
   the health of every worker reads them all, so the server says SERVING only once every worker
   is ready. A worker that is killed leaves its flag up: while it restarts, its siblings serve its
@@ -51,13 +51,15 @@ class PoolDir:
         described = json.loads((root / "pool.json").read_text())
         self.workers = int(described["workers"])
         self.cpus: list[list[int]] = described["cpus"]
+        self.supervisor_pid = int(described["supervisor_pid"])
 
     @classmethod
     def create(cls, root: Path, workers: int, cpus: list[list[int]]) -> PoolDir:
         for name in _SUBFOLDERS:
             (root / name).mkdir(parents=True, exist_ok=True)
         (root / "control.log").touch()
-        _replace(root / "pool.json", json.dumps({"workers": workers, "cpus": cpus}))
+        described = {"workers": workers, "cpus": cpus, "supervisor_pid": os.getpid()}
+        _replace(root / "pool.json", json.dumps(described))
         return cls(root)
 
     def take_cpus(self, index: int) -> None:
@@ -86,9 +88,6 @@ class PoolDir:
 
     def ready_count(self) -> int:
         return sum((self.root / "ready" / str(i)).exists() for i in range(self.workers))
-
-    def is_ready(self, index: int) -> bool:
-        return (self.root / "ready" / str(index)).exists()
 
     def all_ready(self) -> bool:
         return self.ready_count() == self.workers
