@@ -17,8 +17,8 @@ The supervisor makes a fresh one per start and deletes it on exit. Each file has
 - ``stats/<pid>.json``: a worker process's KServe statistics, rewritten as they change; a dead
   worker's file stays, so its counts stay in the whole server's statistics.
 
-Writes that replace a file go through a temporary file and ``os.replace``: a reader sees the old
-content or the new, never half.
+Writes that replace a file go through a temporary file and ``os.replace``
+(``fineserve/files.py``): a reader sees the old content or the new, never half.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fineserve.files import write_text_atomically
 
 _SUBFOLDERS = ("ready", "metrics", "applied", "stats")
 
@@ -59,7 +61,7 @@ class PoolDir:
             (root / name).mkdir(parents=True, exist_ok=True)
         (root / "control.log").touch()
         described = {"workers": workers, "cpus": cpus, "supervisor_pid": os.getpid()}
-        _replace(root / "pool.json", json.dumps(described))
+        write_text_atomically(root / "pool.json", json.dumps(described))
         return cls(root)
 
     def take_cpus(self, index: int) -> None:
@@ -76,7 +78,7 @@ class PoolDir:
         """Raises or lowers worker ``index``'s flag; it holds the pid of the process that raised it."""
         flag = self.root / "ready" / str(index)
         if ready:
-            _replace(flag, str(os.getpid()))
+            write_text_atomically(flag, str(os.getpid()))
         else:
             flag.unlink(missing_ok=True)
 
@@ -95,7 +97,7 @@ class PoolDir:
     # --- metrics --------------------------------------------------------------------------------
 
     def write_metrics_port(self, index: int, port: int) -> None:
-        _replace(self.root / "metrics" / str(index), str(port))
+        write_text_atomically(self.root / "metrics" / str(index), str(port))
 
     def metrics_port(self, index: int) -> int | None:
         try:
@@ -135,7 +137,7 @@ class PoolDir:
         return entries
 
     def write_applied(self, index: int, seq: int) -> None:
-        _replace(self.root / "applied" / str(index), str(seq))
+        write_text_atomically(self.root / "applied" / str(index), str(seq))
 
     def applied(self, index: int) -> int:
         try:
@@ -146,7 +148,7 @@ class PoolDir:
     # --- statistics -----------------------------------------------------------------------------
 
     def write_stats(self, pid: int, stats: list[dict[str, Any]]) -> None:
-        _replace(self.root / "stats" / f"{pid}.json", json.dumps(stats))
+        write_text_atomically(self.root / "stats" / f"{pid}.json", json.dumps(stats))
 
     def stats_of_others(self, pid: int) -> list[list[dict[str, Any]]]:
         """Every other worker process's statistics, dead ones' included."""
@@ -158,9 +160,3 @@ class PoolDir:
                 except (OSError, ValueError):
                     continue  # gone or replaced meanwhile: its next write counts
         return found
-
-
-def _replace(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
