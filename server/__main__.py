@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 import types
 import typing
@@ -90,9 +92,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker_of, worker_index = given.pop("worker_of"), given.pop("worker_index")
     if worker_of is not None:
         from fineserve.server.pool import PoolDir
+        from fineserve.server.threads import set_parent_death_signal
 
+        # A worker outlives no supervisor: when it dies, SIGTERM drains the worker. One that died
+        # before this line sends nothing, but then this process has another parent already.
+        set_parent_death_signal(signal.SIGTERM)
+        pool = PoolDir(worker_of)
+        if os.getppid() != pool.supervisor_pid:
+            print(f"fineserve serve: error: worker {worker_index}: its supervisor is gone", file=sys.stderr)
+            return 1
         # Before any thread starts: every thread the worker makes inherits its share of the cores.
-        PoolDir(worker_of).take_cpus(worker_index)
+        pool.take_cpus(worker_index)
     try:
         settings = load_settings(**given)
     except SettingsError as err:

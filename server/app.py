@@ -313,7 +313,7 @@ class Server:
         log.info("shutting down: health NOT_SERVING, draining in-flight requests (grace %.1f s)", grace)
         self._gate.close()
         if self.worker is not None:
-            self.worker.own_ready(False)
+            self.worker.begin_stop()
         await self.health.enter_graceful_shutdown()
         # New calls are refused with UNAVAILABLE by the gate while the accepted ones finish, and
         # until callers go quiet; only then does gRPC stop (waiting out what remains of the grace

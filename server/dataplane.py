@@ -123,8 +123,9 @@ class DataPlane:
         self.on_ready_change: Callable[[bool], Awaitable[None]] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         # With worker processes: told of each load or unload this process answered, to pass it
-        # on to the other workers (server/worker.py), and asked for their statistics.
-        self.on_model_control: Callable[[str, str], Awaitable[None]] | None = None
+        # on to the other workers (server/worker.py) until the call's deadline, and asked for
+        # their statistics.
+        self.on_model_control: Callable[[str, str, float | None], Awaitable[None]] | None = None
         self.other_workers_statistics: Callable[[], list[ModelStats]] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -283,20 +284,22 @@ class DataPlane:
                 )
         return entries
 
-    async def load(self, name: str) -> None:
-        """Serves ``name`` (again). Raises PermissionDenied when model control is off."""
+    async def load(self, name: str, deadline: float | None = None) -> None:
+        """Serves ``name`` (again). Raises PermissionDenied when model control is off.
+
+        ``deadline`` (``time.monotonic()``, None: none) bounds the wait for other workers."""
         self._check_control("load")
         await self.apply_control("load", name)
         if not self.repository.served.get(name):
             raise ModelNotReady(f"model {name!r} failed to load; see the server log")
         if self.on_model_control is not None:
-            await self.on_model_control("load", name)
+            await self.on_model_control("load", name, deadline)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, deadline: float | None = None) -> None:
         self._check_control("unload")
         await self.apply_control("unload", name)
         if self.on_model_control is not None:
-            await self.on_model_control("unload", name)
+            await self.on_model_control("unload", name, deadline)
 
     async def apply_control(self, action: str, name: str) -> None:
         """Loads or unloads ``name`` here; a worker applies its siblings' calls through this."""

@@ -20,6 +20,7 @@ How each kind combines (docs/observability.md lists every metric's):
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ MAX_GAUGES = frozenset(
         "fineserve_model_execution_info",
         "fineserve_execution_info",
         "fineserve_device_fallback",
+        "fineserve_shared_memory_regions_limit",  # a cap each worker has for itself
         "fineserve_gpu_memory_used_bytes",  # one device, seen alike by every worker
         "fineserve_gpu_memory_total_bytes",
         "fineserve_gpu_utilization_ratio",
@@ -76,19 +78,23 @@ class WorkerMetrics(Collector):
         self._pool = pool
         self._last: dict[int, str] = {}  # worker index -> its last exposition
         self._departed: list[str] = []  # last expositions of workers that died
+        # departed() runs on the supervisor's thread, collect() on the HTTP server's: a worker
+        # that dies during a scrape must be counted once, live or departed, never both.
+        self._lock = threading.Lock()
         self.restarts = 0
 
     def departed(self, index: int) -> None:
         """Worker ``index`` exited: its counts so far stay in the sums; its port is forgotten."""
-        self._pool.forget_metrics_port(index)
-        last = self._last.pop(index, None)
-        if last is not None:
-            self._departed.append(_counts_only(last))
+        with self._lock:
+            self._pool.forget_metrics_port(index)
+            last = self._last.pop(index, None)
+            if last is not None:
+                self._departed.append(_counts_only(last))
 
     def collect(self) -> Iterator[Metric]:
-        expositions = self._scrape()
+        expositions, departed = self._scrape()
         families: dict[str, _Family] = {}
-        for text in [*expositions.values(), *self._departed]:
+        for text in [*expositions.values(), *departed]:
             _add(families, text)
         live = len(expositions)
         for family in families.values():
@@ -116,24 +122,34 @@ class WorkerMetrics(Collector):
         ready.add_sample("fineserve_workers_ready", {}, float(self._pool.ready_count()))
         yield ready
 
-    def _scrape(self) -> dict[int, str]:
+    def _scrape(self) -> tuple[dict[int, str], list[str]]:
+        """The live workers' expositions by index, and the departed ones' counts, as of one moment.
+
+        The fetches run outside the lock (a slow worker must not hold up the supervisor's
+        restarts); a worker whose port changed meanwhile departed, and its fetch is dropped."""
+        with self._lock:
+            ports = {index: self._pool.metrics_port(index) for index in range(self._pool.workers)}
+        fetched = {index: _fetch(index, port) for index, port in ports.items() if port is not None}
         found = {}
-        for index in range(self._pool.workers):
-            port = self._pool.metrics_port(index)
-            if port is None:
-                continue  # starting, or restarting
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S
-                ) as reply:
-                    found[index] = reply.read().decode()
-            except OSError as err:  # exiting: its last scrape is carried on when it is gone
-                log.debug("worker %d metrics unreadable: %s", index, err)
-                if index in self._last:
-                    found[index] = self._last[index]
-                continue
-            self._last[index] = found[index]
-        return found
+        with self._lock:
+            for index, fresh in fetched.items():
+                if self._pool.metrics_port(index) != ports[index]:
+                    continue  # departed meanwhile: what it counted is in _departed now
+                # Unreadable (exiting): its last scrape is carried on until it is gone.
+                text = fresh if fresh is not None else self._last.get(index)
+                if text is not None:
+                    found[index] = self._last[index] = text
+            return found, list(self._departed)
+
+
+def _fetch(index: int, port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_S) as reply:
+            text: str = reply.read().decode()
+            return text
+    except OSError as err:
+        log.debug("worker %d metrics unreadable: %s", index, err)
+        return None
 
 
 def _add(families: dict[str, _Family], text: str) -> None:

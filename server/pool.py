@@ -2,7 +2,7 @@
 
 The supervisor makes a fresh one per start and deletes it on exit. Each file has one writer:
 
-- ``pool.json``: how many workers, and the CPUs each may use (the supervisor).
+- ``pool.json``: how many workers, the CPUs each may use, and the supervisor's pid (the supervisor).
 - ``ready/<index>``: present while that worker's models are ready, holding its pid (the worker);
   the health of every worker reads them all, so the server says SERVING only once every worker
   is ready. A worker that is killed leaves its flag up: while it restarts, its siblings serve its
@@ -17,8 +17,8 @@ The supervisor makes a fresh one per start and deletes it on exit. Each file has
 - ``stats/<pid>.json``: a worker process's KServe statistics, rewritten as they change; a dead
   worker's file stays, so its counts stay in the whole server's statistics.
 
-Writes that replace a file go through a temporary file and ``os.replace``: a reader sees the old
-content or the new, never half.
+Writes that replace a file go through a temporary file and ``os.replace``
+(``fineserve/files.py``): a reader sees the old content or the new, never half.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fineserve.files import write_text_atomically
 
 _SUBFOLDERS = ("ready", "metrics", "applied", "stats")
 
@@ -51,13 +53,15 @@ class PoolDir:
         described = json.loads((root / "pool.json").read_text())
         self.workers = int(described["workers"])
         self.cpus: list[list[int]] = described["cpus"]
+        self.supervisor_pid = int(described["supervisor_pid"])
 
     @classmethod
     def create(cls, root: Path, workers: int, cpus: list[list[int]]) -> PoolDir:
         for name in _SUBFOLDERS:
             (root / name).mkdir(parents=True, exist_ok=True)
         (root / "control.log").touch()
-        _replace(root / "pool.json", json.dumps({"workers": workers, "cpus": cpus}))
+        described = {"workers": workers, "cpus": cpus, "supervisor_pid": os.getpid()}
+        write_text_atomically(root / "pool.json", json.dumps(described))
         return cls(root)
 
     def take_cpus(self, index: int) -> None:
@@ -74,7 +78,7 @@ class PoolDir:
         """Raises or lowers worker ``index``'s flag; it holds the pid of the process that raised it."""
         flag = self.root / "ready" / str(index)
         if ready:
-            _replace(flag, str(os.getpid()))
+            write_text_atomically(flag, str(os.getpid()))
         else:
             flag.unlink(missing_ok=True)
 
@@ -87,16 +91,13 @@ class PoolDir:
     def ready_count(self) -> int:
         return sum((self.root / "ready" / str(i)).exists() for i in range(self.workers))
 
-    def is_ready(self, index: int) -> bool:
-        return (self.root / "ready" / str(index)).exists()
-
     def all_ready(self) -> bool:
         return self.ready_count() == self.workers
 
     # --- metrics --------------------------------------------------------------------------------
 
     def write_metrics_port(self, index: int, port: int) -> None:
-        _replace(self.root / "metrics" / str(index), str(port))
+        write_text_atomically(self.root / "metrics" / str(index), str(port))
 
     def metrics_port(self, index: int) -> int | None:
         try:
@@ -136,7 +137,7 @@ class PoolDir:
         return entries
 
     def write_applied(self, index: int, seq: int) -> None:
-        _replace(self.root / "applied" / str(index), str(seq))
+        write_text_atomically(self.root / "applied" / str(index), str(seq))
 
     def applied(self, index: int) -> int:
         try:
@@ -147,7 +148,7 @@ class PoolDir:
     # --- statistics -----------------------------------------------------------------------------
 
     def write_stats(self, pid: int, stats: list[dict[str, Any]]) -> None:
-        _replace(self.root / "stats" / f"{pid}.json", json.dumps(stats))
+        write_text_atomically(self.root / "stats" / f"{pid}.json", json.dumps(stats))
 
     def stats_of_others(self, pid: int) -> list[list[dict[str, Any]]]:
         """Every other worker process's statistics, dead ones' included."""
@@ -159,9 +160,3 @@ class PoolDir:
                 except (OSError, ValueError):
                     continue  # gone or replaced meanwhile: its next write counts
         return found
-
-
-def _replace(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

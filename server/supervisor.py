@@ -10,8 +10,9 @@ that exits unasked (with backoff, logged, counted in ``fineserve_worker_restarts
 SIGTERM passes SIGTERM to every worker and waits for each to drain.
 
 It never spins: a worker that exits before it first became ready stops the whole server (a taken
-port, a bad repository or setting fails every worker alike), and so do
-``MAX_FAILED_RESTARTS`` restarts in a row that never became ready.
+port, a bad repository or setting fails every worker alike), and so does a worker that exits
+``MAX_FAILED_RESTARTS`` times in a row, whether before or after it became ready: only a worker that
+stayed up ``STABLE_S`` after it became ready starts the count (and the backoff) again.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ from fineserve.server.runtime import cpu_cores
 
 log = logging.getLogger(__name__)
 
-# Restart backoff: the first restart after this, doubling per failure in a row, up to the cap.
+# Restart backoff: the first restart after this, doubling per exit in a row, up to the cap.
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
-# A worker that failed this many restarts in a row without becoming ready stops the server.
+# Exits count "in a row" until a worker stays up this long after it became ready.
+STABLE_S = 30.0
+# A worker that exits this many times in a row stops the server: a crash loop, not bad luck.
 MAX_FAILED_RESTARTS = 5
 # On SIGTERM each worker gets shutdown_grace_s plus this to exit before SIGKILL.
 EXIT_MARGIN_S = 15.0
@@ -120,7 +123,10 @@ class _Slot:
 
     index: int
     process: subprocess.Popen[bytes] | None = None
-    failures_in_a_row: int = 0
+    # When the supervisor first saw the current process's ready flag (None: not yet). Kept when
+    # the flag goes down: a worker someone else stops lowers it on its way out.
+    ready_since: float | None = None
+    exits_in_a_row: int = 0
     restart_at: float = 0.0
 
 
@@ -152,10 +158,11 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         slot.process = subprocess.Popen(self.command(slot.index))
+        slot.ready_since = None
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
 
-    def _became_ready(self, slot: _Slot) -> bool:
-        """Whether the worker's current process has been ready (its flag holds its pid)."""
+    def _flag_holds_its_pid(self, slot: _Slot) -> bool:
+        """Whether the worker's current process raised its ready flag (and the flag is up)."""
         return slot.process is not None and self.pool.ready_pid(slot.index) == slot.process.pid
 
     def run(self) -> int:
@@ -163,7 +170,7 @@ class Supervisor:
             self._start(slot)
         while not self._stop_requested:
             time.sleep(_POLL_S)
-            if not self._everyone_ready_once and all(self._became_ready(s) for s in self.slots):
+            if not self._everyone_ready_once and all(s.ready_since is not None for s in self.slots):
                 self._everyone_ready_once = True
                 log.info("all %d workers ready", len(self.slots))
             for slot in self.slots:
@@ -180,11 +187,15 @@ class Supervisor:
                 self._start(slot)
             return None
         code = slot.process.poll()
+        now = time.monotonic()
         if code is None:
-            if self._became_ready(slot):
-                slot.failures_in_a_row = 0
+            if slot.ready_since is None and self._flag_holds_its_pid(slot):
+                slot.ready_since = now
+                log.info("worker %d (pid %d) ready", slot.index, slot.process.pid)
             return None
-        was_ready = self._became_ready(slot)
+        # A killed worker leaves its flag up: it may have become ready since the last look.
+        was_ready = slot.ready_since is not None or self._flag_holds_its_pid(slot)
+        stayed_up = slot.ready_since is not None and now - slot.ready_since >= STABLE_S
         pid = slot.process.pid
         slot.process = None
         self.metrics.departed(slot.index)
@@ -193,17 +204,20 @@ class Supervisor:
                 "worker %d (pid %d) exited with %d before it was ready; stopping", slot.index, pid, code
             )
             return code if code > 0 else 1
-        if not was_ready:
-            slot.failures_in_a_row += 1
-        if slot.failures_in_a_row >= MAX_FAILED_RESTARTS:
-            log.error("worker %d failed %d restarts in a row; stopping", slot.index, slot.failures_in_a_row)
+        slot.exits_in_a_row = 1 if stayed_up else slot.exits_in_a_row + 1
+        if slot.exits_in_a_row >= MAX_FAILED_RESTARTS:
+            log.error(
+                "worker %d (pid %d) exited with %d: %d exits in a row, none up %.0f s after it was "
+                "ready; stopping",
+                slot.index, pid, code, slot.exits_in_a_row, STABLE_S,
+            )  # fmt: skip
             return 1
-        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2**slot.failures_in_a_row)
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (slot.exits_in_a_row - 1))
         log.error(
             "worker %d (pid %d) exited with %d; restarting it in %.1f s", slot.index, pid, code, backoff
         )
         self.metrics.restarts += 1
-        slot.restart_at = time.monotonic() + backoff
+        slot.restart_at = now + backoff
         return None
 
     def _drain(self) -> int:

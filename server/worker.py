@@ -6,8 +6,9 @@ repository, batching, sessions) on the one gRPC port. This part keeps the pool i
 - readiness: the worker's ready flag follows its models; its health says SERVING only while every
   worker's flag is up (a client cannot choose which worker its connection lands on);
 - model control: a load or unload this worker answered is appended to the control log, and the
-  call returns once every worker has applied it; the others' calls are applied here as they
-  appear (a restarted worker replays them all before it joins the port);
+  call returns once every live, ready worker has applied it; the others' calls are applied here
+  as they appear (a worker that is dead, restarting or still loading is not waited for: it
+  replays them all before it joins the port);
 - statistics: this worker's KServe statistics are written for the others to add to theirs.
 """
 
@@ -18,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,14 +26,13 @@ from pathlib import Path
 from fineserve.server.dataplane import DataPlane
 from fineserve.server.model import ModelStats
 from fineserve.server.pool import PoolDir
-from fineserve.server.threads import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
 # How often siblings' readiness, their model control calls and our statistics are looked at.
 POLL_S = 0.2
-# A load or unload answers once every worker applied it, or after this (the log then says which
-# worker lags; it applies the call when it can).
+# A load or unload answers once every live worker applied it, or after this or the call's deadline
+# (the log then says which worker lags; it applies the call when it can).
 CONTROL_WAIT_S = 120.0
 
 
@@ -45,12 +44,10 @@ class WorkerRole:
         self.index = index
         self.pid = os.getpid()
         self._applied = 0
-        self._own_ready = False
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._stats_written: list[dict[str, object]] | None = None
         self._dataplane: DataPlane | None = None
-        # A worker outlives no supervisor: if it dies, SIGTERM drains this worker too.
-        set_parent_death_signal(signal.SIGTERM)
 
     def attach(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
@@ -60,8 +57,12 @@ class WorkerRole:
     # --- readiness ------------------------------------------------------------------------------
 
     def own_ready(self, ready: bool) -> None:
-        self._own_ready = ready
         self.pool.set_ready(self.index, ready)
+
+    def begin_stop(self) -> None:
+        """The worker drains: its flag goes down and a load or unload it answered waits no more."""
+        self._stopping = True
+        self.pool.set_ready(self.index, False)
 
     def serving(self, own_ready: bool) -> bool:
         """Health: this worker's models are ready and so are every other worker's."""
@@ -82,18 +83,26 @@ class WorkerRole:
             self._applied = entry.seq
             self.pool.write_applied(self.index, entry.seq)
 
-    async def broadcast(self, action: str, model: str) -> None:
-        """Passes a load or unload this worker applied to the others; returns once all did."""
+    async def broadcast(self, action: str, model: str, deadline: float | None = None) -> None:
+        """Passes a load or unload this worker applied to the others; returns once every live one
+        did, at the call's ``deadline`` (``time.monotonic()``), or when this worker stops."""
         seq = self.pool.append_control(action, model)
-        deadline = time.monotonic() + CONTROL_WAIT_S
-        while True:
-            lagging = [i for i in range(self.pool.workers) if i != self.index and self.pool.applied(i) < seq]
+        give_up = time.monotonic() + CONTROL_WAIT_S
+        if deadline is not None:
+            give_up = min(give_up, deadline)
+        while not self._stopping:
+            lagging = [i for i in self._live_siblings() if self.pool.applied(i) < seq]
             if not lagging:
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() > give_up:
                 log.warning("%s of model %s: workers %s have not applied it yet", action, model, lagging)
                 return
             await asyncio.sleep(POLL_S / 4)
+
+    def _live_siblings(self) -> list[int]:
+        """The other workers whose ready flag holds a live process. One that is dead, waiting to
+        be restarted or still loading is not waited for: it replays the log before it joins."""
+        return [i for i in range(self.pool.workers) if i != self.index and _running(self.pool.ready_pid(i))]
 
     # --- statistics -----------------------------------------------------------------------------
 
@@ -124,10 +133,28 @@ class WorkerRole:
                 log.exception("worker pool update failed; will retry")
 
     async def stop(self) -> None:
-        self.pool.set_ready(self.index, False)
+        self.begin_stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(Exception):
             self.write_statistics()
+
+
+def _running(pid: int | None) -> bool:
+    """Whether ``pid`` is a process that runs (a killed one its parent has not reaped yet, a zombie,
+    does not)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux), or it just went: the next look tells
+        return True
+    return stat[stat.rindex(")") + 2 :].split()[0] != "Z"

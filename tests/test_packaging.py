@@ -89,6 +89,7 @@ def test_wheel_holds_every_part_and_no_results_or_tests(wheel: zipfile.ZipFile) 
     for needed in (
         "fineserve/cli.py",
         "fineserve/client.py",
+        "fineserve/files.py",  # shared by the server and training
         "fineserve/server/app.py",
         "fineserve/server/pb/inference/grpc_service_pb2.py",
         "fineserve/server/pb/py.typed",

@@ -302,7 +302,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         check_repository_name(request.repository_name)
         check_no_load_parameters(request.parameters)
-        await self._dataplane.load(request.model_name)
+        await self._dataplane.load(request.model_name, deadline_of(context))
         return pb.RepositoryModelLoadResponse()
 
     @override
@@ -313,7 +313,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         check_repository_name(request.repository_name)
         # tritonclient always sends unload_dependents; with no ensembles it changes nothing.
         check_no_load_parameters({k: v for k, v in request.parameters.items() if k != "unload_dependents"})
-        await self._dataplane.unload(request.model_name)
+        await self._dataplane.unload(request.model_name, deadline_of(context))
         return pb.RepositoryModelUnloadResponse()
 
     # --- system shared memory -------------------------------------------------------------------

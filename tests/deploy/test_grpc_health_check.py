@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
+from fineserve.bench.server_process import free_port
 from tests.server.running import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +27,6 @@ def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serving_server_is_healthy_and_not_serving_is_not(tiny_repository: Path) -> None:
     with RunningServer(tiny_repository, grpc_host="127.0.0.1") as running:
         port = str(running.server.grpc_port)
@@ -46,6 +40,6 @@ def test_serving_server_is_healthy_and_not_serving_is_not(tiny_repository: Path)
 
 
 def test_nothing_listening_is_unhealthy_without_hanging() -> None:
-    done = _check({"FINESERVE_HEALTH_ADDRESS": f"127.0.0.1:{_free_port()}"})
+    done = _check({"FINESERVE_HEALTH_ADDRESS": f"127.0.0.1:{free_port()}"})
     assert done.returncode == 1
     assert "UNAVAILABLE" in done.stderr or "DEADLINE_EXCEEDED" in done.stderr

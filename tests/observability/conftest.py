@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fineserve.bench.server_process import free_port
 from fineserve.server.pb.fineserve.v1 import fineserve_pb2 as pb
 from tests.fixtures import TINY_IMAGE_SIZE
 from tests.tools import binary
@@ -67,13 +67,6 @@ def tensor_request(model: str, images: int, seed: int = 0) -> pb.ClassifyRequest
             pb.ImageInput(tensor=pb.Tensor(shape=list(p.shape), fp32_data=p.tobytes())) for p in pictures
         ],
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Prometheus:

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -36,7 +37,7 @@ from fineserve.server.metrics_merge import WorkerMetrics
 from fineserve.server.pb.inference import grpc_service_pb2 as ks
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from fineserve.server.pool import PoolDir
-from fineserve.server.supervisor import cpu_slices
+from fineserve.server.supervisor import MAX_FAILED_RESTARTS, cpu_slices
 from tests.fixtures import TINY_IMAGE_SIZE, copy_version, publish_tiny_image_model
 
 MODEL = "tiny-image"
@@ -95,6 +96,20 @@ def worker_pids(server: ServerProcess) -> dict[int, int]:
 def joined(server: ServerProcess, index: int) -> int:
     """How many times worker ``index`` joined the port (once per life)."""
     return sum(f"worker {index} (pid" in line and "joined gRPC port" in line for line in list(server.log))
+
+
+def ready_everywhere(server: ServerProcess) -> set[bool]:
+    """The answers of ModelReady over 12 fresh connections (spread over the workers)."""
+    answers = set()
+    for _ in range(12):
+        with fresh_stub(server.target) as stub:
+            answers.add(stub.ModelReady(ks.ModelReadyRequest(name=MODEL), timeout=10).ready)
+    return answers
+
+
+def zombie(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
 
 
 @pytest.fixture
@@ -239,22 +254,90 @@ def test_a_version_published_under_load_reaches_every_worker_with_no_failed_requ
 def test_load_and_unload_through_one_worker_reach_every_worker(repository: Path) -> None:
     with two_workers(repository) as server:
         server.start(60)
-
-        def ready_everywhere() -> set[bool]:
-            answers = set()
-            for _ in range(12):
-                with fresh_stub(server.target) as stub:
-                    answers.add(stub.ModelReady(ks.ModelReadyRequest(name=MODEL), timeout=10).ready)
-            return answers
-
         with fresh_stub(server.target) as stub:
             stub.RepositoryModelUnload(ks.RepositoryModelUnloadRequest(model_name=MODEL), timeout=30)
-        assert ready_everywhere() == {False}
+        assert ready_everywhere(server) == {False}
         with fresh_stub(server.target) as stub:
             stub.RepositoryModelLoad(ks.RepositoryModelLoadRequest(model_name=MODEL), timeout=30)
-        assert ready_everywhere() == {True}
+        assert ready_everywhere(server) == {True}
         samples = metrics(server)
         assert total(samples, "fineserve_worker_requests_total", worker="0") == 0  # no inference
+
+
+def test_a_load_or_unload_waits_for_no_dead_worker_and_the_restarted_one_replays_it(repository: Path) -> None:
+    with two_workers(repository) as server:
+        server.start(60)
+        assert server.process is not None
+        supervisor, victim = server.process.pid, worker_pids(server)[1]
+        # Stopped, the supervisor neither reaps nor restarts worker 1: it cannot apply the call.
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: zombie(victim), 10, "worker 1 dead")
+            started = time.monotonic()
+            with fresh_stub(server.target) as stub:  # only worker 0 listens now
+                stub.RepositoryModelUnload(ks.RepositoryModelUnloadRequest(model_name=MODEL), timeout=10)
+            unload_s = time.monotonic() - started
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        assert unload_s < 5, unload_s  # before: until worker 1 applied it (120 s at most)
+        wait_until(lambda: joined(server, 1) == 2, 60, "worker 1 back")
+        assert ready_everywhere(server) == {False}  # the restarted worker replayed the unload
+
+
+def test_a_worker_whose_supervisor_is_gone_exits_instead_of_serving(repository: Path, tmp_path: Path) -> None:
+    # The pool of a supervisor that has exited: the worker's parent is not the pool's supervisor.
+    pool = tmp_path / "pool"
+    create = "import pathlib, sys; from fineserve.server.pool import PoolDir; "
+    create += "PoolDir.create(pathlib.Path(sys.argv[1]), 1, [[]])"
+    made = [sys.executable, "-c", create, str(pool)]
+    subprocess.run(made, check=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fineserve.server", "--model-repository", str(repository),
+         "--grpc-host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1",
+         "--worker-of", str(pool), "--worker-index", "0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "worker 0: its supervisor is gone" in result.stderr
+
+
+def test_a_worker_that_keeps_crashing_after_it_was_ready_backs_off_then_stops_the_server(
+    repository: Path,
+) -> None:
+    with two_workers(repository) as server:
+        server.start(60)
+        assert server.process is not None
+        backoffs = []
+        for life in range(1, MAX_FAILED_RESTARTS + 1):
+            wait_until(lambda life=life: joined(server, 1) == life, 60, f"worker 1 joined {life} times")
+            victim = worker_pids(server)[1]
+            os.kill(victim, signal.SIGKILL)
+            if life < MAX_FAILED_RESTARTS:
+                restart = rf"worker 1 \(pid {victim}\) exited with -9; restarting it in ([\d.]+) s"
+                backoffs.append(float(server.wait_for(restart, 10).group(1)))
+        assert backoffs == [0.5, 1.0, 2.0, 4.0]  # before: 0.5 s every time, for ever
+        assert server.process.wait(60) == 1
+        assert f"worker 1 (pid {victim}) exited with -9: 5 exits in a row" in "\n".join(server.log)
+
+
+def test_a_worker_someone_else_stops_during_startup_is_restarted_not_fatal(repository: Path) -> None:
+    with two_workers(repository) as server:
+        server.start(60, until="listening")
+        wait_until(lambda: 1 in worker_pids(server), 10, "worker 1 started")
+        loading = worker_pids(server)[1]
+        os.kill(loading, signal.SIGSTOP)  # still loading: the server is not ready as a whole yet
+        try:
+            wait_until(lambda: joined(server, 0) == 1, 60, "worker 0 joined")
+            time.sleep(0.5)  # its ready flag raised, and seen by the supervisor (it looks every 0.1 s)
+            first = worker_pids(server)[0]
+            os.kill(first, signal.SIGTERM)  # it drains and lowers its flag on the way out
+            # Before: counted as "exited before it was ready", which stopped the server.
+            server.wait_for(rf"worker 0 \(pid {first}\) exited with 0; restarting it", 30)
+        finally:
+            os.kill(loading, signal.SIGCONT)
+        wait_until(lambda: joined(server, 0) == 2 and joined(server, 1) == 1, 60, "both workers up")
+        infer(server.target)
 
 
 def test_a_taken_port_fails_at_once_without_starting_workers(repository: Path) -> None:
@@ -310,6 +393,7 @@ def test_merged_gauges_combine_as_documented_and_departed_workers_keep_their_cou
             ready.labels("m", version).set(1)
         Gauge("fineserve_queue_depth", "", registry=registry).set(depth)
         Gauge("fineserve_gpu_memory_total_bytes", "", registry=registry).set(80)
+        Gauge("fineserve_shared_memory_regions_limit", "", registry=registry).set(100)
         Counter("fineserve_requests", "", registry=registry).inc(requests)
         server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
         servers.append(server)
@@ -328,6 +412,7 @@ def test_merged_gauges_combine_as_documented_and_departed_workers_keep_their_cou
         assert samples[("fineserve_requests_total", ())] == 7  # counters: summed
         assert samples[("fineserve_queue_depth", ())] == 7  # gauges: summed by default
         assert samples[("fineserve_gpu_memory_total_bytes", ())] == 80  # one device: max
+        assert samples[("fineserve_shared_memory_regions_limit", ())] == 100  # a cap per worker: max
         # Ready in every worker (min), not in one of them.
         assert samples[("fineserve_model_ready", (("model", "m"), ("version", "1")))] == 1
         assert samples[("fineserve_model_ready", (("model", "m"), ("version", "2")))] == 0
@@ -340,3 +425,51 @@ def test_merged_gauges_combine_as_documented_and_departed_workers_keep_their_cou
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+class _HeldMetrics(BaseHTTPRequestHandler):
+    """A worker's /metrics that answers only once ``release`` is set."""
+
+    reached = threading.Event()
+    release = threading.Event()
+    body = b"# TYPE fineserve_requests_total counter\nfineserve_requests_total 3.0\n"
+
+    def do_GET(self) -> None:
+        type(self).reached.set()
+        type(self).release.wait(10)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_worker_that_departs_during_a_scrape_is_counted_once(tmp_path: Path) -> None:
+    pool = PoolDir.create(tmp_path, 1, [[]])
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HeldMetrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pool.write_metrics_port(0, server.server_port)
+    merged = WorkerMetrics(pool)
+
+    def requests() -> float:
+        samples = [s for family in merged.collect() for s in family.samples]
+        return sum(s.value for s in samples if s.name == "fineserve_requests_total")
+
+    try:
+        _HeldMetrics.release.set()
+        assert requests() == 3
+        _HeldMetrics.release.clear()
+        _HeldMetrics.reached.clear()
+        with ThreadPoolExecutor(1) as scraper:  # the scrape runs on the HTTP server's thread
+            scrape = scraper.submit(requests)
+            assert _HeldMetrics.reached.wait(10)
+            merged.departed(0)  # meanwhile, on the supervisor's thread, the worker exits
+            _HeldMetrics.release.set()
+            assert scrape.result(10) == 3  # before: 6, its counts live and departed at once
+        assert requests() == 3  # and carried on
+    finally:
+        _HeldMetrics.release.set()
+        server.shutdown()
+        server.server_close()

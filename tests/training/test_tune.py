@@ -189,3 +189,16 @@ def test_the_shipped_search_sections_are_valid(name: str) -> None:
     space = parse_search(values.pop("search"), values, name)
     keys = {d.key for d in space.dimensions}
     assert len(keys) >= 6 and {"lr", "weight_decay", "epochs", "label_smoothing"} <= keys
+
+
+def test_a_plot_that_cannot_be_saved_leaves_no_figure_open(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from fineserve.training.tuning.report import _plot
+
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    plt.close("all")
+    with pytest.raises(OSError):
+        _plot(optuna.visualization.matplotlib.plot_optimization_history, study, tmp_path / "gone" / "h.png")
+    assert plt.get_fignums() == []  # pyplot would keep it for the life of the process

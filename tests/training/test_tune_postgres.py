@@ -11,7 +11,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from fineserve.bench.server_process import free_port
 from tests.training.tune_fixtures import tiny_tune_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,12 +37,6 @@ def postgres_bin() -> Path:
     if not found:
         pytest.fail("PostgreSQL is not installed: run `make postgres` (Debian package postgresql)")
     return Path(found[-1]).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ on one machine never leave a torn file.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import optuna
 import yaml
 
+from fineserve.files import write_atomically
 from fineserve.training.tuning.study import best_trial
 
 TRIALS_CSV = "trials.csv"
@@ -34,7 +34,7 @@ def write_reports(study: optuna.Study, output_dir: Path, *, recipe: str) -> list
     """Writes the reports of ``study`` into ``output_dir``; returns notes on what was left out."""
     output_dir.mkdir(parents=True, exist_ok=True)
     notes = []
-    _atomic(output_dir / TRIALS_CSV, lambda tmp: study.trials_dataframe().to_csv(tmp, index=False))
+    write_atomically(output_dir / TRIALS_CSV, lambda tmp: study.trials_dataframe().to_csv(tmp, index=False))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         _plot(optuna.visualization.matplotlib.plot_optimization_history, study, output_dir / HISTORY_PNG)
@@ -69,13 +69,13 @@ def write_best_recipe(
         + "".join(f"#   {key}: {value!r}\n" for key, value in best.params.items())
         + "# Written by `fineserve tune`; train it with `fineserve train THIS_FILE --output-dir ...`.\n"
     )
-    _atomic(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(values, sort_keys=False)))
+    write_atomically(path, lambda tmp: tmp.write_text(header + yaml.safe_dump(values, sort_keys=False)))
     return path
 
 
 def write_final(row: dict[str, Any], output_dir: Path) -> Path:
     path = output_dir / FINAL_JSON
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(row, indent=2) + "\n"))
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(row, indent=2) + "\n"))
     return path
 
 
@@ -89,15 +89,8 @@ def _plot(draw: Callable[[optuna.Study], Any], study: optuna.Study, path: Path) 
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axes = draw(study)
     figure = axes.figure
-    figure.tight_layout()
-    _atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-    plt.close(figure)
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
+    try:  # pyplot keeps every open figure: a failed save must not leak one per study
+        figure.tight_layout()
+        write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
     finally:
-        tmp.unlink(missing_ok=True)
+        plt.close(figure)
