@@ -91,7 +91,13 @@ def test_two_workers_share_one_study(tmp_path: Path, postgres_url: str) -> None:
         subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
-    outputs = [worker.communicate(timeout=240) for worker in workers]
+    try:
+        outputs = [worker.communicate(timeout=240) for worker in workers]
+    finally:
+        for worker in workers:  # none outlives the test (and the database stopped under it)
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
     for worker, (_, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stderr[-3000:]
 
