@@ -28,6 +28,8 @@ from fineserve.training.errors import ConfigError, DatasetError, ScoringError, T
 # The datasets a recipe names by themselves (training/config.py DATASETS, less the two that need a path).
 NAMED_DATASETS = ("fashion-mnist", "mnist-subset", "digits", "rotten-tomatoes")
 RANDOM_SUFFIX = "+random"
+# How many encoder layers a text backbone has: a longer cut would add randomly initialised layers.
+ENCODER_LAYERS = {"minilm-l6": 6}
 DESCRIPTION = """Score candidate backbones for a dataset from their frozen features, without fine-tuning:
 LogME (You et al., ICML 2021), LEEP (Nguyen et al., ICML 2020; from the ImageNet head of a
 pretrained EfficientNet-Lite, null otherwise) and a 5-fold ridge probe's accuracy. Higher is better
@@ -84,6 +86,8 @@ def parse_candidate(spec: str) -> Candidate:
         raise ConfigError(f"candidate {spec!r}: @SIZE is for image backbones; {name} reads text")
     if kind == "image" and "num_layers" in values:
         raise ConfigError(f"candidate {spec!r}: :LAYERS is for text backbones; {name} reads images")
+    if values.get("num_layers", 0) > ENCODER_LAYERS.get(name, 0):
+        raise ConfigError(f"candidate {spec!r}: {name} has {ENCODER_LAYERS.get(name)} encoder layers")
     if "image_size" in values and not 32 <= values["image_size"] <= 1024:
         raise ConfigError(f"candidate {spec!r}: image size must be 32..1024 pixels")
     return Candidate(text, name, **values)
@@ -265,8 +269,8 @@ def rank(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Scores every candidate; prints the table as it fills; writes ``--json`` after each row."""
     from fineserve.training.backbones import backbone_config
 
-    if args.samples < 2 or args.batch_size < 1:
-        raise ConfigError("--samples must be at least 2 and --batch-size at least 1")
+    if args.samples < 2 or args.batch_size < 1 or (args.max_length is not None and args.max_length < 2):
+        raise ConfigError("--samples and --max-length must be at least 2, --batch-size at least 1")
     candidates = parse_candidates(args.candidates)  # a bad name fails before any data is read
     data = load_rank_data(args.data, samples=args.samples, seed=args.seed)
     for candidate in candidates:

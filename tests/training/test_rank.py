@@ -123,6 +123,7 @@ def test_candidate_syntax() -> None:
         ("efficientnet-lite0@64@96", "given twice"),
         ("efficientnet-lite0+pretrained", "cannot read"),
         ("efficientnet-lite0@8", "32..1024"),
+        ("minilm-l6:7", "has 6 encoder layers"),
     ):
         with pytest.raises(ConfigError, match=message):
             parse_candidate(bad)
