@@ -29,7 +29,10 @@ args.yaml, learning_curves.png, confusion_matrix.png.
 Values come from the recipe (a name in training/configs/ such as fashion, digits, sentiment,
 or a path to a .yaml file), then from --KEY VALUE options, then from --set KEY=VALUE (values are
 YAML: 1e-3, true, null, [a, b]). Rerunning the same command after an interruption resumes from
-OUTPUT_DIR/last.pt. Under torchrun the same command trains data-parallel."""
+OUTPUT_DIR/last.pt. Under torchrun the same command trains data-parallel.
+
+`fineserve train rank --data PATH --candidates A,B,...` scores backbones for a dataset from frozen
+features instead (LogME, LEEP, probe accuracy); `fineserve train rank --help` for its options."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,11 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rank"]:  # a subcommand, not a recipe: no recipe is called rank
+        from fineserve.training import rank
+
+        return rank.main(argv[1:])
     args = build_parser().parse_args(argv)
     # Without this, SIGTERM ends the process on the spot: no message, and no word on how to resume.
     previous = signal.signal(signal.SIGTERM, _terminate)

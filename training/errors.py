@@ -30,3 +30,7 @@ class UnfinishedRunError(CheckpointError):
 
 class UnknownBackboneError(TrainingError):
     """The backbone name is not one of ``backbones.BACKBONES``."""
+
+
+class ScoringError(TrainingError):
+    """Features or labels a transferability score cannot use (NaN, one class, too few examples)."""

@@ -42,16 +42,10 @@ def cached_features(
         stored = torch.load(path, map_location="cpu", weights_only=True)
         parts = [stored[name] for name in ("train", "val", "test")]
     else:
-        model.eval()
-        parts = []
-        for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-            outputs = []
-            chunks = list(torch.arange(len(data)).split(cfg.eval_batch_size))
-            for index in tqdm(chunks, desc=f"features {name}", disable=not show, leave=False):
-                with torch.no_grad(), step.autocast():
-                    prepared = step.prepare(data.batch(index), False)
-                    outputs.append(layers.features(model, prepared).float().cpu())
-            parts.append(torch.cat(outputs))
+        parts = [
+            frozen_features(model, data, step, cfg.eval_batch_size, show=show, desc=f"features {name}")
+            for name, data in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+        ]
         path.parent.mkdir(parents=True, exist_ok=True)
         features = dict(zip(("train", "val", "test"), parts, strict=True))
         write_atomically(path, lambda tmp: torch.save(features, tmp))
@@ -59,3 +53,18 @@ def cached_features(
         Examples({"features": feats}, data.labels)
         for feats, data in zip(parts, (splits.train, splits.val, splits.test), strict=True)
     )
+
+
+def frozen_features(
+    model: nn.Module, data: Examples, step: Step, batch_size: int, *, show: bool, desc: str
+) -> torch.Tensor:
+    """What the head sees for each example of ``data`` (float32 [N, D] on the CPU), with the
+    model in eval mode and no gradients; a tqdm bar named ``desc`` when ``show``."""
+    model.eval()
+    outputs = []
+    chunks = list(torch.arange(len(data)).split(batch_size))
+    for index in tqdm(chunks, desc=desc, disable=not show, leave=False):
+        with torch.no_grad(), step.autocast():
+            prepared = step.prepare(data.batch(index), False)
+            outputs.append(layers.features(model, prepared).float().cpu())
+    return torch.cat(outputs)
