@@ -1,6 +1,6 @@
 """fineserve bench floor: what gRPC itself costs per request, beside what the server costs.
 
-    fineserve bench floor --concurrency 8 32 --json floor.json
+    fineserve bench floor --concurrency 8,32 --json floor.json
 
 The same closed-loop KServe load (``fineserve bench load``'s) is sent, one server at a time, to
 three servers on loopback:
@@ -37,7 +37,7 @@ import numpy as np
 from fineserve.bench.loadgen import Load, run_load
 from fineserve.bench.nearfree import publish_near_free_model
 from fineserve.bench.server_process import ServerProcess, free_port, process_cpu_seconds
-from fineserve.bench.stats import write_json
+from fineserve.bench.stats import positive_ints, write_json
 from fineserve.export.contract import ModelSpec, read_model_spec
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model-dir", type=Path, help="the served version folder (default: the near-free model)"
     )
     parser.add_argument(
-        "--concurrency", type=int, nargs="+", default=[1, 8, 32, 256], help="requests in flight"
+        "--concurrency", type=positive_ints, default=[1, 8, 32, 256], help="requests in flight (1,8,32,256)"
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
