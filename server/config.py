@@ -261,8 +261,8 @@ class Settings(BaseSettings):
     grpc_max_concurrent_streams: int = Field(default=1024, ge=1)
     """Calls one client connection may have open at once (HTTP/2 streams); more wait in the
     client for a free one, but a burst past it can be refused UNAVAILABLE (256 calls in flight on
-    one connection against a cap of 100 lost 76% of them: docs/reliability.md), so it sits well
-    above what one client keeps in flight."""
+    one connection against a cap of 100 lost more than half of them: docs/reliability.md), so it
+    sits well above what one client keeps in flight."""
     grpc_max_connection_idle_s: float = Field(default=600.0, ge=0)
     """A connection with no call open for this long is closed (GOAWAY; clients reconnect when
     they next call); 0: never."""
