@@ -269,11 +269,17 @@ def publish_graph_that_fails_above_batch_1(repository: Path) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 9
-    version_dir = repository / "brittle" / "1"
+    publish_8x8_image_graph(repository, "brittle", model)
+
+
+def publish_8x8_image_graph(repository: Path, name: str, model: onnx.ModelProto) -> Path:
+    """Publishes ``model`` (pixel_values [batch, 3, 8, 8] -> logits [batch, 3], fp32 only) as
+    version 1 of ``name``, with three labels and max batch 8; returns the version folder."""
+    version_dir = repository / name / "1"
     version_dir.mkdir(parents=True)
     onnx.save(model, version_dir / "model.onnx")
     spec = ModelSpec(
-        name="brittle",
+        name=name,
         version=1,
         task="image-classification",
         labels=("a", "b", "c"),
@@ -284,6 +290,7 @@ def publish_graph_that_fails_above_batch_1(repository: Path) -> None:
         image=ImagePreprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     )
     write_model_spec(version_dir, spec)
+    return version_dir
 
 
 # Makes a POSIX shared-memory object of a size: its key ("/name") and its bytes.

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fineserve.files import write_atomically
 from fineserve.training.backbones import backbone_config, create_model
 from fineserve.training.config import TrainConfig
 from fineserve.training.errors import CheckpointError, UnfinishedRunError
@@ -238,18 +237,6 @@ def checkpoint_sha256(run_dir: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` to a temporary name beside ``path``, then rename: readers (export, a resumed
-    run) see the old file or the new one, never a half-written one; a failed write leaves no
-    temporary file behind. Every file a run writes for later readers goes through here."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Fields a value of the wrong type would only fail on deep inside export (model building, float()).

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from fineserve.files import write_atomically
 from fineserve.training import layers
-from fineserve.training.checkpoint import write_atomically
 from fineserve.training.data import Examples, epoch_order
 from fineserve.training.distributed import Dist, all_sum
 

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fineserve.export.contract import ImagePreprocessing, ModelSpec, TensorSpec, Variant, write_model_spec
+from fineserve.export.contract import ModelSpec, TensorSpec, Variant
 from fineserve.server.dataplane import InferResult, ModelHandle
 from fineserve.server.errors import ModelFault
 from fineserve.server.logs import TextFormatter
@@ -28,6 +28,7 @@ from fineserve.server.pb.inference import grpc_service_pb2_grpc as ks_grpc
 from tests.fixtures import (
     OPSET,
     copy_version,
+    publish_8x8_image_graph,
     publish_tiny_image_model,
     publish_tiny_text_model,
     tiny_text_graph,
@@ -136,21 +137,7 @@ def _scaled_image_graph(scale: float) -> onnx.ModelProto:
 
 
 def _publish_scaled(repository: Path, name: str, scale: float) -> None:
-    version_dir = repository / name / "1"
-    version_dir.mkdir(parents=True)
-    onnx.save(_scaled_image_graph(scale), version_dir / "model.onnx")
-    spec = ModelSpec(
-        name=name,
-        version=1,
-        task="image-classification",
-        labels=("a", "b", "c"),
-        inputs=(TensorSpec("pixel_values", "FP32", (-1, 3, 8, 8)),),
-        outputs=(TensorSpec("logits", "FP32", (-1, 3)),),
-        variants={"fp32": Variant("model.onnx", "fp32")},
-        max_batch_size=8,
-        image=ImagePreprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    )
-    write_model_spec(version_dir, spec)
+    publish_8x8_image_graph(repository, name, _scaled_image_graph(scale))
 
 
 def test_warmup_runs_an_ordinary_image_through_preprocessing_and_softmax(tmp_path: Path) -> None:
