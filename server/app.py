@@ -59,7 +59,7 @@ HEALTH_SERVICES = ("", FINESERVE_SERVICE, KSERVE_SERVICE)
 LIVENESS_SERVICE = "liveness"
 __all__ = ["LIVENESS_SERVICE", "Server", "build_dataplane", "configure_logging", "serve"]
 _GRPC_INT_MAX = 2**31 - 1
-# On shutdown, gRPC stops once no new call has been turned away for this long (or the grace ends).
+# On shutdown, gRPC stops once no call has run or been turned away for this long (or the grace ends).
 _QUIET_S = 0.2
 
 
@@ -318,10 +318,15 @@ class Server:
         # New calls are refused with UNAVAILABLE by the gate while the accepted ones finish, and
         # until callers go quiet; only then does gRPC stop (waiting out what remains of the grace
         # for calls still open). A call that reaches gRPC after its stop is CANCELLED unrun.
+        # Quiet counts from the last refusal and from the last request in flight: a caller whose
+        # answer has just gone out sends its next call at once, and it must meet the gate.
         drain_until = time.monotonic() + grace
-        while time.monotonic() < drain_until and (
-            self._requests_in_flight() or time.monotonic() - self._gate.last_refused < _QUIET_S
-        ):
+        last_busy = time.monotonic()
+        while (now := time.monotonic()) < drain_until:
+            if self._requests_in_flight():
+                last_busy = now
+            elif now - max(last_busy, self._gate.last_refused) >= _QUIET_S:
+                break
             await asyncio.sleep(0.01)
         await self.grpc.stop(max(0.0, drain_until - time.monotonic()))
         if self.worker is not None:
