@@ -3,11 +3,12 @@
     fineserve bench cores --workers 1,2 --concurrency 1,8,32,256 --out bench/results/cores.json
     fineserve bench cores --pinned --out bench/results/cores-pinned.json
 
-One closed-loop KServe load (``fineserve bench load``'s: one item per request, ready tensors) is
-sent to ``fineserve serve --workers N`` for each N and each concurrency, on the near-free model
-(bench/nearfree.py, built in a scratch repository unless ``--model-dir`` names a version), so
-the figures are the serving path's own cost. Each row has requests/s, p50/p99 and the server's
-CPU per answered request (every worker's threads, from /proc).
+One closed-loop KServe load (``fineserve bench load``'s: one item per request, ready tensors, or
+with ``--kind bytes`` encoded images / texts) is sent to ``fineserve serve --workers N`` for each N
+and each concurrency, on the near-free model (bench/nearfree.py, built in a scratch repository;
+its figures are the serving path's own cost) unless ``--model-dir`` names a served version
+(``models/fashion/1``: the server is started on its repository). Each row has requests/s,
+p50/p99 and the server's CPU per answered request (every worker's threads, from /proc).
 
 ``--pinned`` runs one worker with the server on the last core and this load generator on the
 first (``taskset``), and reports requests/s per server core: a figure that does not depend on how
@@ -86,6 +87,7 @@ def _measure_workers(
             # One connection reaches one worker: with several, the requests are spread.
             connections = 1 if workers == 1 else min(concurrency, 4 * workers)
             load = Load(
+                kind=args.kind,
                 concurrency=concurrency,
                 connections=connections,
                 seconds=args.seconds,
@@ -97,7 +99,7 @@ def _measure_workers(
             if args.pinned:
                 row["requests_per_s_per_server_core"] = row["items_per_s"]
             print(
-                f"  workers {workers}{' (pinned)' if args.pinned else ''} c={concurrency:<4}"
+                f"  workers {workers}{' (pinned)' if args.pinned else ''} {args.kind} c={concurrency:<4}"
                 f" {row['items_per_s']:8.1f} requests/s  p50 {row['p50_ms']:7.2f} ms"
                 f"  p99 {row['p99_ms']:7.2f} ms  server {row['server_cpu_us_per_request']:6.0f}"
                 f" cpu-us/request  codes {row['codes']}",
@@ -115,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=positive_ints, default=[1, 2], help="worker counts (1,2)")
     parser.add_argument(
         "--concurrency", type=positive_ints, default=[1, 8, 32, 256], help="requests in flight (1,8,32,256)"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=["tensor", "bytes"],
+        default="tensor",
+        help="ready tensors, or encoded images / texts the server preprocesses",
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")

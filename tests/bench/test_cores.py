@@ -37,6 +37,14 @@ def test_cores_sweeps_workers_and_concurrency(tmp_path: Path) -> None:
         assert row["server_cores"] == sorted(os.sched_getaffinity(0))
 
 
+def test_cores_sends_encoded_images_with_kind_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "jpegs.json"
+    args = ["cores", "--kind", "bytes", "--workers", "1", "--concurrency", "2", "--seconds", "0.5"]
+    assert bench_main([*args, "--warmup", "0.1", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["kind"] == "bytes" and set(row["codes"]) == {"OK"} and row["requests_ok"] > 0
+
+
 def test_cores_pinned_puts_the_server_and_the_load_on_their_own_cores(tmp_path: Path) -> None:
     out = tmp_path / "pinned.json"
     before = os.sched_getaffinity(0)
