@@ -208,6 +208,10 @@ class Repository:
         path = self.root / name / str(version)
         self._loading.add((name, version))
         started = time.perf_counter()
+        # Taken before the files are read: a file still being written while it is read (and so
+        # failing) has changed by the next poll, which then tries again. Taken after, it would
+        # match the finished file and the version would stay FAILED.
+        files_before = _signature(path)
         try:
             served = await asyncio.to_thread(self._build, path)
             served.start()
@@ -216,7 +220,7 @@ class Repository:
             # The reason is what clients read (the index); the log gets the whole error, with the
             # library's own text and paths, under the same model and version.
             log.error("model %s version %d failed to load: %s", name, version, reason, exc_info=err)
-            self._failed[(name, version)] = (reason, _signature(path))
+            self._failed[(name, version)] = (reason, files_before)
             self._metrics.version_failed(name)
             return
         finally:
