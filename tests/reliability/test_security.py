@@ -31,7 +31,7 @@ from tests.fixtures import MakeObject, publish_tiny_models
 from tests.reliability import images
 from tests.reliability.certs import Pki, make_pki
 from tests.reliability.triton_child import infer_text_over_tls
-from tests.server.running import RunningServer
+from tests.server.running import RunningServer, code_of
 
 INFERENCE_TOKEN = "inference-s3cret-0123456789"
 ADMIN_TOKEN = "admin-s3cret-9876543210"
@@ -56,14 +56,6 @@ def serve(repository: Path, **settings: Any) -> RunningServer:
 def classify(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> fs.ClassifyResponse:
     request = fs.ClassifyRequest(model="tiny-image", images=[fs.ImageInput(encoded=PNG)])
     return fs_grpc.FineserveStub(channel).Classify(request, timeout=10, metadata=metadata)
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
 
 
 def credentials(

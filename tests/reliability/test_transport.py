@@ -30,7 +30,7 @@ from tests.fixtures import publish_tiny_models
 from tests.reliability.certs import make_expired_cert, make_pki
 from tests.reliability.graphs import publish_slow_image_model, work
 from tests.server.kserve_harness import running_server
-from tests.server.running import RunningServer
+from tests.server.running import RunningServer, code_of
 
 TOKEN = "inference-s3cret-0123456789"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -40,14 +40,6 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return publish_tiny_models(tmp_path_factory.mktemp("transport") / "models")
-
-
-def code_of(call: Any) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
-    return grpc.StatusCode.OK
 
 
 def raw_request(model: str, size: int) -> ks.ModelInferRequest:

@@ -1,4 +1,5 @@
-"""A real fineserve server in a background thread, on free ports, for tests."""
+"""A real fineserve server in a background thread, on free ports, for tests; and the status a
+call to it ends with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import threading
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+
+import grpc
 
 from fineserve.server.app import Server
 from fineserve.server.config import Settings, load_settings
@@ -48,3 +51,12 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    """The status ``call()`` ends with (OK when it returns)."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
