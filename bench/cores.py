@@ -18,7 +18,6 @@ much of the machine the load generator takes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
@@ -27,11 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fineserve.bench.loadgen import Load, run_load
+from fineserve.bench.loadgen import Load, run_load_with_server_cpu
 from fineserve.bench.nearfree import publish_near_free_model
 from fineserve.bench.server_process import ServerProcess, free_port
 from fineserve.bench.stats import positive_ints, write_json
-from fineserve.export.contract import read_model_spec
+from fineserve.export.contract import ModelSpec, read_model_spec
 
 
 def pin_this_process(cores: Iterable[int]) -> None:
@@ -46,40 +45,30 @@ def _cores_of(pids: list[int]) -> list[int]:
     return sorted(set().union(*(os.sched_getaffinity(pid) for pid in pids)))
 
 
-def measure(server: ServerProcess, version_dir: Path, load: Load) -> dict[str, Any]:
-    spec = read_model_spec(version_dir)
-    start: dict[str, float] = {}
-
-    def open_window() -> None:
-        start["cpu"] = server.cpu_seconds()
-
-    row = asyncio.run(run_load(server.target, spec, load, on_window=open_window))
-    answered = row["requests_ok"] or 1
-    row["server_cpu_us_per_request"] = (server.cpu_seconds() - start["cpu"]) * 1e6 / answered
-    return row
-
-
-def sweep(args: argparse.Namespace, version_dir: Path) -> list[dict[str, Any]]:
-    repository = version_dir.parent.parent
+def sweep(args: argparse.Namespace, version_dir: Path, spec: ModelSpec) -> list[dict[str, Any]]:
     worker_counts = [1] if args.pinned else args.workers
     rows: list[dict[str, Any]] = []
     cores = sorted(os.sched_getaffinity(0))
     try:
         for workers in worker_counts:
-            rows += _measure_workers(args, version_dir, repository, workers, cores)
+            rows += _measure_workers(args, version_dir, spec, workers, cores)
     finally:
         pin_this_process(cores)  # --pinned moved this process's threads to one core
     return rows
 
 
 def _measure_workers(
-    args: argparse.Namespace, version_dir: Path, repository: Path, workers: int, cores: list[int]
+    args: argparse.Namespace,
+    version_dir: Path,
+    spec: ModelSpec,
+    workers: int,
+    cores: list[int],
 ) -> list[dict[str, Any]]:
     rows = []
     flags = ["--log-level", "WARNING", "--workers", str(workers)]
     # Pinned, the server starts on its core, so it sizes its threads for that one core.
     wrapper = ["taskset", "-c", str(cores[-1])] if args.pinned else []
-    with ServerProcess(repository, flags, grpc_port=free_port(), wrapper=wrapper) as server:
+    with ServerProcess(version_dir.parent.parent, flags, grpc_port=free_port(), wrapper=wrapper) as server:
         server.start()
         if args.pinned:
             pin_this_process(cores[:1])
@@ -94,7 +83,7 @@ def _measure_workers(
                 warmup_s=args.warmup,
                 version_dir=version_dir,
             )
-            row = measure(server, version_dir, load)
+            row = run_load_with_server_cpu(server.target, spec, load, server.cpu_seconds)
             row.update(workers=workers, pinned=args.pinned, server_cores=_cores_of(server.pids()))
             if args.pinned:
                 row["requests_per_s_per_server_core"] = row["items_per_s"]
@@ -137,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pinned needs two cores")
     with tempfile.TemporaryDirectory() as scratch:
         version_dir = args.model_dir or publish_near_free_model(Path(scratch) / "models")
-        rows = sweep(args, version_dir)
-        write_json(args.out, {"model": read_model_spec(version_dir).name, "rows": rows})
+        spec = read_model_spec(version_dir)
+        rows = sweep(args, version_dir, spec)
+        write_json(args.out, {"model": spec.name, "rows": rows})
     return 0
 
 

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fineserve.bench.loadgen import Load, run_load
+from fineserve.bench.loadgen import Load, run_load_with_server_cpu
 from fineserve.bench.nearfree import publish_near_free_model
 from fineserve.bench.server_process import ServerProcess, free_port, process_cpu_seconds
 from fineserve.bench.stats import positive_ints, write_json
-from fineserve.export.contract import ModelSpec, read_model_spec
+from fineserve.export.contract import read_model_spec
 from fineserve.server.pb.inference import grpc_service_pb2 as pb
 from fineserve.server.pb.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -127,19 +126,6 @@ class FloorProcess:
                 self.process.wait()
 
 
-def measure(target: str, spec: ModelSpec, load: Load, cpu_seconds: Callable[[], float]) -> dict[str, Any]:
-    """One load point against one server, with the server's CPU per answered request."""
-    start: dict[str, float] = {}
-
-    def open_window() -> None:
-        start["cpu"] = cpu_seconds()
-
-    row = asyncio.run(run_load(target, spec, load, on_window=open_window))
-    answered = row["requests_ok"] or 1
-    row["server_cpu_us_per_request"] = (cpu_seconds() - start["cpu"]) * 1e6 / answered
-    return row
-
-
 def _print(server: str, load: Load, row: dict[str, Any]) -> None:
     print(
         f"  {server:<10} c={load.concurrency:<4} {row['items_per_s']:8.1f} requests/s"
@@ -170,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     warmup_s=args.warmup,
                     version_dir=args.model_dir,
                 )
-                row = measure(server.target, spec, load, server.cpu_seconds)
+                row = run_load_with_server_cpu(server.target, spec, load, server.cpu_seconds)
                 row.update(server=name, concurrency=concurrency)
                 _print(name, load, row)
                 rows.append(row)

@@ -232,6 +232,23 @@ class _Caller:
     request: bytes
 
 
+def run_load_with_server_cpu(
+    target: str, spec: ModelSpec, load: Load, cpu_seconds: Callable[[], float]
+) -> dict[str, Any]:
+    """``run_load`` plus the server's CPU per answered request (``server_cpu_us_per_request``),
+    from ``cpu_seconds`` (the server's process CPU so far) read when the measured window opens
+    and when the load ends."""
+    start: dict[str, float] = {}
+
+    def open_window() -> None:
+        start["cpu"] = cpu_seconds()
+
+    row = asyncio.run(run_load(target, spec, load, on_window=open_window))
+    answered = row["requests_ok"] or 1
+    row["server_cpu_us_per_request"] = (cpu_seconds() - start["cpu"]) * 1e6 / answered
+    return row
+
+
 async def _drive(
     callers: list[_Caller],
     load: Load,
