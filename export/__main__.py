@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help=f"check on at most this many examples (1..{MAX_EXAMPLES})",
     )
+    defaults.add_argument(
+        "--parallel-training",
+        type=int,
+        metavar="N",
+        help="train this many missing models side by side (default: one per core, each run uses one thread)",
+    )
     _add_max_batch_size(defaults)
     defaults.set_defaults(run=_run_defaults)
     return parser
@@ -329,12 +335,15 @@ def _run_defaults(args: argparse.Namespace) -> None:
 
     _check_common(args)
     _check_folder(args.runs_dir, "--runs-dir")
+    if args.parallel_training is not None and args.parallel_training < 1:
+        raise UsageError(f"--parallel-training: must be at least 1, got {args.parallel_training}")
     results = build_defaults(
         args.repository,
         only=args.only,
         runs_dir=args.runs_dir,
         settings=ExportSettings(max_batch_size=args.max_batch_size),
         max_examples=args.max_examples,
+        parallel=args.parallel_training,
     )
     for result in results:
         if result.published is None:

@@ -11,10 +11,13 @@ holds a finished run is exported without training again (an unfinished one is re
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,9 +73,12 @@ def build_defaults(
     runs_dir: Path = Path("runs"),
     settings: ExportSettings | None = None,
     max_examples: int = 1000,
+    parallel: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> list[DefaultResult]:
-    """Publishes each default model that has no version in ``repository`` yet.
+    """Publishes each default model that has no version in ``repository`` yet: first the missing
+    ones' trainings, ``parallel`` at a time (default: ``default_parallel_training``), then each
+    export in turn.
 
     Raises:
         UnknownDefaultError: an unknown name in ``only``. TrainingFailedError, and whatever
@@ -82,11 +88,16 @@ def build_defaults(
     unknown = sorted(set(only or ()) - set(known))
     if unknown:
         raise UnknownDefaultError(f"unknown default model {unknown[0]!r}; choose from {', '.join(known)}")
+    wanted = [m for m in DEFAULT_MODELS if not only or m.name in only]
+    missing = {m.name for m in wanted if not list_versions(repository / m.name)}
+    train_seconds = train_runs(
+        [(m.recipe, runs_dir / m.name) for m in wanted if m.name in missing and m.recipe],
+        parallel=parallel or default_parallel_training(),
+        log=log,
+    )
     results = []
-    for default in DEFAULT_MODELS:
-        if only and default.name not in only:
-            continue
-        if list_versions(repository / default.name):
+    for default in wanted:
+        if default.name not in missing:
             log(f"{default.name}: already in {repository}, left alone")
             results.append(DefaultResult(default.name, "present"))
             continue
@@ -102,7 +113,6 @@ def build_defaults(
             results.append(DefaultResult(default.name, "published", published))
             continue
         run_dir = runs_dir / default.name
-        train_seconds = train(default.recipe, run_dir, log)
         from fineserve.export.heldout import examples_from_run
         from fineserve.training.checkpoint import read_metadata
 
@@ -117,35 +127,77 @@ def build_defaults(
             calibration=calibration,
             log=log,
         )
-        results.append(DefaultResult(default.name, "published", published, train_seconds))
+        results.append(DefaultResult(default.name, "published", published, train_seconds[default.recipe]))
     return results
 
 
 def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> float:
-    """Runs ``python -m fineserve.training <recipe> --output-dir <run_dir>`` unless the folder already holds
-    a finished run; returns the seconds it took (0 when skipped). An unfinished run (interrupted,
-    or failed) is trained again with the same command, which resumes it from its ``last.pt``.
+    """Trains one recipe into ``run_dir`` (``train_runs`` with one run); returns its seconds."""
+    return train_runs([(recipe, run_dir)], parallel=1, log=log)[recipe]
+
+
+def train_runs(
+    runs: Sequence[tuple[str, Path]], *, parallel: int, log: Callable[[str], Any] = print
+) -> dict[str, float]:
+    """Runs ``python -m fineserve.training <recipe> --output-dir <run_dir>`` for each run whose
+    folder does not already hold a finished run, ``parallel`` at a time; returns each recipe's
+    seconds (0 when reused). An unfinished run (interrupted, or failed) is trained again with the
+    same command, which resumes it from its ``last.pt``.
+
+    Side by side, each run's progress bars would overwrite each other's, so with ``parallel > 1``
+    the runs print periodic lines instead, each line prefixed with its recipe's name. The quick
+    recipes use one thread each, so two at once on two cores take about the time of the longer.
 
     Raises:
-        TrainingFailedError: the training command exited non-zero.
-        training.errors.CheckpointError: the folder's metadata.json is unreadable.
+        TrainingFailedError: a training command exited non-zero (the others are let finish).
+        training.errors.CheckpointError: a folder's metadata.json is unreadable.
     """
     from fineserve.training.checkpoint import BEST, METADATA, read_metadata, run_finished
 
-    if (run_dir / METADATA).is_file():
-        if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
-            log(f"{recipe}: using the existing run {run_dir}")
-            return 0.0
-        log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
-    command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
-    log(f"{recipe}: training ({' '.join(command[1:])})")
-    started = time.perf_counter()
-    completed = subprocess.run(command, check=False)
-    if completed.returncode != 0:
-        raise TrainingFailedError(
-            f"training recipe {recipe!r} failed (exit {completed.returncode}); see above"
-        )
-    return time.perf_counter() - started
+    seconds: dict[str, float] = {}
+    pending: list[tuple[str, Path]] = []
+    for recipe, run_dir in runs:
+        if (run_dir / METADATA).is_file():
+            if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
+                log(f"{recipe}: using the existing run {run_dir}")
+                seconds[recipe] = 0.0
+                continue
+            log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
+        pending.append((recipe, run_dir))
+    side_by_side = parallel > 1 and len(pending) > 1
+    lock = threading.Lock()
+
+    def run_one(recipe: str, run_dir: Path) -> tuple[str, int, float]:
+        command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
+        if side_by_side:
+            command += ["--progress", "false"]
+        log(f"{recipe}: training ({' '.join(command[1:])})")
+        started = time.perf_counter()
+        if not side_by_side:
+            return recipe, subprocess.run(command, check=False).returncode, time.perf_counter() - started
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as child:
+            assert child.stdout is not None
+            for line in child.stdout:
+                with lock:  # whole lines: two runs never interleave within one
+                    log(f"[{recipe}] {line.rstrip()}")
+        return recipe, child.returncode, time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        finished = list(pool.map(lambda run: run_one(*run), pending))
+    failed = [(recipe, code) for recipe, code, _ in finished if code != 0]
+    if failed:
+        recipe, code = failed[0]
+        raise TrainingFailedError(f"training recipe {recipe!r} failed (exit {code}); see above")
+    seconds.update({recipe: took for recipe, _, took in finished})
+    return seconds
+
+
+def default_parallel_training() -> int:
+    """Trainings side by side for ``make models``: one per core, as each quick recipe uses one
+    thread, and no more than there are recipes to train."""
+    return max(1, min(sum(1 for m in DEFAULT_MODELS if m.recipe), os.cpu_count() or 1))
 
 
 def imagenet_labels() -> tuple[str, ...]:

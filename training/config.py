@@ -46,6 +46,7 @@ class TrainConfig:
     # --- how: strategy
     strategy: str = "full"
     trainable_blocks: int = 2
+    cache_frozen: bool = False
     bn_momentum: float | None = 0.1
     layer_decay: float = 0.75
     unfreeze_every: int = 1
@@ -65,6 +66,7 @@ class TrainConfig:
     hflip: bool = False
     crop_padding: int = 0
     max_steps_per_epoch: int | None = None
+    group_by_length: bool = False
     early_stopping_patience: int | None = None
     # --- distillation
     teacher: str | None = None
@@ -124,6 +126,8 @@ class TrainConfig:
             raise ConfigError("image_size: only for image backbones, and at least 32 pixels")
         if self.max_length is not None and (not text_backbone or self.max_length < 4):
             raise ConfigError("max_length: only for text backbones, and at least 4 tokens")
+        if self.group_by_length and not text_backbone:
+            raise ConfigError("group_by_length: only for text backbones")
         if self.num_layers is not None and not text_backbone:
             raise ConfigError("num_layers: only for text backbones")
         if self.student_layers is not None and not self.teacher:
@@ -132,9 +136,26 @@ class TrainConfig:
             raise ConfigError(
                 "teacher: distillation needs a strategy that trains the student, not linear-probe"
             )
+        if self.cache_frozen and self.strategy != "linear-probe":  # a probe always caches
+            self._check_cache_frozen()
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigError("labels: has duplicates")
         return self
+
+    def _check_cache_frozen(self) -> None:
+        """What a cache of the frozen blocks' outputs cannot hold: trained blocks below the top
+        (any strategy but partial), random crops (only flips are cached, as a second view), or a
+        teacher (it would need the raw inputs every step)."""
+        if self.strategy != "partial":
+            raise ConfigError(
+                f"cache_frozen: only with strategy partial (or linear-probe), not {self.strategy!r}"
+            )
+        if self.crop_padding:
+            raise ConfigError(
+                "cache_frozen: random crops cannot be cached; set crop_padding to 0 (hflip is kept)"
+            )
+        if self.teacher:
+            raise ConfigError("cache_frozen: distillation needs the raw inputs every step; drop one of them")
 
     def _check_ranges(self) -> None:
         """One key at a time: counts, sizes and rates that no run can use (a negative learning
@@ -204,6 +225,8 @@ FIELD_HELP: dict[str, str] = {
     "strategy": "linear-probe (frozen backbone, cached features), partial (last trainable_blocks "
     "blocks), full (all layers, layer-wise decayed LRs), gradual (unfreeze one block per unfreeze_every)",
     "trainable_blocks": "partial: how many of the last blocks/layers train besides the head",
+    "cache_frozen": "partial: compute the frozen blocks' outputs once and train the top on them "
+    "(epochs cost only the top; flips are cached as a second view, crops cannot be)",
     "bn_momentum": "momentum of the BatchNorm running statistics while fine-tuning (null = the backbone's "
     "own; EfficientNet-Lite ships 0.01, too slow to follow a new domain in a short run)",
     "layer_decay": "full/gradual: LR multiplier per block below the head (1 = same LR everywhere)",
@@ -222,6 +245,8 @@ FIELD_HELP: dict[str, str] = {
     "amp": "mixed precision (bfloat16 autocast) on CUDA; ignored on CPU",
     "hflip": "images: random horizontal flips while training",
     "crop_padding": "images: pad by this many pixels and random-crop back (0 = off)",
+    "group_by_length": "text: batch texts of about the same length (fewer padded tokens, faster "
+    "epochs; the batch order stays seeded)",
     "max_steps_per_epoch": "stop each epoch after this many batches (smoke tests)",
     "early_stopping_patience": "stop after this many epochs without a better validation accuracy",
     "teacher": "distillation: run folder of a fine-tuned teacher with the same labels",

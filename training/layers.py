@@ -36,6 +36,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     if "features" in batch:  # linear probe: the trained module is the head alone
         return model(batch["features"])  # type: ignore[no-any-return]
+    if "prefix" in batch:  # cache_frozen: the trained module is the top (frozen_prefix.ImageTop/TextTop)
+        return model(batch["prefix"], batch.get("attention_mask"))  # type: ignore[no-any-return]
     if "input_ids" in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # type: ignore[no-any-return]
     return model(batch["pixels"])  # type: ignore[no-any-return]

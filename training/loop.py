@@ -74,11 +74,35 @@ class Stop:
         return self.reason is not None
 
 
+# group_by_length sorts by length within windows of this many batches: enough that each batch
+# holds texts of about one length, few enough that the epoch is still well mixed.
+LENGTH_WINDOW_BATCHES = 50
+
+
 def epoch_batches(
-    n: int, batch_size: int, *, seed: int, epoch: int, ctx: Dist, max_batches: int | None
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    ctx: Dist,
+    max_batches: int | None,
+    lengths: Tensor | None = None,
 ) -> list[Tensor]:
+    """This process's batches for ``epoch``, a pure function of (seed, epoch) so a resumed run
+    sees the same ones. With ``lengths`` (text: tokens per example) each window of
+    ``LENGTH_WINDOW_BATCHES`` batches is sorted by length before it is cut, and the batches are
+    then shuffled: a batch pads to about its own texts' length, not to the longest of a random mix."""
     order = epoch_order(n, seed, epoch, ctx.rank, ctx.world)
+    if lengths is not None:
+        windows = order.split(batch_size * LENGTH_WINDOW_BATCHES)
+        order = torch.cat([w[torch.argsort(lengths[w], descending=True, stable=True)] for w in windows])
     batches = list(order.split(batch_size))
+    if lengths is not None:
+        shuffle = torch.randperm(
+            len(batches), generator=torch.Generator().manual_seed(seed * 1000 + epoch + 1)
+        )
+        batches = [batches[i] for i in shuffle]
     return batches[:max_batches] if max_batches else batches
 
 

@@ -60,6 +60,7 @@ from fineserve.training.distill import (
 )
 from fineserve.training.errors import ConfigError
 from fineserve.training.features import cached_features
+from fineserve.training.frozen_prefix import cached_prefix, choose_views
 from fineserve.training.loop import (
     LAST,
     Progress,
@@ -149,7 +150,8 @@ class Net:
 @dataclass(frozen=True)
 class Trainee:
     """What the optimiser trains, how batches reach it, and the splits it sees: the whole model
-    on the encoded splits, or for a linear probe the head alone on cached backbone features."""
+    on the encoded splits, for a linear probe the head alone on cached backbone features, or
+    with ``cache_frozen`` the top blocks on the cached outputs of the frozen ones."""
 
     module: nn.Module
     step: Step
@@ -157,6 +159,14 @@ class Trainee:
     train: Examples
     val: Examples
     test: Examples
+    # What val and test are scored with, when not ``module``/``step`` (cache_frozen: the whole
+    # model on the real inputs, i.e. what export writes out).
+    scorer: nn.Module | None = None
+    score_step: Step | None = None
+
+    @property
+    def scored_by(self) -> tuple[nn.Module, Step]:
+        return (self.scorer or self.module), (self.score_step or self.step)
 
 
 def train(
@@ -311,9 +321,27 @@ def choose_what_trains(run: Run, data: Data, net: Net, step: Step) -> Trainee:
         head = layers.head(model)
         return Trainee(head, step, head.train, train, val, test)
     splits = data.splits
-    return Trainee(
-        model, step, functools.partial(finetune.train_mode, model), splits.train, splits.val, splits.test
-    )
+    train_mode = functools.partial(finetune.train_mode, model)
+    if cfg.cache_frozen:
+        # The frozen blocks compute the same outputs every epoch: compute them once (frozen_prefix).
+        top, train = cached_prefix(
+            model,
+            splits,
+            ImagePipeline(data.image_size, data.backbone.mean, data.backbone.std),
+            cfg,
+            cache=data.cache,
+            device=run.device,
+            say=run.say,
+            show=run.show,
+        )
+        top_step = replace(step, prepare=functools.partial(_cached_batch, device=run.device))
+        return Trainee(top, top_step, train_mode, train, splits.val, splits.test, model, step)
+    return Trainee(model, step, train_mode, splits.train, splits.val, splits.test)
+
+
+def _cached_batch(batch: dict[str, Tensor], train: bool, *, device: torch.device) -> dict[str, Tensor]:
+    """A batch of cached prefix outputs on the device, with the view chosen for training."""
+    return {k: v.to(device, non_blocking=True) for k, v in choose_views(batch, train).items()}
 
 
 def build_optimiser(
@@ -417,6 +445,7 @@ def fit(
             epoch=epoch,
             ctx=ctx,
             max_batches=max_batches(cfg),
+            lengths=text_lengths(trainee.train) if cfg.group_by_length else None,
         )
         train_loss = train_one_epoch(
             module=module,
@@ -447,13 +476,20 @@ def fit(
     return None
 
 
+def text_lengths(data: Examples) -> Tensor | None:
+    """Tokens per example for ``group_by_length`` (None for images: nothing to group)."""
+    mask = data.inputs.get("attention_mask")
+    return None if mask is None else mask.sum(dim=1)
+
+
 def end_epoch(
     run: Run, net: Net, trainee: Trainee, progress: Progress, *, train_loss: float, lr: float
 ) -> None:
     """Scores the epoch on the validation split, records it in ``progress`` and ``metrics.jsonl``,
     and keeps an improved model as ``best.pt`` with its metadata."""
     cfg, epoch = run.cfg, progress.epoch
-    val = evaluate(trainee.module, trainee.val, trainee.step, cfg.eval_batch_size, run.ctx, show=run.show)
+    scorer, score_step = trainee.scored_by
+    val = evaluate(scorer, trainee.val, score_step, cfg.eval_batch_size, run.ctx, show=run.show)
     record = {
         "epoch": epoch + 1,
         "step": progress.step,
@@ -514,8 +550,9 @@ def score(run: Run, net: Net, trainee: Trainee, progress: Progress) -> tuple[Che
     """The model's metadata with its test metrics (and the temperature fitted on the validation
     split, if the recipe calibrates), and the test confusion matrix."""
     cfg, model = run.cfg, net.model
+    scorer, score_step = trainee.scored_by
     scored = functools.partial(
-        predict, trainee.module, step=trainee.step, batch_size=cfg.eval_batch_size, show=run.show
+        predict, scorer, step=score_step, batch_size=cfg.eval_batch_size, show=run.show
     )
     val_logits, val_labels = scored(trainee.val, desc="val")
     test_logits, test_labels = scored(trainee.test, desc="test")

@@ -13,6 +13,7 @@ from fineserve.export.defaults import (
     build_defaults,
     imagenet_labels,
     train,
+    train_runs,
 )
 from tests.fixtures import publish_tiny_image_model
 
@@ -89,3 +90,39 @@ def test_a_finished_run_is_reused(
     run = _run_folder(tmp_path / "fashion", **metadata)
     assert train("fashion", run, log=lambda _: None) == 0.0
     assert commands == []
+
+
+def _tiny_recipe(path: Path, **changes: object) -> str:
+    import yaml
+
+    from tests.training.conftest import TINY_IMAGE
+
+    values = {**TINY_IMAGE, "epochs": 1, "log_every": 1, "data_cache": str(path.parent / "cache"), **changes}
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_missing_runs_train_side_by_side_each_line_named(tmp_path: Path) -> None:
+    from fineserve.training.checkpoint import read_metadata, run_finished
+
+    first, second = _tiny_recipe(tmp_path / "one.yaml"), _tiny_recipe(tmp_path / "two.yaml", seed=1)
+    lines: list[str] = []
+    seconds = train_runs([(first, tmp_path / "a"), (second, tmp_path / "b")], parallel=2, log=lines.append)
+    assert set(seconds) == {first, second} and all(s > 0 for s in seconds.values())
+    assert all(run_finished(read_metadata(tmp_path / run)) for run in ("a", "b"))
+    for recipe in (first, second):  # the periodic lines of each run, under its name
+        assert any(line.startswith(f"[{recipe}] epoch 1/1 step") for line in lines), lines
+    again = train_runs([(first, tmp_path / "a")], parallel=2, log=lines.append)
+    assert again == {first: 0.0}
+
+
+def test_a_failed_training_is_named_and_the_others_finish(tmp_path: Path) -> None:
+    from fineserve.export.errors import TrainingFailedError
+    from fineserve.training.checkpoint import read_metadata, run_finished
+
+    good, broken = _tiny_recipe(tmp_path / "good.yaml"), _tiny_recipe(tmp_path / "bad.yaml", lr=-1)
+    lines: list[str] = []
+    with pytest.raises(TrainingFailedError, match=r"bad\.yaml"):
+        train_runs([(broken, tmp_path / "x"), (good, tmp_path / "g")], parallel=2, log=lines.append)
+    assert run_finished(read_metadata(tmp_path / "g"))
+    assert any(line.startswith(f"[{broken}] error: lr") for line in lines), lines
