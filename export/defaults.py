@@ -46,12 +46,15 @@ class DefaultModel:
     recipe: str | None  # training recipe; None: pretrained, nothing to train
     variants: tuple[str, ...]
     description: str
+    # Its quick recipe's wall time on the 2-core development machine, two trainings at once
+    # (bench/results/quick-1205): the longest start first, so side-by-side runs end together.
+    train_s: float = 0.0
 
 
 DEFAULT_MODELS: tuple[DefaultModel, ...] = (
-    DefaultModel("fashion", "fashion", ("fp32", "fp16", "int8"), "Lite0 on Fashion-MNIST"),
-    DefaultModel("digits", "digits", ("fp32", "fp16", "int8"), "Lite0 on MNIST handwriting"),
-    DefaultModel("sentiment", "sentiment", ("fp32", "fp16", "int8"), "MiniLM-L6 on Rotten Tomatoes"),
+    DefaultModel("fashion", "fashion", ("fp32", "fp16", "int8"), "Lite0 on Fashion-MNIST", 396),
+    DefaultModel("digits", "digits", ("fp32", "fp16", "int8"), "Lite0 on MNIST handwriting", 137),
+    DefaultModel("sentiment", "sentiment", ("fp32", "fp16", "int8"), "MiniLM-L6 on Rotten Tomatoes", 452),
     # No int8: its check is an accuracy drop, and no labelled ImageNet images exist offline to
     # measure one (docs/export.md).
     DefaultModel("imagenet", None, ("fp32", "fp16"), "pretrained Lite0, 1000 ImageNet classes"),
@@ -90,8 +93,9 @@ def build_defaults(
         raise UnknownDefaultError(f"unknown default model {unknown[0]!r}; choose from {', '.join(known)}")
     wanted = [m for m in DEFAULT_MODELS if not only or m.name in only]
     missing = {m.name for m in wanted if not list_versions(repository / m.name)}
+    longest_first = sorted(wanted, key=lambda m: -m.train_s)
     train_seconds = train_runs(
-        [(m.recipe, runs_dir / m.name) for m in wanted if m.name in missing and m.recipe],
+        [(m.recipe, runs_dir / m.name) for m in longest_first if m.name in missing and m.recipe],
         parallel=parallel or default_parallel_training(),
         log=log,
     )
@@ -171,7 +175,8 @@ def train_runs(
         command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
         if side_by_side:
             command += ["--progress", "false"]
-        log(f"{recipe}: training ({' '.join(command[1:])})")
+        with lock:
+            log(f"{recipe}: training ({' '.join(command[1:])})")
         started = time.perf_counter()
         if not side_by_side:
             return recipe, subprocess.run(command, check=False).returncode, time.perf_counter() - started

@@ -340,7 +340,7 @@ def _build_and_check(  # noqa: PLR0917 - one private step with the loop's state
         figures["method"] = "static QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"
         figures["kept_fp32_nodes"] = kept_fp32
     else:
-        figures["method"] = "dynamic, int8 weights"
+        figures["method"] = "dynamic, per-channel int8 weights"
     return figures
 
 

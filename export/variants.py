@@ -4,8 +4,8 @@
   do not change; numerically fragile ops (normalisations, softmax, reductions) stay fp32. The gate
   can check it on onnxruntime's CPU provider, where it is not faster.
 - int8 for CPU: dynamic quantisation for text (activation ranges are computed per batch, fine
-  for matmul-heavy BERT), static QDQ with calibration data for images (convolutions need fixed
-  activation scales to run in int8).
+  for matmul-heavy BERT; weights per output channel), static QDQ with calibration data for
+  images (convolutions need fixed activation scales to run in int8).
 - BERT graphs first get onnxruntime's transformer fusions (Attention, SkipLayerNormalization,
   EmbedLayerNormalization, BiasGelu).
 """
@@ -131,10 +131,14 @@ def make_int8_dynamic(src: Path, dst: Path) -> None:
 
     # Fused ops (Attention, ...) are outside the default domain, where shape inference gives up:
     # tell the quantiser their tensors are float.
+    # Per channel: one scale per weight column. With one scale per tensor, the quick sentiment
+    # model of 2026-12-05 lost 1.3 points of test accuracy in int8 (83.5% -> 82.2%, over the
+    # gate); per channel it lost 0.4 (83.1%).
     quantize_dynamic(
         str(src),
         str(dst),
         weight_type=QuantType.QInt8,
+        per_channel=True,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
 

@@ -178,12 +178,12 @@ def test_a_bad_search_section_is_one_line(
 
 def test_training_ignores_the_search_section() -> None:
     """`fineserve train fashion` still works now that the shipped recipes carry `search:`."""
-    for name in ("fashion", "sentiment"):
+    for name in ("fashion", "sentiment", "digits", "fashion-full", "sentiment-full"):
         cfg = config_from_args(build_parser().parse_args([name, "--output-dir", "x"]))
-        assert cfg.dataset in ("fashion-mnist", "rotten-tomatoes")
+        assert cfg.dataset in ("fashion-mnist", "rotten-tomatoes", "mnist-subset")
 
 
-@pytest.mark.parametrize("name", ["fashion", "sentiment"])
+@pytest.mark.parametrize("name", ["fashion", "sentiment", "digits", "fashion-full", "sentiment-full"])
 def test_the_shipped_search_sections_are_valid(name: str) -> None:
     values = recipe_values(build_parser().parse_args([name, "--output-dir", "x"]))
     space = parse_search(values.pop("search"), values, name)
