@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fineserve.bench.server_process import free_port, wait_serving
+from fineserve.bench.server_process import FAST_RECONNECT, free_port, wait_serving
 from fineserve.bench.stats import write_json
 from fineserve.export.contract import list_models, list_versions, read_model_spec
 
@@ -52,7 +52,7 @@ def make_serve(clone: Path, port: int, log: Path, timeout_s: float) -> dict[str,
                 raise RuntimeError(f"make serve exited with {process.returncode}; see {log}")
 
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
                 try:
                     wait_serving(channel, timeout_s, alive=alive)
                 except TimeoutError:

@@ -63,11 +63,22 @@ def _alive_or_zero(read: Callable[[int], float], pid: int) -> float:
         return 0
 
 
+# gRPC backs off between attempts to reach a server that is not listening yet, up to 120 s by
+# default: a wait for SERVING through such a channel could see it up to two minutes late (the
+# newcomer benchmark before these options: 967 s measured, about 853 s by the server's own log).
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+
 def wait_serving(
     channel: grpc.Channel, timeout_s: float = 60, *, alive: Callable[[], None] | None = None
 ) -> None:
     """Waits until the standard health service on ``channel`` says SERVING; ``alive``, called
-    between tries, raises when the process that should answer is gone.
+    between tries, raises when the process that should answer is gone. Give the channel
+    ``FAST_RECONNECT`` when the server may not be listening yet.
 
     Raises:
         TimeoutError: not SERVING within ``timeout_s``.
@@ -161,7 +172,7 @@ class ServerProcess:
         if until == "listening":
             return time.perf_counter() - started
         try:
-            with grpc.insecure_channel(self.target) as channel:
+            with grpc.insecure_channel(self.target, options=FAST_RECONNECT) as channel:
                 wait_serving(channel, deadline - time.monotonic(), alive=self._check_alive)
         except TimeoutError:
             self.stop()

@@ -94,7 +94,7 @@ def build_defaults(
     wanted = [m for m in DEFAULT_MODELS if not only or m.name in only]
     missing = {m.name for m in wanted if not list_versions(repository / m.name)}
     longest_first = sorted(wanted, key=lambda m: -m.train_s)
-    train_seconds = train_runs(
+    trained = train_runs(
         [(m.recipe, runs_dir / m.name) for m in longest_first if m.name in missing and m.recipe],
         parallel=parallel or default_parallel_training(),
         log=log,
@@ -105,6 +105,8 @@ def build_defaults(
             log(f"{default.name}: already in {repository}, left alone")
             results.append(DefaultResult(default.name, "present"))
             continue
+        if default.recipe in trained.failed:
+            continue  # the others are still published; the failure is raised below
         # fp16/int8 are extras: one that fails its check is left out (and recorded), not published.
         model_settings = replace(
             settings or ExportSettings(), variants=default.variants, optional_variants=("fp16", "int8")
@@ -131,29 +133,50 @@ def build_defaults(
             calibration=calibration,
             log=log,
         )
-        results.append(DefaultResult(default.name, "published", published, train_seconds[default.recipe]))
+        results.append(DefaultResult(default.name, "published", published, trained.seconds[default.recipe]))
+    trained.raise_failures()
     return results
 
 
 def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> float:
-    """Trains one recipe into ``run_dir`` (``train_runs`` with one run); returns its seconds."""
-    return train_runs([(recipe, run_dir)], parallel=1, log=log)[recipe]
+    """Trains one recipe into ``run_dir`` (``train_runs`` with one run); returns its seconds.
+
+    Raises:
+        TrainingFailedError: the training command exited non-zero.
+    """
+    trained = train_runs([(recipe, run_dir)], parallel=1, log=log)
+    trained.raise_failures()
+    return trained.seconds[recipe]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What ``train_runs`` did: seconds per recipe that finished (0 when reused), exit code per
+    recipe whose command failed."""
+
+    seconds: dict[str, float]
+    failed: dict[str, int]
+
+    def raise_failures(self) -> None:
+        if self.failed:
+            named = ", ".join(f"{recipe!r} (exit {code})" for recipe, code in self.failed.items())
+            raise TrainingFailedError(f"training failed: {named}; see above")
 
 
 def train_runs(
     runs: Sequence[tuple[str, Path]], *, parallel: int, log: Callable[[str], Any] = print
-) -> dict[str, float]:
+) -> Trained:
     """Runs ``python -m fineserve.training <recipe> --output-dir <run_dir>`` for each run whose
-    folder does not already hold a finished run, ``parallel`` at a time; returns each recipe's
-    seconds (0 when reused). An unfinished run (interrupted, or failed) is trained again with the
-    same command, which resumes it from its ``last.pt``.
+    folder does not already hold a finished run, ``parallel`` at a time, in the given order. An
+    unfinished run (interrupted, or failed) is trained again with the same command, which
+    resumes it from its ``last.pt``. A failed command does not stop the others: the caller
+    decides (``Trained.raise_failures``).
 
     Side by side, each run's progress bars would overwrite each other's, so with ``parallel > 1``
-    the runs print periodic lines instead, each line prefixed with its recipe's name. The quick
-    recipes use one thread each, so two at once on two cores take about the time of the longer.
+    the runs print periodic lines instead (unbuffered, so they arrive as they are written), each
+    prefixed with its recipe's name. Ctrl-C stops the running commands and starts no more.
 
     Raises:
-        TrainingFailedError: a training command exited non-zero (the others are let finish).
         training.errors.CheckpointError: a folder's metadata.json is unreadable.
     """
     from fineserve.training.checkpoint import BEST, METADATA, read_metadata, run_finished
@@ -170,39 +193,50 @@ def train_runs(
         pending.append((recipe, run_dir))
     side_by_side = parallel > 1 and len(pending) > 1
     lock = threading.Lock()
+    children: list[subprocess.Popen[str]] = []
+    stopping = threading.Event()
 
     def run_one(recipe: str, run_dir: Path) -> tuple[str, int, float]:
         command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
         if side_by_side:
             command += ["--progress", "false"]
         with lock:
+            if stopping.is_set():  # Ctrl-C came while this run waited its turn
+                return recipe, 130, 0.0
             log(f"{recipe}: training ({' '.join(command[1:])})")
         started = time.perf_counter()
-        if not side_by_side:
-            return recipe, subprocess.run(command, check=False).returncode, time.perf_counter() - started
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-        ) as child:
-            assert child.stdout is not None
-            for line in child.stdout:
+        output = subprocess.PIPE if side_by_side else None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT if output else None,
+                              text=True, errors="replace", env=env) as child:  # fmt: skip
+            with lock:
+                children.append(child)
+            for line in child.stdout or ():
                 with lock:  # whole lines: two runs never interleave within one
                     log(f"[{recipe}] {line.rstrip()}")
         return recipe, child.returncode, time.perf_counter() - started
 
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         finished = list(pool.map(lambda run: run_one(*run), pending))
-    failed = [(recipe, code) for recipe, code, _ in finished if code != 0]
-    if failed:
-        recipe, code = failed[0]
-        raise TrainingFailedError(f"training recipe {recipe!r} failed (exit {code}); see above")
-    seconds.update({recipe: took for recipe, _, took in finished})
-    return seconds
+    except BaseException:
+        with lock:
+            stopping.set()
+            for child in children:
+                if child.poll() is None:
+                    child.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    seconds.update({recipe: took for recipe, code, took in finished if code == 0})
+    return Trained(seconds, {recipe: code for recipe, code, _ in finished if code != 0})
 
 
 def default_parallel_training() -> int:
-    """Trainings side by side for ``make models``: one per core, as each quick recipe uses one
-    thread, and no more than there are recipes to train."""
-    return max(1, min(sum(1 for m in DEFAULT_MODELS if m.recipe), os.cpu_count() or 1))
+    """Trainings side by side for ``make models``: one per core this process may use (each quick
+    recipe sets one thread), and no more than there are recipes to train."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(sum(1 for m in DEFAULT_MODELS if m.recipe), cores))
 
 
 def imagenet_labels() -> tuple[str, ...]:

@@ -44,6 +44,9 @@ MIRRORED = "prefix_mirrored"  # the same for the horizontally flipped image (hfl
 # before the run falls back to PyTorch: float32 reassociation gives ~1e-6 here.
 ORT_TOLERANCE = 1e-4
 CHUNK = 256
+# Part of every cache key: raise it when what Prefix, the image pipeline or the tokenizer
+# computes changes, so caches written by the older code are not read as this code's.
+CACHE_VERSION = 1
 
 
 def frozen_count(model: nn.Module, trainable_blocks: int) -> int:
@@ -168,7 +171,8 @@ def cached_prefix(
     190 MB a view); the top casts them back to float32, so only the stored value is rounded.
     """
     prefix, top = split_model(model, cfg.trainable_blocks)
-    path = cache / "prefix" / f"{_cache_key(cfg, splits)}.pt"
+    frozen = layers.blocks(model)[: frozen_count(model, cfg.trainable_blocks)]
+    path = cache / "prefix" / f"{_cache_key(cfg, splits, frozen)}.pt"
     if path.is_file():
         inputs = torch.load(path, map_location="cpu", weights_only=True)
         say(f"cache_frozen: the frozen blocks' outputs for {len(splits.train)} examples read from {path}")
@@ -202,11 +206,19 @@ def cached_prefix(
     return top, Examples(inputs, train.labels)
 
 
-def _cache_key(cfg: TrainConfig, splits: Splits) -> str:
-    """Everything the cached outputs depend on: the weights' source, the data and split, the input
-    size and the cut; a change to any of them is another file."""
+def _cache_key(cfg: TrainConfig, splits: Splits, frozen: list[nn.Module]) -> str:
+    """Everything the cached outputs depend on: the frozen weights themselves (a digest, so an
+    upgraded weights package is another file), the data and split, the input size, the cut, and
+    ``CACHE_VERSION`` for the code that computes them."""
+    weights = hashlib.sha256()
+    for index, block in enumerate(frozen):  # parameters and BatchNorm statistics
+        for name, tensor in block.state_dict().items():
+            weights.update(f"{index}.{name}".encode())
+            weights.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     source = {
         "kind": "prefix",
+        "version": CACHE_VERSION,
+        "weights": weights.hexdigest(),
         "backbone": cfg.backbone,
         "pretrained": cfg.pretrained,
         "dataset": cfg.dataset,
@@ -292,6 +304,10 @@ def _image_engine(
         ort_run = _onnxruntime_prefix(prefix, pipeline(sample, train=False))
     except ImportError:
         say("cache_frozen: onnxruntime is not installed; computing the frozen blocks with PyTorch")
+        return torch_run, "PyTorch"
+    except Exception as err:  # any export or session failure: PyTorch computes it instead
+        say(f"cache_frozen: onnxruntime could not run the frozen blocks ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); computing them with PyTorch")  # fmt: skip
         return torch_run, "PyTorch"
     images = pipeline(sample, train=False)
     expected, got = torch_run(images), ort_run(images)

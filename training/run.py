@@ -166,7 +166,8 @@ class Trainee:
 
     @property
     def scored_by(self) -> tuple[nn.Module, Step]:
-        return (self.scorer or self.module), (self.score_step or self.step)
+        scorer = self.scorer if self.scorer is not None else self.module
+        return scorer, self.score_step if self.score_step is not None else self.step
 
 
 def train(
@@ -379,8 +380,12 @@ def resume(
     progress = Progress()
     if cfg.resume and last.is_file():
         progress, saved_config = load_state(last, model, optimizer, scheduler)
+        # A key the saved run predates (added to TrainConfig since) had its default then.
+        defaults = TrainConfig().to_dict()
         changed = sorted(
-            k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved_config.get(k) != v
+            k
+            for k, v in cfg.to_dict().items()
+            if k not in RESUMABLE_CHANGES and saved_config.get(k, defaults[k]) != v
         )
         if changed:
             raise ConfigError(f"{last} was written with a different {changed[0]!r}; use another --output-dir")

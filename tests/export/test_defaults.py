@@ -42,22 +42,6 @@ def test_imagenet_labels_are_unique_client_names() -> None:
     assert labels[134] == "crane (134)" and labels[517] == "crane (517)"
 
 
-def _fake_training(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Records the training commands ``train`` would run, instead of running them."""
-    import subprocess
-
-    import fineserve.export.defaults
-
-    commands: list[list[str]] = []
-
-    def run(command: list[str], check: bool = False) -> subprocess.CompletedProcess[str]:
-        commands.append(command)
-        return subprocess.CompletedProcess(command, 0)
-
-    monkeypatch.setattr(fineserve.export.defaults.subprocess, "run", run)
-    return commands
-
-
 def _run_folder(run_dir: Path, **metadata: object) -> Path:
     import json
 
@@ -68,14 +52,15 @@ def _run_folder(run_dir: Path, **metadata: object) -> Path:
     return run_dir
 
 
-def test_an_unfinished_run_is_trained_again_not_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    commands = _fake_training(monkeypatch)
+def test_an_unfinished_run_is_trained_again_not_reused(tmp_path: Path) -> None:
+    from fineserve.training.checkpoint import read_metadata, run_finished
+
     # best.pt and metadata.json of the first improved epoch, then Ctrl-C.
     run = _run_folder(tmp_path / "fashion", finished=False)
-    train("fashion", run, log=lambda _: None)
-    assert len(commands) == 1 and commands[0][-3:] == ["fashion", "--output-dir", str(run)]
+    lines: list[str] = []
+    assert train(_tiny_recipe(tmp_path / "tiny.yaml"), run, log=lines.append) > 0
+    assert any("holds an unfinished run; training again" in line for line in lines)
+    assert run_finished(read_metadata(run))
 
 
 @pytest.mark.parametrize(
@@ -83,13 +68,12 @@ def test_an_unfinished_run_is_trained_again_not_reused(
     [{"finished": True}, {"metrics": {"test_accuracy": 0.9}}],
     ids=["finished", "legacy-with-test-metrics"],
 )
-def test_a_finished_run_is_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata: dict[str, object]
-) -> None:
-    commands = _fake_training(monkeypatch)
+def test_a_finished_run_is_reused(tmp_path: Path, metadata: dict[str, object]) -> None:
     run = _run_folder(tmp_path / "fashion", **metadata)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    # The real recipe: were it trained, this would take minutes and rewrite the folder.
     assert train("fashion", run, log=lambda _: None) == 0.0
-    assert commands == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
 
 
 def _tiny_recipe(path: Path, **changes: object) -> str:
@@ -107,13 +91,14 @@ def test_missing_runs_train_side_by_side_each_line_named(tmp_path: Path) -> None
 
     first, second = _tiny_recipe(tmp_path / "one.yaml"), _tiny_recipe(tmp_path / "two.yaml", seed=1)
     lines: list[str] = []
-    seconds = train_runs([(first, tmp_path / "a"), (second, tmp_path / "b")], parallel=2, log=lines.append)
-    assert set(seconds) == {first, second} and all(s > 0 for s in seconds.values())
+    trained = train_runs([(first, tmp_path / "a"), (second, tmp_path / "b")], parallel=2, log=lines.append)
+    assert not trained.failed and set(trained.seconds) == {first, second}
+    assert all(s > 0 for s in trained.seconds.values())
     assert all(run_finished(read_metadata(tmp_path / run)) for run in ("a", "b"))
     for recipe in (first, second):  # the periodic lines of each run, under its name
         assert any(line.startswith(f"[{recipe}] epoch 1/1 step") for line in lines), lines
     again = train_runs([(first, tmp_path / "a")], parallel=2, log=lines.append)
-    assert again == {first: 0.0}
+    assert again.seconds == {first: 0.0} and not again.failed
 
 
 def test_a_failed_training_is_named_and_the_others_finish(tmp_path: Path) -> None:
@@ -122,7 +107,9 @@ def test_a_failed_training_is_named_and_the_others_finish(tmp_path: Path) -> Non
 
     good, broken = _tiny_recipe(tmp_path / "good.yaml"), _tiny_recipe(tmp_path / "bad.yaml", lr=-1)
     lines: list[str] = []
-    with pytest.raises(TrainingFailedError, match=r"bad\.yaml"):
-        train_runs([(broken, tmp_path / "x"), (good, tmp_path / "g")], parallel=2, log=lines.append)
+    trained = train_runs([(broken, tmp_path / "x"), (good, tmp_path / "g")], parallel=2, log=lines.append)
+    assert trained.failed == {broken: 2} and set(trained.seconds) == {good}
     assert run_finished(read_metadata(tmp_path / "g"))
     assert any(line.startswith(f"[{broken}] error: lr") for line in lines), lines
+    with pytest.raises(TrainingFailedError, match=r"bad\.yaml"):
+        trained.raise_failures()
