@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel-training",
         type=int,
         metavar="N",
-        help="train this many missing models side by side (default: one per core, each run uses one thread)",
+        help="train this many missing models side by side (default: one per core; each quick recipe "
+        "uses one thread)",
     )
     _add_max_batch_size(defaults)
     defaults.set_defaults(run=_run_defaults)

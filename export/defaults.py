@@ -11,7 +11,9 @@ holds a finished run is exported without training again (an unfinished one is re
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -79,63 +81,120 @@ def build_defaults(
     parallel: int | None = None,
     log: Callable[[str], Any] = print,
 ) -> list[DefaultResult]:
-    """Publishes each default model that has no version in ``repository`` yet: first the missing
-    ones' trainings, ``parallel`` at a time (default: ``default_parallel_training``), then each
-    export in turn.
+    """Publishes each default model that has no version in ``repository`` yet. The missing ones
+    train ``parallel`` at a time (default: ``default_parallel_training``), longest first, and
+    each is exported as soon as its training ends, while the others still train; what needs no
+    training (``imagenet``) is exported first. Results come back in ``DEFAULT_MODELS`` order.
 
     Raises:
-        UnknownDefaultError: an unknown name in ``only``. TrainingFailedError, and whatever
-        ``export_and_publish`` raises for a failed check.
+        UnknownDefaultError: an unknown name in ``only``. TrainingFailedError (after publishing
+        every model that did train), and whatever ``export_and_publish`` raises for a failed check.
     """
     known = {m.name: m for m in DEFAULT_MODELS}
     unknown = sorted(set(only or ()) - set(known))
     if unknown:
         raise UnknownDefaultError(f"unknown default model {unknown[0]!r}; choose from {', '.join(known)}")
+    log = _whole_lines(log)  # exports here and trainings in their threads log side by side
     wanted = [m for m in DEFAULT_MODELS if not only or m.name in only]
     missing = {m.name for m in wanted if not list_versions(repository / m.name)}
-    longest_first = sorted(wanted, key=lambda m: -m.train_s)
-    trained = train_runs(
-        [(m.recipe, runs_dir / m.name) for m in longest_first if m.name in missing and m.recipe],
-        parallel=parallel or default_parallel_training(),
-        log=log,
-    )
-    results = []
-    for default in wanted:
-        if default.name not in missing:
-            log(f"{default.name}: already in {repository}, left alone")
-            results.append(DefaultResult(default.name, "present"))
-            continue
-        if default.recipe in trained.failed:
-            continue  # the others are still published; the failure is raised below
-        # fp16/int8 are extras: one that fails its check is left out (and recorded), not published.
-        model_settings = replace(
-            settings or ExportSettings(), variants=default.variants, optional_variants=("fp16", "int8")
-        )
-        if default.recipe is None:
-            item, examples = imagenet_model(log)
-            published = export_and_publish(
-                item, examples, repository, default.name, settings=model_settings, log=log
-            )
-            results.append(DefaultResult(default.name, "published", published))
-            continue
-        run_dir = runs_dir / default.name
-        from fineserve.export.heldout import examples_from_run
-        from fineserve.training.checkpoint import read_metadata
+    by_recipe = {m.recipe: m for m in wanted if m.name in missing and m.recipe}
+    longest_first = sorted(by_recipe.values(), key=lambda m: -m.train_s)
+    ended: queue.Queue[tuple[str, int] | None] = queue.Queue()
+    stop = threading.Event()
+    outcome: list[Trained | BaseException] = []
 
-        item = model_from_checkpoint(run_dir)
-        examples, calibration = examples_from_run(read_metadata(run_dir), run_dir, limit=max_examples)
-        published = export_and_publish(
-            item,
-            examples,
-            repository,
-            default.name,
-            settings=model_settings,
-            calibration=calibration,
-            log=log,
-        )
-        results.append(DefaultResult(default.name, "published", published, trained.seconds[default.recipe]))
+    def training() -> None:
+        try:
+            outcome.append(
+                train_runs(
+                    [(m.recipe, runs_dir / m.name) for m in longest_first if m.recipe],
+                    parallel=parallel or default_parallel_training(),
+                    log=log,
+                    on_end=lambda recipe, code: ended.put((recipe, code)),
+                    stop=stop,
+                )
+            )
+        except BaseException as err:  # re-raised in the caller's thread below
+            outcome.append(err)
+        finally:
+            ended.put(None)
+
+    trainer = threading.Thread(target=training, name="train-defaults", daemon=True)
+    trainer.start()
+    results: dict[str, DefaultResult] = {}
+    export = functools.partial(
+        _export_default, repository, runs_dir=runs_dir, settings=settings, max_examples=max_examples, log=log
+    )
+    try:
+        for default in wanted:
+            if default.name not in missing:
+                log(f"{default.name}: already in {repository}, left alone")
+                results[default.name] = DefaultResult(default.name, "present")
+            elif default.recipe is None:
+                results[default.name] = export(default, 0.0)
+        while (end := ended.get()) is not None:
+            recipe, code = end
+            if code == 0:
+                results[by_recipe[recipe].name] = export(by_recipe[recipe], None)
+    except BaseException:
+        stop.set()  # Ctrl-C or a failed export: no training starts after this one
+        raise
+    finally:
+        trainer.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    trained = outcome[0]
     trained.raise_failures()
-    return results
+    return [
+        replace(results[m.name], train_seconds=trained.seconds.get(m.recipe or "", 0.0))
+        for m in wanted
+        if m.name in results
+    ]
+
+
+def _export_default(
+    repository: Path,
+    default: DefaultModel,
+    train_seconds: float | None,
+    *,
+    runs_dir: Path,
+    settings: ExportSettings | None,
+    max_examples: int,
+    log: Callable[[str], Any],
+) -> DefaultResult:
+    """Exports, checks and publishes one default model: ImageNet's pretrained Lite0, or the run
+    its recipe trained into ``runs_dir``."""
+    # fp16/int8 are extras: one that fails its check is left out (and recorded), not published.
+    model_settings = replace(
+        settings or ExportSettings(), variants=default.variants, optional_variants=("fp16", "int8")
+    )
+    if default.recipe is None:
+        item, examples = imagenet_model(log)
+        published = export_and_publish(
+            item, examples, repository, default.name, settings=model_settings, log=log
+        )
+        return DefaultResult(default.name, "published", published)
+    from fineserve.export.heldout import examples_from_run
+    from fineserve.training.checkpoint import read_metadata
+
+    run_dir = runs_dir / default.name
+    item = model_from_checkpoint(run_dir)
+    examples, calibration = examples_from_run(read_metadata(run_dir), run_dir, limit=max_examples)
+    published = export_and_publish(
+        item, examples, repository, default.name, settings=model_settings, calibration=calibration, log=log
+    )
+    return DefaultResult(default.name, "published", published, train_seconds or 0.0)
+
+
+def _whole_lines(log: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``log``, one call at a time: lines from several threads never run into each other."""
+    lock = threading.Lock()
+
+    def locked(line: str) -> Any:
+        with lock:
+            return log(line)
+
+    return locked
 
 
 def train(recipe: str, run_dir: Path, log: Callable[[str], Any] = print) -> float:
@@ -164,7 +223,12 @@ class Trained:
 
 
 def train_runs(
-    runs: Sequence[tuple[str, Path]], *, parallel: int, log: Callable[[str], Any] = print
+    runs: Sequence[tuple[str, Path]],
+    *,
+    parallel: int,
+    log: Callable[[str], Any] = print,
+    on_end: Callable[[str, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> Trained:
     """Runs ``python -m fineserve.training <recipe> --output-dir <run_dir>`` for each run whose
     folder does not already hold a finished run, ``parallel`` at a time, in the given order. An
@@ -174,7 +238,9 @@ def train_runs(
 
     Side by side, each run's progress bars would overwrite each other's, so with ``parallel > 1``
     the runs print periodic lines instead (unbuffered, so they arrive as they are written), each
-    prefixed with its recipe's name. Ctrl-C stops the running commands and starts no more.
+    prefixed with its recipe's name. ``on_end(recipe, exit_code)`` runs as each run ends (0 at
+    once for a reused run). Ctrl-C stops the running commands; it, or ``stop`` set by the
+    caller, starts no more.
 
     Raises:
         training.errors.CheckpointError: a folder's metadata.json is unreadable.
@@ -188,13 +254,15 @@ def train_runs(
             if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
                 log(f"{recipe}: using the existing run {run_dir}")
                 seconds[recipe] = 0.0
+                if on_end is not None:
+                    on_end(recipe, 0)
                 continue
             log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
         pending.append((recipe, run_dir))
     side_by_side = parallel > 1 and len(pending) > 1
     lock = threading.Lock()
     children: list[subprocess.Popen[str]] = []
-    stopping = threading.Event()
+    stopping = stop if stop is not None else threading.Event()
 
     def run_one(recipe: str, run_dir: Path) -> tuple[str, int, float]:
         command = [sys.executable, "-m", "fineserve.training", recipe, "--output-dir", str(run_dir)]
@@ -211,11 +279,28 @@ def train_runs(
                               text=True, errors="replace", env=env) as child:  # fmt: skip
             with lock:
                 children.append(child)
+                if stopping.is_set():  # stopped while this one was starting
+                    child.terminate()
             for line in child.stdout or ():
                 with lock:  # whole lines: two runs never interleave within one
                     log(f"[{recipe}] {line.rstrip()}")
+        if on_end is not None:
+            on_end(recipe, child.returncode)
         return recipe, child.returncode, time.perf_counter() - started
 
+    done = threading.Event()
+
+    def stop_children_on_request() -> None:
+        """Ends the running commands once ``stopping`` is set (by the caller's ``stop``)."""
+        while not done.wait(0.2):
+            if stopping.is_set():
+                with lock:
+                    for child in children:
+                        if child.poll() is None:
+                            child.terminate()
+                return
+
+    threading.Thread(target=stop_children_on_request, name="train-stop", daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=max(1, parallel))
     try:
         finished = list(pool.map(lambda run: run_one(*run), pending))
@@ -227,6 +312,8 @@ def train_runs(
                     child.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        done.set()
     pool.shutdown()
     seconds.update({recipe: took for recipe, code, took in finished if code == 0})
     return Trained(seconds, {recipe: code for recipe, code, _ in finished if code != 0})

@@ -113,3 +113,36 @@ def test_a_failed_training_is_named_and_the_others_finish(tmp_path: Path) -> Non
     assert any(line.startswith(f"[{broken}] error: lr") for line in lines), lines
     with pytest.raises(TrainingFailedError, match=r"bad\.yaml"):
         trained.raise_failures()
+
+
+def test_each_default_is_published_as_its_training_ends_and_a_failure_spares_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_defaults end to end on tiny recipes: two train side by side, each is exported as it
+    ends (the quicker one is published while the other still trains), the failed one is named."""
+    import fineserve.export.defaults
+    from fineserve.export.defaults import DefaultModel
+    from fineserve.export.errors import TrainingFailedError
+
+    quick = _tiny_recipe(tmp_path / "quick.yaml", train_samples=32)
+    slow = _tiny_recipe(tmp_path / "slow.yaml", epochs=25, log_every=0)
+    broken = _tiny_recipe(tmp_path / "broken.yaml", lr=-1)
+    models = (
+        DefaultModel("slow", slow, ("fp32",), "tiny, 25 epochs", train_s=2),
+        DefaultModel("quick", quick, ("fp32",), "tiny, 1 epoch", train_s=1),
+        DefaultModel("broken", broken, ("fp32",), "refused recipe", train_s=0),
+    )
+    monkeypatch.setattr(fineserve.export.defaults, "DEFAULT_MODELS", models)
+    repository, lines = tmp_path / "models", []
+    with pytest.raises(TrainingFailedError, match=r"broken\.yaml"):
+        build_defaults(repository, runs_dir=tmp_path / "runs", parallel=2, log=lines.append, max_examples=16)
+    assert list_versions(repository / "quick") == [1] and list_versions(repository / "slow") == [1]
+    assert not (repository / "broken").exists()
+    published = lines.index(next(line for line in lines if line.startswith("quick: published version 1")))
+    assert any(line.startswith(f"[{slow}] test accuracy") for line in lines[published:]), (
+        lines
+    )  # still training
+    again: list[str] = []
+    monkeypatch.setattr(fineserve.export.defaults, "DEFAULT_MODELS", models[:2])
+    results = build_defaults(repository, runs_dir=tmp_path / "runs", parallel=2, log=again.append)
+    assert [(r.name, r.status) for r in results] == [("slow", "present"), ("quick", "present")]
