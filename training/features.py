@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,19 +26,7 @@ def cached_features(
     model: nn.Module, splits: Splits, step: Step, cfg: TrainConfig, *, cache: Path, show: bool
 ) -> tuple[Examples, Examples, Examples]:
     """Head inputs of the frozen backbone for each split, cached on disk by what determines them."""
-    key_source = {
-        "backbone": cfg.backbone,
-        "pretrained": cfg.pretrained,
-        "dataset": cfg.dataset,
-        "data_path": cfg.data_path,
-        "split": splits.record,
-        "image_size": cfg.image_size,
-        "max_length": cfg.max_length,
-        "num_layers": cfg.num_layers,
-        "labels": splits.names,
-    }
-    key = hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    path = cache / "features" / f"{key}.pt"
+    path = cache / "features" / f"{cache_key(cfg, splits)}.pt"
     if path.is_file():
         stored = torch.load(path, map_location="cpu", weights_only=True)
         parts = [stored[name] for name in ("train", "val", "test")]
@@ -53,6 +42,24 @@ def cached_features(
         Examples({"features": feats}, data.labels)
         for feats, data in zip(parts, (splits.train, splits.val, splits.test), strict=True)
     )
+
+
+def cache_key(cfg: TrainConfig, splits: Splits, **extra: Any) -> str:
+    """A file name for what a frozen network computes on ``splits``: the recipe keys and the split
+    that change it, and the caller's own ``extra`` (JSON-able) on top."""
+    source = {
+        "backbone": cfg.backbone,
+        "pretrained": cfg.pretrained,
+        "dataset": cfg.dataset,
+        "data_path": cfg.data_path,
+        "split": splits.record,
+        "image_size": cfg.image_size,
+        "max_length": cfg.max_length,
+        "num_layers": cfg.num_layers,
+        "labels": splits.names,
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def frozen_features(

@@ -20,7 +20,6 @@ lets the top see the whole training set several times for what a few epochs on a
 from __future__ import annotations
 
 import hashlib
-import json
 import tempfile
 import time
 import warnings
@@ -37,6 +36,7 @@ from fineserve.training import layers
 from fineserve.training.config import TrainConfig
 from fineserve.training.data import Examples, ImagePipeline, Splits
 from fineserve.training.errors import ConfigError
+from fineserve.training.features import cache_key
 
 PREFIX = "prefix"  # the batch key of a cached prefix output
 MIRRORED = "prefix_mirrored"  # the same for the horizontally flipped image (hflip)
@@ -215,23 +215,15 @@ def _cache_key(cfg: TrainConfig, splits: Splits, frozen: list[nn.Module]) -> str
         for name, tensor in block.state_dict().items():
             weights.update(f"{index}.{name}".encode())
             weights.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    source = {
-        "kind": "prefix",
-        "version": CACHE_VERSION,
-        "weights": weights.hexdigest(),
-        "backbone": cfg.backbone,
-        "pretrained": cfg.pretrained,
-        "dataset": cfg.dataset,
-        "data_path": cfg.data_path,
-        "split": splits.record,
-        "image_size": cfg.image_size,
-        "max_length": cfg.max_length,
-        "num_layers": cfg.num_layers,
-        "trainable_blocks": cfg.trainable_blocks,
-        "hflip": cfg.hflip,
-        "labels": splits.names,
-    }
-    return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_key(
+        cfg,
+        splits,
+        kind="prefix",
+        version=CACHE_VERSION,
+        weights=weights.hexdigest(),
+        trainable_blocks=cfg.trainable_blocks,
+        hflip=cfg.hflip,
+    )
 
 
 def choose_views(batch: dict[str, Tensor], train: bool) -> dict[str, Tensor]:
