@@ -131,11 +131,11 @@ def build_defaults(
                 log(f"{default.name}: already in {repository}, left alone")
                 results[default.name] = DefaultResult(default.name, "present")
             elif default.recipe is None:
-                results[default.name] = export(default, 0.0)
+                results[default.name] = export(default)
         while (end := ended.get()) is not None:
             recipe, code = end
             if code == 0:
-                results[by_recipe[recipe].name] = export(by_recipe[recipe], None)
+                results[by_recipe[recipe].name] = export(by_recipe[recipe])
     except BaseException:
         stop.set()  # Ctrl-C or a failed export: no training starts after this one
         raise
@@ -155,7 +155,6 @@ def build_defaults(
 def _export_default(
     repository: Path,
     default: DefaultModel,
-    train_seconds: float | None,
     *,
     runs_dir: Path,
     settings: ExportSettings | None,
@@ -163,7 +162,7 @@ def _export_default(
     log: Callable[[str], Any],
 ) -> DefaultResult:
     """Exports, checks and publishes one default model: ImageNet's pretrained Lite0, or the run
-    its recipe trained into ``runs_dir``."""
+    its recipe trained into ``runs_dir`` (the caller fills in the training's seconds)."""
     # fp16/int8 are extras: one that fails its check is left out (and recorded), not published.
     model_settings = replace(
         settings or ExportSettings(), variants=default.variants, optional_variants=("fp16", "int8")
@@ -183,7 +182,7 @@ def _export_default(
     published = export_and_publish(
         item, examples, repository, default.name, settings=model_settings, calibration=calibration, log=log
     )
-    return DefaultResult(default.name, "published", published, train_seconds or 0.0)
+    return DefaultResult(default.name, "published", published)
 
 
 def _whole_lines(log: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -291,7 +290,7 @@ def train_runs(
     done = threading.Event()
 
     def stop_children_on_request() -> None:
-        """Ends the running commands once ``stopping`` is set (by the caller's ``stop``)."""
+        """Ends the running commands once ``stopping`` is set (the caller's ``stop``, or Ctrl-C)."""
         while not done.wait(0.2):
             if stopping.is_set():
                 with lock:
@@ -305,11 +304,7 @@ def train_runs(
     try:
         finished = list(pool.map(lambda run: run_one(*run), pending))
     except BaseException:
-        with lock:
-            stopping.set()
-            for child in children:
-                if child.poll() is None:
-                    child.terminate()
+        stopping.set()  # the watcher above ends the running commands; cancel the queued ones
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:

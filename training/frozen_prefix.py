@@ -292,8 +292,9 @@ def _image_engine(
 
     if device.type != "cpu":
         return torch_run, "PyTorch"
+    images = pipeline(sample, train=False)
     try:
-        ort_run = _onnxruntime_prefix(prefix, pipeline(sample, train=False))
+        ort_run = _onnxruntime_prefix(prefix, images)
     except ImportError:
         say("cache_frozen: onnxruntime is not installed; computing the frozen blocks with PyTorch")
         return torch_run, "PyTorch"
@@ -301,7 +302,6 @@ def _image_engine(
         say(f"cache_frozen: onnxruntime could not run the frozen blocks ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); computing them with PyTorch")  # fmt: skip
         return torch_run, "PyTorch"
-    images = pipeline(sample, train=False)
     expected, got = torch_run(images), ort_run(images)
     error = float((expected - got).abs().max()) / max(1.0, float(expected.abs().max()))
     if error > ORT_TOLERANCE:
