@@ -7,6 +7,8 @@
     fineserve bench floor --json floor.json                 gRPC's own CPU per request beside the server's
     fineserve bench startup --model-repository models       seconds to SERVING, idle memory
     fineserve bench train ...                               the training results table
+    fineserve bench labels --out bench/results/labels-cpu   label efficiency: pretrained vs random init
+    fineserve bench transfer --out bench/results/transfer-cpu  rank scores against fine-tuning (tau)
     fineserve bench newcomer --json FILE                    the README's two commands on a fresh clone
     fineserve bench gpu --out bench/results/gpu/h100.json  the GPU check, in a time budget
 
@@ -42,6 +44,14 @@ COMMANDS = {
     "stream": ("fineserve.bench.stream_compare", "KServe unary calls against one open stream per client"),
     "startup": ("fineserve.bench.startup", "seconds from process start to health SERVING, idle memory"),
     "train": ("fineserve.bench.train_results", "train the result recipes and print the accuracy table"),
+    "labels": (
+        "fineserve.bench.labels",
+        "accuracy against the share of labelled examples: fine-tune, probe, random init (3 seeds)",
+    ),
+    "transfer": (
+        "fineserve.bench.transfer",
+        "transferability scores against fine-tuned accuracy (Kendall's tau), per dataset",
+    ),
     "newcomer": ("fineserve.bench.newcomer", "a fresh clone: make serve until SERVING, predict, make test"),
     "gpu": ("fineserve.bench.gpu", "the GPU check: raw onnxruntime at its best against the served models"),
 }

@@ -237,9 +237,9 @@ def train_runs(
 
     Side by side, each run's progress bars would overwrite each other's, so with ``parallel > 1``
     the runs print periodic lines instead (unbuffered, so they arrive as they are written), each
-    prefixed with its recipe's name. ``on_end(recipe, exit_code)`` runs as each run ends (0 at
-    once for a reused run). Ctrl-C stops the running commands; it, or ``stop`` set by the
-    caller, starts no more.
+    prefixed with its recipe's name (a recipe file's stem). ``on_end(recipe, exit_code)`` runs as
+    each run ends (0 at once for a reused run). Ctrl-C stops the running commands; it, or
+    ``stop`` set by the caller, starts no more.
 
     Raises:
         training.errors.CheckpointError: a folder's metadata.json is unreadable.
@@ -251,12 +251,12 @@ def train_runs(
     for recipe, run_dir in runs:
         if (run_dir / METADATA).is_file():
             if (run_dir / BEST).is_file() and run_finished(read_metadata(run_dir)):
-                log(f"{recipe}: using the existing run {run_dir}")
+                log(f"{_name(recipe)}: using the existing run {run_dir}")
                 seconds[recipe] = 0.0
                 if on_end is not None:
                     on_end(recipe, 0)
                 continue
-            log(f"{recipe}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
+            log(f"{_name(recipe)}: {run_dir} holds an unfinished run; training again (resumes from last.pt)")
         pending.append((recipe, run_dir))
     side_by_side = parallel > 1 and len(pending) > 1
     lock = threading.Lock()
@@ -270,7 +270,7 @@ def train_runs(
         with lock:
             if stopping.is_set():  # Ctrl-C came while this run waited its turn
                 return recipe, 130, 0.0
-            log(f"{recipe}: training ({' '.join(command[1:])})")
+            log(f"{_name(recipe)}: training ({' '.join(command[1:])})")
         started = time.perf_counter()
         output = subprocess.PIPE if side_by_side else None
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -282,7 +282,7 @@ def train_runs(
                     child.terminate()
             for line in child.stdout or ():
                 with lock:  # whole lines: two runs never interleave within one
-                    log(f"[{recipe}] {line.rstrip()}")
+                    log(f"[{_name(recipe)}] {line.rstrip()}")
         if on_end is not None:
             on_end(recipe, child.returncode)
         return recipe, child.returncode, time.perf_counter() - started
@@ -312,6 +312,11 @@ def train_runs(
     pool.shutdown()
     seconds.update({recipe: took for recipe, code, took in finished if code == 0})
     return Trained(seconds, {recipe: code for recipe, code, _ in finished if code != 0})
+
+
+def _name(recipe: str) -> str:
+    """How the lines name a run: the recipe's name, or a recipe file's stem."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
 
 
 def default_parallel_training() -> int:

@@ -36,6 +36,7 @@ class TrainConfig:
     label_column: str = "label"
     labels: list[str] | None = None
     train_samples: int | None = None
+    train_fraction: float | None = None
     val_samples: int | None = None
     test_samples: int | None = None
     val_fraction: float = 0.1
@@ -50,6 +51,7 @@ class TrainConfig:
     bn_momentum: float | None = 0.1
     layer_decay: float = 0.75
     unfreeze_every: int = 1
+    head_warmup_epochs: int = 0
     # --- optimisation
     epochs: int = 3
     batch_size: int = 64
@@ -120,6 +122,8 @@ class TrainConfig:
             raise ConfigError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if not (0 < self.val_fraction < 1 and 0 <= self.test_fraction < 1):
             raise ConfigError("val_fraction/test_fraction: must be fractions in (0, 1)")
+        if self.train_fraction is not None and not (0 < self.train_fraction <= 1):
+            raise ConfigError(f"train_fraction: must be in (0, 1], got {self.train_fraction}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("val_fraction + test_fraction: must leave training data (< 1)")
         if self.image_size is not None and (text_backbone or self.image_size < 32):
@@ -136,6 +140,8 @@ class TrainConfig:
             raise ConfigError(
                 "teacher: distillation needs a strategy that trains the student, not linear-probe"
             )
+        if self.head_warmup_epochs:
+            self._check_head_warmup()
         if self.cache_frozen and self.strategy != "linear-probe":  # a probe always caches
             self._check_cache_frozen()
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
@@ -156,6 +162,19 @@ class TrainConfig:
             )
         if self.teacher:
             raise ConfigError("cache_frozen: distillation needs the raw inputs every step; drop one of them")
+
+    def _check_head_warmup(self) -> None:
+        """Head-only epochs need blocks to unfreeze afterwards, and epochs left to train them in."""
+        if self.strategy not in ("full", "partial"):
+            why = "trains only the head" if self.strategy == "linear-probe" else "starts head-only already"
+            raise ConfigError(
+                f"head_warmup_epochs: only with strategy full or partial ({self.strategy} {why})"
+            )
+        if self.head_warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"head_warmup_epochs: {self.head_warmup_epochs} head-only epochs leave none of the "
+                f"{self.epochs} epochs to fine-tune in"
+            )
 
     def _check_ranges(self) -> None:
         """One key at a time: counts, sizes and rates that no run can use (a negative learning
@@ -190,6 +209,7 @@ INT_MINIMUMS: dict[str, int] = {
     "grad_accum": 1,
     "trainable_blocks": 1,
     "unfreeze_every": 1,
+    "head_warmup_epochs": 0,
     "train_samples": 1,
     "val_samples": 1,
     "test_samples": 1,
@@ -215,6 +235,8 @@ FIELD_HELP: dict[str, str] = {
     "label_column": "text-file: the column/key holding the label",
     "labels": "expected class names; the run fails if the data's labels differ (order = output order)",
     "train_samples": "use at most this many training examples (seeded subset; quick recipes)",
+    "train_fraction": "then keep this fraction of them (0 < f <= 1; seeded, and nested: the 1% draw "
+    "lies inside the 10% one of the same seed), e.g. to measure what fewer labels cost",
     "val_samples": "validate on at most this many examples (seeded subset)",
     "test_samples": "evaluate on at most this many test examples (seeded subset)",
     "val_fraction": "share of the data held out for validation (early stopping, calibration)",
@@ -231,6 +253,9 @@ FIELD_HELP: dict[str, str] = {
     "own; EfficientNet-Lite ships 0.01, too slow to follow a new domain in a short run)",
     "layer_decay": "full/gradual: LR multiplier per block below the head (1 = same LR everywhere)",
     "unfreeze_every": "gradual: epochs between unfreezing the next-lower block",
+    "head_warmup_epochs": "full/partial: train only the head for the first N epochs, then the blocks "
+    "as well (LP-FT: a random head's first updates would otherwise distort the pretrained features; "
+    "helps most with few labels)",
     "epochs": "passes over the training data",
     "batch_size": "examples per optimiser step per process (times grad_accum)",
     "eval_batch_size": "examples per forward pass when evaluating and caching features",

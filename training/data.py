@@ -71,8 +71,8 @@ def check_labels(raw: RawData, expected: list[str] | None) -> RawData:
 
 def make_splits(raw: RawData, cfg: TrainConfig, encode: Any) -> Splits:
     """Seeded train/val/test index split (official test split kept where there is one), subsets
-    capped by ``train_samples``/``val_samples``/``test_samples``; ``encode`` turns a RawData
-    part plus indices into ``Examples``."""
+    capped by ``train_samples``/``val_samples``/``test_samples`` (then ``train_fraction`` of the
+    training examples); ``encode`` turns a RawData part plus indices into ``Examples``."""
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(raw), generator=gen)
     n_val = max(1, round(cfg.val_fraction * len(raw)))
@@ -84,6 +84,14 @@ def make_splits(raw: RawData, cfg: TrainConfig, encode: Any) -> Splits:
         test_source, test_idx = raw, order[:n_test]
         val_idx, train_idx = order[n_test : n_test + n_val], order[n_test + n_val :]
     train_idx = train_idx[: cfg.train_samples]
+    if cfg.train_fraction is not None:  # a prefix of the same seeded order: draws nest
+        kept = round(cfg.train_fraction * len(train_idx))
+        if kept < 2:
+            raise DatasetError(
+                f"train_fraction {cfg.train_fraction} of {len(train_idx)} training examples leaves {kept}; "
+                "training needs at least 2"
+            )
+        train_idx = train_idx[:kept]
     val_idx = val_idx[: cfg.val_samples]
     test_idx = test_idx[: cfg.test_samples]
     if len(train_idx) < 2 or len(val_idx) < 1 or len(test_idx) < 1:

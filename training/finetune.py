@@ -4,6 +4,9 @@
 - partial: the last ``trainable_blocks`` blocks and the head train, the rest is frozen.
 - full: everything trains; block ``d`` steps below the head gets ``lr * layer_decay**d``.
 - gradual: starts like linear-probe and unfreezes one more block every ``unfreeze_every`` epochs.
+- ``head_warmup_epochs`` (full, partial): only the head trains for the first epochs, then the
+  strategy's blocks too: LP-FT (Kumar et al., ICLR 2022). A random head's first, large gradients
+  would otherwise flow into the pretrained blocks and distort the features the head will need.
 
 Frozen blocks run in eval mode: their BatchNorm layers keep the pretrained running statistics
 (updating them from a frozen network's new inputs would silently change what the frozen
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from fineserve.training import layers
+
+if TYPE_CHECKING:
+    from fineserve.training.config import TrainConfig
 
 
 def set_trainable_blocks(model: nn.Module, n: int) -> None:
@@ -36,6 +42,18 @@ def initial_trainable_blocks(strategy: str, trainable_blocks: int, num_blocks: i
     if strategy == "partial":
         return min(trainable_blocks, num_blocks)
     return 0  # linear-probe, and gradual before its first unfreezing
+
+
+def trainable_blocks_in(epoch: int, cfg: TrainConfig, num_blocks: int) -> int | None:
+    """Blocks that train in ``epoch`` (0-based) when the strategy changes them between epochs
+    (gradual unfreezing, a head-only warm-up), else None: what started trains throughout."""
+    if cfg.strategy == "gradual":
+        return gradual_trainable_blocks(epoch, cfg.unfreeze_every, num_blocks)
+    if cfg.head_warmup_epochs:
+        if epoch < cfg.head_warmup_epochs:
+            return 0
+        return initial_trainable_blocks(cfg.strategy, cfg.trainable_blocks, num_blocks)
+    return None
 
 
 def gradual_trainable_blocks(epoch: int, unfreeze_every: int, num_blocks: int) -> int:

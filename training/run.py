@@ -437,10 +437,9 @@ def fit(
             save_last()
 
     for epoch in range(progress.epoch, cfg.epochs):
-        if cfg.strategy == "gradual":
-            finetune.set_trainable_blocks(
-                net.model, finetune.gradual_trainable_blocks(epoch, cfg.unfreeze_every, num_blocks)
-            )
+        trainable = finetune.trainable_blocks_in(epoch, cfg, num_blocks)
+        if trainable is not None:
+            finetune.set_trainable_blocks(net.model, trainable)
         # DDP records which parameters train when it is built: rebuild it each epoch.
         module = DistributedDataParallel(trainee.module) if ctx.enabled else trainee.module
         batches = epoch_batches(

@@ -8,7 +8,7 @@ import pytest
 
 from fineserve.training.data import check_labels, image_encoder, make_splits
 from fineserve.training.datasets import sklearn_digits
-from fineserve.training.errors import DatasetError
+from fineserve.training.errors import ConfigError, DatasetError
 from tests.training.conftest import tiny_image_config
 
 
@@ -32,3 +32,21 @@ def test_labels_are_reordered_to_the_recipe_or_rejected() -> None:
     assert int(remapped.labels[0]) == 9 - int(raw.labels[0])
     with pytest.raises(DatasetError, match="label mismatch"):
         check_labels(raw, ["0", "1"])
+
+
+def test_train_fraction_draws_nest_and_leave_val_and_test_alone(tmp_path: Path) -> None:
+    raw = sklearn_digits()
+    by_index = lambda _raw, index: index  # noqa: E731  (the indices themselves, not tensors)
+    splits = {
+        f: make_splits(raw, tiny_image_config(tmp_path, train_samples=400, train_fraction=f), by_index)
+        for f in (0.05, 0.25, 1.0)
+    }
+    small, medium, whole = (splits[f] for f in (0.05, 0.25, 1.0))
+    assert (len(small.train), len(medium.train), len(whole.train)) == (20, 100, 400)
+    assert set(small.train.tolist()) <= set(medium.train.tolist()) <= set(whole.train.tolist())
+    for split in splits.values():
+        assert split.val.tolist() == whole.val.tolist() and split.test.tolist() == whole.test.tolist()
+    with pytest.raises(DatasetError, match="leaves 1; training needs at least 2"):
+        make_splits(raw, tiny_image_config(tmp_path, train_samples=40, train_fraction=0.03), by_index)
+    with pytest.raises(ConfigError, match=r"train_fraction: must be in \(0, 1\]"):
+        tiny_image_config(tmp_path, train_fraction=1.5)

@@ -14,6 +14,7 @@ from fineserve.training.backbones import create_model
 from fineserve.training.checkpoint import load_checkpoint
 from fineserve.training.data import ImagePipeline
 from fineserve.training.datasets import sklearn_digits
+from fineserve.training.errors import ConfigError
 from fineserve.training.run import train
 from tests.training.conftest import losses, tiny_image_config, tiny_text_config
 
@@ -92,3 +93,49 @@ def test_text_partial_loss_falls_and_tokenizer_travels(tmp_path: Path, text_file
     assert meta.model_args == {"num_layers": 2}
     assert (run / "tokenizer.json").is_file()
     assert len(model.bert.encoder.layer) == 2
+
+
+def test_head_warmup_trains_only_the_head_first_then_every_block(tmp_path: Path) -> None:
+    """LP-FT: after the head-only epoch the optimiser has stepped only the head's parameters and
+    the blocks (weights and BatchNorm statistics) are the pretrained ones; after the next epoch
+    the blocks have moved too."""
+    cfg = tiny_image_config(tmp_path, strategy="full", epochs=2, head_warmup_epochs=1, head_lr=1e-2)
+    run = tmp_path / "run"
+    after_epoch: dict[int, dict] = {}
+
+    def snapshot(record: dict) -> None:  # last.pt holds the state each epoch ended with
+        after_epoch[record["epoch"]] = torch.load(run / "last.pt", weights_only=False)
+
+    train(cfg, run, on_epoch=snapshot)
+
+    def stepped_groups(state: dict) -> set[str]:
+        """The parameter groups that have AdamW state, i.e. got a gradient at some step."""
+        groups = state["optimizer"]["param_groups"]
+        return {
+            g["name"].split(".")[0]
+            for g in groups
+            if any(i in state["optimizer"]["state"] for i in g["params"])
+        }
+
+    assert sorted(after_epoch) == [1, 2]
+    first, second = after_epoch[1], after_epoch[2]
+    assert stepped_groups(first) == {"head"}
+    assert len(stepped_groups(second)) > 1 + len(layers.blocks(create_model("efficientnet-lite0", 10))) // 2
+    blocks = frozen_state(create_model("efficientnet-lite0", 10, image_size=32), trainable_blocks=0)
+    assert blocks
+    for key, value in blocks.items():
+        assert torch.equal(first["model"][key], value), f"head-only epoch changed {key}"
+    assert any(not torch.equal(second["model"][k], value) for k, value in blocks.items())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"strategy": "linear-probe", "head_warmup_epochs": 1}, "only with strategy full or partial"),
+        ({"strategy": "gradual", "head_warmup_epochs": 1}, "starts head-only already"),
+        ({"strategy": "full", "epochs": 2, "head_warmup_epochs": 2}, "leave none of the 2 epochs"),
+    ],
+)
+def test_head_warmup_that_cannot_fine_tune_is_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_image_config(tmp_path, **changes)

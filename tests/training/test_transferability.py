@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fineserve.training.errors import ScoringError
-from fineserve.training.transferability import leep, logme, max_evidence, probe_accuracy
+from fineserve.training.transferability import kendall_tau, leep, logme, max_evidence, probe_accuracy
 
 
 def test_leep_by_hand() -> None:
@@ -133,3 +133,31 @@ def test_logme_refuses_features_that_fit_the_labels_exactly() -> None:
         logme(f, labels)
     with pytest.raises(ScoringError, match="all zero"):
         logme(np.zeros((4, 3)), np.array([0, 1, 0, 1]))
+
+
+def test_kendall_tau_by_hand() -> None:
+    # x orders a < b < c < d; y swaps the last two: 5 concordant pairs, 1 discordant, of 6
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(4 / 6)
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([0.1, 0.5, 0.9], [1, 2, 3]) == pytest.approx(1.0)
+    # tau-b with a tie in y: pairs (12,13,14,23,24,34) -> signs y: +,+,+,0,+,+ ; x all +
+    # concordant 5, discordant 0, untied x 6, untied y 5: 5 / sqrt(6 * 5)
+    assert kendall_tau([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(5 / math.sqrt(30))
+
+
+def test_kendall_tau_matches_scipy_on_random_rankings_with_ties() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")  # scikit-learn installs it; the skip gate fails a skip
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, size=9), rng.normal(size=9)
+        assert kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [([1.0], [1.0], "length >= 2"), ([1, 2], [1, 2, 3], "same length"), ([1, 1, 1], [1, 2, 3], "same value"),
+     ([1, float("nan")], [1, 2], "NaN")],
+)  # fmt: skip
+def test_kendall_tau_refuses_what_has_no_order(x: list, y: list, message: str) -> None:
+    with pytest.raises(ScoringError, match=message):
+        kendall_tau(x, y)

@@ -1,0 +1,93 @@
+"""``fineserve bench labels`` and ``fineserve bench transfer`` end to end at their smoke size: real
+datasets, real training runs side by side, the files they write. Not a measurement: the figures
+at this size are noise; the tests check that each reaches its runs and reports what they did."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fineserve.bench.__main__ import main as bench_main
+from fineserve.bench.labels import SIZES, epochs_for
+
+
+@pytest.fixture(autouse=True)
+def own_data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINESERVE_DATA_CACHE", str(tmp_path / "cache"))  # the runs' subprocesses too
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_epochs_grow_as_labels_shrink_up_to_the_cap() -> None:
+    assert epochs_for(4000, 32, 3, 60, 40) == 3  # 125 steps per epoch already
+    assert epochs_for(400, 32, 3, 60, 40) == 5  # 13 per epoch -> ceil(60 / 13)
+    assert epochs_for(40, 32, 3, 60, 40) == 30  # 2 per epoch
+    assert epochs_for(10, 32, 3, 60, 40) == 40  # 1 per epoch, capped
+
+
+def test_label_efficiency_smoke_trains_every_method_and_fraction(tmp_path: Path) -> None:
+    out = tmp_path / "labels"
+    assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
+
+    result = json.loads((out / "labels.json").read_text())
+    size = SIZES["smoke"]
+    expected = {(t, m, f) for t in ("fashion", "sentiment") for m in ("finetune", "probe", "random", "lpft")
+                for f in size.fractions}  # fmt: skip
+    assert {(p["task"], p["method"], p["fraction"]) for p in result["points"]} == expected
+    assert result["runs"] == result["finished"] == len(expected) * len(size.seeds)
+    for p in result["points"]:
+        accuracy = p["test_accuracy"]
+        assert 0 <= accuracy["min"] <= accuracy["mean"] <= accuracy["max"] <= 1 and accuracy["n"] == 1
+        assert p["labelled"] == round(p["fraction"] * 200)  # of the pool of 200
+    # each run trained on the share of labels its name says, with the recipe written for it
+    run = out / "runs" / "fashion-lpft-0.1-s0"
+    split = json.loads((run / "metadata.json").read_text())["split"]
+    assert split["train"] == 20 and split["test"] == 40
+    recipe = (out / "recipes" / "fashion-lpft-0.1-s0.yaml").read_text()
+    assert "head_warmup_epochs: 1" in recipe and "train_fraction: 0.1" in recipe
+    assert set(result["gaps_points"]) == {"pretraining", "head_warmup"}
+    assert all(math.isfinite(v) for gaps in result["gaps_points"].values() for v in gaps.values())
+    assert (out / "labels.png").stat().st_size > 10_000
+    assert "| fashion | random |" in (out / "labels.md").read_text()
+
+    # the same command again reuses every finished run instead of training it again
+    assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
+    again = json.loads((out / "labels.json").read_text())
+    assert again["points"] == result["points"] and again["wall_time_s"] < result["wall_time_s"]
+
+
+def test_transfer_smoke_ranks_fine_tunes_and_correlates(tmp_path: Path) -> None:
+    out = tmp_path / "transfer"
+    args = ["transfer", "--size", "smoke", "--datasets", "fashion-mnist,rotten-tomatoes", "--out", str(out)]
+    assert bench_main([*args, "--parallel", "2"]) == 0
+
+    record = json.loads((out / "transfer.json").read_text())
+    assert set(record["results"]) == {"fashion-mnist", "rotten-tomatoes"}
+    for dataset, result in record["results"].items():
+        rows = result["candidates"]
+        assert len(rows) == 3
+        for spec, row in rows.items():
+            assert 0 <= row["test_accuracy"] <= 1 and row["finetune_seconds"] > 0
+            assert math.isfinite(row["logme"]) and 0 <= row["probe_accuracy"] <= 1
+            assert (row["leep"] is None) == ("+random" in spec or dataset == "rotten-tomatoes")
+        leep_candidates = 2 if dataset == "fashion-mnist" else 0  # the pretrained images only
+        assert {score: tau["candidates"] for score, tau in result["tau"].items()} == {
+            "logme": 3, "leep": leep_candidates, "probe_accuracy": 3
+        }  # fmt: skip
+        for tau in result["tau"].values():
+            assert tau["tau"] is None or -1 <= tau["tau"] <= 1
+    # each candidate was fine-tuned as named: a random-init Lite0 at 32 px
+    meta = json.loads(
+        (out / "runs" / "fashion-mnist-efficientnet-lite0-random-32" / "metadata.json").read_text()
+    )
+    assert meta["config"]["pretrained"] is False and meta["model_args"] == {"image_size": 32}
+    assert "Kendall's tau" in (out / "transfer.md").read_text()
+
+
+def test_unknown_task_or_dataset_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert bench_main(["labels", "--tasks", "cifar", "--out", str(tmp_path)]) == 2
+    assert bench_main(["transfer", "--datasets", "imagenet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
