@@ -176,18 +176,35 @@ def scored(dataset: str, size: Size, out: Path, *, device: str) -> dict[str, dic
 
 
 def taus(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Kendall's tau-b of each score against test accuracy, over the candidates that have both."""
+    """Kendall's tau-b of each score against test accuracy, over the candidates that have both,
+    and over the pretrained ones alone (a random-init candidate last on both sides adds easy
+    agreeing pairs; the choice a user makes is between pretrained backbones)."""
     from fineserve.training.errors import ScoringError
+    from fineserve.training.rank import RANDOM_SUFFIX
     from fineserve.training.transferability import kendall_tau
 
+    def tau_of(score: str, specs: list[str]) -> tuple[float | None, int]:
+        both = [
+            rows[s]
+            for s in specs
+            if rows[s].get(score) is not None and rows[s].get("test_accuracy") is not None
+        ]
+        try:
+            return kendall_tau([r[score] for r in both], [r["test_accuracy"] for r in both]), len(both)
+        except ScoringError:  # fewer than two candidates, or all tied: no order to compare
+            return None, len(both)
+
+    pretrained = [spec for spec in rows if RANDOM_SUFFIX not in spec]
     out: dict[str, dict[str, Any]] = {}
     for score in SCORES:
-        both = [r for r in rows.values() if r.get(score) is not None and r.get("test_accuracy") is not None]
-        try:
-            tau: float | None = kendall_tau([r[score] for r in both], [r["test_accuracy"] for r in both])
-        except ScoringError:  # fewer than two candidates, or all tied: no order to compare
-            tau = None
-        out[score] = {"tau": tau, "candidates": len(both)}
+        tau, count = tau_of(score, list(rows))
+        tau_pretrained, count_pretrained = tau_of(score, pretrained)
+        out[score] = {
+            "tau": tau,
+            "candidates": count,
+            "tau_pretrained": tau_pretrained,
+            "pretrained_candidates": count_pretrained,
+        }
     return out
 
 
@@ -212,10 +229,19 @@ def table(results: dict[str, Any]) -> str:
                 f"{number(row.get('finetune_seconds'), 0)} |"
             )
         tau = result["tau"]
-        cells = ", ".join(
+        every = ", ".join(
             f"{score} {number(tau[score]['tau'], 2)} ({tau[score]['candidates']})" for score in SCORES
         )
-        lines += ["", f"Kendall's tau against fine-tuned accuracy (candidates): {cells}", ""]
+        pretrained = ", ".join(
+            f"{score} {number(tau[score]['tau_pretrained'], 2)} ({tau[score]['pretrained_candidates']})"
+            for score in SCORES
+        )
+        lines += [
+            "",
+            f"Kendall's tau against fine-tuned accuracy (candidates): {every}; "
+            f"the pretrained candidates alone: {pretrained}",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Dynamic batching: concurrent requests for one model version merged into batches, which are
-formed and run on the batcher's own threads, off the event loop. ``Batching`` is how one version
+formed and run on the batcher's own threads, off the event loop (a lone request for a graph
+cheaper than that hand-off runs on the loop). ``Batching`` is how one version
 batches; ``Batcher`` does it (docs/serving.md, Batching).
 """
 
@@ -32,6 +33,8 @@ Tensors = dict[str, np.ndarray]
 # Merges the inputs of several requests into one batch (concatenating, padding as the model needs).
 Collate = Callable[[Sequence[Tensors]], Tensors]
 RunBatch = Callable[[Tensors], Tensors]
+# The weight of the newest run in the moving average of run times: about the last 10 runs count.
+RUN_TIME_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class Batching:
     """Batch sizes that run at once without waiting out the delay; none above ``max_batch_size``."""
     instances: int = 1
     """Batches that run at once, each on its own thread (0 in the settings: measured at load)."""
+    inline_run_s: float = 0.0
+    """A request that finds the queue empty runs on the event loop itself, without the hand-off
+    to a batching thread and back, while this version's recent runs took at most this long
+    (seconds; 0: never). For graphs cheaper than the hand-off (``Settings.inline_run_us``)."""
 
     def for_model(self, model_max_batch_size: int) -> Batching:
         """These settings for a model whose own ``max_batch_size`` (model.json) caps the batch."""
@@ -127,6 +134,11 @@ class Batcher:
     A thread that finishes a batch forms the next from the queue at once, so batches never wait
     behind the event loop, which only queues requests and answers each batch once
     (docs/performance.md); while every instance runs, the queue fills and batches grow.
+
+    The exception: with ``inline_run_s``, a request that finds the queue empty runs on the loop
+    at once while the version's runs stay that cheap (a near-free graph costs less than the
+    hand-off to a thread and back); under load the queue is rarely empty, and batches form as
+    before.
     """
 
     def __init__(
@@ -165,6 +177,9 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        # Moving average of how long a batch's run took (seconds; None until one has run), kept
+        # on the loop: whether a lone request is cheaper to run there than to hand off.
+        self._run_s: float | None = None
 
     def start(self) -> None:
         """Starts one batching thread per instance; answers go to the running loop."""
@@ -204,6 +219,10 @@ class Batcher:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if not self._threads_alive():
             raise InferenceFailed(f"model {self.name}: its batching threads stopped; see the server log")
+        if self._runs_inline():
+            if is_cancelled is not None and is_cancelled():
+                raise Cancelled("request cancelled by the client")
+            return self._run_inline(inputs, rows)
         pending = _Pending(inputs, rows, deadline, is_cancelled, self._loop.create_future())
         with self._lock:
             if self._waiting >= self.batching.max_queue_size:
@@ -222,6 +241,23 @@ class Batcher:
             with self._lock:
                 self._release(pending)
             raise
+
+    def _runs_inline(self) -> bool:
+        """Nobody to batch with, and a run cheaper than handing it to a thread and back."""
+        limit = self.batching.inline_run_s
+        return limit > 0 and self._waiting == 0 and self._run_s is not None and self._run_s <= limit
+
+    def _run_inline(self, inputs: Tensors, rows: int) -> BatchedResult:
+        """Runs one request on the loop's thread: a batch of one, answered at once."""
+        try:
+            [outputs], timing = self._collate_run_split([inputs], [rows])
+        except ServingError:
+            raise
+        except Exception as err:
+            log.exception("model %s: a request run on the event loop failed", self.name)
+            raise InferenceFailed(f"model {self.name}: inference failed; see the server log") from err
+        self._record(timing)
+        return BatchedResult(outputs, 0, timing)
 
     def _release(self, pending: _Pending) -> None:
         # Holding self._lock.
@@ -345,7 +381,7 @@ class Batcher:
         outcome: _Outcome = None
         if live:
             try:
-                outcome = self._collate_run_split(live)
+                outcome = self._collate_run_split([p.inputs for p in live], [p.rows for p in live])
             except ServingError as err:
                 outcome = err
             except Exception:
@@ -360,21 +396,21 @@ class Batcher:
         except RuntimeError:  # the loop is closed: nobody is left to answer
             log.warning("model %s: the event loop closed before a batch was answered", self.name)
 
-    def _collate_run_split(self, batch: list[_Pending]) -> tuple[list[Tensors], BatchTiming]:
+    def _collate_run_split(self, inputs: list[Tensors], rows: list[int]) -> tuple[list[Tensors], BatchTiming]:
+        """One batch of requests' ``inputs`` (``rows`` each) merged, run, and split back."""
         t0 = time.perf_counter_ns()
-        merged = self._collate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
+        merged = self._collate(inputs) if len(inputs) > 1 else inputs[0]
         t1 = time.perf_counter_ns()
         outputs = self._run(merged)
         t2 = time.perf_counter_ns()
         pieces: list[Tensors] = []
         start = 0
-        for pending in batch:
-            stop = start + pending.rows
+        for count in rows:
+            stop = start + count
             pieces.append({name: value[start:stop] for name, value in outputs.items()})
             start = stop
         t3 = time.perf_counter_ns()
-        rows = sum(p.rows for p in batch)
-        return pieces, BatchTiming(rows, t1 - t0, t2 - t1, t3 - t2)
+        return pieces, BatchTiming(sum(rows), t1 - t0, t2 - t1, t3 - t2)
 
     # --- back on the event loop -----------------------------------------------------------------
 
@@ -399,15 +435,22 @@ class Batcher:
             _fail_all(ran.live, ran.outcome)
             return
         outputs, timing = ran.outcome
+        self._record(timing)
+        for pending, result in zip(ran.live, outputs, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(BatchedResult(result, ran.started_ns - pending.enqueued_ns, timing))
+
+    def _record(self, timing: BatchTiming) -> None:
+        """A batch ran (on the loop's thread): its statistics, and the run time the choice to
+        run inline reads."""
+        run_s = timing.infer_ns / 1e9
+        self._run_s = run_s if self._run_s is None else self._run_s + RUN_TIME_WEIGHT * (run_s - self._run_s)
         if self._on_batch is not None:
             try:
                 self._on_batch(timing)
             except Exception:
                 # Statistics are not worth the answers: the batch ran, its callers get their rows.
                 log.exception("model %s: recording a batch failed", self.name)
-        for pending, result in zip(ran.live, outputs, strict=True):
-            if not pending.future.done():
-                pending.future.set_result(BatchedResult(result, ran.started_ns - pending.enqueued_ns, timing))
 
 
 def _fail_all(batch: list[_Pending], err: ServingError) -> None:

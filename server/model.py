@@ -328,7 +328,9 @@ class ServedVersion:
             pad_values = self.preprocess.pad_values
         collate: Collate = concat_padded(pad_values)
         # Measured at load (instances=0) or as set: the count the batcher runs.
-        self.batching = dataclasses.replace(batching, instances=self.threads.instances)
+        # On CUDA a run on the loop would hold it while the device works: always hand off there.
+        inline = 0.0 if self.provider == CUDA else batching.inline_run_s
+        self.batching = dataclasses.replace(batching, instances=self.threads.instances, inline_run_s=inline)
         self.stats = StatsRecorder(spec.name, spec.version)
         # The batch sizes and text lengths warmup runs: with padding, every shape a batch can have.
         self.warmup_batch_sizes = batch_buckets(self.batching.max_batch_size) if pad else (1,)

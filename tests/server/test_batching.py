@@ -29,6 +29,7 @@ from fineserve.server.errors import (
     Cancelled,
     DeadlineExceeded,
     InferenceFailed,
+    InvalidInput,
     Overloaded,
     ServerShuttingDown,
 )
@@ -515,5 +516,106 @@ def test_every_request_is_answered_even_when_answering_its_batch_breaks(
         )
         assert all(isinstance(r, InferenceFailed) for r in results), results
         await asyncio.wait_for(batcher.close(), timeout=5)
+
+    asyncio.run(scenario())
+
+
+class WhereItRan(Doubler):
+    """A Doubler that also records which thread ran each batch, and can be made slow or failing."""
+
+    def __init__(self, seconds: float = 0.0, fail: Exception | None = None) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.seconds = seconds
+        self.fail = fail
+
+    def __call__(self, inputs: Tensors) -> Tensors:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        if self.fail is not None:
+            raise self.fail
+        return super().__call__(inputs)
+
+
+def test_a_cheap_graph_runs_lone_requests_on_the_loop_once_its_run_time_is_known() -> None:
+    async def scenario() -> WhereItRan:
+        run = WhereItRan()
+        batcher = make(run, inline_run_s=0.01)
+        batcher.start()
+        results = [await batcher.submit(rows(i), 1) for i in range(4)]  # one at a time: queue empty
+        assert [r.outputs["y"].tolist() for r in results] == [[0], [2], [4], [6]]
+        assert [r.queue_ns == 0 for r in results] == [False, True, True, True]
+        await batcher.close()
+        return run
+
+    run = asyncio.run(scenario())
+    # the first run, of unknown cost, went to a batching thread; the others ran on the loop
+    assert run.threads[0].startswith("batcher-test") and run.threads[1:] == ["MainThread"] * 3
+
+
+@pytest.mark.parametrize(("inline_run_s", "seconds"), [(0.0, 0.0), (0.001, 0.01)])
+def test_requests_go_to_the_threads_when_inline_is_off_or_the_graph_too_slow(
+    inline_run_s: float, seconds: float
+) -> None:
+    async def scenario() -> WhereItRan:
+        run = WhereItRan(seconds)
+        batcher = make(run, inline_run_s=inline_run_s)
+        batcher.start()
+        for i in range(3):
+            await batcher.submit(rows(i), 1)
+        await batcher.close()
+        return run
+
+    assert all(name.startswith("batcher-test") for name in asyncio.run(scenario()).threads)
+
+
+def test_with_requests_queued_a_new_one_joins_the_queue_instead_of_running_ahead() -> None:
+    release = threading.Event()
+
+    class Held(WhereItRan):
+        def __call__(self, inputs: Tensors) -> Tensors:
+            if len(self.threads) == 1:  # the second run waits until released
+                release.wait(5)
+            return super().__call__(inputs)
+
+    async def scenario() -> Held:
+        run = Held()
+        batcher = make(run, inline_run_s=0.01, max_queue_delay_s=0.0)
+        batcher.start()
+        await batcher.submit(rows(0), 1)  # learns the run time, on a thread
+        # Fill the queue behind a held batch (inline off for a moment: a lone request would run on the loop).
+        batcher.batching = dataclasses.replace(batcher.batching, inline_run_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(rows(2), 1))
+        await asyncio.sleep(0.05)  # its batch is running, held
+        second = asyncio.ensure_future(batcher.submit(rows(3), 1))
+        await asyncio.sleep(0.05)
+        assert batcher.queue_depth == 1
+        batcher.batching = dataclasses.replace(batcher.batching, inline_run_s=0.01)
+        third = asyncio.ensure_future(batcher.submit(rows(4), 1))
+        await asyncio.sleep(0.05)
+        assert not third.done()  # queued behind the others, not run ahead of them on the loop
+        release.set()
+        assert [(await f).outputs["y"].tolist() for f in (first, second, third)] == [[4], [6], [8]]
+        await batcher.close()
+        return run
+
+    run = asyncio.run(scenario())
+    assert all(name.startswith("batcher-test") for name in run.threads)
+
+
+def test_a_run_on_the_loop_that_fails_answers_its_request_with_the_error() -> None:
+    async def scenario() -> None:
+        run = WhereItRan()
+        batcher = make(run, inline_run_s=0.01)
+        batcher.start()
+        await batcher.submit(rows(0), 1)
+        run.fail = RuntimeError("broken graph")
+        with pytest.raises(InferenceFailed, match="inference failed"):
+            await batcher.submit(rows(1), 1)
+        run.fail = InvalidInput("bad row")
+        with pytest.raises(InvalidInput, match="bad row"):
+            await batcher.submit(rows(2), 1)
+        await batcher.close()
+        assert run.threads[1:] == ["MainThread", "MainThread"]
 
     asyncio.run(scenario())

@@ -104,7 +104,7 @@ def test_head_warmup_trains_only_the_head_first_then_every_block(tmp_path: Path)
     after_epoch: dict[int, dict] = {}
 
     def snapshot(record: dict) -> None:  # last.pt holds the state each epoch ended with
-        after_epoch[record["epoch"]] = torch.load(run / "last.pt", weights_only=False)
+        after_epoch[record["epoch"]] = torch.load(run / "last.pt", weights_only=True)
 
     train(cfg, run, on_epoch=snapshot)
 
