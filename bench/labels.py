@@ -1,6 +1,6 @@
 """Label efficiency (not a test): what pretraining buys when few examples are labelled.
 
-    fineserve bench labels --out bench/results/labels-cpu              # about 30 minutes on 2 cores
+    fineserve bench labels --out bench/results/labels-cpu              # 78 minutes on a 2-core VM
     fineserve bench labels --size gpu --device cuda --out bench/results/labels-gpu
 
 For each task, a pool of training examples (``--size cpu``: a seeded 2,000; ``gpu``: the whole
@@ -33,7 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fineserve.bench.study import StudyRun, add_study_options, chosen, run_study, side_by_side, spread
+from fineserve.bench.study import (
+    StudyRun,
+    add_study_options,
+    chosen,
+    run_study,
+    side_by_side,
+    spread,
+    usable_cores,
+)
 
 FRACTIONS = (0.01, 0.05, 0.1, 1.0)
 LPFT_FRACTIONS = (0.01, 0.1)
@@ -303,13 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         "random init and fine-tuning after a head-only warm-up, 3 seeds each.",
     )
     add_study_options(parser, writes="labels.json/.md/.png")
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]")
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]; one --out per size")
     parser.add_argument("--tasks", default="fashion,sentiment", help="[fashion,sentiment]")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fineserve.export.defaults import default_parallel_training
     from fineserve.training.errors import TrainingError
 
     args = build_parser().parse_args(argv)
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "fineserve bench labels " + " ".join(argv if argv is not None else sys.argv[1:]),
         "size": args.size,
-        "machine": f"{platform.machine()}, {default_parallel_training()} usable cores",
+        "machine": f"{platform.machine()}, {usable_cores()} usable cores",
         "parallel": parallel,
         # this command's wall time (finished runs are reused, not trained again), and the runs' own
         "wall_time_s": round(time.perf_counter() - started, 1),

@@ -8,6 +8,7 @@ study that stops part-way keeps its finished runs, and the same command carries 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ def run_study(
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"study runs must have unique names: {names}")
-    for run in runs:
-        build_config(run.recipe)  # one line for a bad recipe, before hours of training
     recipes, folders = out / "recipes", out / "runs"
+    for run in runs:
+        wanted = build_config(run.recipe).to_dict()  # one line for a bad recipe, before hours of training
+        _check_same_recipe(folders / run.name, wanted)
     recipes.mkdir(parents=True, exist_ok=True)
     order = sorted(runs, key=lambda run: -run.cost)
     for run in order:
@@ -56,6 +58,29 @@ def run_study(
         log(f"{Path(recipe).stem}: training failed (exit {code}); left out of the results")
     failed = {Path(recipe).stem for recipe in trained.failed}
     return {run.name: read_metadata(folders / run.name).metrics for run in runs if run.name not in failed}
+
+
+def _check_same_recipe(run_dir: Path, wanted: dict[str, Any]) -> None:
+    """A folder already trained is reused only if it was trained from this recipe (a study run
+    again with another size or recipe into the same ``--out`` must not mix the two).
+
+    Raises:
+        training.errors.ConfigError: the folder's ``args.yaml`` differs in a key that changes results.
+    """
+    from fineserve.training.errors import ConfigError
+    from fineserve.training.run import RESUMABLE_CHANGES
+
+    args = run_dir / "args.yaml"
+    if not args.is_file():
+        return
+    trained = yaml.safe_load(args.read_text()) or {}
+    changed = sorted(k for k, v in wanted.items() if k not in RESUMABLE_CHANGES and trained.get(k, v) != v)
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            f"{run_dir} was trained with {key}={trained[key]!r}, not {wanted[key]!r}; "
+            "use another --out for a different study"
+        )
 
 
 def spread(values: Sequence[float]) -> dict[str, float | int]:
@@ -78,11 +103,13 @@ def add_study_options(parser: argparse.ArgumentParser, *, writes: str) -> None:
     )
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def side_by_side(args: argparse.Namespace) -> int:
     """How many runs train at once: ``--parallel``, else one per usable core, or one GPU run."""
-    from fineserve.export.defaults import default_parallel_training
-
-    return int(args.parallel) or (1 if args.device == "cuda" else default_parallel_training())
+    return int(args.parallel) or (1 if args.device == "cuda" else usable_cores())
 
 
 def chosen(text: str, known: Iterable[str], option: str) -> list[str]:
@@ -95,5 +122,6 @@ def chosen(text: str, known: Iterable[str], option: str) -> list[str]:
     known = list(known)
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(f"{option}: unknown {unknown or names}; choose from {', '.join(known)}")
+        what = f"unknown {', '.join(unknown)}" if unknown else "none given"
+        raise ValueError(f"{option}: {what}; choose from {', '.join(known)}")
     return names

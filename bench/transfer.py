@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and report Kendall's tau between each score and the fine-tuned test accuracy.",
     )
     add_study_options(parser, writes="transfer.json/.md, the scores")
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]")
+    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]; one --out per size")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"[{','.join(DATASETS)}]")
     return parser
 

@@ -135,10 +135,12 @@ class Batcher:
     behind the event loop, which only queues requests and answers each batch once
     (docs/performance.md); while every instance runs, the queue fills and batches grow.
 
-    The exception: with ``inline_run_s``, a request that finds the queue empty runs on the loop
-    at once while the version's runs stay that cheap (a near-free graph costs less than the
-    hand-off to a thread and back); under load the queue is rarely empty, and batches form as
-    before.
+    The exception: with ``inline_run_s`` and an adaptive wait, a request that finds nobody to
+    batch with (the queue empty, no other request being prepared) runs on the loop at once while
+    the version's runs stay that cheap: a near-free graph costs less than the hand-off to a
+    thread and back. Such a run ends before the loop takes the next request, so for these
+    versions requests rarely queue, even under load: each pays its own (cheap) run instead of a
+    share of a batch's (docs/performance.md, "Runs on the loop", measures both).
     """
 
     def __init__(
@@ -219,7 +221,7 @@ class Batcher:
             raise DeadlineExceeded("deadline passed before the request was queued")
         if not self._threads_alive():
             raise InferenceFailed(f"model {self.name}: its batching threads stopped; see the server log")
-        if self._runs_inline():
+        if self._runs_inline(rows):
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled("request cancelled by the client")
             return self._run_inline(inputs, rows)
@@ -242,10 +244,14 @@ class Batcher:
                 self._release(pending)
             raise
 
-    def _runs_inline(self) -> bool:
-        """Nobody to batch with, and a run cheaper than handing it to a thread and back."""
+    def _runs_inline(self, rows: int) -> bool:
+        """Nobody to batch with (none queued, none on the way), and a run cheaper than handing
+        it to a thread and back: ``rows`` times the recent runs' average, to be safe. Never with
+        a fixed wait (``more_coming`` None): whoever asked for batches to wait for company gets it."""
         limit = self.batching.inline_run_s
-        return limit > 0 and self._waiting == 0 and self._run_s is not None and self._run_s <= limit
+        if limit <= 0 or self._run_s is None or self._more_coming is None:
+            return False
+        return self._waiting == 0 and rows * self._run_s <= limit and not self._more_coming()
 
     def _run_inline(self, inputs: Tensors, rows: int) -> BatchedResult:
         """Runs one request on the loop's thread: a batch of one, answered at once."""

@@ -182,10 +182,11 @@ class Settings(BaseSettings):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     """Batch sizes worth running at once without waiting out the delay (e.g. ``[8, 16]``)."""
     inline_run_us: float = Field(default=100.0, ge=0, le=10_000)
-    """A model version whose recent runs took at most this long (a moving average, in µs) runs a
-    request that finds its queue empty on the event loop itself: handing it to a batching thread
-    and back costs the loop more than such a run (docs/performance.md, "Runs on the loop"). On CPU
-    only; 0: every request goes through the batching threads."""
+    """A model version whose recent runs took at most this long (a moving average, in µs, times the
+    request's rows) runs a request that finds nobody to batch with on the event loop itself:
+    handing it to a batching thread and back costs the loop more than such a run
+    (docs/performance.md, "Runs on the loop"). On CPU and with ``batch_wait=adaptive`` only; 0:
+    every request goes through the batching threads."""
     max_queue_size: int = Field(default=128, ge=1)
     """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
     batching: dict[str, ModelBatching] = Field(default_factory=dict)

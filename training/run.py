@@ -474,7 +474,13 @@ def fit(
         save_last()
         if on_epoch is not None:
             on_epoch(progress.history[-1])
-        if cfg.early_stopping_patience and progress.stale_epochs >= cfg.early_stopping_patience:
+        # Not during head-only epochs: the blocks have not trained yet.
+        warming_up = epoch < cfg.head_warmup_epochs
+        if (
+            cfg.early_stopping_patience
+            and not warming_up
+            and progress.stale_epochs >= cfg.early_stopping_patience
+        ):
             run.say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
             break
     return None

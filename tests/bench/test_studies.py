@@ -27,7 +27,9 @@ def test_epochs_grow_as_labels_shrink_up_to_the_cap() -> None:
     assert epochs_for(10, 32, 3, 60, 40) == 40  # 1 per epoch, capped
 
 
-def test_label_efficiency_smoke_trains_every_method_and_fraction(tmp_path: Path) -> None:
+def test_label_efficiency_smoke_trains_every_method_and_fraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "labels"
     assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
 
@@ -56,6 +58,10 @@ def test_label_efficiency_smoke_trains_every_method_and_fraction(tmp_path: Path)
     assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
     again = json.loads((out / "labels.json").read_text())
     assert again["points"] == result["points"] and again["wall_time_s"] < result["wall_time_s"]
+    # another size into the same folder is refused before anything trains, not mixed in
+    capsys.readouterr()
+    assert bench_main(["labels", "--size", "cpu", "--tasks", "fashion", "--out", str(out)]) == 2
+    assert "was trained with image_size=32, not 64; use another --out" in capsys.readouterr().err
 
 
 def test_transfer_smoke_ranks_fine_tunes_and_correlates(tmp_path: Path) -> None:

@@ -540,7 +540,7 @@ class WhereItRan(Doubler):
 def test_a_cheap_graph_runs_lone_requests_on_the_loop_once_its_run_time_is_known() -> None:
     async def scenario() -> WhereItRan:
         run = WhereItRan()
-        batcher = make(run, inline_run_s=0.01)
+        batcher = make(run, inline_run_s=0.01, more_coming=lambda: False)
         batcher.start()
         results = [await batcher.submit(rows(i), 1) for i in range(4)]  # one at a time: queue empty
         assert [r.outputs["y"].tolist() for r in results] == [[0], [2], [4], [6]]
@@ -553,20 +553,48 @@ def test_a_cheap_graph_runs_lone_requests_on_the_loop_once_its_run_time_is_known
     assert run.threads[0].startswith("batcher-test") and run.threads[1:] == ["MainThread"] * 3
 
 
-@pytest.mark.parametrize(("inline_run_s", "seconds"), [(0.0, 0.0), (0.001, 0.01)])
-def test_requests_go_to_the_threads_when_inline_is_off_or_the_graph_too_slow(
-    inline_run_s: float, seconds: float
+@pytest.mark.parametrize(
+    ("options", "seconds", "request_rows"),
+    [
+        ({"inline_run_s": 0.0}, 0.0, 1),  # off
+        ({"inline_run_s": 0.001}, 0.01, 1),  # the graph is too slow
+        ({"inline_run_s": 0.004}, 0.001, 6),  # 6 rows x the average run would be too slow
+        ({"inline_run_s": 0.01, "more_coming": lambda: True}, 0.0, 1),  # company is on its way
+        ({"inline_run_s": 0.01, "more_coming": None}, 0.0, 1),  # a fixed wait was asked for
+    ],
+)
+def test_requests_go_to_the_threads_unless_inline_is_on_cheap_and_alone(
+    options: dict, seconds: float, request_rows: int
 ) -> None:
     async def scenario() -> WhereItRan:
         run = WhereItRan(seconds)
-        batcher = make(run, inline_run_s=inline_run_s)
+        batcher = make(run, **({"more_coming": lambda: False} | options))
         batcher.start()
         for i in range(3):
-            await batcher.submit(rows(i), 1)
+            await batcher.submit(rows(*[i] * request_rows), request_rows)
         await batcher.close()
         return run
 
     assert all(name.startswith("batcher-test") for name in asyncio.run(scenario()).threads)
+
+
+def test_a_run_on_the_loop_is_recorded_and_a_cancelled_request_is_not_run() -> None:
+    timings: list[BatchTiming] = []
+
+    async def scenario() -> WhereItRan:
+        run = WhereItRan()
+        batcher = make(run, inline_run_s=0.01, more_coming=lambda: False, on_batch=timings.append)
+        batcher.start()
+        await batcher.submit(rows(0), 1)
+        await batcher.submit(rows(1, 2), 2)  # on the loop
+        with pytest.raises(Cancelled):
+            await batcher.submit(rows(3), 1, is_cancelled=lambda: True)
+        await batcher.close()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.threads[1:] == ["MainThread"] and run.batches == [1, 2]
+    assert [t.batch_size for t in timings] == [1, 2] and timings[1].infer_ns > 0
 
 
 def test_with_requests_queued_a_new_one_joins_the_queue_instead_of_running_ahead() -> None:
@@ -580,7 +608,7 @@ def test_with_requests_queued_a_new_one_joins_the_queue_instead_of_running_ahead
 
     async def scenario() -> Held:
         run = Held()
-        batcher = make(run, inline_run_s=0.01, max_queue_delay_s=0.0)
+        batcher = make(run, inline_run_s=0.01, max_queue_delay_s=0.0, more_coming=lambda: False)
         batcher.start()
         await batcher.submit(rows(0), 1)  # learns the run time, on a thread
         # Fill the queue behind a held batch (inline off for a moment: a lone request would run on the loop).
@@ -606,7 +634,7 @@ def test_with_requests_queued_a_new_one_joins_the_queue_instead_of_running_ahead
 def test_a_run_on_the_loop_that_fails_answers_its_request_with_the_error() -> None:
     async def scenario() -> None:
         run = WhereItRan()
-        batcher = make(run, inline_run_s=0.01)
+        batcher = make(run, inline_run_s=0.01, more_coming=lambda: False)
         batcher.start()
         await batcher.submit(rows(0), 1)
         run.fail = RuntimeError("broken graph")

@@ -48,5 +48,6 @@ def test_train_fraction_draws_nest_and_leave_val_and_test_alone(tmp_path: Path) 
         assert split.val.tolist() == whole.val.tolist() and split.test.tolist() == whole.test.tolist()
     with pytest.raises(DatasetError, match="leaves 1; training needs at least 2"):
         make_splits(raw, tiny_image_config(tmp_path, train_samples=40, train_fraction=0.03), by_index)
-    with pytest.raises(ConfigError, match=r"train_fraction: must be in \(0, 1\]"):
-        tiny_image_config(tmp_path, train_fraction=1.5)
+    for bad in (1.5, 0.0, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match="train_fraction: must"):
+            tiny_image_config(tmp_path, train_fraction=bad)
