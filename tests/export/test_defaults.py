@@ -96,7 +96,7 @@ def test_missing_runs_train_side_by_side_each_line_named(tmp_path: Path) -> None
     assert all(s > 0 for s in trained.seconds.values())
     assert all(run_finished(read_metadata(tmp_path / run)) for run in ("a", "b"))
     for recipe in (first, second):  # the periodic lines of each run, under its name
-        assert any(line.startswith(f"[{recipe}] epoch 1/1 step") for line in lines), lines
+        assert any(line.startswith(f"[{Path(recipe).stem}] epoch 1/1 step") for line in lines), lines
     again = train_runs([(first, tmp_path / "a")], parallel=2, log=lines.append)
     assert again.seconds == {first: 0.0} and not again.failed
 
@@ -110,7 +110,7 @@ def test_a_failed_training_is_named_and_the_others_finish(tmp_path: Path) -> Non
     trained = train_runs([(broken, tmp_path / "x"), (good, tmp_path / "g")], parallel=2, log=lines.append)
     assert trained.failed == {broken: 2} and set(trained.seconds) == {good}
     assert run_finished(read_metadata(tmp_path / "g"))
-    assert any(line.startswith(f"[{broken}] error: lr") for line in lines), lines
+    assert any(line.startswith(f"[{Path(broken).stem}] error: lr") for line in lines), lines
     with pytest.raises(TrainingFailedError, match=r"bad\.yaml"):
         trained.raise_failures()
 
@@ -139,7 +139,7 @@ def test_each_default_is_published_as_its_training_ends_and_a_failure_spares_the
     assert list_versions(repository / "quick") == [1] and list_versions(repository / "slow") == [1]
     assert not (repository / "broken").exists()
     published = lines.index(next(line for line in lines if line.startswith("quick: published version 1")))
-    assert any(line.startswith(f"[{slow}] test accuracy") for line in lines[published:]), (
+    assert any(line.startswith(f"[{Path(slow).stem}] test accuracy") for line in lines[published:]), (
         lines
     )  # still training
     again: list[str] = []
