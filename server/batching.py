@@ -54,9 +54,10 @@ class Batching:
     instances: int = 1
     """Batches that run at once, each on its own thread (0 in the settings: measured at load)."""
     inline_run_s: float = 0.0
-    """A request that finds the queue empty runs on the event loop itself, without the hand-off
-    to a batching thread and back, while this version's recent runs took at most this long
-    (seconds; 0: never). For graphs cheaper than the hand-off (``Settings.inline_run_us``)."""
+    """A request that finds nobody to batch with runs on the event loop itself, without the
+    hand-off to a batching thread and back, while this version's recent runs took at most this
+    long (seconds, times the request's rows; 0: never). For graphs cheaper than the hand-off
+    (``Settings.inline_run_us``; ``Batcher``)."""
 
     def for_model(self, model_max_batch_size: int) -> Batching:
         """These settings for a model whose own ``max_batch_size`` (model.json) caps the batch."""
