@@ -146,9 +146,10 @@ def pool_size(task: str, size: Size, seed: int) -> int:
     return int(make_splits(raw, cfg, lambda _raw, index: index).record["train"])
 
 
-def study_runs(tasks: list[str], size: Size, *, device: str, threads: int) -> list[StudyRun]:
+def study_runs(pools: dict[str, int], size: Size, *, device: str, threads: int) -> list[StudyRun]:
+    """Every run of the study; ``pools`` maps each task to its pool size (``pool_size``)."""
     runs = []
-    for task in tasks:
+    for task, pool in pools.items():
         base = TASKS[task]
         sized: dict[str, Any] = {
             "train_samples": size.pool,
@@ -159,7 +160,6 @@ def study_runs(tasks: list[str], size: Size, *, device: str, threads: int) -> li
             sized["image_size"] = size.image_size
         if size.num_layers and "max_length" in base:
             sized["num_layers"] = size.num_layers
-        pool = pool_size(task, size, size.seeds[0])
         for fraction in size.fractions:
             examples = round(fraction * pool)
             epochs = epochs_for(examples, base["batch_size"], base["epochs"], size.min_steps, size.max_epochs)
@@ -199,11 +199,10 @@ def run_name(task: str, method: str, fraction: float, seed: int) -> str:
     return f"{task}-{method}-{fraction:g}-s{seed}"
 
 
-def summarise(tasks: list[str], size: Size, metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(pools: dict[str, int], size: Size, metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per task, method and fraction: the seeds' test accuracies and their spread."""
     points = []
-    for task in tasks:
-        pool = pool_size(task, size, size.seeds[0])
+    for task, pool in pools.items():
         for method in METHODS:
             for fraction in size.fractions:
                 names = [run_name(task, method, fraction, seed) for seed in size.seeds]
@@ -330,10 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = 1 if parallel > 1 else 0
     started = time.perf_counter()
     try:
-        runs = study_runs(tasks, size, device=args.device, threads=threads)
+        # loaded once: the pool sizes set the epochs of the runs and the labelled counts reported
+        pools = {task: pool_size(task, size, size.seeds[0]) for task in tasks}
+        runs = study_runs(pools, size, device=args.device, threads=threads)
         print(f"labels: {len(runs)} runs, {parallel} side by side, into {args.out}", flush=True)
         metrics = run_study(runs, args.out, parallel=parallel, log=lambda line: print(line, flush=True))
-        points = summarise(tasks, size, metrics)
+        points = summarise(pools, size, metrics)
     except TrainingError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
