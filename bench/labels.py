@@ -1,11 +1,13 @@
 """Label efficiency (not a test): what pretraining buys when few examples are labelled.
 
-    fineserve bench labels --out bench/results/labels-cpu              # 78 minutes on a 2-core VM
+    fineserve bench labels --out bench/results/labels-cpu       # the grid: within 30 minutes on 2 cores
+    fineserve bench labels --methods finetune,probe,random,lpft --out bench/results/labels-cpu  # + lpft
     fineserve bench labels --size gpu --device cuda --out bench/results/labels-gpu
 
-For each task, a pool of training examples (``--size cpu``: a seeded 2,000; ``gpu``: the whole
+For each task, a pool of training examples (``--size cpu``: a seeded 1,000; ``gpu``: the whole
 training split) of which 1%, 5%, 10% and 100% keep their labels (``train_fraction``: a seeded
-draw, the 1% inside the 5% and so on). On those, one fixed recipe per task, four ways:
+draw, the 1% inside the 5% and so on). On those, one fixed recipe per task, four ways (the
+first three by default, ``--methods`` chooses):
 
 - ``finetune``: the pretrained backbone, every layer trains (strategy full);
 - ``probe``: the pretrained backbone frozen, a linear head on its cached features;
@@ -15,10 +17,11 @@ draw, the 1% inside the 5% and so on). On those, one fixed recipe per task, four
 
 Each point is 3 seeds (the seed draws the pool, the labelled part, validation and test, and the
 new head). Small fractions get more epochs, so every run takes at least ``Size.min_steps``
-optimiser steps. Writes ``labels.json`` (every run and each point's mean, standard deviation, min and max),
+optimiser steps; each validates about ``Size.validations`` times (``eval_every_epochs``).
+Writes ``labels.json`` (every run and each point's mean, standard deviation, min and max),
 ``labels.md`` (the tables) and ``labels.png`` (accuracy against labelled examples, log axis),
 written once the runs end; the runs' folders are in ``OUT/runs`` (an interrupted study
-carries on with the same command).
+carries on with the same command, and one with more ``--methods`` trains only what is new).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from fineserve.bench.study import (
 )
 
 FRACTIONS = (0.01, 0.05, 0.1, 1.0)
-LPFT_FRACTIONS = (0.01, 0.1)
 METHODS = ("finetune", "probe", "random", "lpft")
+GRID = ("finetune", "probe", "random")  # the label-efficiency grid; lpft is the few-label option's measure
 SEEDS = (0, 1, 2)
 
 FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -97,6 +100,7 @@ class Size:
     val: int | None
     test: int | None
     fractions: tuple[float, ...] = FRACTIONS
+    lpft_fractions: tuple[float, ...] = (0.01, 0.1)
     seeds: tuple[int, ...] = SEEDS
     image_size: int | None = None  # None: the task's
     num_layers: int | None = None  # text: None keeps all 6
@@ -105,10 +109,13 @@ class Size:
     max_epochs: int = 40
     probe_min_steps: int = 200  # a probe's step costs next to nothing (cached features)
     probe_max_epochs: int = 200
+    # Each run validates (and saves) about this many times, not after each of 40 one-step epochs.
+    validations: int = 5
 
 
 SIZES = {
-    "cpu": Size(pool=2000, val=200, test=1000),
+    # Sized to finish within 30 minutes on a 2-core VM (finetune, probe, random; lpft adds ~8)
+    "cpu": Size(pool=1000, val=200, test=500, min_steps=30, validations=3),
     "gpu": Size(pool=None, val=2000, test=None, image_size=112),
     # the tests' size: every method and fraction path, in about a minute
     "smoke": Size(
@@ -116,6 +123,7 @@ SIZES = {
         val=20,
         test=40,
         fractions=(0.1, 1.0),
+        lpft_fractions=(0.1,),
         seeds=(0,),
         image_size=32,
         num_layers=1,
@@ -146,7 +154,9 @@ def pool_size(task: str, size: Size, seed: int) -> int:
     return int(make_splits(raw, cfg, lambda _raw, index: index).record["train"])
 
 
-def study_runs(pools: dict[str, int], size: Size, *, device: str, threads: int) -> list[StudyRun]:
+def study_runs(
+    pools: dict[str, int], size: Size, methods: list[str], *, device: str, threads: int
+) -> list[StudyRun]:
     """Every run of the study; ``pools`` maps each task to its pool size (``pool_size``)."""
     runs = []
     for task, pool in pools.items():
@@ -171,7 +181,7 @@ def study_runs(pools: dict[str, int], size: Size, *, device: str, threads: int) 
                 "probe": {"strategy": "linear-probe", "epochs": probe_epochs, **PROBE[task]},
                 "random": {"strategy": "full", "pretrained": False, "epochs": epochs},
             }
-            if fraction in LPFT_FRACTIONS or size is SIZES["smoke"]:
+            if fraction in size.lpft_fractions:
                 # a third of the epochs head-only, then the whole network (LP-FT)
                 ways["lpft"] = {
                     "strategy": "full",
@@ -179,13 +189,17 @@ def study_runs(pools: dict[str, int], size: Size, *, device: str, threads: int) 
                     "head_warmup_epochs": max(1, epochs // 3),
                 }
             for method, changes in ways.items():
+                if method not in methods:
+                    continue
                 cost = 0.05 if method == "probe" else examples * epochs
+                eval_every = math.ceil(changes["epochs"] / size.validations)
                 for seed in size.seeds:
                     recipe = {
                         **base,
                         **sized,
                         "train_fraction": fraction,
                         **changes,
+                        "eval_every_epochs": eval_every,
                         "seed": seed,
                         "device": device,
                         "threads": threads,
@@ -306,12 +320,18 @@ def plot(points: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fineserve bench labels",
-        description="Accuracy against the share of labelled training examples: fine-tuning, a linear probe, "
-        "random init and fine-tuning after a head-only warm-up, 3 seeds each.",
+        description="Accuracy against the share of labelled training examples: fine-tuning, a linear probe "
+        "and random init (and with --methods, fine-tuning after a head-only warm-up), 3 seeds each.",
     )
     add_study_options(parser, writes="labels.json/.md/.png")
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]; one --out per size")
     parser.add_argument("--tasks", default="fashion,sentiment", help="[fashion,sentiment]")
+    parser.add_argument(
+        "--methods",
+        default=",".join(GRID),
+        help=f"[{','.join(GRID)}]; add lpft to fine-tune after a head-only warm-up at 1%% and 10%% of the "
+        "labels (runs already finished in --out are reused)",
+    )
     return parser
 
 
@@ -321,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tasks = chosen(args.tasks, TASKS, "--tasks")
+        methods = chosen(args.methods, METHODS, "--methods")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -331,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # loaded once: the pool sizes set the epochs of the runs and the labelled counts reported
         pools = {task: pool_size(task, size, size.seeds[0]) for task in tasks}
-        runs = study_runs(pools, size, device=args.device, threads=threads)
+        runs = study_runs(pools, size, methods, device=args.device, threads=threads)
         print(f"labels: {len(runs)} runs, {parallel} side by side, into {args.out}", flush=True)
         metrics = run_study(runs, args.out, parallel=parallel, log=lambda line: print(line, flush=True))
         points = summarise(pools, size, metrics)
@@ -346,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         # this command's wall time (finished runs are reused, not trained again), and the runs' own
         "wall_time_s": round(time.perf_counter() - started, 1),
         "run_seconds_total": round(sum(m["wall_time_s"] for m in metrics.values()), 1),
+        "methods": methods,
         "runs": len(runs),
         "finished": len(metrics),
         "points": points,

@@ -23,43 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fineserve.bench.labels import FASHION_LABELS
+from fineserve.bench.labels import TASKS
 from fineserve.bench.study import StudyRun, add_study_options, chosen, run_study, side_by_side
 
 SCORES = ("logme", "leep", "probe_accuracy")
 DIGITS = [str(i) for i in range(10)]
-# One fine-tuning recipe per dataset, for every candidate: full fine-tuning, the fashion-full /
-# sentiment-full rates. Flips only where they keep the label (clothes, not digits).
-IMAGE_RECIPE: dict[str, Any] = {
-    "strategy": "full",
-    "layer_decay": 0.9,
-    "epochs": 3,
-    "batch_size": 32,
-    "lr": 6.0e-4,
-    "head_lr": 2.0e-3,
-    "weight_decay": 0.05,
-    "warmup_fraction": 0.05,
-    "schedule": "cosine",
-    "label_smoothing": 0.1,
-}
+
+
+def fixed_recipe(task: str, **changes: Any) -> dict[str, Any]:
+    """The label study's recipe for ``task`` (full fine-tuning at the fashion-full/sentiment-full
+    rates), less what each candidate sets: its backbone and input size."""
+    recipe = {k: v for k, v in TASKS[task].items() if k not in ("backbone", "image_size")}
+    return {**recipe, "strategy": "full", **changes}
+
+
+# One fine-tuning recipe per dataset, for every candidate. Flips only where they keep the label
+# (clothes, not digits).
 DATASETS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": {**IMAGE_RECIPE, "dataset": "fashion-mnist", "labels": FASHION_LABELS, "hflip": True},
-    "mnist-subset": {**IMAGE_RECIPE, "dataset": "mnist-subset", "labels": DIGITS},
-    "rotten-tomatoes": {
-        "dataset": "rotten-tomatoes",
-        "labels": ["rotten", "fresh"],
-        "strategy": "full",
-        "max_length": 64,
-        "group_by_length": True,
-        "layer_decay": 0.9,
-        "epochs": 2,
-        "batch_size": 32,
-        "lr": 1.0e-4,
-        "head_lr": 1.0e-3,
-        "weight_decay": 0.01,
-        "warmup_fraction": 0.1,
-        "schedule": "linear",
-    },
+    "fashion-mnist": fixed_recipe("fashion"),
+    "mnist-subset": fixed_recipe("fashion", dataset="mnist-subset", labels=DIGITS, hflip=False),
+    "rotten-tomatoes": fixed_recipe("sentiment"),
 }
 TEXT_CANDIDATES = ("minilm-l6", "minilm-l6:3", "minilm-l6+random")
 

@@ -70,6 +70,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     group_by_length: bool = False
     early_stopping_patience: int | None = None
+    eval_every_epochs: int = 1
     # --- distillation
     teacher: str | None = None
     distill_alpha: float = 0.7
@@ -217,6 +218,7 @@ INT_MINIMUMS: dict[str, int] = {
     "crop_padding": 0,
     "max_steps_per_epoch": 1,
     "early_stopping_patience": 1,
+    "eval_every_epochs": 1,
     "seed": 0,
     "threads": 0,
     "save_every_steps": 0,
@@ -273,7 +275,9 @@ FIELD_HELP: dict[str, str] = {
     "group_by_length": "text: batch texts of about the same length (fewer padded tokens, faster "
     "epochs; the batch order stays seeded)",
     "max_steps_per_epoch": "stop each epoch after this many batches (smoke tests)",
-    "early_stopping_patience": "stop after this many epochs without a better validation accuracy",
+    "early_stopping_patience": "stop after this many validations without a better validation accuracy",
+    "eval_every_epochs": "validate (keep best.pt, write last.pt) every N epochs and after the last: "
+    "for many short epochs, e.g. a few labels trained for many passes",
     "teacher": "distillation: run folder of a fine-tuned teacher with the same labels",
     "distill_alpha": "distillation: weight of the soft-target loss (1 - alpha on the hard labels)",
     "distill_temperature": "distillation: softmax temperature of the soft targets",

@@ -166,18 +166,21 @@ def train_one_epoch(
 def predict(
     module: nn.Module, data: Examples, step: Step, batch_size: int, *, show: bool, desc: str
 ) -> tuple[Tensor, Tensor]:
-    """Logits (float32, CPU) and labels of every example, in order; ``module`` in eval mode."""
+    """Logits (float32, CPU) and labels of every example, in order; ``module`` in eval mode.
+
+    Texts go through longest first, so each batch pads to about its own texts' length (a batch
+    of 256 in dataset order pads nearly every text to the longest of them)."""
     was_training = module.training
     module.eval()
+    mask = data.inputs.get("attention_mask")
+    order = torch.arange(len(data)) if mask is None else mask.sum(dim=1).argsort(descending=True, stable=True)
     outputs = []
-    for index in tqdm(
-        list(torch.arange(len(data)).split(batch_size)), desc=desc, disable=not show, leave=False
-    ):
+    for index in tqdm(list(order.split(batch_size)), desc=desc, disable=not show, leave=False):
         batch = step.prepare(data.batch(index), False)
         with step.autocast():
             outputs.append(layers.logits(module, batch).float().cpu())
     module.train(was_training)
-    return torch.cat(outputs), data.labels
+    return torch.cat(outputs)[order.argsort()], data.labels
 
 
 def evaluate(

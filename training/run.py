@@ -436,6 +436,7 @@ def fit(
         if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
             save_last()
 
+    unvalidated_losses: list[float] = []  # each epoch's mean since the last validation
     for epoch in range(progress.epoch, cfg.epochs):
         trainable = finetune.trainable_blocks_in(epoch, cfg, num_blocks)
         if trainable is not None:
@@ -470,6 +471,13 @@ def fit(
         if stop.reason is not None:  # mid-epoch: progress says which batch comes next
             save_last()
             return stop.reason
+        unvalidated_losses.append(train_loss)
+        if not validates_after(epoch, cfg):
+            # Nothing is saved: an interruption resumes from the last validated epoch.
+            progress.epoch, progress.batch = epoch + 1, 0
+            continue
+        train_loss = sum(unvalidated_losses) / len(unvalidated_losses)
+        unvalidated_losses.clear()
         end_epoch(run, net, trainee, progress, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
         save_last()
         if on_epoch is not None:
@@ -481,9 +489,15 @@ def fit(
             and not warming_up
             and progress.stale_epochs >= cfg.early_stopping_patience
         ):
-            run.say(f"early stopping: no better validation accuracy for {progress.stale_epochs} epochs")
+            run.say(f"early stopping: no better validation accuracy for {progress.stale_epochs} validations")
             break
     return None
+
+
+def validates_after(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether the (0-based) ``epoch`` ends in a validation: every ``eval_every_epochs``-th, and
+    the last (the run's best model is chosen among the validated epochs)."""
+    return (epoch + 1) % cfg.eval_every_epochs == 0 or epoch + 1 == cfg.epochs
 
 
 def text_lengths(data: Examples) -> Tensor | None:
@@ -530,7 +544,7 @@ def validation_metrics(progress: Progress) -> dict[str, Any]:
     return {
         "val_accuracy": progress.best_accuracy,
         "best_epoch": progress.best_epoch,
-        "epochs_run": len(progress.history),
+        "epochs_run": progress.epoch,
     }
 
 
@@ -573,7 +587,7 @@ def score(run: Run, net: Net, trainee: Trainee, progress: Progress) -> tuple[Che
         "test_loss": float(functional.cross_entropy(test_logits, test_labels)),
         "val_accuracy": progress.best_accuracy,
         "best_epoch": progress.best_epoch,
-        "epochs_run": len(progress.history),
+        "epochs_run": progress.epoch,
         "optimizer_steps": progress.step,
         "parameters": count_parameters(model),
         "size_bytes": model_size_bytes(model),

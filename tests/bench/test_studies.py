@@ -31,37 +31,44 @@ def test_label_efficiency_smoke_trains_every_method_and_fraction(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "labels"
-    assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
+    smoke = ["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]
+    assert bench_main(smoke) == 0  # the grid: finetune, probe and random
 
     result = json.loads((out / "labels.json").read_text())
     size = SIZES["smoke"]
-    expected = {(t, m, f) for t in ("fashion", "sentiment") for m in ("finetune", "probe", "random", "lpft")
-                for f in size.fractions}  # fmt: skip
-    assert {(p["task"], p["method"], p["fraction"]) for p in result["points"]} == expected
-    assert result["runs"] == result["finished"] == len(expected) * len(size.seeds)
+    grid = {(t, m, f) for t in ("fashion", "sentiment") for m in ("finetune", "probe", "random")
+            for f in size.fractions}  # fmt: skip
+    assert {(p["task"], p["method"], p["fraction"]) for p in result["points"]} == grid
+    assert result["runs"] == result["finished"] == len(grid) * len(size.seeds)
     for p in result["points"]:
         accuracy = p["test_accuracy"]
         assert 0 <= accuracy["min"] <= accuracy["mean"] <= accuracy["max"] <= 1 and accuracy["n"] == 1
         assert p["labelled"] == round(p["fraction"] * 200)  # of the pool of 200
+    assert set(result["gaps_points"]) == {"pretraining"}
+    assert (out / "labels.png").stat().st_size > 10_000
+    assert "| fashion | random |" in (out / "labels.md").read_text()
+
+    # more methods into the same folder: only the new runs train, the finished ones are reused
+    capsys.readouterr()
+    assert bench_main([*smoke, "--methods", "finetune,probe,random,lpft"]) == 0
+    trained = [line for line in capsys.readouterr().out.splitlines() if ": training (" in line]
+    assert sorted(line.split(":")[0] for line in trained) == ["fashion-lpft-0.1-s0", "sentiment-lpft-0.1-s0"]
+    again = json.loads((out / "labels.json").read_text())
+    assert [p for p in again["points"] if p["method"] != "lpft"] == result["points"]
+    assert again["wall_time_s"] < result["wall_time_s"]
     # each run trained on the share of labels its name says, with the recipe written for it
     run = out / "runs" / "fashion-lpft-0.1-s0"
     split = json.loads((run / "metadata.json").read_text())["split"]
     assert split["train"] == 20 and split["test"] == 40
     recipe = (out / "recipes" / "fashion-lpft-0.1-s0.yaml").read_text()
     assert "head_warmup_epochs: 1" in recipe and "train_fraction: 0.1" in recipe
-    assert set(result["gaps_points"]) == {"pretraining", "head_warmup"}
-    assert all(math.isfinite(v) for gaps in result["gaps_points"].values() for v in gaps.values())
-    assert (out / "labels.png").stat().st_size > 10_000
-    assert "| fashion | random |" in (out / "labels.md").read_text()
-
-    # the same command again reuses every finished run instead of training it again
-    assert bench_main(["labels", "--size", "smoke", "--out", str(out), "--parallel", "2"]) == 0
-    again = json.loads((out / "labels.json").read_text())
-    assert again["points"] == result["points"] and again["wall_time_s"] < result["wall_time_s"]
+    assert set(again["gaps_points"]) == {"pretraining", "head_warmup"}
+    assert all(math.isfinite(v) for gaps in again["gaps_points"].values() for v in gaps.values())
     # another size into the same folder is refused before anything trains, not mixed in
     capsys.readouterr()
     assert bench_main(["labels", "--size", "cpu", "--tasks", "fashion", "--out", str(out)]) == 2
-    assert "was trained with image_size=32, not 64; use another --out" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the first key (by name) that differs: eval_every_epochs
+    assert "fashion-finetune-0.1-s0 was trained with " in err and "; use another --out" in err
 
 
 def test_transfer_smoke_ranks_fine_tunes_and_correlates(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ says where the epoch resumes."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from torch.nn import functional
 
 from fineserve.training.data import Examples
 from fineserve.training.distributed import Dist
-from fineserve.training.loop import Progress, Step, Stop, epoch_batches, train_one_epoch
+from fineserve.training.loop import Progress, Step, Stop, epoch_batches, predict, train_one_epoch
 
 EXAMPLES, BATCH = 8, 2  # 4 batches per epoch
 
@@ -117,3 +118,35 @@ def test_batches_grouped_by_length_cover_the_epoch_once_and_pad_less() -> None:
     assert all(torch.equal(a, b) for a, b in zip(grouped, again, strict=True))  # resumable
     other = epoch_batches(1000, 16, seed=0, epoch=3, ctx=ctx, max_batches=None, lengths=lengths)
     assert not all(torch.equal(a, b) for a, b in zip(grouped, other, strict=False))
+
+
+class TokenCounter(nn.Module):
+    """A text "model" whose logits see only the unpadded tokens (their sum and count), and that
+    records how wide each batch it was given is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: list[int] = []
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> SimpleNamespace:
+        self.widths.append(input_ids.shape[1])
+        kept = (input_ids * attention_mask).sum(dim=1)
+        return SimpleNamespace(logits=torch.stack([kept, attention_mask.sum(dim=1)], dim=1).float())
+
+
+def test_predict_batches_texts_longest_first_and_returns_them_in_the_datas_order() -> None:
+    lengths = [1, 8, 2, 7, 3, 6, 4, 5]
+    ids = torch.zeros(len(lengths), 8, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = i + 1, 1
+    data = Examples({"input_ids": ids, "attention_mask": mask}, torch.arange(len(lengths)) % 2)
+    model = TokenCounter()
+    logits, labels = predict(
+        model, data, Step(_features, _loss, torch.device("cpu")), batch_size=2, show=False, desc="test"
+    )
+    assert logits[:, 1].tolist() == lengths  # each row is its own example's
+    assert logits[:, 0].tolist() == [(i + 1) * n for i, n in enumerate(lengths)]
+    assert labels.tolist() == data.labels.tolist()
+    # in data order the batches would be 8, 7, 6 and 5 tokens wide: 26 columns, not 20
+    assert model.widths == [8, 6, 4, 2]

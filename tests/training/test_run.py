@@ -42,6 +42,33 @@ def test_early_stopping_ends_the_run_when_validation_stalls(tmp_path: Path) -> N
     assert json.loads(lines[-1])["epoch"] == 3
 
 
+def test_eval_every_epochs_validates_every_nth_epoch_and_the_last(tmp_path: Path) -> None:
+    cfg = tiny_image_config(tmp_path, strategy="linear-probe", epochs=7, eval_every_epochs=3)
+    metrics = train(cfg, tmp_path / "run").metrics
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [3, 6, 7]
+    assert [r["step"] for r in records] == [6, 12, 14]  # 2 steps per epoch
+    assert metrics["epochs_run"] == 7 and metrics["optimizer_steps"] == 14
+    assert metrics["best_epoch"] in (3, 6, 7)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert saved["progress"]["epoch"] == 7
+
+
+def test_early_stopping_counts_validations_not_epochs(tmp_path: Path) -> None:
+    cfg = tiny_image_config(
+        tmp_path,
+        strategy="linear-probe",
+        lr=1e-12,
+        head_lr=1e-12,
+        epochs=9,
+        eval_every_epochs=2,
+        early_stopping_patience=2,
+    )
+    metrics = train(cfg, tmp_path / "run").metrics
+    # validated after epochs 2 (best), 4 and 6 (no better: patience used up)
+    assert metrics["epochs_run"] == 6 and metrics["best_epoch"] == 2
+
+
 def test_a_stop_mid_epoch_ends_the_run_cleanly_and_the_same_call_resumes_it(tmp_path: Path) -> None:
     run = tmp_path / "run"
     # 64 examples / batch 32 = 2 steps per epoch: step 3 is the middle of epoch 2.

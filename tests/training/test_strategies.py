@@ -95,11 +95,21 @@ def test_text_partial_loss_falls_and_tokenizer_travels(tmp_path: Path, text_file
     assert len(model.bert.encoder.layer) == 2
 
 
-def test_head_warmup_trains_only_the_head_first_then_every_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("changes", "blocks_after"),
+    [
+        ({"strategy": "full"}, None),
+        # the top blocks train on cached outputs of the frozen rest: they too wait for the head
+        ({"strategy": "partial", "trainable_blocks": 2, "cache_frozen": True}, 2),
+    ],
+)
+def test_head_warmup_trains_only_the_head_first_then_the_blocks(
+    tmp_path: Path, changes: dict, blocks_after: int | None
+) -> None:
     """LP-FT: after the head-only epoch the optimiser has stepped only the head's parameters and
     the blocks (weights and BatchNorm statistics) are the pretrained ones; after the next epoch
-    the blocks have moved too."""
-    cfg = tiny_image_config(tmp_path, strategy="full", epochs=2, head_warmup_epochs=1, head_lr=1e-2)
+    the blocks the strategy trains (all, or the top ``blocks_after``) have moved too."""
+    cfg = tiny_image_config(tmp_path, epochs=2, head_warmup_epochs=1, head_lr=1e-2, **changes)
     run = tmp_path / "run"
     after_epoch: dict[int, dict] = {}
 
@@ -120,7 +130,12 @@ def test_head_warmup_trains_only_the_head_first_then_every_block(tmp_path: Path)
     assert sorted(after_epoch) == [1, 2]
     first, second = after_epoch[1], after_epoch[2]
     assert stepped_groups(first) == {"head"}
-    assert len(stepped_groups(second)) > 1 + len(layers.blocks(create_model("efficientnet-lite0", 10))) // 2
+    num_blocks = len(layers.blocks(create_model("efficientnet-lite0", 10)))
+    if blocks_after is None:
+        assert len(stepped_groups(second)) > 1 + num_blocks // 2
+    else:
+        top = {f"block{num_blocks - 1 - depth}" for depth in range(blocks_after)}
+        assert stepped_groups(second) == {"head", *top}
     blocks = frozen_state(create_model("efficientnet-lite0", 10, image_size=32), trainable_blocks=0)
     assert blocks
     for key, value in blocks.items():
