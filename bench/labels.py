@@ -114,7 +114,7 @@ class Size:
 
 
 SIZES = {
-    # Sized to finish within 30 minutes on a 2-core VM (finetune, probe, random; lpft adds ~8)
+    # Sized to finish within 30 minutes on a 2-core VM (the grid: 26 minutes; lpft adds about 4)
     "cpu": Size(pool=1000, val=200, test=500, min_steps=30, validations=3),
     "gpu": Size(pool=None, val=2000, test=None, image_size=112),
     # the tests' size: every method and fraction path, in about a minute
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default=",".join(GRID),
         help=f"[{','.join(GRID)}]; add lpft to fine-tune after a head-only warm-up at 1%% and 10%% of the "
-        "labels (runs already finished in --out are reused)",
+        "labels (runs already finished in --out are reused; the tables show the methods named)",
     )
     return parser
 

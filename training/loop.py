@@ -52,7 +52,11 @@ class Progress:
     step: int = 0  # optimiser steps taken
     best_accuracy: float = -1.0
     best_epoch: int = -1
-    stale_epochs: int = 0
+    stale_epochs: int = 0  # validations (not epochs, with eval_every_epochs) without a better accuracy
+    # The training loss summed over the batches since the last validation, which records their
+    # mean: saved, so a resumed run records the same mean as an uninterrupted one.
+    train_loss_sum: float = 0.0
+    train_batches: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -122,12 +126,13 @@ def train_one_epoch(
     stop: Stop,
     show: bool,
     desc: str,
-) -> float:
-    """Runs the batches from ``progress.batch`` on; returns the mean training loss of the epoch
-    part it ran. ``on_step(loss)`` runs after each optimiser step (logging, saving last.pt); then
-    the epoch ends there if ``stop`` is due (``progress`` says where to resume)."""
+) -> None:
+    """Runs the batches from ``progress.batch`` on, adding each one's loss to
+    ``progress.train_loss_sum``. ``on_step(loss)`` runs after each optimiser step (logging,
+    saving last.pt); then the epoch ends there if ``stop`` is due (``progress`` says where to
+    resume)."""
     set_train_mode()
-    total, count, window = 0.0, 0, 0.0
+    window = 0.0
     bar = tqdm(total=len(batches), initial=progress.batch, desc=desc, disable=not show, leave=False)
     for i in range(progress.batch, len(batches)):
         batch = step.prepare(data.batch(batches[i]), True)
@@ -141,7 +146,11 @@ def train_one_epoch(
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {progress.step}; lower the lr")
-        total, count, window = total + value, count + 1, window + value
+        window += value
+        progress.train_loss_sum, progress.train_batches = (
+            progress.train_loss_sum + value,
+            progress.train_batches + 1,
+        )
         if last_micro:
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(
@@ -159,7 +168,6 @@ def train_one_epoch(
         if last_micro and stop.due(progress.step):
             break
     bar.close()
-    return total / max(1, count)
 
 
 @torch.no_grad()

@@ -182,7 +182,7 @@ def train(
     Returns the final metrics (on the main process), or, when ``stop_after_steps`` ended the run
     early, why it stopped: ``last.pt`` then holds the state the same command resumes from.
 
-    ``on_epoch`` gets each epoch's record (``epoch``, ``val_accuracy``, ...) once it is scored; an
+    ``on_epoch`` gets each validated epoch's record (``epoch``, ``val_accuracy``, ...); an
     exception it raises ends the run there (a tuning trial pruned). With ``score_test=False`` the
     run never reads its test split: it stops after the epochs with only the validation metrics
     (``val_accuracy``, ``best_epoch``, ``epochs_run``), and its ``metadata.json`` stays marked
@@ -409,16 +409,17 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> str | None:
-    """The epochs from ``progress`` on, each ending in ``end_epoch`` (then ``on_epoch`` with its
-    record); ``last.pt`` always holds the state to resume from. Returns why a stop ended the run
-    early, None if it ran to the end (all epochs, or until early stopping)."""
+    """The epochs from ``progress`` on; those that validate (``validates_after``) end in
+    ``end_epoch``, ``last.pt`` and ``on_epoch`` with the record. Returns why a stop ended the run
+    early (``last.pt`` then holds where), None if it ran to the end (all epochs, or until early
+    stopping)."""
     cfg, ctx = run.cfg, run.ctx
     num_blocks = len(layers.blocks(net.model))
     logger = StepLogger(cfg.log_every, ctx.main)
     stop = Stop(after_steps=cfg.stop_after_steps)
 
     def save_last() -> None:
-        """Everything ``--resume`` needs, to ``last.pt`` (mid-epoch and at each epoch's end)."""
+        """Everything ``--resume`` needs, to ``last.pt`` (mid-epoch, and after each validation)."""
         if ctx.main:
             save_state(
                 run.output_dir / LAST,
@@ -436,7 +437,6 @@ def fit(
         if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
             save_last()
 
-    unvalidated_losses: list[float] = []  # each epoch's mean since the last validation
     for epoch in range(progress.epoch, cfg.epochs):
         trainable = finetune.trainable_blocks_in(epoch, cfg, num_blocks)
         if trainable is not None:
@@ -452,7 +452,7 @@ def fit(
             max_batches=max_batches(cfg),
             lengths=text_lengths(trainee.train) if cfg.group_by_length else None,
         )
-        train_loss = train_one_epoch(
+        train_one_epoch(
             module=module,
             data=trainee.train,
             step=trainee.step,
@@ -471,13 +471,13 @@ def fit(
         if stop.reason is not None:  # mid-epoch: progress says which batch comes next
             save_last()
             return stop.reason
-        unvalidated_losses.append(train_loss)
         if not validates_after(epoch, cfg):
-            # Nothing is saved: an interruption resumes from the last validated epoch.
+            # No last.pt here (a stop or save_every_steps still writes one): a run killed outright
+            # resumes from the last validated epoch.
             progress.epoch, progress.batch = epoch + 1, 0
             continue
-        train_loss = sum(unvalidated_losses) / len(unvalidated_losses)
-        unvalidated_losses.clear()
+        train_loss = progress.train_loss_sum / max(1, progress.train_batches)
+        progress.train_loss_sum, progress.train_batches = 0.0, 0
         end_epoch(run, net, trainee, progress, train_loss=train_loss, lr=optimizer.param_groups[0]["lr"])
         save_last()
         if on_epoch is not None:

@@ -14,9 +14,18 @@ from fineserve.training.run import RunResult, train
 from tests.training.conftest import tiny_image_config
 
 
-def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("changes", "validated"),
+    [
+        ({}, [1, 2]),
+        # the stop falls in epoch 2, which does not validate: the loss of epoch 1's batches, from
+        # before the stop, must still count in the mean that epoch 2's line records
+        ({"epochs": 3, "eval_every_epochs": 2}, [2, 3]),
+    ],
+)
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path, changes: dict, validated: list) -> None:
     # 64 examples / batch 32 = 2 steps per epoch; stop after the first step of epoch 2.
-    common = {"strategy": "partial", "trainable_blocks": 3, "crop_padding": 2, "hflip": True}
+    common = {"strategy": "partial", "trainable_blocks": 3, "crop_padding": 2, "hflip": True, **changes}
     train(tiny_image_config(tmp_path, **common), tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
@@ -30,16 +39,18 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
 
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(interrupted / "last.pt", weights_only=True)
-    assert a["progress"]["step"] == b["progress"]["step"] == 4
-    assert a["progress"]["history"][-1]["val_loss"] == b["progress"]["history"][-1]["val_loss"]
+    assert a["progress"]["step"] == b["progress"]["step"] == 2 * changes.get("epochs", 2)
+    for key in ("epoch", "step", "train_loss", "val_loss", "val_accuracy"):
+        assert [h[key] for h in a["progress"]["history"]] == [h[key] for h in b["progress"]["history"]], key
+    assert [h["epoch"] for h in b["progress"]["history"]] == validated
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     exp_avg_a = [s["exp_avg"] for s in a["optimizer"]["state"].values()]
     exp_avg_b = [s["exp_avg"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(exp_avg_a, exp_avg_b, strict=True))
-    # metrics.jsonl has one line per epoch, no duplicates from the interrupted attempt
-    assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == 2
+    # metrics.jsonl has one line per validation, no duplicates from the interrupted attempt
+    assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == len(validated)
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fineserve.training.tuning.study import Tuning
 
 DESCRIPTION = """Search a recipe's `search:` section with Optuna (TPE sampler; a median pruner on
-each epoch's validation accuracy). Each trial is a training run scored on the validation split
+each validated epoch's accuracy). Each trial is a training run scored on the validation split
 only, in OUTPUT_DIR/trials/NUMBER/. After its trials the command rewrites the study's reports in
 OUTPUT_DIR: trials.csv, history.png, importance.png, and best.yaml (the best trial as a recipe
 that `fineserve train` and `fineserve export` take).

@@ -100,7 +100,7 @@ def run_trials(study: optuna.Study, tuning: Tuning, trials: int) -> None:
 
 def objective(tuning: Tuning) -> Callable[[optuna.Trial], float]:
     """One trial: the recipe with the sampled values, trained into ``trials/<number>/``, scored by
-    its best validation accuracy; each epoch's is reported to the pruner."""
+    its best validation accuracy; each validation's is reported to the pruner (at its epoch)."""
 
     def run_trial(trial: optuna.Trial) -> float:
         params = tuning.space.suggest(trial)
