@@ -164,6 +164,7 @@ def test_an_unreachable_database_is_one_line_without_the_password(
         ({"label_smoothing": {"low": 0.0, "high": 1.5}}, "search.label_smoothing: 1.5 cannot run"),
         ({"schedule": ["cosine", "sideways"]}, "search.schedule: 'sideways' cannot run"),
         ({"hflip": []}, "search.hflip: an empty list of choices"),
+        ({"eval_every_epochs": [1, 2]}, "search.eval_every_epochs: cannot be searched"),
     ],
 )
 def test_a_bad_search_section_is_one_line(

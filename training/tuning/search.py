@@ -87,6 +87,13 @@ class SearchSpace:
         return {d.key: d.suggest(trial) for d in self.dimensions}
 
 
+# Keys a search must not vary: they change how trials are compared, not what they learn.
+NOT_SEARCHED = {
+    "eval_every_epochs": "cannot be searched: the pruner compares trials at the epochs they validate "
+    "in, so trials must share it; set it in the recipe",
+}
+
+
 def parse_search(section: Any, base: dict[str, Any], where: str) -> SearchSpace:
     """The recipe's ``search:`` section as a ``SearchSpace``; ``base`` is the rest of the recipe
     (with overrides), against which every range end and choice must make a valid run.
@@ -107,6 +114,8 @@ def parse_search(section: Any, base: dict[str, Any], where: str) -> SearchSpace:
     for key, spec in section.items():
         if key not in types:
             raise ConfigError(f"{SEARCH_KEY}.{key}: not a recipe key; see `fineserve train --help`")
+        if key in NOT_SEARCHED:
+            raise ConfigError(f"{SEARCH_KEY}.{key}: {NOT_SEARCHED[key]}")
         dimension = _dimension(str(key), spec, types[key])
         for value in dimension.ends():
             try:
