@@ -72,6 +72,8 @@ class ModelBatching(BaseModel):
     """Requests waiting for this model before RESOURCE_EXHAUSTED."""
     instances: int | None = Field(default=None, ge=0, le=MAX_INSTANCES)
     """Batches of this model that run at once (0: measured at load, as the server-wide 0)."""
+    inline_run_us: float | None = Field(default=None, ge=0, le=10_000)
+    """This model's limit for running a lone request on the event loop (0: never)."""
 
 
 class Settings(BaseSettings):
@@ -191,7 +193,8 @@ class Settings(BaseSettings):
     """Requests queued per model version; one more is rejected at once with RESOURCE_EXHAUSTED."""
     batching: dict[str, ModelBatching] = Field(default_factory=dict)
     """Per-model batching overrides: model name -> any of max_batch_size, max_queue_delay_ms,
-    preferred_batch_sizes, max_queue_size, instances (config file or environment as JSON)."""
+    preferred_batch_sizes, max_queue_size, instances, inline_run_us (config file or environment as
+    JSON)."""
 
     pad_batches: Literal["auto", "on", "off"] = "auto"
     """Pad each batch with zero rows up to the next power of two (or the maximum batch size) so
@@ -407,13 +410,14 @@ class Settings(BaseSettings):
         delay_ms = override.max_queue_delay_ms
         if delay_ms is None:
             delay_ms = self.max_queue_delay_ms
+        inline_us = self.inline_run_us if override.inline_run_us is None else override.inline_run_us
         return Batching(
             max_batch_size=override.max_batch_size or self.max_batch_size,
             max_queue_delay_s=delay_ms / 1000,
             preferred_batch_sizes=tuple(self.preferred_batch_sizes if preferred is None else preferred),
             max_queue_size=override.max_queue_size or self.max_queue_size,
             instances=self.instances if override.instances is None else override.instances,
-            inline_run_s=self.inline_run_us / 1e6,
+            inline_run_s=inline_us / 1e6,
         )
 
     @classmethod

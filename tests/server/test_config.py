@@ -123,6 +123,15 @@ def test_per_model_batching_overrides_the_server_wide_values(monkeypatch: pytest
     assert (other.max_batch_size, other.max_queue_delay_s) == (32, 0.002)
 
 
+def test_inline_run_limit_can_be_set_per_model() -> None:
+    settings = load_settings(inline_run_us=250, batching={"sentiment": {"inline_run_us": 0}})
+    assert settings.batching_for("sentiment").inline_run_s == 0  # never on the loop
+    assert settings.batching_for("fashion").inline_run_s == 250e-6
+    assert load_settings().batching_for("fashion").inline_run_s == 100e-6
+    with pytest.raises(SettingsError, match=r"batching\.sentiment\.inline_run_us"):
+        load_settings(batching={"sentiment": {"inline_run_us": -1}})
+
+
 def test_instances_can_be_set_per_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINESERVE_BATCHING", '{"sentiment": {"instances": 1}}')
     settings = load_settings(instances=3)

@@ -85,7 +85,7 @@ def test_each_version_gets_one_batching_from_the_settings_and_its_model(tiny_rep
             max_queue_size=3,
             preferred_batch_sizes=(4,),
             instances=1,
-            inline_run_s=100e-6,  # the settings' default inline_run_us, on CPU
+            inline_run_s=300e-6,  # the model's own inline_run_us, on CPU
         )
         served = dataplane.repository.served["tiny-image"][1]
         assert served.batching is handle.batching is served.batcher.batching
@@ -98,6 +98,7 @@ def test_each_version_gets_one_batching_from_the_settings_and_its_model(tiny_rep
         max_queue_size=3,
         preferred_batch_sizes=[4, 16],
         instances=1,
+        batching={"tiny-image": {"inline_run_us": 300}},
     )
 
 
