@@ -9,8 +9,9 @@ the ridge probe's accuracy), then fine-tuned with one fixed recipe (the same for
 of that dataset: ``--size cpu`` trains the images' last 6 blocks on cached frozen outputs,
 ``gpu`` every layer), then Kendall's tau-b between each score and the test accuracies. LEEP needs a
 source head, so its tau covers the pretrained candidates only. Writes ``transfer.json`` (every
-score, accuracy, time and tau) and ``transfer.md``; the ranking JSON per dataset and the runs'
-folders are kept in ``OUT``, so an interrupted study carries on with the same command.
+score, accuracy, time and tau) and ``transfer.md``; the ranking JSON per dataset (reused when it
+scored every candidate on this size's sample) and the runs' folders are kept in ``OUT``, so an
+interrupted study carries on with the same command.
 """
 
 from __future__ import annotations
@@ -149,13 +150,19 @@ def scored(dataset: str, size: Size, out: Path, *, device: str) -> dict[str, dic
     wanted = candidates_for(dataset, size)
     if path.is_file():
         kept = json.loads(path.read_text())
-        if set(wanted) <= set(kept):
+        if reusable(kept, wanted, size.rank_samples):
             print(f"{dataset}: using the scores in {path}", flush=True)
             return {spec: kept[spec] for spec in wanted}
     argv = ["--data", dataset, "--candidates", ",".join(wanted), "--samples", str(size.rank_samples)]
     argv += ["--device", device, "--json", str(path), "--no-progress"]
     print(f"{dataset}: fineserve train rank {' '.join(argv)}", flush=True)
     return rank(build_parser().parse_args(argv))
+
+
+def reusable(kept: dict[str, dict[str, Any]], wanted: tuple[str, ...], samples: int) -> bool:
+    """Whether an earlier ranking scored every wanted candidate on ``samples`` examples (every
+    dataset here holds more than a size asks for, so a ranking of fewer came from another size)."""
+    return all(kept.get(spec, {}).get("examples") == samples for spec in wanted)
 
 
 def taus(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

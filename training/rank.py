@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", required=True, help="image folder, .csv/.jsonl text file, or dataset name")
     parser.add_argument("--candidates", required=True, help="comma-separated candidates (see above)")
-    parser.add_argument("--json", type=Path, help="write {candidate: {logme, leep, probe_accuracy, seconds}}")
+    parser.add_argument(
+        "--json", type=Path, help="write {candidate: {logme, leep, probe_accuracy, seconds, examples}}"
+    )
     parser.add_argument("--samples", type=int, default=2000, help="score a seeded subset this large [2000]")
     parser.add_argument("--seed", type=int, default=0, help="subset, folds and random weights [0]")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass [64]")
@@ -302,6 +304,7 @@ def rank(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         )
         result: dict[str, Any] = scores(outputs, data.labels)
         result["seconds"] = round(time.perf_counter() - started, 2)
+        result["examples"] = len(data.labels)  # what the scores came from (at most --samples)
         results[candidate.spec] = result
         print(table_row(candidate.spec, result, width), flush=True)
         if args.json is not None:

@@ -12,6 +12,7 @@ import pytest
 
 from fineserve.bench.__main__ import main as bench_main
 from fineserve.bench.labels import SIZES, epochs_for
+from fineserve.bench.transfer import reusable
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +70,15 @@ def test_label_efficiency_smoke_trains_every_method_and_fraction(
     assert bench_main(["labels", "--size", "cpu", "--tasks", "fashion", "--out", str(out)]) == 2
     err = capsys.readouterr().err  # the first key (by name) that differs; image_size does too
     assert "fashion-finetune-0.1-s0 was trained with eval_every_epochs=1, not 3; use another --out" in err
+
+
+def test_a_ranking_is_reused_only_for_every_candidate_and_the_same_sample_count() -> None:
+    row = {"logme": 0.1, "leep": None, "probe_accuracy": 0.5, "seconds": 1.0, "examples": 2000}
+    kept = {"a": row, "b": row}
+    assert reusable(kept, ("a", "b"), 2000)
+    assert not reusable(kept, ("a", "b", "c"), 2000)  # a candidate never scored
+    assert not reusable(kept, ("a",), 1400)  # scored on another size's sample
+    assert not reusable({"a": {k: v for k, v in row.items() if k != "examples"}}, ("a",), 2000)
 
 
 def test_transfer_smoke_ranks_fine_tunes_and_correlates(tmp_path: Path) -> None:

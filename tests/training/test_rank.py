@@ -20,7 +20,7 @@ from fineserve.training.rank import Candidate, Outputs, main, parse_candidate, s
 from tests.training.conftest import NEGATIVE, POSITIVE
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYS = {"logme", "leep", "probe_accuracy", "seconds"}
+KEYS = {"logme", "leep", "probe_accuracy", "seconds", "examples"}
 
 
 def run_rank(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -62,6 +62,7 @@ def test_rank_scores_pretrained_and_random_lite0_on_fashion(fashion_folder: Path
     result = json.loads(out.read_text())
     assert list(result) == [pretrained, random]
     assert all(set(row) == KEYS for row in result.values())
+    assert all(row["examples"] == 200 for row in result.values())  # the whole folder (< --samples)
     assert result[random]["leep"] is None  # random weights: no source head to read
     leep = result[pretrained]["leep"]
     # LEEP is an average log-likelihood: between log(1/10), what a head that says nothing gets
