@@ -43,7 +43,7 @@ from fineserve.bench.study import (
     run_study,
     side_by_side,
     spread,
-    usable_cores,
+    threads_per_run,
 )
 
 FRACTIONS = (0.01, 0.05, 0.1, 1.0)
@@ -323,8 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy against the share of labelled training examples: fine-tuning, a linear probe "
         "and random init (and with --methods, fine-tuning after a head-only warm-up), 3 seeds each.",
     )
-    add_study_options(parser, writes="labels.json/.md/.png")
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]; one --out per size")
+    add_study_options(parser, writes="labels.json/.md/.png", sizes=SIZES)
     parser.add_argument("--tasks", default="fashion,sentiment", help="[fashion,sentiment]")
     parser.add_argument(
         "--methods",
@@ -336,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fineserve.export.defaults import usable_cores
     from fineserve.training.errors import TrainingError
 
     args = build_parser().parse_args(argv)
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = SIZES[args.size]
     parallel = side_by_side(args)
-    threads = 1 if parallel > 1 else 0
+    threads = threads_per_run(parallel)
     started = time.perf_counter()
     try:
         # loaded once: the pool sizes set the epochs of the runs and the labelled counts reported

@@ -8,7 +8,6 @@ study that stops part-way keeps its finished runs, and the same command carries 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -94,22 +93,27 @@ def spread(values: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-def add_study_options(parser: argparse.ArgumentParser, *, writes: str) -> None:
-    """``--out``, ``--device`` and ``--parallel``, as every study takes them."""
+def add_study_options(parser: argparse.ArgumentParser, *, writes: str, sizes: Iterable[str]) -> None:
+    """``--out``, ``--device``, ``--parallel`` and ``--size`` (one of ``sizes``), as every study
+    takes them."""
     parser.add_argument("--out", type=Path, required=True, help=f"folder for {writes}, and the runs")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto]")
     parser.add_argument(
         "--parallel", type=int, default=0, help="runs side by side (0: one per core on CPU, 1 on a GPU)"
     )
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parser.add_argument("--size", choices=sorted(sizes), default="cpu", help="[cpu]; one --out per size")
 
 
 def side_by_side(args: argparse.Namespace) -> int:
     """How many runs train at once: ``--parallel``, else one per usable core, or one GPU run."""
+    from fineserve.export.defaults import usable_cores
+
     return int(args.parallel) or (1 if args.device == "cuda" else usable_cores())
+
+
+def threads_per_run(parallel: int) -> int:
+    """Torch threads for each run: one when runs share the cores side by side, else torch's choice."""
+    return 1 if parallel > 1 else 0
 
 
 def chosen(text: str, known: Iterable[str], option: str) -> list[str]:

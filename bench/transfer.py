@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from fineserve.bench.labels import TASKS
-from fineserve.bench.study import StudyRun, add_study_options, chosen, run_study, side_by_side
+from fineserve.bench.study import (
+    StudyRun,
+    add_study_options,
+    chosen,
+    run_study,
+    side_by_side,
+    threads_per_run,
+)
 
 SCORES = ("logme", "leep", "probe_accuracy")
 DIGITS = [str(i) for i in range(10)]
@@ -241,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rank candidate backbones from frozen features, fine-tune each with one fixed recipe, "
         "and report Kendall's tau between each score and the fine-tuned test accuracy.",
     )
-    add_study_options(parser, writes="transfer.json/.md, the scores")
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu", help="[cpu]; one --out per size")
+    add_study_options(parser, writes="transfer.json/.md, the scores", sizes=SIZES)
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"[{','.join(DATASETS)}]")
     return parser
 
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [
             StudyRun(
                 run_name(dataset, spec),
-                finetune_recipe(dataset, spec, size, device=args.device, threads=1 if parallel > 1 else 0),
+                finetune_recipe(dataset, spec, size, device=args.device, threads=threads_per_run(parallel)),
                 cost=scores[dataset][spec]["seconds"],  # the dearer features, the dearer fine-tuning
             )
             for dataset in datasets

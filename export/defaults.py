@@ -322,8 +322,12 @@ def _name(recipe: str) -> str:
 def default_parallel_training() -> int:
     """Trainings side by side for ``make models``: one per core this process may use (each quick
     recipe sets one thread), and no more than there are recipes to train."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(sum(1 for m in DEFAULT_MODELS if m.recipe), cores))
+    return max(1, min(sum(1 for m in DEFAULT_MODELS if m.recipe), usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def imagenet_labels() -> tuple[str, ...]:
